@@ -1,0 +1,218 @@
+"""model.py as a specification: causality, the KV cache, losses, weight tying, sampling."""
+import io
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, KVCache, sample_next
+
+VOCAB = 37
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    args = dict(block_size=24, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32)
+    args.update(overrides)
+    return GPT(GPTConfig(**args)).eval()
+
+
+def random_tokens(batch, length, seed=1):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def all_logits(model, idx):
+    """Logits at every position (forward returns them all when given targets)."""
+    logits, _ = model(idx, targets=torch.zeros_like(idx))
+    return logits
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_changing_later_tokens_leaves_earlier_logits_unchanged(pos):
+    model = tiny_model(pos=pos)
+    idx = random_tokens(2, 20)
+    t = 9
+    changed = idx.clone()
+    changed[:, t + 1:] = (changed[:, t + 1:] + 5) % VOCAB
+    before, after = all_logits(model, idx), all_logits(model, changed)
+    torch.testing.assert_close(before[:, :t + 1], after[:, :t + 1], rtol=0, atol=1e-6)
+    assert not torch.allclose(before[:, t + 1:], after[:, t + 1:])
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_prefill_then_single_steps_match_full_forward(pos):
+    model = tiny_model(pos=pos)
+    idx = random_tokens(3, 24)
+    full = all_logits(model, idx)
+    cache = KVCache(model.config.n_layer, model.config.block_size)
+    prefill = 7
+    logits, _ = model(idx[:, :prefill], cache=cache)
+    torch.testing.assert_close(logits[:, 0], full[:, prefill - 1], rtol=0, atol=1e-5)
+    for t in range(prefill, idx.size(1)):
+        logits, _ = model(idx[:, t:t + 1], cache=cache)
+        torch.testing.assert_close(logits[:, 0], full[:, t], rtol=0, atol=1e-5)
+    assert cache.pos == idx.size(1)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_multi_token_chunk_against_cache_uses_offset_mask(pos):
+    model = tiny_model(pos=pos)
+    idx = random_tokens(2, 20)
+    full = all_logits(model, idx)
+    cache = KVCache(model.config.n_layer, model.config.block_size)
+    model(idx[:, :8], cache=cache)
+    for start, end in [(8, 13), (13, 20)]:  # two chunks of several tokens each
+        logits, _ = model(idx[:, start:end], cache=cache)
+        torch.testing.assert_close(logits[:, 0], full[:, end - 1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_greedy_generation_with_and_without_cache_agree_up_to_block_size(pos):
+    model = tiny_model(pos=pos)
+    prompt = random_tokens(3, 5)
+    steps = model.config.block_size - prompt.size(1)
+    cached = model.generate(prompt, steps, temperature=0, use_cache=True)
+    recomputed = model.generate(prompt, steps, temperature=0, use_cache=False)
+    assert cached.shape == (3, model.config.block_size)
+    assert torch.equal(cached, recomputed)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_generation_continues_past_block_size_in_vocabulary(pos):
+    model = tiny_model(pos=pos)
+    prompt = random_tokens(2, 30)  # longer than block_size already
+    out = model.generate(prompt, 3 * model.config.block_size, temperature=1.0, top_k=10)
+    assert out.shape == (2, 30 + 3 * model.config.block_size)
+    assert torch.equal(out[:, :30], prompt)
+    assert out.min() >= 0 and out.max() < VOCAB
+
+
+def test_streaming_yields_the_same_tokens_as_generate():
+    model = tiny_model()
+    prompt = random_tokens(2, 4)
+    streamed = torch.stack(list(model.generate_stream(prompt, 10, temperature=0)), dim=1)
+    assert torch.equal(streamed, model.generate(prompt, 10, temperature=0)[:, 4:])
+
+
+def test_loss_at_init_is_close_to_uniform():
+    model = tiny_model(vocab_size=512, n_embd=64)
+    idx = torch.randint(0, 512, (4, 24))
+    targets = torch.randint(0, 512, (4, 24))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(512)) < 0.1
+
+
+def test_target_minus_one_is_ignored():
+    model = tiny_model()
+    idx = random_tokens(2, 12)
+    targets = random_tokens(2, 12, seed=2)
+    masked = targets.clone()
+    masked[:, :6] = -1
+    logits, loss = model(idx, masked)
+    expected = torch.nn.functional.cross_entropy(logits[:, 6:].reshape(-1, VOCAB), targets[:, 6:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"pos": "rope", "mlp": "relu2", "qk_norm": True, "tie_weights": False}])
+def test_tiny_model_overfits_one_batch(overrides):
+    model = tiny_model(**overrides).train()
+    idx = random_tokens(4, 16)
+    targets = random_tokens(4, 16, seed=3)
+    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
+    for _ in range(300):
+        _, loss = model(idx, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1
+
+
+def test_zero_init_projections_start_at_zero_and_still_learn():
+    model = tiny_model(zero_init_proj=True).train()
+    projections = [p for name, p in model.named_parameters() if name.endswith("c_proj.weight")]
+    assert projections and all(p.abs().sum() == 0 for p in projections)
+    optimizer = model.configure_optimizers(0.0, 1e-2, (0.9, 0.99), "cpu")
+    _, loss = model(random_tokens(2, 8), random_tokens(2, 8, seed=4))
+    loss.backward()
+    optimizer.step()
+    assert all(p.abs().sum() > 0 for p in projections)
+
+
+def test_tied_weights_share_storage_and_untied_do_not():
+    tied, untied = tiny_model(), tiny_model(tie_weights=False)
+    assert tied.lm_head.weight.data_ptr() == tied.wte.weight.data_ptr()
+    assert untied.lm_head.weight.data_ptr() != untied.wte.weight.data_ptr()
+    assert untied.num_params(non_embedding=False) - tied.num_params(non_embedding=False) == VOCAB * 32
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_state_dict_round_trip_with_weights_only_load(pos):
+    model = tiny_model(pos=pos)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    restored = tiny_model(seed=99, pos=pos)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    idx = random_tokens(2, 10)
+    assert torch.equal(all_logits(model, idx), all_logits(restored, idx))
+
+
+def test_weight_decay_only_on_matrices():
+    model = tiny_model(bias=True)
+    decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_attention_ablation_sees_no_other_token():
+    model = tiny_model(attention=False)
+    idx = random_tokens(1, 12)
+    changed = idx.clone()
+    changed[:, :5] = (changed[:, :5] + 1) % VOCAB
+    torch.testing.assert_close(all_logits(model, idx)[:, 5:], all_logits(model, changed)[:, 5:])
+
+
+def test_top_k_never_emits_a_token_outside_the_k_best():
+    logits = torch.randn(64, VOCAB, generator=torch.Generator().manual_seed(0))
+    logits[:, :3] = 5.0  # ties at the top must not widen the allowed set
+    allowed = torch.topk(logits, 2, dim=-1).indices
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        picked = sample_next(logits, temperature=1.5, top_k=2, generator=gen)
+        assert (allowed == picked[:, None]).any(dim=1).all()
+
+
+def test_top_p_keeps_only_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log().repeat(200, 1)
+    picked = sample_next(logits, top_p=0.75, generator=torch.Generator().manual_seed(0))
+    assert set(picked.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.75; tokens 2 and 3 are outside
+    greedy_like = sample_next(logits, top_p=0.4, generator=torch.Generator().manual_seed(0))
+    assert set(greedy_like.tolist()) == {0}
+
+
+def test_same_seed_same_sample_and_different_seed_differs():
+    model = tiny_model()
+    prompt = random_tokens(2, 3)
+
+    def sample(seed):
+        return model.generate(prompt, 30, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(7), sample(7))
+    assert not torch.equal(sample(7), sample(8))
+
+
+def test_flops_per_token_counts_weights_and_attention():
+    model = tiny_model()
+    cfg = model.config
+    assert model.flops_per_token() == 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def test_bad_configs_are_rejected_with_a_reason():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="rope"):
+        GPTConfig(pos="alibi")
+    with pytest.raises(ValueError, match="longer"):
+        tiny_model()(random_tokens(1, 25))
