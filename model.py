@@ -87,7 +87,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout, self.attention, self.qk_norm = config.dropout, config.attention, config.qk_norm
 
-    def forward(self, x, rope=None, cache=None):
+    def queries_keys_values(self, x, rope=None):
+        """q, k, v of shape (B, n_head, T, head_dim), normalised and rotated as attention sees them."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -95,6 +96,11 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(self, x, rope=None, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.queries_keys_values(x, rope)
         start = 0
         if cache is not None:
             start = cache.pos
@@ -185,6 +191,17 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def embed(self, idx, start=0):
+        """Token (+ learned position) embeddings of idx placed at `start`, and the rotary angles
+        (cos, sin) for those positions when pos='rope' (else None)."""
+        T = idx.size(1)
+        x, rope = self.wte(idx), None
+        if self.config.pos == "learned":
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        return self.drop(x), rope
+
     def forward(self, idx, targets=None, cache=None):
         """Logits (B, T, V) and mean cross-entropy when targets are given (target -1 is ignored);
         otherwise logits of the last position only (B, 1, V), which is all generation needs."""
@@ -193,13 +210,7 @@ class GPT(nn.Module):
         limit = cache.max_len if cache is not None else self.config.block_size
         if start + T > limit:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's {limit}")
-        x = self.wte(idx)
-        rope = None
-        if self.config.pos == "learned":
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        else:
-            rope = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        x = self.drop(x)
+        x, rope = self.embed(idx, start)
         for block in self.blocks:
             x = block(x, rope, cache)
         if cache is not None:
