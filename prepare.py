@@ -1,0 +1,483 @@
+"""Build every data set the project trains on into data/<name>/: train.bin, val.bin, meta.json.
+
+    python prepare.py shakespeare_char                    # TinyShakespeare by character (vocab 65)
+    python prepare.py shakespeare                         # the same text in GPT-2 BPE (tiktoken)
+    python prepare.py tinytalks                           # TinyTalks Q&A pairs by character
+    python prepare.py text --source my.txt --name mine    # any text file [--tokenizer gpt2]
+    python prepare.py reverse|copy|mixed [--seed N]       # the attention-proof tasks
+
+Real data comes from the pinned URLs below and must match the pinned sha256. `--source PATH_OR_URL`
+reads a local copy or another URL instead (for tinytalks: a folder holding splits/train.txt etc.).
+train.py and sample.py load the tokenizer back with `tokenizer_from_meta(load_meta(dir))`.
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import requests
+
+
+class Pin(NamedTuple):
+    path: str     # where the file sits under a --source folder (and upstream)
+    url: str      # canonical download URL
+    sha256: str
+
+
+TINYTALKS_BASE = ("https://raw.githubusercontent.com/MLSysBook/TinyTorch/"
+                  "02364f800abce3507cedbe9b5053078abd92b6d3/datasets/tinytalks")
+TINYSHAKESPEARE = (
+    Pin("input.txt",
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+)
+TINYTALKS = (
+    Pin("splits/train.txt", f"{TINYTALKS_BASE}/splits/train.txt",
+        "734520b4597276ba75949402962ecb94c5e463ed8af1460eac86fbba2a1922be"),
+    Pin("splits/val.txt", f"{TINYTALKS_BASE}/splits/val.txt",
+        "938da1b38d15c1f253bd3a6deb4f546df73d6a5e456d1f6220db280118819c1d"),
+    Pin("splits/test.txt", f"{TINYTALKS_BASE}/splits/test.txt",
+        "4a44d204594c7f0a31202758de75af7fc8a1d17565423004ce8dd9d28bea99cb"),
+)
+PINNED = {"shakespeare_char": TINYSHAKESPEARE, "shakespeare": TINYSHAKESPEARE, "tinytalks": TINYTALKS}
+OWN_TOKENIZER = {"shakespeare_char": "char", "shakespeare": "gpt2", "tinytalks": "char"}
+
+# Attention-proof tasks: (train, test) example counts. Every example is 6 letters, '=', the answer;
+# mixed puts a task token first: lowercase 'r' ([R], reverse) or 'c' ([C], copy).
+TASKS = {"reverse": (600, 200), "copy": (600, 200), "mixed": (800, 300)}
+TASK_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+TASK_WORD_LEN = 6
+# One fixed vocabulary for all three tasks, never built from the data, so train and test (and a
+# model trained on mixed scored on reverse) always agree on the ids.
+TASK_VOCAB = sorted(TASK_LETTERS + "=cr")
+DEFAULT_SEED = 1337
+
+DATASETS = [*PINNED, "text", *TASKS]
+FORMAT_VERSION = 1            # bump when the output format changes, so old outputs get rebuilt
+RETRIES = 3                   # attempts per download
+BACKOFF_S = 0.5               # wait 0.5 s, then 1 s, between attempts
+TIMEOUT_S = (10, 60)          # (connect, between bytes) seconds
+
+
+class DataError(Exception):
+    """A data set cannot be built; the one-line message says what is wrong and how to fix it."""
+
+
+class RetryableError(Exception):
+    """A download failed in a way that may go away on the next attempt."""
+
+
+# ---------------------------------------------------------------------------------- tokenizers
+
+class CharTokenizer:
+    kind = "char"
+
+    def __init__(self, vocab):
+        self.vocab = list(vocab)
+        self.vocab_size = len(self.vocab)
+        self.stoi = {ch: i for i, ch in enumerate(self.vocab)}
+
+    def encode(self, text):
+        try:
+            return [self.stoi[ch] for ch in text]
+        except KeyError as e:
+            ch = e.args[0]
+            raise ValueError(f"character {ch!r} (U+{ord(ch):04X}) is not in this data set's "
+                             f"vocabulary of {self.vocab_size} characters") from None
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return "".join(self.vocab[i] for i in ids)
+
+
+class GPT2Tokenizer:
+    kind = "gpt2"
+
+    def __init__(self):
+        import tiktoken  # only the gpt2 data sets need it
+        try:
+            self.encoding = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken downloads its files on first use: offline this fails
+            raise DataError(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); connect to the "
+                            "internet once, or set TIKTOKEN_CACHE_DIR to a folder with its cached files"
+                            ) from None
+        self.vocab_size = self.encoding.n_vocab
+
+    def encode(self, text):
+        return self.encoding.encode_ordinary(text)  # '<|endoftext|>' in user text stays plain text
+
+    def decode(self, ids):
+        return self.encoding.decode([int(i) for i in ids])
+
+
+Tokenizer = CharTokenizer | GPT2Tokenizer
+
+
+def make_tokenizer(kind, vocab=None) -> Tokenizer:
+    return CharTokenizer(vocab) if kind == "char" else GPT2Tokenizer()
+
+
+def load_meta(dataset_dir) -> dict:
+    path = Path(dataset_dir) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found; build the data set first: "
+                        f"python prepare.py {Path(dataset_dir).name}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); delete {path.parent} and prepare it again"
+                        ) from None
+
+
+def tokenizer_from_meta(meta: dict) -> Tokenizer:
+    kind = meta.get("tokenizer")
+    if kind not in ("char", "gpt2"):
+        raise DataError(f"meta.json names an unknown tokenizer {kind!r}; prepare the data set again")
+    return make_tokenizer(kind, meta.get("vocab"))
+
+
+# ----------------------------------------------------------------------------------- downloads
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_url(source) -> bool:
+    return str(source).startswith(("http://", "https://"))
+
+
+def download(url, dest, sha256=None) -> Path:
+    """dest holding the bytes at url; a file that already matches the pinned sha256 is kept as is."""
+    dest = Path(dest)
+    if sha256 and dest.is_file() and sha256_of(dest) == sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, RETRIES + 1):
+        try:
+            fetch_once(url, dest, sha256)
+            return dest
+        except RetryableError as e:
+            if attempt == RETRIES:
+                raise DataError(f"could not download {url} ({e}, {RETRIES} attempts); check the network, "
+                                f"or pass --source PATH_OR_URL with a local copy of {dest.name}") from None
+            time.sleep(BACKOFF_S * attempt)
+
+
+def fetch_once(url, dest, sha256):
+    """One attempt: stream into a temporary file next to dest, check it, then rename it into place,
+    so dest is either the whole verified file or untouched."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            digest, size = stream_into(f, url)
+        if size == 0:
+            raise DataError(f"{url} sent an empty file; nothing was saved. Check the URL or pass --source")
+        if sha256 and digest != sha256:
+            raise DataError(f"sha256 mismatch for {url}: got {digest}, expected {sha256}; nothing was saved. "
+                            f"Pass --source with an unmodified copy of {dest.name}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def stream_into(f, url):
+    """(sha256, size) of the body written to f. Network trouble, 5xx and short bodies are retryable."""
+    digest, size = hashlib.sha256(), 0
+    try:
+        # identity encoding, so Content-Length counts the bytes we receive and exposes a truncated body
+        with requests.get(url, stream=True, timeout=TIMEOUT_S, headers={"Accept-Encoding": "identity"}) as r:
+            if r.status_code >= 500 or r.status_code == 429:
+                raise RetryableError(f"HTTP {r.status_code}")
+            if r.status_code >= 400:
+                raise DataError(f"HTTP {r.status_code} for {url}; check the URL or pass --source PATH_OR_URL")
+            expected = int(r.headers.get("Content-Length", -1)) if "Content-Encoding" not in r.headers else -1
+            for chunk in r.iter_content(1 << 16):
+                f.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+    except requests.RequestException as e:
+        raise RetryableError(short_reason(e)) from None
+    if expected >= 0 and size != expected:
+        raise RetryableError(f"truncated: got {size} of {expected} bytes")
+    return digest.hexdigest(), size
+
+
+def short_reason(err) -> str:
+    """'ConnectionError: [Errno 111] Connection refused' instead of requests' paragraph."""
+    if isinstance(err, requests.exceptions.ChunkedEncodingError):  # urllib3 saw fewer bytes than promised
+        return "truncated: the connection closed before the whole file arrived"
+    errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(err))
+    return f"{type(err).__name__}: {errno.group(0)}" if errno else type(err).__name__
+
+
+# ------------------------------------------------------------------------------------- sources
+
+def pinned_location(pin, source) -> str:
+    """Where to read pin from: its canonical URL, the --source URL/file, or a file under --source."""
+    if source is None:
+        return pin.url
+    if is_url(source):  # the file itself for TinyShakespeare; a base URL for tinytalks or if it ends in /
+        single = pin.path == "input.txt" and not source.endswith("/")
+        return source if single else f"{source.rstrip('/')}/{pin.path}"
+    return str(Path(source) / pin.path) if Path(source).is_dir() else source
+
+
+def verified_local(path, pin) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--source: {path} not found (expected a copy of {pin.path})")
+    got = sha256_of(path)
+    if got != pin.sha256:
+        raise DataError(f"--source: {path} is not the pinned {pin.path} (sha256 {got}, expected "
+                        f"{pin.sha256}); use an unmodified copy, or `python prepare.py text --source {path}` "
+                        "for other text")
+    return path
+
+
+def pinned_files(name, source, out_dir, fetch) -> dict:
+    """{pin.path: local file} for the data set. Local --source files are always checked; with
+    fetch=False nothing is downloaded (the caller only wants to know whether the work is done)."""
+    if name == "tinytalks" and source and not is_url(source) and not Path(source).is_dir():
+        raise DataError("--source for tinytalks must be a folder holding splits/train.txt, val.txt, "
+                        f"test.txt; got {source}")
+    files = {}
+    for pin in PINNED[name]:
+        where = pinned_location(pin, source)
+        if not is_url(where):
+            files[pin.path] = verified_local(where, pin)
+        elif fetch:  # downloads land in data/<name>/ under the file's own name
+            files[pin.path] = download(where, out_dir / Path(pin.path).name, pin.sha256)
+    return files
+
+
+def text_file(source, out_dir) -> Path:
+    """The user's text file: the local path itself, or the URL downloaded to out_dir/input.txt.
+    An unpinned URL is fetched every time: nothing says its content is unchanged."""
+    if is_url(source):
+        return download(source, out_dir / "input.txt")
+    if not Path(source).is_file():
+        raise DataError(f"--source: {source} not found; give the path of a text file or an http(s) URL")
+    return Path(source)
+
+
+def read_text(path) -> str:
+    try:
+        text = Path(path).read_bytes().decode("utf-8")  # bytes, so '\r\n' is kept exactly
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv -t utf-8"
+                        ) from None
+    if not text:
+        raise DataError(f"{path} is empty; give a file with some text in it")
+    return text
+
+
+# ------------------------------------------------------------------------------------ builders
+# Each returns (tokenizer, train text, val text, extra meta, extra files to write next to the bins).
+
+def split_90_10(text, kind, origin):
+    """First 90% of the characters for training, the last 10% for validation, as nanoGPT does,
+    so losses compare with its published numbers."""
+    n = int(len(text) * 0.9)
+    if n == 0 or n == len(text):
+        raise DataError(f"{origin} has only {len(text)} character(s), too few to split 90/10 into train and val")
+    tok = make_tokenizer(kind, sorted(set(text)))
+    return tok, text[:n], text[n:], {"chars": len(text)}, {}
+
+
+def tinytalks_texts(files):
+    """TinyTalks' own splits, byte for byte ("Q: ...\\nA: ...\\n\\n"); test.txt is copied next to
+    the bins for evaluation and never trained on."""
+    train, val, test = (read_text(files[f"splits/{s}.txt"]) for s in ("train", "val", "test"))
+    tok = CharTokenizer(sorted(set(train + val)))
+    try:
+        tok.encode(test)
+    except ValueError as e:
+        raise DataError(f"tinytalks test.txt: {e} (built from train+val)") from None
+    extra = {"qa": True, "test_file": "test.txt", "chars": len(train) + len(val), "test_chars": len(test)}
+    return tok, train, val, extra, {"test.txt": test}
+
+
+def distinct_words(count, rng) -> list:
+    """count different random 6-letter words; drawing them all at once keeps test prompts out of train."""
+    words, seen = [], set()
+    while len(words) < count:
+        word = "".join(rng.choice(TASK_LETTERS) for _ in range(TASK_WORD_LEN))
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    return words
+
+
+def task_example(op, word) -> str:
+    return f"{word}={word[::-1] if op == 'r' else word}"
+
+
+def task_examples(task, words, rng) -> list:
+    if task != "mixed":
+        return [task_example(task[0], w) for w in words]
+    ops = ["r", "c"] * (len(words) // 2)  # exactly half reverse, half copy, in random order
+    rng.shuffle(ops)
+    return [op + task_example(op, w) for op, w in zip(ops, words)]
+
+
+def task_texts(task, seed):
+    n_train, n_test = TASKS[task]
+    rng = random.Random(seed)
+    words = distinct_words(n_train + n_test, rng)
+    train = task_examples(task, words[:n_train], rng)
+    test = task_examples(task, words[n_train:], rng)
+    extra = {"task": task, "example_len": len(train[0]), "prompt_len": train[0].index("=") + 1,
+             "train_examples": n_train, "val_examples": n_test, "seed": seed}
+    return CharTokenizer(TASK_VOCAB), "".join(train), "".join(test), extra, {}
+
+
+# -------------------------------------------------------------------------------------- output
+
+def write_atomic(path, data: bytes):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_dataset(out_dir, tok, train, val, meta, files) -> dict:
+    """Encode and write the bins and extra files, then meta.json last: a run cut short leaves no
+    meta.json that claims the data set is complete."""
+    dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
+    train_ids = np.array(tok.encode(train), dtype=f"<u{np.dtype(dtype).itemsize}")
+    val_ids = np.array(tok.encode(val), dtype=train_ids.dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "train.bin", train_ids.tobytes())
+    write_atomic(out_dir / "val.bin", val_ids.tobytes())
+    for name, text in files.items():
+        write_atomic(out_dir / name, text.encode("utf-8"))
+    meta = {"tokenizer": tok.kind, **({"vocab": tok.vocab} if tok.kind == "char" else {}),
+            "vocab_size": tok.vocab_size, "dtype": dtype,
+            "train_tokens": len(train_ids), "val_tokens": len(val_ids), **meta}
+    write_atomic(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
+    return meta
+
+
+def prepared_meta(out_dir, inputs):
+    """The meta.json of a complete data set built from exactly these inputs, else None."""
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        complete = all((out_dir / f).stat().st_size == meta[k] * itemsize
+                       for f, k in (("train.bin", "train_tokens"), ("val.bin", "val_tokens")))
+        complete = complete and all((out_dir / f).is_file() for f in [meta.get("test_file")] if f)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if complete and meta.get("inputs") == inputs else None
+
+
+def summary(out_dir, meta) -> str:
+    parts = [f"vocab {meta['vocab_size']:,}", f"train {meta['train_tokens']:,} tokens",
+             f"val {meta['val_tokens']:,} tokens"]
+    if "chars" in meta:
+        parts.insert(0, f"{meta['chars']:,} characters")
+    if "task" in meta:
+        parts.insert(0, f"{meta['train_examples']} train / {meta['val_examples']} test examples of "
+                        f"{meta['example_len']} tokens (prompt {meta['prompt_len']})")
+    return f"{out_dir}: {', '.join(parts)}"
+
+
+def source_meta(name, source, hashes, text) -> dict:
+    """meta.json's source_url and source_sha256: where the data came from (for tinytalks the
+    folder, with the hash of the train.txt it trains on; every file's hash is in inputs.files)."""
+    if name in TASKS:
+        return {"source_url": "generated", "source_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    if source is None:
+        url = TINYTALKS_BASE if name == "tinytalks" else PINNED[name][0].url
+    else:
+        url = source if is_url(source) else str(Path(source).resolve())
+    return {"source_url": url, "source_sha256": next(iter(hashes.values()))}
+
+
+# ----------------------------------------------------------------------------------------- main
+
+def check_arguments(name, source, tokenizer, seed):
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if tokenizer not in (None, "char", "gpt2"):
+        raise DataError(f"unknown tokenizer {tokenizer!r}; choose char or gpt2")
+    if name == "text" and not source:
+        raise DataError("text needs --source PATH_OR_URL, the text file to prepare")
+    if name in OWN_TOKENIZER and tokenizer not in (None, OWN_TOKENIZER[name]):
+        raise DataError(f"{name} is always tokenized by {OWN_TOKENIZER[name]}; --tokenizer is for `text` "
+                        "(TinyShakespeare in GPT-2 BPE is the `shakespeare` data set)")
+    if name in TASKS and (source or tokenizer):
+        raise DataError(f"{name} is generated with its own character vocabulary; drop --source/--tokenizer")
+    if name not in TASKS and seed is not None:
+        raise DataError(f"--seed only applies to the generated tasks ({', '.join(TASKS)}), not to {name}")
+
+
+def prepare(name, source=None, data_dir="data", out_name=None, tokenizer=None, seed=None) -> Path:
+    """Build data/<out_name or name>/ and return that folder; a no-op when it is already built
+    from the same inputs (data file hashes, tokenizer, seed)."""
+    check_arguments(name, source, tokenizer, seed)
+    source = None if source is None else str(source)
+    out_dir = Path(data_dir) / (out_name or name)
+    kind = tokenizer or OWN_TOKENIZER.get(name, "char")
+    seed = (DEFAULT_SEED if seed is None else seed) if name in TASKS else None
+    hashes = {}
+    if name in PINNED:
+        pinned_files(name, source, out_dir, fetch=False)  # a wrong local copy fails even when built
+        hashes = {pin.path: pin.sha256 for pin in PINNED[name]}
+    elif name == "text":
+        path = text_file(source, out_dir)
+        hashes = {path.name: sha256_of(path)}
+    inputs = {"format": FORMAT_VERSION, "dataset": name, "tokenizer": kind, "seed": seed,
+              "files": hashes}
+
+    meta = prepared_meta(out_dir, inputs)
+    if meta:
+        print(f"{summary(out_dir, meta)} (already prepared from the same inputs; nothing to do)")
+        return out_dir
+
+    if name in TASKS:
+        tok, train, val, extra, files = task_texts(name, seed)
+    elif name == "tinytalks":
+        tok, train, val, extra, files = tinytalks_texts(pinned_files(name, source, out_dir, fetch=True))
+    else:
+        path = path if name == "text" else pinned_files(name, source, out_dir, fetch=True)["input.txt"]
+        tok, train, val, extra, files = split_90_10(read_text(path), kind, path)
+    meta = {**source_meta(name, source, hashes, train + val), **extra, "inputs": inputs}
+    print(summary(out_dir, write_dataset(out_dir, tok, train, val, meta, files)))
+    return out_dir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", choices=DATASETS)
+    parser.add_argument("--source", help="local file/folder or http(s) URL instead of the canonical download")
+    parser.add_argument("--name", dest="out_name", help="output folder name under --data-dir (default: NAME)")
+    parser.add_argument("--tokenizer", choices=["char", "gpt2"], help="for `text` (default char)")
+    parser.add_argument("--seed", type=int, help=f"for reverse/copy/mixed (default {DEFAULT_SEED})")
+    parser.add_argument("--data-dir", default="data")
+    args = parser.parse_args(argv)
+    try:
+        prepare(args.name, args.source, args.data_dir, args.out_name, args.tokenizer, args.seed)
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
