@@ -295,7 +295,8 @@ def split_90_10(text, kind, origin):
     so losses compare with its published numbers."""
     n = int(len(text) * 0.9)
     if n == 0 or n == len(text):
-        raise DataError(f"{origin} has only {len(text)} character(s), too few to split 90/10 into train and val")
+        raise DataError(f"{origin} has only {len(text)} character(s), too few to split 90/10 "
+                        "into train and val")
     tok = make_tokenizer(kind, sorted(set(text)))
     return tok, text[:n], text[n:], {"chars": len(text)}, {}
 
