@@ -103,6 +103,9 @@ class TrainConfig:
 MODEL_FIELDS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
 
 
+TYPE_NAMES = {int: "an int", float: "a float", bool: "True or False", str: "a string"}
+
+
 def field_defaults(cfg) -> dict:
     return {f.name: f.default for f in fields(cfg)}
 
@@ -122,8 +125,8 @@ def checked_value(cfg, name, value, where):
     if expected is float and type(value) is int:
         value = float(value)
     if type(value) is not expected:  # `type is`, so True is not accepted as an int
-        raise ConfigError(f"{where}{name} = {value!r} is a {type(value).__name__}; "
-                          f"{name} takes a {expected.__name__} (default {defaults[name]!r})")
+        raise ConfigError(f"{where}{name} takes {TYPE_NAMES.get(expected, expected.__name__)}, "
+                          f"got {value!r} ({type(value).__name__}); the default is {defaults[name]!r}")
     return value
 
 
@@ -730,6 +733,9 @@ class Trainer:
     def checkpoint_to_resume(self):
         if self.cfg.init_from != "resume":
             return None
+        if not self.ckpt_path.is_file():
+            raise CheckpointError(f"no checkpoint at {self.ckpt_path} to resume from; check --out_dir, "
+                                  "or start a new run with --init_from=scratch")
         checkpoint = load_checkpoint(self.ckpt_path, map_location=self.device)
         check_resumable(checkpoint, self.model_args, self.meta, self.ckpt_path, self.batches.folder)
         return checkpoint
