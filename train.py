@@ -112,7 +112,7 @@ def field_defaults(cfg) -> dict:
 
 def unknown_key_message(name, known, where) -> str:
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(close)}?" if close else "; python train.py --help lists them"
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(known)}"
     return f"{where}unknown config key '{name}'{hint}"
 
 
@@ -145,8 +145,10 @@ def override_value(cfg, name, text):
 def parse_overrides(cfg, args):
     """cfg (any dataclass) with each `--key=value` in args applied, type-checked."""
     for arg in args:
+        if arg.startswith("--") and "=" not in arg and type(field_defaults(cfg).get(arg[2:])) is bool:
+            arg += "=True"  # a bare --flag switches a boolean on
         if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"cannot read argument {arg!r}; use --key=value (e.g. --batch_size=32)")
+            raise ConfigError(f"cannot read argument {arg!r}; use --key=value (e.g. --max_iters=100)")
         name, text = arg[2:].split("=", 1)
         value = checked_value(cfg, name, override_value(cfg, name, text), f"--{name}={text}: ")
         cfg = replace(cfg, **{name: value})

@@ -1,0 +1,176 @@
+"""Generate text from a trained checkpoint, streaming, or answer questions in a Q&A chat.
+
+    python sample.py --out_dir=out-shakespeare-char
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=300
+    python sample.py --out_dir=out-tinytalks --chat          # one question per line on stdin
+"""
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prepare import DataError, load_meta, tokenizer_from_meta
+from train import (CheckpointError, ConfigError, load_checkpoint, model_from_checkpoint,
+                   parse_overrides, resolve_device, resolve_dtype)
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out"
+    start: str = "\n"            # prompt text, or FILE:path to read it from a file
+    num_samples: int = 1         # generated together as one batch; the first one streams
+    max_new_tokens: int = 500
+    temperature: float = 0.8     # 0 = greedy; below 1 trades variety for fewer odd characters
+    top_k: int = 0               # 0 = off; with a 65-character vocabulary top-k rarely matters
+    top_p: float = 0.95          # drop the unlikely 5% tail, where misspellings come from
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"          # weights are cast to it for inference: bf16 halves memory traffic
+    compile: bool = False
+    stop: str = ""               # stop a sample when this text appears (not printed)
+    chat: bool = False           # read questions from stdin, answer each as "Q: ...\nA:" prompts
+
+
+class SampleError(Exception):
+    """A one-line, user-facing problem with the sampling request."""
+
+
+def load_model_and_tokenizer(cfg):
+    """The model in eval mode on the chosen device and dtype, and the tokenizer it was trained with."""
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    if not path.exists():
+        raise SampleError(f"no checkpoint at {path}; train one first, e.g. "
+                          f"python train.py configs/shakespeare_char.py --out_dir={cfg.out_dir}")
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, resolve_dtype(cfg.dtype, device))
+    checkpoint = load_checkpoint(path)
+    model = model_from_checkpoint(checkpoint, device).to(dtype)
+    if cfg.compile:
+        model = torch.compile(model, dynamic=True)
+    meta = checkpoint.get("meta") or load_meta(Path(checkpoint["config"]["data_dir"]) / checkpoint["config"]["dataset"])
+    return model, tokenizer_from_meta(meta), device
+
+
+def read_prompt(start):
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start[len("FILE:"):])
+    if not path.is_file():
+        raise SampleError(f"--start={start}: no such file {path}")
+    return path.read_text(encoding="utf-8")
+
+
+def encode_prompt(tokenizer, text, block_size):
+    """Token ids of the prompt; tells the user when the model will only see its tail."""
+    if not text:
+        raise SampleError("the prompt is empty; give some text with --start=...")
+    try:
+        ids = tokenizer.encode(text)
+    except ValueError as e:
+        raise SampleError(f"the prompt cannot be encoded: {e}") from None
+    if len(ids) > block_size:
+        print(f"note: the prompt has {len(ids)} tokens; the model sees only the last {block_size}",
+              file=sys.stderr)
+    return ids
+
+
+class TextStream:
+    """Turns one sample's token ids into text as they arrive, up to an optional stop string."""
+
+    def __init__(self, tokenizer, stop):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids, self.text, self.done = [], "", False
+
+    def add(self, token_id):
+        """Append a token; return the newly finished text (may be empty)."""
+        if self.done:
+            return ""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a BPE token split a multi-byte character: wait for the rest
+            return ""
+        if self.stop and self.stop in text:
+            text, self.done = text[:text.index(self.stop)], True
+        elif self.stop:  # hold back a tail that could be the start of the stop string
+            text = text[:len(text) - self.partial_stop_length(text)]
+        new, self.text = text[len(self.text):], text
+        return new
+
+    def partial_stop_length(self, text):
+        for n in range(min(len(self.stop) - 1, len(text)), 0, -1):
+            if self.stop.startswith(text[-n:]):
+                return n
+        return 0
+
+
+def generate_texts(model, tokenizer, device, prompt_ids, cfg, stop, on_text=None):
+    """Sample cfg.num_samples continuations as one batch; stream sample 0 through on_text."""
+    idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    streams = [TextStream(tokenizer, stop) for _ in range(cfg.num_samples)]
+    steps = model.generate_stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
+                                  cfg.top_p if cfg.top_p < 1.0 else None, generator=generator)
+    for tokens in steps:
+        for stream, token in zip(streams, tokens.tolist()):
+            new = stream.add(token)
+            if stream is streams[0] and on_text and new:
+                on_text(new)
+        if all(stream.done for stream in streams):
+            break
+    return [stream.text for stream in streams]
+
+
+def print_now(text):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run_samples(model, tokenizer, device, cfg):
+    prompt = read_prompt(cfg.start)
+    prompt_ids = encode_prompt(tokenizer, prompt, model.config.block_size)
+    print_now(prompt)
+    texts = generate_texts(model, tokenizer, device, prompt_ids, cfg, cfg.stop, on_text=print_now)
+    for text in texts[1:]:
+        print_now("\n---------------\n" + prompt + text)
+    print_now("\n")
+
+
+def run_chat(model, tokenizer, device, cfg):
+    """Answer each stdin line as the training data frames it: 'Q: <line>\\nA:' up to the newline."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Ask a question (Ctrl-D to quit).", file=sys.stderr)
+    while True:
+        if interactive:
+            print_now("Q: ")
+        line = sys.stdin.readline()
+        if not line:
+            return
+        question = line.strip()
+        if not question:
+            continue
+        try:
+            prompt_ids = encode_prompt(tokenizer, f"Q: {question}\nA:", model.config.block_size)
+        except SampleError as e:  # one bad question must not end the conversation
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        print_now("A:")  # the model writes the space after "A:", as in the training data
+        generate_texts(model, tokenizer, device, prompt_ids, cfg, cfg.stop or "\n", on_text=print_now)
+        print_now("\n")
+
+
+def main(argv):
+    try:
+        cfg = parse_overrides(SampleConfig(), argv)
+        if cfg.chat:
+            cfg.num_samples = 1
+        model, tokenizer, device = load_model_and_tokenizer(cfg)
+        with torch.inference_mode():
+            (run_chat if cfg.chat else run_samples)(model, tokenizer, device, cfg)
+    except (ConfigError, CheckpointError, DataError, SampleError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

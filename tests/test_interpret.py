@@ -1,0 +1,55 @@
+"""interpret.py reads the model faithfully: its attention maps are the ones SDPA uses, its logit
+lens ends at the model's own output."""
+import pytest
+import torch
+
+from interpret import attention_weights, draw_attention, logit_lens
+from model import GPT, GPTConfig
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    args = dict(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=16)
+    args.update(overrides)
+    return GPT(GPTConfig(**args)).eval()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"pos": "rope", "qk_norm": True}])
+def test_attention_maps_reproduce_the_models_attention_output(overrides):
+    model = tiny_model(**overrides)
+    idx = torch.randint(0, 20, (1, 12), generator=torch.Generator().manual_seed(1))
+    weights = attention_weights(model, idx)
+    assert len(weights) == model.config.n_layer
+    x, rope = model.embed(idx)
+    for block, w in zip(model.blocks, weights):
+        assert torch.allclose(w.sum(-1), torch.ones(()))          # rows are distributions
+        assert torch.all(w.triu(diagonal=1) == 0)                  # no query reads the future
+        h = block.ln_1(x)
+        _, _, v = block.attn.queries_keys_values(h, rope)
+        mixed = (w @ v).transpose(1, 2).reshape(h.shape)
+        torch.testing.assert_close(block.attn.c_proj(mixed), block.attn(h, rope), atol=1e-5, rtol=1e-5)
+        x = block(x, rope)
+
+
+def test_ablated_attention_map_is_the_identity():
+    model = tiny_model(attention=False)
+    weights = attention_weights(model, torch.randint(0, 20, (1, 9)))
+    assert all(torch.equal(w[0, 0], torch.eye(9)) for w in weights)
+
+
+def test_logit_lens_ends_at_the_models_own_prediction():
+    model = tiny_model()
+    idx = torch.randint(0, 20, (1, 10))
+    readouts = logit_lens(model, idx)
+    assert len(readouts) == model.config.n_layer + 1
+    logits, _ = model(idx, targets=torch.zeros_like(idx))
+    torch.testing.assert_close(readouts[-1], logits.softmax(-1))
+
+
+def test_attention_png_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    model = tiny_model()
+    idx = torch.randint(0, 20, (1, 6))
+    path = tmp_path / "maps.png"
+    draw_attention(attention_weights(model, idx), list("abcdef"), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,155 @@
+"""sample.py end to end: a tiny model is trained once by train.py, then sampled by real processes."""
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from prepare import prepare, tokenizer_from_meta
+from train import load_checkpoint, model_from_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def qa_text(pairs=300, seed=0):
+    """Small Q&A corpus in the TinyTalks format: 'Q: ...\\nA: ...\\n\\n'."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(pairs):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        lines.append(f"Q: what is {a} plus {b}?\nA: it is {a + b}.\n\n")
+    return "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(out_dir, vocab) of a tiny char model trained for a few seconds on the Q&A corpus."""
+    root = tmp_path_factory.mktemp("sample")
+    source = root / "qa.txt"
+    source.write_text(qa_text())
+    prepare("text", source=str(source), data_dir=str(root / "data"), out_name="qa")
+    out_dir = root / "out"
+    run([REPO / "train.py", "--dataset=qa", f"--data_dir={root / 'data'}", f"--out_dir={out_dir}",
+         "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=16",
+         "--max_iters=150", "--eval_interval=150", "--eval_iters=2", "--learning_rate=3e-3",
+         "--warmup_iters=10", "--lr_decay_iters=150", "--device=cpu", "--dtype=float32"], check=True)
+    vocab = set(tokenizer_from_meta(load_checkpoint(out_dir / "ckpt.pt")["meta"]).vocab)
+    return out_dir, vocab
+
+
+def run(args, stdin=None, check=False):
+    result = subprocess.run([sys.executable, *map(str, args)], input=stdin, capture_output=True,
+                            text=True, cwd=REPO, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def sample(out_dir, *options, stdin=None):
+    return run([REPO / "sample.py", f"--out_dir={out_dir}", "--device=cpu", "--dtype=float32", *options],
+               stdin=stdin)
+
+
+def test_samples_are_text_in_the_vocabulary(trained):
+    out_dir, vocab = trained
+    result = sample(out_dir, "--start=Q:", "--max_new_tokens=120", "--num_samples=3")
+    assert result.returncode == 0, result.stderr
+    samples = result.stdout.split("\n---------------\n")
+    assert len(samples) == 3
+    for text in samples:
+        assert text.startswith("Q:") and len(text.rstrip("\n")) >= 100
+        assert set(text) <= vocab
+
+
+def test_same_seed_same_text_and_other_seed_other_text(trained):
+    out_dir, _ = trained
+    first, again, other = (sample(out_dir, "--max_new_tokens=80", "--temperature=1.0", f"--seed={s}").stdout
+                           for s in (1, 1, 2))
+    assert first == again
+    assert first != other
+
+
+def test_temperature_zero_equals_the_models_greedy_generate(trained):
+    out_dir, _ = trained
+    result = sample(out_dir, "--start=Q: what is", "--max_new_tokens=60", "--temperature=0", "--seed=5")
+    checkpoint = load_checkpoint(out_dir / "ckpt.pt")
+    model, tokenizer = model_from_checkpoint(checkpoint), tokenizer_from_meta(checkpoint["meta"])
+    prompt = torch.tensor([tokenizer.encode("Q: what is")])
+    expected = tokenizer.decode(model.generate(prompt, 60, temperature=0)[0].tolist())
+    assert result.stdout == expected + "\n"
+    assert sample(out_dir, "--start=Q: what is", "--max_new_tokens=60", "--temperature=0", "--seed=6").stdout == result.stdout
+
+
+def test_stop_sequence_ends_each_sample_before_it(trained):
+    out_dir, _ = trained
+    result = sample(out_dir, "--start=Q: what is 1 plus 2?\nA:", "--stop=\n", "--max_new_tokens=200",
+                    "--num_samples=2", "--temperature=0")
+    samples = result.stdout.removesuffix("\n").split("\n---------------\n")
+    assert len(samples) == 2
+    assert all(s.count("\n") == 1 for s in samples)  # only the newline inside the prompt
+
+
+def test_chat_over_a_pipe_answers_every_line_up_to_the_answer_boundary(trained):
+    out_dir, _ = trained
+    questions = ["what is 2 plus 2?", "what is 7 plus 1?", "", "what is 3 plus 3?"]
+    result = sample(out_dir, "--chat", "--max_new_tokens=100", stdin="\n".join(questions) + "\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3  # one answer per non-empty question, each on its own line
+    assert all(line.startswith("A:") and len(line) > 2 for line in lines)
+
+
+def test_chat_reports_a_bad_question_and_goes_on(trained):
+    out_dir, _ = trained
+    result = sample(out_dir, "--chat", "--max_new_tokens=30", stdin="what is é?\nwhat is 1 plus 1?\n")
+    assert result.returncode == 0
+    assert "'é'" in result.stderr
+    assert len(result.stdout.splitlines()) == 1
+
+
+def test_first_sample_streams_before_generation_ends(trained):
+    out_dir, _ = trained
+    proc = subprocess.Popen([sys.executable, str(REPO / "sample.py"), f"--out_dir={out_dir}", "--device=cpu",
+                             "--max_new_tokens=100000", "--start=Q:"], stdout=subprocess.PIPE, cwd=REPO)
+    try:
+        first = proc.stdout.read(40)
+        still_running = proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(first) == 40 and still_running
+
+
+def test_prompt_from_file_and_long_prompt_note(trained, tmp_path):
+    out_dir, _ = trained
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(qa_text(pairs=5, seed=3))  # longer than the model's 32-token window
+    result = sample(out_dir, f"--start=FILE:{prompt}", "--max_new_tokens=20")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(prompt.read_text())
+    assert "sees only the last 32" in result.stderr
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--start=héllo"], "'é'"),
+    (["--start=FILE:/no/such/prompt.txt"], "no such file"),
+    (["--temperature=hot"], "temperature"),
+    (["--top_q=0.9"], "top_p"),
+])
+def test_bad_requests_fail_with_one_line(trained, options, expected):
+    out_dir, _ = trained
+    result = sample(out_dir, *options)
+    assert result.returncode == 1
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_and_corrupt_checkpoints_fail_with_one_line(tmp_path):
+    missing = sample(tmp_path / "nothing-here")
+    assert missing.returncode == 1 and "python train.py" in missing.stderr
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
+    corrupt = sample(tmp_path)
+    assert corrupt.returncode == 1 and len(corrupt.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in corrupt.stderr
