@@ -314,6 +314,21 @@ def tinytalks_texts(files):
     return tok, train, val, extra, {"test.txt": test}
 
 
+def qa_prompt(question) -> str:
+    """The text a Q&A model is asked with, framed as in the training data; its answer follows."""
+    return f"Q: {question}\nA:"
+
+
+def qa_pairs(text) -> list:
+    """(question, answer) pairs of a "Q: ...\nA: ...\n\n" file such as TinyTalks' test.txt."""
+    pairs = []
+    for block in text.strip("\n").split("\n\n"):
+        q_line, _, a_line = block.partition("\n")
+        if q_line.startswith("Q: ") and a_line.startswith("A: "):
+            pairs.append((q_line[3:], a_line[3:]))
+    return pairs
+
+
 def distinct_words(count, rng) -> list:
     """count different random 6-letter words; drawing them all at once keeps test prompts out of train."""
     words, seen = [], set()

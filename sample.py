@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from prepare import DataError, load_meta, tokenizer_from_meta
+from prepare import DataError, load_meta, qa_prompt, tokenizer_from_meta
 from train import (CheckpointError, ConfigError, load_checkpoint, model_from_checkpoint,
                    parse_overrides, resolve_device, resolve_dtype)
 
@@ -151,7 +151,7 @@ def run_chat(model, tokenizer, device, cfg):
         if not question:
             continue
         try:
-            prompt_ids = encode_prompt(tokenizer, f"Q: {question}\nA:", model.config.block_size)
+            prompt_ids = encode_prompt(tokenizer, qa_prompt(question), model.config.block_size)
         except SampleError as e:  # one bad question must not end the conversation
             print(f"error: {e}", file=sys.stderr)
             continue

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig
-from prepare import DATASETS, DataError, load_meta
+from prepare import DATASETS, DataError, load_meta, qa_pairs, qa_prompt, tokenizer_from_meta
 from prepare import prepare as prepare_dataset
 
 
@@ -97,6 +97,7 @@ class TrainConfig:
     dtype: str = "auto"                 # 'auto', 'float32', 'bfloat16', 'float16'
     compile: bool = False
     seed: int = 1337
+    val_loss_bar: float = 0.0           # a published result to reach: the final full-split val loss is judged PASS/FAIL against it (0 = none)
     peak_flops: float = 0.0             # FLOP/s that MFU is measured against; 0 = measured (CPU) or known (GPU)
 
 
@@ -536,6 +537,13 @@ def full_split_loss(model, batches, split, batch_size, ctx):
     return total / scored, scored
 
 
+def verdict_text(val_loss, bar) -> str:
+    """' (bar B): PASS' when val_loss <= bar, FAIL above it; '' when there is no bar."""
+    if not bar:
+        return ""
+    return f" (bar {bar}): {'PASS' if val_loss <= bar else 'FAIL'}"
+
+
 TASK_BARS = {"reverse": 0.95, "copy": 0.95, "mixed": 0.90}  # exact-match pass marks from DESIGN.md
 
 
@@ -552,6 +560,50 @@ def exact_match_accuracy(model, examples, prompt_len, batch_size=512, device="cp
         out = model.generate(chunk[:, :prompt_len], answer_len, temperature=0)
         correct += int((out[:, prompt_len:] == chunk[:, prompt_len:]).all(dim=1).sum())
     return correct / len(examples)
+
+
+QA_SHOWN = 8  # held-out questions whose answers are printed next to the reference answers
+
+
+@torch.no_grad()
+def qa_answer_loss(model, tokenizer, pairs, ctx, device) -> float:
+    """Mean cross-entropy on the answer tokens (" answer\n") of held-out Q&A pairs, given the question."""
+    model.eval()
+    total, scored = 0.0, 0
+    for question, answer in pairs:
+        prompt = tokenizer.encode(qa_prompt(question))
+        ids = torch.tensor(prompt + tokenizer.encode(f" {answer}\n"), device=device)
+        x, y = ids[:-1], ids[1:].clone()
+        y[:len(prompt) - 1] = -1  # no loss on the question
+        x, y = x[-model.config.block_size:], y[-model.config.block_size:]
+        with ctx:
+            loss = model(x[None], y[None])[1]
+        n = int((y != -1).sum())
+        total, scored = total + loss.item() * n, scored + n
+    return total / scored
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, question, device, max_tokens=200) -> str:
+    """The model's greedy answer to a question, up to the newline that ends answers in the data."""
+    idx = torch.tensor([tokenizer.encode(qa_prompt(question))], device=device)
+    answer = []
+    for token in model.generate_stream(idx, max_tokens, temperature=0):
+        text = tokenizer.decode([token.item()])
+        if text == "\n":
+            break
+        answer.append(text)
+    return "".join(answer).strip()
+
+
+def qa_report(model, tokenizer, test_text, ctx, device):
+    """Held-out answer loss, and the first QA_SHOWN answers next to the references; returns the loss."""
+    pairs = qa_pairs(test_text)
+    loss = qa_answer_loss(model, tokenizer, pairs, ctx, device)
+    print(f"held-out test answers: loss {loss:.4f} over {len(pairs)} pairs; greedy answers to the first {QA_SHOWN}:")
+    for question, reference in pairs[:QA_SHOWN]:
+        print(f"  Q: {question}\n     model: {greedy_answer(model, tokenizer, question, device)}\n     reference: {reference}")
+    return loss
 
 
 # --------------------------------------------------------------------------------- distributed
@@ -917,7 +969,7 @@ class Trainer:
         """Loss over the whole val split, and for attention tasks the exact-match test score."""
         if self.cfg.final_eval_full:
             loss, tokens = full_split_loss(self.raw_model, self.batches, "val", self.cfg.batch_size, self.ctx)
-            print(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}")
+            print(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}{verdict_text(loss, self.cfg.val_loss_bar)}")
             self.log.write_record({"kind": "final", "step": self.step, "val_loss_full": loss, "val_tokens": tokens})
         if self.batches.task:
             accuracy = exact_match_accuracy(self.raw_model, self.batches.examples("val"), self.batches.prompt_len,
@@ -926,6 +978,10 @@ class Trainer:
             verdict = "PASS" if accuracy >= bar else "FAIL"
             print(f"test exact match: {100 * accuracy:.1f}% (bar {100 * bar:.0f}%): {verdict}")
             self.log.write_record({"kind": "test", "step": self.step, "exact_match": accuracy, "bar": bar})
+        if self.meta.get("qa") and self.meta.get("test_file"):
+            test_text = (self.batches.folder / self.meta["test_file"]).read_text(encoding="utf-8")
+            loss = qa_report(self.raw_model, tokenizer_from_meta(self.meta), test_text, self.ctx, self.device)
+            self.log.write_record({"kind": "test", "step": self.step, "qa_answer_loss": loss})
 
     def close(self):
         self.log.close()

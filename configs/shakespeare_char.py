@@ -29,3 +29,4 @@ lr_decay_iters = 5000  # usually equal to max_iters
 min_lr = 1e-4  # learning_rate / 10
 beta2 = 0.99  # a little higher than the usual 0.95: few tokens per step
 warmup_iters = 100
+val_loss_bar = 1.4697  # nanoGPT's published val loss for this recipe

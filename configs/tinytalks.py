@@ -28,3 +28,4 @@ min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100
 weight_decay = 0.1
+val_loss_bar = 1.5  # the TinyTorch milestone's bar

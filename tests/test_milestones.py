@@ -1,0 +1,63 @@
+"""The milestone scorers: PASS/FAIL against a published loss bar, and the held-out Q&A report."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+from prepare import CharTokenizer, prepare, qa_pairs, qa_prompt
+from train import qa_answer_loss, verdict_text
+
+REPO = Path(__file__).resolve().parents[1]
+TINYTALKS = REPO.parent / "shared" / "data" / "tinytalks"
+PAIRS = [("what is 1 plus 1?", "it is 2."), ("what is 2 plus 3?", "it is 5."), ("hi?", "hello.")]
+QA_TEXT = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in PAIRS)
+
+
+def test_verdict_passes_at_or_below_the_bar_and_fails_above():
+    assert verdict_text(1.88, 1.89).endswith("PASS")
+    assert verdict_text(1.89, 1.89).endswith("PASS")
+    assert verdict_text(1.90, 1.89).endswith("FAIL")
+    assert verdict_text(1.0, 0.0) == ""
+
+
+def test_qa_pairs_read_the_tinytalks_format():
+    assert qa_pairs(QA_TEXT) == PAIRS
+    assert qa_prompt("hi?") == "Q: hi?\nA:"
+
+
+def test_answer_loss_is_low_for_a_model_that_learned_the_answers_and_high_otherwise():
+    torch.manual_seed(0)
+    tok = CharTokenizer(sorted(set(QA_TEXT)))
+    model = GPT(GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=48))
+    untrained = qa_answer_loss(model, tok, PAIRS, torch.no_grad(), "cpu")
+    data = torch.tensor(tok.encode(QA_TEXT * 4))
+    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
+    model.train()
+    for step in range(200):
+        starts = torch.randint(0, len(data) - 33, (16,))
+        x = torch.stack([data[s:s + 32] for s in starts])
+        y = torch.stack([data[s + 1:s + 33] for s in starts])
+        loss = model(x, y)[1]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trained = qa_answer_loss(model, tok, PAIRS, torch.no_grad(), "cpu")
+    assert trained < 0.3 < untrained
+
+
+@pytest.mark.skipif(not TINYTALKS.is_dir(), reason="needs ../shared/data/tinytalks")
+def test_tinytalks_run_reports_held_out_answers_next_to_references(tmp_path):
+    prepare("tinytalks", source=str(TINYTALKS), data_dir=str(tmp_path / "data"))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), str(REPO / "configs" / "tinytalks.py"), f"--data_dir={tmp_path / 'data'}",
+         f"--out_dir={tmp_path / 'out'}", "--max_iters=20", "--eval_interval=20", "--eval_iters=2",
+         "--n_layer=1", "--n_embd=32", "--block_size=64", "--device=cpu", "--dtype=float32"],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "(bar 1.5): FAIL" in result.stdout  # 20 steps cannot reach the bar
+    assert "held-out test answers: loss" in result.stdout
+    first_question, first_answer = qa_pairs((tmp_path / "data" / "tinytalks" / "test.txt").read_text())[0]
+    assert f"Q: {first_question}" in result.stdout and f"reference: {first_answer}" in result.stdout
