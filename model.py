@@ -219,7 +219,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()
@@ -256,17 +256,24 @@ class GPT(nn.Module):
         new_tokens = [token[:, None] for token in steps]
         return torch.cat([idx, *new_tokens], dim=1)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None):
-        """AdamW with weight decay on matrices (linear weights, embeddings) only, never on
-        biases and norm gains. Fused kernels on CUDA unless `fused` says otherwise."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None,
+                             muon_lr=0.0, muon_momentum=0.95):
+        """[AdamW] with weight decay on matrices (linear weights, embeddings) only, never on biases
+        and norm gains; fused kernels on CUDA unless `fused` says otherwise. With muon_lr > 0,
+        [AdamW, Muon]: Muon (torch >= 2.9) takes the 2-D weights inside the blocks, where
+        orthogonalised updates train faster; AdamW keeps the embeddings, the head and the gains."""
+        named = dict(self.named_parameters())  # tied weights appear once
+        hidden = [p for n, p in named.items() if muon_lr and n.startswith("blocks.") and p.dim() == 2]
+        rest = [p for p in named.values() if all(p is not h for h in hidden)]
+        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
         if fused is None:
             fused = device_type == "cuda"
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+        if hidden:
+            optimizers.append(torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum,
+                                               weight_decay=0.0, adjust_lr_fn="original"))
+        return optimizers
 
     def num_params(self, non_embedding=True):
         """Parameter count; non_embedding leaves out the position table (and, when untied, the

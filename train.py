@@ -87,8 +87,11 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0              # 0 = no clipping
-    # learning-rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
+    muon_lr: float = 0.0                # > 0: Muon (torch >= 2.9) for the 2-D weights in the blocks, at this peak lr
+    muon_momentum: float = 0.95
+    # learning-rate schedule: linear warmup, then decay to min_lr at lr_decay_iters
     decay_lr: bool = True
+    lr_schedule: str = "cosine"         # 'cosine' or 'linear' decay after the warmup
     warmup_iters: int = 100
     lr_decay_iters: int = 5000
     min_lr: float = 1e-4
@@ -96,6 +99,7 @@ class TrainConfig:
     device: str = "auto"                # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype: str = "auto"                 # 'auto', 'float32', 'bfloat16', 'float16'
     compile: bool = False
+    threads: int = 0                    # CPU threads for torch; 0 = torch's default (one per core)
     seed: int = 1337
     val_loss_bar: float = 0.0           # a published result to reach: the final full-split val loss is judged PASS/FAIL against it (0 = none)
     peak_flops: float = 0.0             # FLOP/s that MFU is measured against; 0 = measured (CPU) or known (GPU)
@@ -195,7 +199,8 @@ def load_config(argv) -> TrainConfig:
 
 
 def check_config(cfg):
-    choices = {"init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16")}
+    choices = {"init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+               "lr_schedule": ("cosine", "linear")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name}={getattr(cfg, name)!r}: use one of {', '.join(allowed)}")
@@ -206,7 +211,11 @@ def check_config(cfg):
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be at least 1")
-    for name in ("max_iters", "warmup_iters", "seed", "grad_clip", "peak_flops"):
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"learning_rate={cfg.learning_rate} must be positive (the schedule scales from it)")
+    if cfg.muon_lr > 0 and not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"muon_lr={cfg.muon_lr} needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
+    for name in ("max_iters", "warmup_iters", "seed", "grad_clip", "peak_flops", "muon_lr", "threads"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name}={getattr(cfg, name)} must not be negative")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -487,7 +496,7 @@ def micro_batch_picks(batches, cfg, step, rank, world_size):
 
 
 def learning_rate_at(step, cfg) -> float:
-    """Linear warmup over warmup_iters, then cosine decay to min_lr at lr_decay_iters."""
+    """Linear warmup over warmup_iters, then cosine (or linear) decay to min_lr at lr_decay_iters."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     if step < cfg.warmup_iters:
@@ -495,6 +504,8 @@ def learning_rate_at(step, cfg) -> float:
     if step >= cfg.lr_decay_iters:
         return cfg.min_lr
     progress = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    if cfg.lr_schedule == "linear":
+        return cfg.learning_rate - progress * (cfg.learning_rate - cfg.min_lr)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
@@ -761,6 +772,8 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.ctx = autocast_context(self.device, self.dtype)
         self.ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         if self.device.startswith("cuda"):
             enable_tf32()
         if dist.is_master:
@@ -798,12 +811,16 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         self.raw_model = GPT(GPTConfig(**self.model_args)).to(self.device)
-        self.optimizer = self.raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                                             (cfg.beta1, cfg.beta2), self.device.split(":")[0])
+        self.optimizers = self.raw_model.configure_optimizers(
+            cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), self.device.split(":")[0],
+            muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
+        for group in (g for opt in self.optimizers for g in opt.param_groups):
+            group["peak_lr"] = group["lr"]  # the schedule scales every group's own peak
         self.scaler = torch.amp.GradScaler(self.device.split(":")[0], enabled=self.dtype == "float16")
         if checkpoint:
             self.raw_model.load_state_dict(clean_state_dict(checkpoint["model"]))
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            for optimizer, state in zip(self.optimizers, [checkpoint["optimizer"], checkpoint.get("muon")]):
+                optimizer.load_state_dict(state)
             if checkpoint.get("scaler"):
                 self.scaler.load_state_dict(checkpoint["scaler"])
             if checkpoint.get("rng"):
@@ -864,8 +881,8 @@ class Trainer:
     def train_step(self):
         """One optimizer step over this process's micro-batches; loss kept on the device (no sync)."""
         lr = learning_rate_at(self.step, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in (g for opt in self.optimizers for g in opt.param_groups):
+            group["lr"] = group["peak_lr"] * lr / self.cfg.learning_rate
         picks = micro_batch_picks(self.batches, self.cfg, self.step, self.dist.rank, self.dist.world_size)
         step_loss = torch.zeros((), device=self.device)
         x, y = self.batches.batch("train", picks[0])
@@ -879,11 +896,14 @@ class Trainer:
             self.scaler.scale(loss).backward()
             step_loss += loss.detach()
         if self.cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.step(optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.lr = lr
         self.pending_losses.append(step_loss)
@@ -942,7 +962,8 @@ class Trainer:
         self.timer = (time.perf_counter(), self.step)  # ms/step measures training, not evaluation
 
     def checkpoint(self) -> dict:
-        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        muon = self.optimizers[1].state_dict() if len(self.optimizers) > 1 else None
+        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizers[0].state_dict(), "muon": muon,
                 "scaler": self.scaler.state_dict(), "config": asdict(self.cfg), "model_args": self.model_args,
                 "meta": self.meta, "step": self.step, "best_val_loss": self.best_val_loss, "rng": rng_states()}
 

@@ -34,7 +34,7 @@ def test_answer_loss_is_low_for_a_model_that_learned_the_answers_and_high_otherw
     model = GPT(GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=48))
     untrained = qa_answer_loss(model, tok, PAIRS, torch.no_grad(), "cpu")
     data = torch.tensor(tok.encode(QA_TEXT * 4))
-    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
+    [optimizer] = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
     model.train()
     for step in range(200):
         starts = torch.randint(0, len(data) - 33, (16,))

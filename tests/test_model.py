@@ -113,17 +113,20 @@ def test_target_minus_one_is_ignored():
     torch.testing.assert_close(loss, expected)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"pos": "rope", "mlp": "relu2", "qk_norm": True, "tie_weights": False}])
-def test_tiny_model_overfits_one_batch(overrides):
+@pytest.mark.parametrize("overrides, muon_lr", [
+    ({}, 0.0), ({"pos": "rope", "mlp": "relu2", "qk_norm": True, "tie_weights": False}, 0.0),
+    ({"pos": "rope", "mlp": "relu2", "qk_norm": True, "zero_init_proj": True}, 0.02)])
+def test_tiny_model_overfits_one_batch(overrides, muon_lr):
     model = tiny_model(**overrides).train()
     idx = random_tokens(4, 16)
     targets = random_tokens(4, 16, seed=3)
-    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
+    optimizers = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu", muon_lr=muon_lr)
     for _ in range(300):
         _, loss = model(idx, targets)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     assert loss.item() < 0.1
 
 
@@ -131,7 +134,7 @@ def test_zero_init_projections_start_at_zero_and_still_learn():
     model = tiny_model(zero_init_proj=True).train()
     projections = [p for name, p in model.named_parameters() if name.endswith("c_proj.weight")]
     assert projections and all(p.abs().sum() == 0 for p in projections)
-    optimizer = model.configure_optimizers(0.0, 1e-2, (0.9, 0.99), "cpu")
+    [optimizer] = model.configure_optimizers(0.0, 1e-2, (0.9, 0.99), "cpu")
     _, loss = model(random_tokens(2, 8), random_tokens(2, 8, seed=4))
     loss.backward()
     optimizer.step()
@@ -159,10 +162,21 @@ def test_state_dict_round_trip_with_weights_only_load(pos):
 
 def test_weight_decay_only_on_matrices():
     model = tiny_model(bias=True)
-    decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
+    [adamw] = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = adamw.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model = tiny_model(tie_weights=False)
+    adamw, muon = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
+    in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
+    in_adamw = {id(p) for group in adamw.param_groups for p in group["params"]}
+    expected = {id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    assert in_muon == expected and not in_muon & in_adamw
+    assert in_muon | in_adamw == {id(p) for p in model.parameters()}
 
 
 def test_attention_ablation_sees_no_other_token():
