@@ -15,6 +15,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -334,6 +335,17 @@ def save_checkpoint(path, checkpoint):
         os.fsync(folder)  # make the rename itself durable
     finally:
         os.close(folder)
+
+
+def keep_as(path, keep_path):
+    """Make keep_path a second name for the file at path (a hard link: no copy, and path never
+    disappears), so replacing path later leaves keep_path with the old content."""
+    tmp = keep_path.with_name(f".{keep_path.name}.tmp{os.getpid()}")
+    try:
+        os.link(path, tmp)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, keep_path)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -772,6 +784,7 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.ctx = autocast_context(self.device, self.dtype)
         self.ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+        self.best_path = Path(cfg.out_dir) / "best.pt"
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if self.device.startswith("cuda"):
@@ -792,6 +805,7 @@ class Trainer:
         self.step = checkpoint["step"] if checkpoint else 0
         self.best_val_loss = checkpoint.get("best_val_loss", float("inf")) if checkpoint else float("inf")
         self.saved_step = self.step if checkpoint else None
+        self.ckpt_is_best = bool(checkpoint and checkpoint.get("is_best"))  # ckpt.pt holds the best val so far
         self.log = RunLog(cfg, dist.is_master)
         self.peak = cfg.peak_flops or (default_peak_flops(self.device, self.dtype) if dist.is_master else 0.0)
         self.pending_losses = []  # per-step loss tensors not yet read back (reading them syncs the device)
@@ -819,8 +833,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.split(":")[0], enabled=self.dtype == "float16")
         if checkpoint:
             self.raw_model.load_state_dict(clean_state_dict(checkpoint["model"]))
-            for optimizer, state in zip(self.optimizers, [checkpoint["optimizer"], checkpoint.get("muon")]):
-                optimizer.load_state_dict(state)
+            self.load_optimizer_states(checkpoint)
             if checkpoint.get("scaler"):
                 self.scaler.load_state_dict(checkpoint["scaler"])
             if checkpoint.get("rng"):
@@ -833,6 +846,16 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.dist.local_rank] if self.device.startswith("cuda") else None
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def load_optimizer_states(self, checkpoint):
+        """The optimizers' moments from the checkpoint, with the hyperparameters (peak lr, weight decay,
+        betas) of this run's config: load_state_dict would otherwise bring back the old ones and
+        silently ignore e.g. a new --learning_rate given on resume."""
+        for optimizer, state in zip(self.optimizers, [checkpoint["optimizer"], checkpoint.get("muon")]):
+            requested = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+            optimizer.load_state_dict(state)
+            for group, settings in zip(optimizer.param_groups, requested):
+                group.update(settings)
 
     def tokens_per_step(self) -> int:
         return self.cfg.gradient_accumulation_steps * self.cfg.batch_size * self.batches.seq_len
@@ -957,8 +980,9 @@ class Trainer:
                        f"| best val {self.best_val_loss:.4f}",
                        {"kind": "eval", "step": self.step, "train_loss": losses["train"], "val_loss": losses["val"],
                         "best_val_loss": self.best_val_loss})
-        if not self.cfg.eval_only and self.step > 0 and (improved or self.cfg.always_save_checkpoint):
-            self.save("val improved" if improved else "always_save_checkpoint")
+        changed = self.step > 0 and self.saved_step != self.step  # nothing to save right after a resume
+        if not self.cfg.eval_only and changed and (improved or self.cfg.always_save_checkpoint):
+            self.save("val improved" if improved else "always_save_checkpoint", is_best=improved)
         self.timer = (time.perf_counter(), self.step)  # ms/step measures training, not evaluation
 
     def checkpoint(self) -> dict:
@@ -967,10 +991,17 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "config": asdict(self.cfg), "model_args": self.model_args,
                 "meta": self.meta, "step": self.step, "best_val_loss": self.best_val_loss, "rng": rng_states()}
 
-    def save(self, reason):
+    def save(self, reason, is_best=False):
+        """Write ckpt.pt, the newest state (resume continues from it). When it held the best-val state
+        and this one is not a new best, that file is kept as best.pt first, so the best is never lost."""
         self.check_local_losses()  # never write weights that came out of a non-finite step
-        save_checkpoint(self.ckpt_path, self.checkpoint())
-        self.saved_step = self.step
+        if self.ckpt_is_best and not is_best:
+            keep_as(self.ckpt_path, self.best_path)
+            print(f"kept the best-val checkpoint (val {self.best_val_loss:.4f}) as {self.best_path}", flush=True)
+        save_checkpoint(self.ckpt_path, {**self.checkpoint(), "is_best": is_best})
+        if is_best and self.best_path.exists():
+            self.best_path.unlink()  # ckpt.pt is the best again
+        self.saved_step, self.ckpt_is_best = self.step, is_best
         print(f"saved {self.ckpt_path} at step {self.step} ({reason})", flush=True)
 
     def save_at_end(self):

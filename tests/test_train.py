@@ -171,15 +171,14 @@ def test_resume_halfway_matches_uninterrupted_run_bitwise(tmp_path, data_dir, st
     assert_same_weights(weights(out), weights(straight_run))
 
 
-def test_sigterm_saves_and_resume_matches_uninterrupted_run_bitwise(tmp_path, data_dir, straight_run):
-    out = tmp_path / "out"
-    args = tiny_args(data_dir, out, *RESUME_ARGS, f"--max_iters={STRAIGHT_STEPS}")
-    proc = subprocess.Popen([sys.executable, TRAIN, *args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+def run_until_sigterm(args, cwd, after_step):
+    """Start train.py, send SIGTERM once it logs `after_step`; (the step it stopped at, its stdout)."""
+    proc = subprocess.Popen([sys.executable, TRAIN, *map(str, args)], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     output = []
     for line in proc.stdout:  # wait until training is under way
         output.append(line)
-        if line.startswith("step 5 |"):
+        if line.startswith(f"step {after_step} |"):
             proc.send_signal(signal.SIGTERM)
             break
     stdout, stderr = proc.communicate(timeout=120)
@@ -187,8 +186,15 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run_bitwise(tmp_path, da
     assert proc.returncode == 0, stdout[-2000:] + stderr
     stopped = [line for line in stdout.splitlines() if line.startswith("interrupted at step ")]
     assert stopped, f"the run was not interrupted:\n{stdout[-2000:]}"
-    step = int(stopped[0].split()[3].rstrip(";"))
+    return int(stopped[0].split()[3].rstrip(";")), stdout
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted_run_bitwise(tmp_path, data_dir, straight_run):
+    out = tmp_path / "out"
+    step, stdout = run_until_sigterm(tiny_args(data_dir, out, *RESUME_ARGS, f"--max_iters={STRAIGHT_STEPS}"),
+                                     tmp_path, after_step=5)
     assert 5 <= step < STRAIGHT_STEPS
+    stopped = [line for line in stdout.splitlines() if line.startswith("interrupted at step ")]
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step
 
     command = shlex.split(stopped[0].split("resume with: ", 1)[1])  # run the command it printed
@@ -197,6 +203,23 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run_bitwise(tmp_path, da
     assert_same_weights(weights(out), weights(straight_run))
     straight = train_losses(straight_run)
     assert {s: v for s, v in train_losses(out).items() if s > step} == {s: v for s, v in straight.items() if s > step}
+
+
+def test_a_later_worse_save_keeps_the_best_val_checkpoint_as_best_pt(tmp_path, data_dir):
+    out = tmp_path / "out"
+    run_train(tiny_args(data_dir, out, "--max_iters=20", "--eval_interval=10", "--always_save_checkpoint=False",
+                        "--final_eval_full=False"), cwd=tmp_path)
+    best = load_checkpoint(out / "ckpt.pt")
+    assert best["step"] == 20 and best["is_best"]  # loss still falls fast at step 20: a new best
+    assert not (out / "best.pt").exists()
+    # the interrupted state has no val loss of its own, so it is saved as the newest state, not the best
+    step, _ = run_until_sigterm(tiny_args(data_dir, out, "--max_iters=5000", "--eval_interval=1000",
+                                          "--always_save_checkpoint=False", "--init_from=resume"),
+                                tmp_path, after_step=25)
+    assert load_checkpoint(out / "ckpt.pt")["step"] == step > 20
+    kept = load_checkpoint(out / "best.pt")
+    assert kept["step"] == 20 and kept["best_val_loss"] == best["best_val_loss"]
+    assert_same_weights(kept["model"], best["model"])
 
 
 def test_evaluations_do_not_shift_the_training_batches(tmp_path, data_dir):
