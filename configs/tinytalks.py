@@ -22,8 +22,8 @@ n_embd = 128
 dropout = 0.2
 
 learning_rate = 1e-3
-max_iters = 1500
-lr_decay_iters = 1500
+max_iters = 700  # val stops improving near 600-700 steps; longer runs only overfit
+lr_decay_iters = 700
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100
