@@ -10,7 +10,8 @@ out_dir = 'out-tinytalks'
 eval_interval = 50
 eval_iters = 20
 log_interval = 25
-always_save_checkpoint = False  # ckpt.pt holds the best-val weights
+always_save_checkpoint = False  # ckpt.pt holds the best-val weights...
+save_latest = False             # ...also at the end of the run
 val_loss_bar = 1.5  # the TinyTorch milestone's bar
 
 dataset = 'tinytalks'
