@@ -11,16 +11,38 @@ Generation figures are medians over repeated runs after a warm-up. Nothing here 
 import json
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from device import measured_matmul_flops
 from model import GPT, GPTConfig
-from train import ConfigError, load_config, measured_matmul_flops, train
+from options import ConfigError, help_text, must, parse_options, wants_help
+
+REPO = Path(__file__).resolve().parent
+
+
+@dataclass
+class BenchConfig:
+    only: str = ""               # one section: 'train', 'matmul' or 'generate'; '' = all three
+    config: str = "configs/shakespeare_char_cpu.py"  # the training config the train section runs
+    steps: int = 50              # training steps; the figures are the mean of the second half
+    dtype: str = ""              # training dtype override ('' = the config's)
+    compile: bool | None = None  # training torch.compile override (None = the config's)
+    batch_size: int = 0          # training batch_size override (0 = the config's)
+    device: str = ""             # training device override ('' = the config's)
+    gen_dtype: str = "float32"   # weights dtype of the generation benchmark: 'float32' or 'bfloat16'
+
+    def __post_init__(self):
+        must(self.only in ("", *SECTIONS), f"only={self.only!r}: use one of {', '.join(SECTIONS)}")
+        must(self.steps >= 2, f"steps={self.steps} must be at least 2 (the figures come from the second half)")
+        must(self.gen_dtype in ("float32", "bfloat16"), f"gen_dtype={self.gen_dtype!r}: use float32 or bfloat16")
 
 
 def median_seconds(fn, repeats, warmup=1):
@@ -34,30 +56,28 @@ def median_seconds(fn, repeats, warmup=1):
     return statistics.median(times)
 
 
-def bench_matmul(options):
+def bench_matmul(cfg):
     for dtype in (torch.float32, torch.bfloat16):
         print(f"matmul peak {str(dtype):15s} {measured_matmul_flops(dtype) / 1e9:8.1f} GFLOP/s (1024x1024, best of 5)")
 
 
-def bench_train(options):
-    """ms/step, tokens/s and MFU of `steps` optimizer steps of a config, run by train.py itself."""
-    steps = int(options.get("steps", 50))
+def bench_train(cfg):
+    """ms/step, tokens/s and MFU of cfg.steps optimizer steps of a config, run by train.py itself."""
     with tempfile.TemporaryDirectory() as out_dir:
-        args = [options.get("config", "configs/shakespeare_char_cpu.py"), f"--out_dir={out_dir}",
-                f"--max_iters={steps}", f"--log_interval={steps // 2}", "--eval_interval=1000000",
-                "--eval_iters=1", "--final_eval_full=False", "--save_latest=False", "--always_save_checkpoint=False"]
-        args += [f"--{key}={options[key]}" for key in ("dtype", "compile", "batch_size", "device") if key in options]
-        cfg = load_config(args)
-        print(f"training: {args[0]}, {steps} steps, dtype {cfg.dtype}, compile {cfg.compile}")
-        train(cfg, args)
+        overrides = {"dtype": cfg.dtype, "compile": cfg.compile, "batch_size": cfg.batch_size, "device": cfg.device}
+        args = [cfg.config, f"--out_dir={out_dir}", f"--max_iters={cfg.steps}", f"--log_interval={cfg.steps // 2}",
+                "--eval_interval=1000000", "--eval_iters=1", "--final_eval_full=False",
+                *[f"--{key}={value}" for key, value in overrides.items() if value not in ("", 0, None)]]
+        print(f"training: python train.py {' '.join(args[:1] + args[2:])}", flush=True)
+        run = subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True)
+        if run.returncode != 0:
+            raise ConfigError(f"train.py failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
         records = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
     last = [r for r in records if r["kind"] == "train"][-1]  # the second half: warm-up and compile left out
     mfu = f"{100 * last['mfu']:.2f}%" if last.get("mfu") is not None else "n/a"
     print(f"  {last['ms_per_step']:.1f} ms/step, {last['tokens_per_s']:,.0f} tokens/s, MFU {mfu} "
-          f"(steps {steps // 2 + 1}-{steps})")
-    if torch.cuda.is_available() and cfg.device != "cpu":
-        print(f"  peak memory {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB allocated on the GPU")
-    print(f"  peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB RSS of this process")
+          f"(steps {cfg.steps // 2 + 1}-{cfg.steps})")
+    print(f"  peak memory {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10:,.0f} MiB RSS of train.py")
 
 
 def generation_model():
@@ -78,8 +98,8 @@ def generation_tokens_per_second(model, use_cache, new_tokens, autocast=nullcont
     return new_tokens / median_seconds(run, repeats=3)
 
 
-def bench_generate(options, new_tokens=500):
-    dtype = getattr(torch, options.get("gen_dtype", "float32"))
+def bench_generate(cfg, new_tokens=500):
+    dtype = getattr(torch, cfg.gen_dtype)
     model = generation_model().to(dtype)
     print(f"generation: 6L/6H/384, block 256, vocab 65, random init, {dtype} weights, 1 sequence, "
           f"{new_tokens} new tokens")
@@ -91,31 +111,23 @@ def bench_generate(options, new_tokens=500):
 
 
 SECTIONS = {"train": bench_train, "matmul": bench_matmul, "generate": bench_generate}
-OPTIONS = ("only", "config", "steps", "dtype", "compile", "batch_size", "device", "gen_dtype")
 
 
-def parse_options(argv) -> dict:
-    options = {}
-    for arg in argv:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in OPTIONS or not value:
-            raise ConfigError(f"cannot read {arg!r}; use --key=value with key in {', '.join(OPTIONS)}")
-        options[key] = value
-    if options.get("only", "train") not in SECTIONS:
-        raise ConfigError(f"--only={options['only']}: use one of {', '.join(SECTIONS)}")
-    return options
-
-
-def main(argv):
+def main(argv) -> int:
+    if wants_help(argv):
+        print(help_text(BenchConfig, "usage: python bench.py [--key=value ...]", __doc__.split("\n\n")[0]))
+        return 0
     try:
-        options = parse_options(argv)
+        cfg = parse_options(BenchConfig, argv)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         for name, section in SECTIONS.items():
-            if options.get("only", name) == name:
-                section(options)
+            if cfg.only in ("", name):
+                section(cfg)
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -12,22 +12,26 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from prepare import DataError
-from sample import SampleError, encode_prompt, load_model_and_tokenizer
-from train import CheckpointError, ConfigError, parse_overrides
+from checkpoint import CheckpointError, load_for_inference
+from dataset import DataError
+from options import ConfigError, help_text, must, parse_options, wants_help
 
 
 @dataclass
 class InterpretConfig:
-    out_dir: str = "out"
-    prompt: str = "\n"
+    out_dir: str = "out"         # the training run's folder
+    ckpt: str = ""               # file in out_dir; '' = best.pt if the run has one, else ckpt.pt
+    prompt: str = "\n"           # the text to read the model on
     answer_tokens: int = 6       # greedy tokens appended to the prompt before reading the model
     png: str = "attention.png"   # where the attention maps go ('' = do not draw)
-    device: str = "cpu"
-    dtype: str = "float32"
-    compile: bool = False
+    device: str = "cpu"          # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
+    dtype: str = "float32"       # 'float32' or 'bfloat16'
+
+    def __post_init__(self):
+        must(self.answer_tokens >= 0, f"answer_tokens={self.answer_tokens} must not be negative")
+        must(self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
 
 
 @torch.no_grad()
@@ -100,23 +104,42 @@ def print_logit_lens(readouts, labels, decode):
         print(f"{'embed' if layer == 0 else f'layer {layer - 1}':10s}{cells}")
 
 
-def main(argv):
+def prompt_ids(tokenizer, prompt, room) -> list:
+    """The prompt's token ids, cropped from the left to the room the window leaves (with a note)."""
     try:
-        cfg = parse_overrides(InterpretConfig(), argv)
-        model, tokenizer, device = load_model_and_tokenizer(cfg)
-        prompt_ids = encode_prompt(tokenizer, cfg.prompt, model.config.block_size)
-        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        room = model.config.block_size - idx.size(1)
-        idx = model.generate(idx, max(0, min(cfg.answer_tokens, room)), temperature=0)
+        ids = tokenizer.encode(prompt)
+    except ValueError as e:
+        raise ConfigError(f"the prompt cannot be encoded: {e}") from None
+    if not ids:
+        raise ConfigError("the prompt is empty; give some text with --prompt=...")
+    if len(ids) > room:
+        print(f"note: the prompt has {len(ids)} tokens; reading its last {room} (the window, less the answer)",
+              file=sys.stderr)
+    return ids[-room:]
+
+
+def main(argv) -> int:
+    if wants_help(argv):
+        print(help_text(InterpretConfig, "usage: python interpret.py [--key=value ...]", __doc__.split("\n\n")[0]))
+        return 0
+    try:
+        cfg = parse_options(InterpretConfig, argv)
+        model, tokenizer, device = load_for_inference(cfg.out_dir, cfg.ckpt, cfg.device, cfg.dtype)
+        block = model.config.block_size
+        answer_tokens = min(cfg.answer_tokens, block - 1)
+        idx = torch.tensor([prompt_ids(tokenizer, cfg.prompt, block - answer_tokens)], dtype=torch.long, device=device)
+        idx = model.generate(idx, answer_tokens, temperature=0)
         labels = [show_token(tokenizer.decode([i])) for i in idx[0].tolist()]
         print(f"sequence: {tokenizer.decode(idx[0].tolist())!r}")
         print_logit_lens(logit_lens(model, idx), labels, tokenizer.decode)
         if cfg.png:
             draw_attention(attention_weights(model, idx), labels, cfg.png)
             print(f"attention maps: {cfg.png}")
-    except (ConfigError, CheckpointError, DataError, SampleError) as e:
-        sys.exit(f"error: {e}")
+    except (ConfigError, CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

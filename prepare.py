@@ -3,27 +3,29 @@
     python prepare.py shakespeare_char                    # TinyShakespeare by character (vocab 65)
     python prepare.py shakespeare                         # the same text in GPT-2 BPE (tiktoken)
     python prepare.py tinytalks                           # TinyTalks Q&A pairs by character
-    python prepare.py text --source my.txt --name mine    # any text file [--tokenizer gpt2]
-    python prepare.py reverse|copy|mixed [--seed N]       # the attention-proof tasks
+    python prepare.py mybook --source=my.txt              # any text file [--tokenizer=gpt2]
+    python prepare.py reverse                             # the attention tasks: reverse, copy, mixed [--seed=N]
 
-Real data comes from the pinned URLs below and must match the pinned sha256. `--source PATH_OR_URL`
+Real data comes from the URLs pinned in prepare.py and must match their pinned sha256. `--source=PATH_OR_URL`
 reads a local copy or another URL instead (for tinytalks: a folder holding splits/train.txt etc.).
-train.py and sample.py load the tokenizer back with `tokenizer_from_meta(load_meta(dir))`.
 """
-import argparse
 import hashlib
 import json
-import os
 import random
 import re
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import requests
+
+from dataset import DataError
+from files import atomic_write
+from options import ConfigError, help_text, must, parse_options, wants_help
+from tokenizer import CharTokenizer, make_tokenizer
 
 
 class Pin(NamedTuple):
@@ -60,91 +62,15 @@ TASK_WORD_LEN = 6
 TASK_VOCAB = sorted(TASK_LETTERS + "=cr")
 DEFAULT_SEED = 1337
 
-DATASETS = [*PINNED, "text", *TASKS]
+DATASETS = [*PINNED, *TASKS]
 FORMAT_VERSION = 1            # bump when the output format changes, so old outputs get rebuilt
 RETRIES = 3                   # attempts per download
 BACKOFF_S = 0.5               # wait 0.5 s, then 1 s, between attempts
 TIMEOUT_S = (10, 60)          # (connect, between bytes) seconds
 
 
-class DataError(Exception):
-    """A data set cannot be built; the one-line message says what is wrong and how to fix it."""
-
-
 class RetryableError(Exception):
     """A download failed in a way that may go away on the next attempt."""
-
-
-# ---------------------------------------------------------------------------------- tokenizers
-
-class CharTokenizer:
-    kind = "char"
-
-    def __init__(self, vocab):
-        self.vocab = list(vocab)
-        self.vocab_size = len(self.vocab)
-        self.stoi = {ch: i for i, ch in enumerate(self.vocab)}
-
-    def encode(self, text):
-        try:
-            return [self.stoi[ch] for ch in text]
-        except KeyError as e:
-            ch = e.args[0]
-            raise ValueError(f"character {ch!r} (U+{ord(ch):04X}) is not in this data set's "
-                             f"vocabulary of {self.vocab_size} characters") from None
-
-    def decode(self, ids):
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return "".join(self.vocab[i] for i in ids)
-
-
-class GPT2Tokenizer:
-    kind = "gpt2"
-
-    def __init__(self):
-        import tiktoken  # only the gpt2 data sets need it
-        try:
-            self.encoding = tiktoken.get_encoding("gpt2")
-        except Exception as e:  # tiktoken downloads its files on first use: offline this fails
-            raise DataError(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); connect to the "
-                            "internet once, or set TIKTOKEN_CACHE_DIR to a folder with its cached files"
-                            ) from None
-        self.vocab_size = self.encoding.n_vocab
-
-    def encode(self, text):
-        return self.encoding.encode_ordinary(text)  # '<|endoftext|>' in user text stays plain text
-
-    def decode(self, ids):
-        return self.encoding.decode([int(i) for i in ids])
-
-
-Tokenizer = CharTokenizer | GPT2Tokenizer
-
-
-def make_tokenizer(kind, vocab=None) -> Tokenizer:
-    return CharTokenizer(vocab) if kind == "char" else GPT2Tokenizer()
-
-
-def load_meta(dataset_dir) -> dict:
-    path = Path(dataset_dir) / "meta.json"
-    if not path.is_file():
-        raise DataError(f"{path} not found; build the data set first: "
-                        f"python prepare.py {Path(dataset_dir).name}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); delete {path.parent} and prepare it again"
-                        ) from None
-
-
-def tokenizer_from_meta(meta: dict) -> Tokenizer:
-    kind = meta.get("tokenizer")
-    if kind not in ("char", "gpt2"):
-        raise DataError(f"meta.json names an unknown tokenizer {kind!r}; prepare the data set again")
-    return make_tokenizer(kind, meta.get("vocab"))
 
 
 # ----------------------------------------------------------------------------------- downloads
@@ -181,19 +107,14 @@ def download(url, dest, sha256=None) -> Path:
 def fetch_once(url, dest, sha256):
     """One attempt: stream into a temporary file next to dest, check it, then rename it into place,
     so dest is either the whole verified file or untouched."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            digest, size = stream_into(f, url)
+    def write(f):
+        digest, size = stream_into(f, url)
         if size == 0:
             raise DataError(f"{url} sent an empty file; nothing was saved. Check the URL or pass --source")
         if sha256 and digest != sha256:
             raise DataError(f"sha256 mismatch for {url}: got {digest}, expected {sha256}; nothing was saved. "
                             f"Pass --source with an unmodified copy of {dest.name}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(dest, write)
 
 
 def stream_into(f, url):
@@ -245,7 +166,7 @@ def verified_local(path, pin) -> Path:
     got = sha256_of(path)
     if got != pin.sha256:
         raise DataError(f"--source: {path} is not the pinned {pin.path} (sha256 {got}, expected "
-                        f"{pin.sha256}); use an unmodified copy, or `python prepare.py text --source {path}` "
+                        f"{pin.sha256}); use an unmodified copy, or `python prepare.py mytext --source={path}` "
                         "for other text")
     return path
 
@@ -314,21 +235,6 @@ def tinytalks_texts(files):
     return tok, train, val, extra, {"test.txt": test}
 
 
-def qa_prompt(question) -> str:
-    """The text a Q&A model is asked with, framed as in the training data; its answer follows."""
-    return f"Q: {question}\nA:"
-
-
-def qa_pairs(text) -> list:
-    """(question, answer) pairs of a "Q: ...\nA: ...\n\n" file such as TinyTalks' test.txt."""
-    pairs = []
-    for block in text.strip("\n").split("\n\n"):
-        q_line, _, a_line = block.partition("\n")
-        if q_line.startswith("Q: ") and a_line.startswith("A: "):
-            pairs.append((q_line[3:], a_line[3:]))
-    return pairs
-
-
 def distinct_words(count, rng) -> list:
     """count different random 6-letter words; drawing them all at once keeps test prompts out of train."""
     words, seen = [], set()
@@ -365,10 +271,8 @@ def task_texts(task, seed):
 
 # -------------------------------------------------------------------------------------- output
 
-def write_atomic(path, data: bytes):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def write_bytes(path, data: bytes):
+    atomic_write(path, lambda f: f.write(data))
 
 
 def write_dataset(out_dir, tok, train, val, meta, files) -> dict:
@@ -378,14 +282,14 @@ def write_dataset(out_dir, tok, train, val, meta, files) -> dict:
     train_ids = np.array(tok.encode(train), dtype=f"<u{np.dtype(dtype).itemsize}")
     val_ids = np.array(tok.encode(val), dtype=train_ids.dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "train.bin", train_ids.tobytes())
-    write_atomic(out_dir / "val.bin", val_ids.tobytes())
+    write_bytes(out_dir / "train.bin", train_ids.tobytes())
+    write_bytes(out_dir / "val.bin", val_ids.tobytes())
     for name, text in files.items():
-        write_atomic(out_dir / name, text.encode("utf-8"))
+        write_bytes(out_dir / name, text.encode("utf-8"))
     meta = {"tokenizer": tok.kind, **({"vocab": tok.vocab} if tok.kind == "char" else {}),
             "vocab_size": tok.vocab_size, "dtype": dtype,
             "train_tokens": len(train_ids), "val_tokens": len(val_ids), **meta}
-    write_atomic(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
+    write_bytes(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
     return meta
 
 
@@ -428,14 +332,11 @@ def source_meta(name, source, hashes, text) -> dict:
 # ----------------------------------------------------------------------------------------- main
 
 def check_arguments(name, source, tokenizer, seed):
-    if name not in DATASETS:
-        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    if tokenizer not in (None, "char", "gpt2"):
-        raise DataError(f"unknown tokenizer {tokenizer!r}; choose char or gpt2")
-    if name == "text" and not source:
-        raise DataError("text needs --source PATH_OR_URL, the text file to prepare")
+    if name not in DATASETS and not source:
+        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}, or build your own "
+                        f"from a text file: python prepare.py {name} --source=FILE_OR_URL")
     if name in OWN_TOKENIZER and tokenizer not in (None, OWN_TOKENIZER[name]):
-        raise DataError(f"{name} is always tokenized by {OWN_TOKENIZER[name]}; --tokenizer is for `text` "
+        raise DataError(f"{name} is always tokenized by {OWN_TOKENIZER[name]}; --tokenizer is for your own text "
                         "(TinyShakespeare in GPT-2 BPE is the `shakespeare` data set)")
     if name in TASKS and (source or tokenizer):
         raise DataError(f"{name} is generated with its own character vocabulary; drop --source/--tokenizer")
@@ -443,23 +344,24 @@ def check_arguments(name, source, tokenizer, seed):
         raise DataError(f"--seed only applies to the generated tasks ({', '.join(TASKS)}), not to {name}")
 
 
-def prepare(name, source=None, data_dir="data", out_name=None, tokenizer=None, seed=None) -> Path:
-    """Build data/<out_name or name>/ and return that folder; a no-op when it is already built
-    from the same inputs (data file hashes, tokenizer, seed)."""
+def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None) -> Path:
+    """Build data_dir/name/ and return that folder; a no-op when it is already built from the same
+    inputs (data file hashes, tokenizer, seed). A name prepare.py does not know is a text data set
+    built from the file or URL `source`."""
     check_arguments(name, source, tokenizer, seed)
     source = None if source is None else str(source)
-    out_dir = Path(data_dir) / (out_name or name)
+    out_dir = Path(data_dir) / name
     kind = tokenizer or OWN_TOKENIZER.get(name, "char")
     seed = (DEFAULT_SEED if seed is None else seed) if name in TASKS else None
     hashes = {}
     if name in PINNED:
         pinned_files(name, source, out_dir, fetch=False)  # a wrong local copy fails even when built
         hashes = {pin.path: pin.sha256 for pin in PINNED[name]}
-    elif name == "text":
+    elif name not in TASKS:
         path = text_file(source, out_dir)
         hashes = {path.name: sha256_of(path)}
-    inputs = {"format": FORMAT_VERSION, "dataset": name, "tokenizer": kind, "seed": seed,
-              "files": hashes}
+    inputs = {"format": FORMAT_VERSION, "dataset": name if name in DATASETS else "text", "tokenizer": kind,
+              "seed": seed, "files": hashes}
 
     meta = prepared_meta(out_dir, inputs)
     if meta:
@@ -471,25 +373,37 @@ def prepare(name, source=None, data_dir="data", out_name=None, tokenizer=None, s
     elif name == "tinytalks":
         tok, train, val, extra, files = tinytalks_texts(pinned_files(name, source, out_dir, fetch=True))
     else:
-        path = path if name == "text" else pinned_files(name, source, out_dir, fetch=True)["input.txt"]
+        path = pinned_files(name, source, out_dir, fetch=True)["input.txt"] if name in PINNED else path
         tok, train, val, extra, files = split_90_10(read_text(path), kind, path)
     meta = {**source_meta(name, source, hashes, train + val), **extra, "inputs": inputs}
     print(summary(out_dir, write_dataset(out_dir, tok, train, val, meta, files)))
     return out_dir
 
 
+@dataclass
+class PrepareConfig:
+    dataset: str = ""            # shakespeare_char, shakespeare, tinytalks, reverse, copy, mixed, or a name of your own
+    source: str = ""             # local file/folder or http(s) URL instead of the pinned download (required for your own)
+    tokenizer: str = ""          # for your own text: 'char' (default) or 'gpt2'
+    seed: int | None = None      # for reverse/copy/mixed (default 1337)
+    data_dir: str = "data"       # the data set goes to data_dir/dataset
+
+    def __post_init__(self):
+        must(self.dataset, f"name a data set: python prepare.py NAME (one of {', '.join(DATASETS)}, or your own "
+                           "with --source=FILE)")
+        must(self.tokenizer in ("", "char", "gpt2"), f"tokenizer={self.tokenizer!r}: use char or gpt2")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", choices=DATASETS)
-    parser.add_argument("--source", help="local file/folder or http(s) URL instead of the canonical download")
-    parser.add_argument("--name", dest="out_name", help="output folder name under --data-dir (default: NAME)")
-    parser.add_argument("--tokenizer", choices=["char", "gpt2"], help="for `text` (default char)")
-    parser.add_argument("--seed", type=int, help=f"for reverse/copy/mixed (default {DEFAULT_SEED})")
-    parser.add_argument("--data-dir", default="data")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(help_text(PrepareConfig, "usage: python prepare.py NAME [--key=value ...]", __doc__))
+        return 0
     try:
-        prepare(args.name, args.source, args.data_dir, args.out_name, args.tokenizer, args.seed)
-    except (DataError, OSError) as e:
+        args = [f"--dataset={a}" if not a.startswith("-") else a for a in argv]  # the bare NAME
+        cfg = parse_options(PrepareConfig, args)
+        prepare(cfg.dataset, cfg.source or None, cfg.data_dir, cfg.tokenizer or None, cfg.seed)
+    except (ConfigError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

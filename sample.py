@@ -1,55 +1,49 @@
 """Generate text from a trained checkpoint, streaming, or answer questions in a Q&A chat.
 
-    python sample.py --out_dir=out-shakespeare-char
-    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=300
+    python sample.py --out_dir=out-speedrun-cpu
+    python sample.py --out_dir=out-speedrun-cpu --start="ROMEO:" --num_samples=3 --max_new_tokens=300
     python sample.py --out_dir=out-tinytalks --chat          # one question per line on stdin
 """
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from prepare import DataError, load_meta, qa_prompt, tokenizer_from_meta
-from train import (CheckpointError, ConfigError, load_checkpoint, model_from_checkpoint,
-                   parse_overrides, resolve_device, resolve_dtype)
+from checkpoint import CheckpointError, load_for_inference
+from dataset import DataError
+from options import ConfigError, help_text, must, parse_options, wants_help
+from tokenizer import qa_prompt
 
 
 @dataclass
 class SampleConfig:
-    out_dir: str = "out"
+    out_dir: str = "out"         # the training run's folder
+    ckpt: str = ""               # file in out_dir; '' = best.pt if the run has one, else ckpt.pt
     start: str = "\n"            # prompt text, or FILE:path to read it from a file
     num_samples: int = 1         # generated together as one batch; the first one streams
-    max_new_tokens: int = 500
+    max_new_tokens: int = 500    # tokens to generate per sample
     temperature: float = 0.8     # 0 = greedy; below 1 trades variety for fewer odd characters
-    top_k: int = 0               # 0 = off; with a 65-character vocabulary top-k rarely matters
-    top_p: float = 0.95          # drop the unlikely 5% tail, where misspellings come from
+    top_k: int | None = None     # keep only the k likeliest tokens; None = off
+    top_p: float = 0.95          # keep the smallest set of likeliest tokens that holds this much probability; 1 = off
     seed: int = 1337
-    device: str = "auto"
+    device: str = "auto"         # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
     dtype: str = "auto"          # weights are cast to it for inference: bf16 halves memory traffic
-    compile: bool = False
     stop: str = ""               # stop a sample when this text appears (not printed)
     chat: bool = False           # read questions from stdin, answer each as "Q: ...\nA:" prompts
+
+    def __post_init__(self):
+        must(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        must(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]; 1 turns it off")
+        must(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be at least 1, or None for off")
+        must(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        must(self.num_samples >= 1, f"num_samples={self.num_samples} must be at least 1")
+        must(self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
 
 
 class SampleError(Exception):
     """A one-line, user-facing problem with the sampling request."""
-
-
-def load_model_and_tokenizer(cfg):
-    """The model in eval mode on the chosen device and dtype, and the tokenizer it was trained with."""
-    path = Path(cfg.out_dir) / "ckpt.pt"
-    if not path.exists():
-        raise SampleError(f"no checkpoint at {path}; train one first, e.g. "
-                          f"python train.py configs/shakespeare_char.py --out_dir={cfg.out_dir}")
-    device = resolve_device(cfg.device)
-    dtype = getattr(torch, resolve_dtype(cfg.dtype, device))
-    checkpoint = load_checkpoint(path)
-    model = model_from_checkpoint(checkpoint, device).to(dtype)
-    if cfg.compile:
-        model = torch.compile(model, dynamic=True)
-    meta = checkpoint.get("meta") or load_meta(Path(checkpoint["config"]["data_dir"]) / checkpoint["config"]["dataset"])
-    return model, tokenizer_from_meta(meta), device
 
 
 def read_prompt(start):
@@ -109,7 +103,7 @@ def generate_texts(model, tokenizer, device, prompt_ids, cfg, stop, on_text=None
     idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     streams = [TextStream(tokenizer, stop) for _ in range(cfg.num_samples)]
-    steps = model.generate_stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
+    steps = model.generate_stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                   cfg.top_p if cfg.top_p < 1.0 else None, generator=generator)
     for tokens in steps:
         for stream, token in zip(streams, tokens.tolist()):
@@ -138,6 +132,7 @@ def run_samples(model, tokenizer, device, cfg):
 
 def run_chat(model, tokenizer, device, cfg):
     """Answer each stdin line as the training data frames it: 'Q: <line>\\nA:' up to the newline."""
+    cfg = replace(cfg, num_samples=1)  # one answer per question
     interactive = sys.stdin.isatty()
     if interactive:
         print("Ask a question (Ctrl-D to quit).", file=sys.stderr)
@@ -160,17 +155,20 @@ def run_chat(model, tokenizer, device, cfg):
         print_now("\n")
 
 
-def main(argv):
+def main(argv) -> int:
+    if wants_help(argv):
+        print(help_text(SampleConfig, "usage: python sample.py [--key=value ...]", __doc__.split("\n\n")[0]))
+        return 0
     try:
-        cfg = parse_overrides(SampleConfig(), argv)
-        if cfg.chat:
-            cfg.num_samples = 1
-        model, tokenizer, device = load_model_and_tokenizer(cfg)
+        cfg = parse_options(SampleConfig, argv)
+        model, tokenizer, device = load_for_inference(cfg.out_dir, cfg.ckpt, cfg.device, cfg.dtype)
         with torch.inference_mode():
             (run_chat if cfg.chat else run_samples)(model, tokenizer, device, cfg)
     except (ConfigError, CheckpointError, DataError, SampleError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -27,3 +27,4 @@ eval_interval = 250
 eval_iters = 10
 log_interval = 100
 dtype = 'float32'
+exact_match_bar = 0.90

@@ -1,8 +1,10 @@
 """Attention proof: reverse 6 letters ("ABCDEF=" -> "FEDCBA"). Loss on the answer only; at the end
 the greedy answers on the 200 test examples are scored by exact match (bar 95%).
-With --attention=False (tokens cannot see each other) it must fail.
+With --attention=False (tokens cannot see each other) it must fail. The copy task
+("ABCDEF=" -> "ABCDEF") trains with the same recipe.
 
     python train.py configs/reverse.py
+    python train.py configs/reverse.py --dataset=copy --out_dir=out-copy
 """
 out_dir = 'out-reverse'
 dataset = 'reverse'
@@ -24,3 +26,4 @@ eval_interval = 100
 eval_iters = 10
 log_interval = 50
 dtype = 'float32'  # a model this small gains nothing from bf16
+exact_match_bar = 0.95

@@ -1,7 +1,7 @@
 """TinyShakespeare in GPT-2 BPE tokens (vocab 50257), a small model trained from scratch, sized
 for a CPU: the 50257-way head and embedding are most of the work (6.4M of 7.2M parameters), so
 the model is narrow and the run short. ~300k training tokens overfit soon: ckpt.pt is the newest
-state, and best.pt keeps the best-val one if a later save is worse.
+state, best.pt the best-val one.
 On a GPU, scale n_embd, batch_size and max_iters up.
 
     python train.py configs/shakespeare.py
@@ -11,7 +11,6 @@ out_dir = 'out-shakespeare'
 eval_interval = 100
 eval_iters = 10
 log_interval = 10
-always_save_checkpoint = False
 
 dataset = 'shakespeare'
 gradient_accumulation_steps = 1

@@ -7,7 +7,6 @@ out_dir = 'out-shakespeare-char'
 eval_interval = 250  # the set is small, so evaluate often
 eval_iters = 200
 log_interval = 10
-always_save_checkpoint = False  # a small set overfits: write ckpt.pt only when val improves
 
 wandb_log = False
 wandb_project = 'shakespeare-char'

@@ -13,7 +13,6 @@ dataset = 'shakespeare_char'
 eval_interval = 100000  # no evaluation during the run; the final full-split evaluation decides
 eval_iters = 1
 log_interval = 20
-always_save_checkpoint = False
 val_loss_bar = 1.88
 
 batch_size = 24

@@ -10,9 +10,7 @@ out_dir = 'out-tinytalks'
 eval_interval = 50
 eval_iters = 20
 log_interval = 25
-always_save_checkpoint = False  # ckpt.pt holds the best-val weights...
-save_latest = False             # ...also at the end of the run
-val_loss_bar = 1.5  # the TinyTorch milestone's bar
+val_loss_bar = 1.5  # the TinyTorch milestone's bar; judged on best.pt, the best val of the run
 
 dataset = 'tinytalks'
 gradient_accumulation_steps = 1

@@ -3,15 +3,12 @@ lens ends at the model's own output."""
 import pytest
 import torch
 
+import ast
+from dataclasses import asdict
+
+from checkpoint import save_checkpoint
+from conftest import run_script, tiny_model
 from interpret import attention_weights, draw_attention, logit_lens
-from model import GPT, GPTConfig
-
-
-def tiny_model(**overrides):
-    torch.manual_seed(0)
-    args = dict(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=16)
-    args.update(overrides)
-    return GPT(GPTConfig(**args)).eval()
 
 
 @pytest.mark.parametrize("overrides", [{}, {"pos": "rope", "qk_norm": True}])
@@ -53,3 +50,17 @@ def test_attention_png_is_written(tmp_path):
     path = tmp_path / "maps.png"
     draw_attention(attention_weights(model, idx), list("abcdef"), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_reads_a_prompt_longer_than_the_window_from_its_tail(tmp_path):
+    model = tiny_model(vocab_size=3, block_size=16)
+    meta = {"tokenizer": "char", "vocab": list("abc"), "vocab_size": 3}
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_args": asdict(model.config),
+                                           "config": {}, "step": 0, "meta": meta})
+    png = tmp_path / "maps.png"
+    result = run_script("interpret.py", [f"--out_dir={tmp_path}", "--prompt=" + "abc" * 10, "--answer_tokens=4",
+                                         f"--png={png}"])
+    assert "the prompt has 30 tokens; reading its last 12" in result.stderr
+    sequence = ast.literal_eval(result.stdout.splitlines()[0].removeprefix("sequence: "))
+    assert len(sequence) == 16 and sequence.startswith(("abc" * 10)[-12:])
+    assert png.stat().st_size > 1000

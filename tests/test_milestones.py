@@ -1,17 +1,17 @@
 """The milestone scorers: PASS/FAIL against a published loss bar, and the held-out Q&A report."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO, SHARED_DATA
+from evaluate import qa_answer_loss, verdict_text
 from model import GPT, GPTConfig
-from prepare import CharTokenizer, prepare, qa_pairs, qa_prompt
-from train import qa_answer_loss, verdict_text
+from prepare import prepare
+from tokenizer import CharTokenizer, qa_pairs, qa_prompt
 
-REPO = Path(__file__).resolve().parents[1]
-TINYTALKS = REPO.parent / "shared" / "data" / "tinytalks"
+TINYTALKS = SHARED_DATA / "tinytalks"
 PAIRS = [("what is 1 plus 1?", "it is 2."), ("what is 2 plus 3?", "it is 5."), ("hi?", "hello.")]
 QA_TEXT = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in PAIRS)
 

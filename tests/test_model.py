@@ -5,16 +5,14 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, sample_next
+import conftest
+from model import GPTConfig, KVCache, sample_next
 
 VOCAB = 37
 
 
 def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    args = dict(block_size=24, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32)
-    args.update(overrides)
-    return GPT(GPTConfig(**args)).eval()
+    return conftest.tiny_model(seed, **{"block_size": 24, "vocab_size": VOCAB, "n_embd": 32, **overrides})
 
 
 def random_tokens(batch, length, seed=1):

@@ -13,15 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import REPO, SHARED_DATA as SHARED  # noqa: E402
+
 SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
 TINYTALKS = SHARED / "tinytalks"
 TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))  # before tiktoken is first used
 
 import prepare as P  # noqa: E402
-from prepare import DataError, load_meta, prepare, tokenizer_from_meta  # noqa: E402
+from dataset import DataError, load_meta  # noqa: E402
+from prepare import prepare  # noqa: E402
+from tokenizer import CharTokenizer, tokenizer_from_meta  # noqa: E402
 
 needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"no local copy at {SHAKESPEARE}")
 needs_tinytalks = pytest.mark.skipif(not TINYTALKS.is_dir(), reason=f"no local copy at {TINYTALKS}")
@@ -145,7 +147,7 @@ def test_a_local_source_that_is_not_tinyshakespeare_is_refused(tmp_path):
 # ------------------------------------------------------------------------ tokenizers and data sets
 
 def test_char_tokenizer_round_trips_and_names_an_unknown_character():
-    tok = P.CharTokenizer(sorted(set("hello world\n")))
+    tok = CharTokenizer(sorted(set("hello world\n")))
     assert tok.decode(tok.encode("hello\nworld")) == "hello\nworld"
     with pytest.raises(ValueError, match="'Z'"):
         tok.encode("hello Zed")
@@ -155,7 +157,7 @@ def test_text_dataset_round_trips_its_bins(tmp_path):
     text = "Ünïcode lines,\r\nwindows endings and tabs\t" * 40
     src = tmp_path / "my.txt"
     src.write_bytes(text.encode("utf-8"))
-    out = prepare("text", source=src, data_dir=tmp_path / "data", out_name="mine")
+    out = prepare("mine", source=src, data_dir=tmp_path / "data")
     meta = load_meta(out)
     tok = tokenizer_from_meta(meta)
     n = int(len(text) * 0.9)
@@ -168,7 +170,7 @@ def test_text_dataset_round_trips_its_bins(tmp_path):
 
 
 def test_text_from_a_url_is_downloaded_to_its_data_folder(server, tmp_path):
-    out = prepare("text", source=f"{server.url}/small.txt", data_dir=tmp_path, out_name="small")
+    out = prepare("small", source=f"{server.url}/small.txt", data_dir=tmp_path)
     assert (out / "input.txt").read_bytes() == SMALL
     assert load_meta(out)["source_sha256"] == SMALL_SHA
 
@@ -217,13 +219,13 @@ def test_tinytalks_keeps_its_splits_and_holds_out_test(server, tmp_path):
 def test_rerun_is_a_no_op_until_an_input_changes(tmp_path, capsys):
     src = tmp_path / "a.txt"
     src.write_text("abcdefghij" * 20)
-    out = prepare("text", source=src, data_dir=tmp_path)
+    out = prepare("a", source=src, data_dir=tmp_path)
     stamps = [(p, p.stat().st_mtime_ns) for p in out.iterdir()]
-    prepare("text", source=src, data_dir=tmp_path)
+    prepare("a", source=src, data_dir=tmp_path)
     assert "already prepared" in capsys.readouterr().out
     assert [(p, p.stat().st_mtime_ns) for p in out.iterdir()] == stamps
     src.write_text("abcdefghijk" * 20)
-    prepare("text", source=src, data_dir=tmp_path)
+    prepare("a", source=src, data_dir=tmp_path)
     assert "already prepared" not in capsys.readouterr().out
     assert load_meta(out)["vocab_size"] == 11
 
@@ -283,14 +285,24 @@ def test_same_seed_same_data_and_another_seed_other_data(tmp_path):
 
 def test_cli_prints_a_one_line_error_and_exits_1(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO / "prepare.py"), "shakespeare_char", "--source", str(tmp_path / "nope.txt"),
-         "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+        [sys.executable, str(REPO / "prepare.py"), "shakespeare_char", f"--source={tmp_path / 'nope.txt'}",
+         f"--data_dir={tmp_path}"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "nope.txt" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_builds_a_task(tmp_path, capsys):
-    assert P.main(["reverse", "--seed", "3", "--data-dir", str(tmp_path)]) == 0
+    assert P.main(["reverse", "--seed=3", f"--data_dir={tmp_path}"]) == 0
     assert "600 train / 200 test" in capsys.readouterr().out
     assert json.loads((tmp_path / "reverse" / "meta.json").read_text())["seed"] == 3
+
+
+def test_cli_builds_your_own_text_and_refuses_an_unknown_name_without_source(tmp_path, capsys):
+    src = tmp_path / "book.txt"
+    src.write_text("a small book of text\n" * 30)
+    assert P.main(["book", f"--source={src}", f"--data_dir={tmp_path}"]) == 0
+    assert load_meta(tmp_path / "book")["inputs"]["dataset"] == "text"
+    assert P.main(["nobook", f"--data_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python prepare.py nobook --source=" in err

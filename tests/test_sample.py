@@ -2,16 +2,14 @@
 import random
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from prepare import prepare, tokenizer_from_meta
-from train import load_checkpoint, model_from_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
+from checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import REPO
+from prepare import prepare
+from tokenizer import tokenizer_from_meta
 
 
 def qa_text(pairs=300, seed=0):
@@ -30,7 +28,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
     source = root / "qa.txt"
     source.write_text(qa_text())
-    prepare("text", source=str(source), data_dir=str(root / "data"), out_name="qa")
+    prepare("qa", source=str(source), data_dir=str(root / "data"))
     out_dir = root / "out"
     run([REPO / "train.py", "--dataset=qa", f"--data_dir={root / 'data'}", f"--out_dir={out_dir}",
          "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=16",
@@ -138,12 +136,25 @@ def test_prompt_from_file_and_long_prompt_note(trained, tmp_path):
     (["--start=FILE:/no/such/prompt.txt"], "no such file"),
     (["--temperature=hot"], "temperature"),
     (["--top_q=0.9"], "top_p"),
+    (["--temperature=-1"], "temperature=-1.0 must be >= 0"),
+    (["--top_p=1.5"], "top_p=1.5 must be in (0, 1]"),
+    (["--top_k=0"], "top_k=0 must be at least 1"),
+    (["--max_new_tokens=-5"], "max_new_tokens=-5 must be at least 1"),
+    (["--num_samples=0"], "num_samples=0 must be at least 1"),
+    (["--ckpt=nothing.pt"], "no checkpoint at"),
 ])
 def test_bad_requests_fail_with_one_line(trained, options, expected):
     out_dir, _ = trained
     result = sample(out_dir, *options)
     assert result.returncode == 1
-    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stdout == ""
+
+
+def test_help_lists_the_options_and_exits_0():
+    result = run([REPO / "sample.py", "--help"])
+    assert result.returncode == 0
+    assert "--top_p=0.95" in result.stdout and "--ckpt=''" in result.stdout and "best.pt" in result.stdout
 
 
 def test_missing_and_corrupt_checkpoints_fail_with_one_line(tmp_path):

@@ -1,4 +1,5 @@
-"""train.py as a specification: it trains, resumes exactly, scales across processes, and fails clearly.
+"""train.py as a specification: it trains, resumes exactly, scales across processes, never starts
+over on top of a trained model, and fails clearly.
 
 Most tests run the real CLI (`python train.py`, `torchrun`) on a tiny model and real data files
 made by prepare.py in a temp folder, and read what it wrote: stdout, log.jsonl, ckpt.pt.
@@ -6,8 +7,6 @@ made by prepare.py in a temp folder, and read what it wrote: stdout, log.jsonl, 
 import hashlib
 import json
 import math
-import os
-import random
 import shlex
 import signal
 import subprocess
@@ -18,75 +17,16 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from conftest import (ENV, REPO, TINY, assert_one_line_error, assert_same_weights, records, run_script, run_train, tiny_args,
+                      tiny_text, torchrun, train_losses, weights)
+from dataset import Batches, picks_of_rank, split_global_batch
+from evaluate import exact_match_accuracy
 from model import GPT, GPTConfig
-from prepare import prepare
-from train import (Batches, CheckpointError, ConfigError, TrainConfig, exact_match_accuracy, load_checkpoint,
-                   load_config, model_from_checkpoint, parse_overrides, save_checkpoint)
+from options import ConfigError, parse_options
+from train import TrainConfig, build_training_state, model_args_of
 
-REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "train.py")
-# One thread per process: the same arithmetic in every run (bitwise comparisons rely on it), and
-# several test processes can share two cores.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8", "--dtype=float32",
-        "--eval_iters=2", "--log_interval=1", "--device=cpu", "--warmup_iters=5", "--learning_rate=3e-3"]
-
-
-def tiny_text(n_lines=1500, seed=0) -> str:
-    """Text with learnable structure: short sentences from a small vocabulary."""
-    rng = random.Random(seed)
-    subjects, verbs, objects = ["the cat", "a dog", "my friend", "the king"], ["sees", "likes", "eats"], \
-        ["the fish.", "a hat.", "bread.", "the moon."]
-    return "".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}\n" for _ in range(n_lines))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A data folder with the text data set 'tiny' and the 'reverse' task, built by prepare.py."""
-    root = tmp_path_factory.mktemp("data")
-    source = root / "tiny.txt"
-    source.write_text(tiny_text())
-    prepare("text", source=source, data_dir=root, out_name="tiny")
-    prepare("reverse", data_dir=root)
-    return root
-
-
-def run_train(args, cwd, check=True, timeout=300):
-    result = subprocess.run([sys.executable, TRAIN, *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
-                            text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def tiny_args(data_dir, out_dir, *extra):
-    return [*TINY, f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out_dir}", *extra]
-
-
-def train_losses(out_dir) -> dict:
-    """{step: loss} of the training lines in out_dir/log.jsonl."""
-    records = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
-
-
-def weights(out_dir) -> dict:
-    return torch.load(Path(out_dir) / "ckpt.pt", weights_only=True)["model"]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"parameters differ: {different}"
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------- training
@@ -134,7 +74,8 @@ def copy_of_run(run_dir, tmp_path) -> Path:
 def test_checkpoint_is_a_plain_dict_other_tools_can_read(short_run):
     out = short_run
     checkpoint = load_checkpoint(out / "ckpt.pt")
-    assert {"model", "optimizer", "scaler", "config", "model_args", "meta", "step", "best_val_loss", "rng"} <= checkpoint.keys()
+    assert {"model", "optimizer", "scaler", "config", "model_args", "meta", "step", "best_val_loss", "best_step",
+            "rng"} <= checkpoint.keys()
     assert checkpoint["step"] == SHORT_STEPS and math.isfinite(checkpoint["best_val_loss"])
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
     assert checkpoint["meta"]["vocab_size"] == checkpoint["model_args"]["vocab_size"]
@@ -198,28 +139,43 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run_bitwise(tmp_path, da
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step
 
     command = shlex.split(stopped[0].split("resume with: ", 1)[1])  # run the command it printed
-    assert command[:2] == ["python", "train.py"] and command[-1] == "--init_from=resume"
+    assert command[:2] == ["python", "train.py"]
     run_train(command[2:], cwd=tmp_path)
     assert_same_weights(weights(out), weights(straight_run))
     straight = train_losses(straight_run)
     assert {s: v for s, v in train_losses(out).items() if s > step} == {s: v for s, v in straight.items() if s > step}
 
 
-def test_a_later_worse_save_keeps_the_best_val_checkpoint_as_best_pt(tmp_path, data_dir):
+def test_best_pt_keeps_the_best_val_state_when_a_newer_ckpt_pt_is_not_better(tmp_path, data_dir):
     out = tmp_path / "out"
-    run_train(tiny_args(data_dir, out, "--max_iters=20", "--eval_interval=10", "--always_save_checkpoint=False",
-                        "--final_eval_full=False"), cwd=tmp_path)
-    best = load_checkpoint(out / "ckpt.pt")
-    assert best["step"] == 20 and best["is_best"]  # loss still falls fast at step 20: a new best
-    assert not (out / "best.pt").exists()
+    run_train(tiny_args(data_dir, out, "--max_iters=20", "--eval_interval=10", "--final_eval_full=False"), cwd=tmp_path)
+    best = load_checkpoint(out / "best.pt")
+    assert best["step"] == best["best_step"] == 20  # loss still falls fast at step 20: a new best
+    assert_same_weights(best["model"], weights(out))
     # the interrupted state has no val loss of its own, so it is saved as the newest state, not the best
-    step, _ = run_until_sigterm(tiny_args(data_dir, out, "--max_iters=5000", "--eval_interval=1000",
-                                          "--always_save_checkpoint=False", "--init_from=resume"),
+    step, _ = run_until_sigterm(tiny_args(data_dir, out, "--max_iters=5000", "--eval_interval=1000"),
                                 tmp_path, after_step=25)
     assert load_checkpoint(out / "ckpt.pt")["step"] == step > 20
     kept = load_checkpoint(out / "best.pt")
     assert kept["step"] == 20 and kept["best_val_loss"] == best["best_val_loss"]
     assert_same_weights(kept["model"], best["model"])
+
+
+def test_rerunning_a_command_resumes_and_never_starts_over_on_a_trained_model(tmp_path, data_dir, short_run):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("ckpt.pt", "best.pt"):
+        (out / name).write_bytes((short_run / name).read_bytes())
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.pt")}
+    again = run_train(tiny_args(data_dir, out, f"--max_iters={SHORT_STEPS}", "--eval_interval=1000"), cwd=tmp_path)
+    assert f"resuming from {out / 'ckpt.pt'} at step {SHORT_STEPS}" in again.stdout
+    refused = run_train(tiny_args(data_dir, out, "--init_from=scratch", "--max_iters=3"), cwd=tmp_path, check=False)
+    assert_one_line_error(refused, "already holds ckpt.pt and best.pt", "drop --init_from=scratch")
+    (out / "ckpt.pt").rename(tmp_path / "moved.pt")  # best.pt alone must not be overwritten either
+    refused = run_train(tiny_args(data_dir, out, "--max_iters=3"), cwd=tmp_path, check=False)
+    assert_one_line_error(refused, "already holds best.pt", "another --out_dir")
+    (tmp_path / "moved.pt").rename(out / "ckpt.pt")
+    assert digests == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.pt")}
 
 
 def test_evaluations_do_not_shift_the_training_batches(tmp_path, data_dir):
@@ -232,23 +188,106 @@ def test_evaluations_do_not_shift_the_training_batches(tmp_path, data_dir):
     assert runs[3] == runs[1000]
 
 
-def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, data_dir):
-    args = ["--max_iters=12", "--lr_decay_iters=12", "--gradient_accumulation_steps=4", "--eval_interval=6"]
+@pytest.mark.parametrize("accumulation", [4, 1])  # split by micro-steps (4 / 2), or by sequences (8 / 2)
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, data_dir, accumulation):
+    args = ["--max_iters=12", "--lr_decay_iters=12", f"--gradient_accumulation_steps={accumulation}", "--eval_interval=6"]
     one = tmp_path / "one"
     run_train(tiny_args(data_dir, one, *args), cwd=tmp_path)
     two = tmp_path / "two"
-    result = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", TRAIN, *tiny_args(data_dir, two, *args)],
-                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_script("train.py", tiny_args(data_dir, two, *args), cwd=tmp_path, launcher=torchrun(2))
     assert "2 process(es)" in result.stdout
     assert [line.startswith("step 12 |") for line in result.stdout.splitlines()].count(True) == 1  # rank 0 only
     losses_one, losses_two = train_losses(one), train_losses(two)
     assert losses_one.keys() == losses_two.keys() == set(range(1, 13))
     for step, loss in losses_one.items():
         assert losses_two[step] == pytest.approx(loss, rel=1e-5), step
+    evals_one, evals_two = records(one, "eval"), records(two, "eval")  # evaluation is spread over the ranks
+    assert [r["val"] for r in evals_two] == pytest.approx([r["val"] for r in evals_one], rel=1e-5)
     a, b = weights(one), weights(two)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_every_shipped_config_splits_its_global_batch_over_two_processes():
+    """What torchrun --nproc_per_node=2 does with each config as written: the two shares are disjoint
+    and together exactly the one-process batch."""
+    for config in sorted((REPO / "configs").glob("*.py")):
+        cfg = parse_options(TrainConfig, [str(config)], config_files=True)
+        picks = np.arange(cfg.gradient_accumulation_steps * cfg.batch_size).reshape(cfg.gradient_accumulation_steps,
+                                                                                  cfg.batch_size)
+        shares = [picks_of_rank(picks, rank, 2) for rank in range(2)]
+        assert shares[0].size == shares[1].size == picks.size // 2, config.name
+        assert sorted(np.concatenate([s.ravel() for s in shares])) == list(range(picks.size)), config.name
+    with pytest.raises(ValueError, match="cannot be split evenly over 8 processes"):
+        split_global_batch(1, 12, 8)
+
+
+def test_a_failure_on_one_rank_stops_every_rank_with_one_error(tmp_path, data_dir):
+    """Only local rank 0 prepares a missing data set; when that fails, the other rank must not wait
+    forever for it: every process raises the same error, rank 0 prints it, the job ends."""
+    result = run_script("train.py", tiny_args(data_dir, tmp_path / "out", "--dataset=nothing",
+                                              f"--data_source={tmp_path / 'missing.txt'}", "--max_iters=2"),
+                        cwd=tmp_path, check=False, timeout=120, launcher=torchrun(2))
+    assert result.returncode != 0
+    assert result.stderr.count("error: could not prepare nothing") == 1, result.stderr[-2000:]
+    assert 'train.py", line' not in result.stderr  # no traceback through our code (torchrun prints its own)
+
+
+def rank_pid(torchrun_pid, rank) -> int:
+    """The pid of the worker with RANK=rank among a torchrun's children."""
+    for child in Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no rank {rank} under torchrun {torchrun_pid}")
+
+
+def test_torchrun_restart_after_a_killed_rank_resumes_and_loses_no_step(tmp_path, data_dir):
+    """SIGKILL one rank mid-run: torchrun --max-restarts=1 relaunches both, they continue from the
+    last checkpoint (the command still says --init_from=scratch), and the final model is the one an
+    uninterrupted run reaches."""
+    args = ["--max_iters=40", "--lr_decay_iters=40", "--eval_interval=10", "--log_interval=1", "--init_from=scratch",
+            "--final_eval_full=False"]
+    one = tmp_path / "one"
+    run_train(tiny_args(data_dir, one, *args), cwd=tmp_path)
+    out = tmp_path / "two"
+    command = [*torchrun(2, "--max-restarts=1"), TRAIN, *tiny_args(data_dir, out, *args)]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith("step 25 |"):  # after the step-20 checkpoint
+            import os
+            os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+            break
+    stdout, stderr = proc.communicate(timeout=240)
+    stdout = "".join(output) + stdout
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "resuming from" in stdout and "at step 20" in stdout
+    final = load_checkpoint(out / "ckpt.pt")
+    assert final["step"] == 40
+    a, b = weights(one), final["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    losses_one, losses_two = train_losses(one), train_losses(out)  # a relaunched step logs again, the same
+    for step, loss in losses_one.items():
+        assert losses_two[step] == pytest.approx(loss, rel=1e-5), step
+
+
+@pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter")
+def test_resume_on_another_device_moves_every_tensor_before_use(tmp_path, data_dir, short_run):
+    """The resume path on the 'meta' device, which like CUDA refuses host-only calls (.numpy(),
+    .item()) on its tensors: every restored tensor must land on the device or stay on the host."""
+    cfg = parse_options(TrainConfig, tiny_args(data_dir, tmp_path, "--max_iters=20"))
+    meta = json.loads((data_dir / "tiny" / "meta.json").read_text())
+    args = model_args_of(cfg, meta["vocab_size"])
+    model, optimizers, scaler, checkpoint = build_training_state(cfg, args, meta, "meta", "float32",
+                                                                 short_run / "ckpt.pt")
+    assert checkpoint["step"] == SHORT_STEPS
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    moments = [t for state in optimizers[0].state.values() for t in state.values() if t.dim() > 0]
+    assert moments and {t.device.type for t in moments} == {"meta"}
+    assert all(g["lr"] == cfg.learning_rate == g["peak_lr"] for g in optimizers[0].param_groups)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -312,7 +351,7 @@ def test_config_file_line_that_is_not_a_plain_assignment_is_refused_not_run(tmp_
 def test_missing_data_that_cannot_be_prepared_prints_the_command(tmp_path):
     result = run_train(["--dataset=mybook", f"--data_dir={tmp_path / 'data'}", "--max_iters=1"], cwd=tmp_path,
                        check=False)
-    assert_one_line_error(result, "python prepare.py text --source", "--name mybook", f"--data-dir {tmp_path / 'data'}")
+    assert_one_line_error(result, "could not prepare mybook", "python prepare.py mybook --source=")
 
 
 @pytest.mark.parametrize("content, message", [(b"PK\x03\x04 this is not a checkpoint", "not a readable checkpoint"),
@@ -345,7 +384,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     good = hashlib.sha256((out / "ckpt.pt").read_bytes()).hexdigest()
     # a learning rate of 1e9 throws the weights so far that the next forward pass overflows
     result = run_train(tiny_args(data_dir, out, "--init_from=resume", "--max_iters=50", "--eval_interval=1000",
-                                 "--learning_rate=1e9", "--decay_lr=False", "--always_save_checkpoint=True"),
+                                 "--learning_rate=1e9", "--decay_lr=False"),
                        cwd=tmp_path, check=False)
     line = assert_one_line_error(result, "non-finite loss (nan) at step ", f"last good checkpoint kept at {out / 'ckpt.pt'} (step {SHORT_STEPS})")
     assert SHORT_STEPS < int(line.split("at step ")[1].split(";")[0]) < 50
@@ -357,15 +396,40 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
 def test_config_parser_converts_and_checks_types(tmp_path):
     config = tmp_path / "c.py"
     config.write_text("learning_rate = 1\nout_dir = 'from-file'\ncompile = False\n")
-    cfg = load_config([str(config), "--out_dir=bare-string", "--wandb_run_name=123", "--dropout=0.1"])
+    cfg = parse_options(TrainConfig, [str(config), "--out_dir=bare-string", "--wandb_run_name=123", "--dropout=0.1"],
+                        config_files=True)
     assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)  # int accepted for a float
     assert cfg.out_dir == "bare-string" and cfg.wandb_run_name == "123" and cfg.dropout == 0.1
+    assert cfg.compile is False and parse_options(TrainConfig, ["--compile=None"]).compile is None
     with pytest.raises(ConfigError, match="takes an int"):
-        parse_overrides(TrainConfig(), ["--max_iters=True"])  # a bool is not an int
+        parse_options(TrainConfig, ["--max_iters=True"])  # a bool is not an int
     with pytest.raises(ConfigError, match="--key=value"):
-        parse_overrides(TrainConfig(), ["max_iters=3"])
+        parse_options(TrainConfig, ["max_iters=3"])
     with pytest.raises(ConfigError, match="init_from"):
-        load_config(["--init_from=resum"])
+        parse_options(TrainConfig, ["--init_from=resum"])
+    with pytest.raises(ConfigError, match="n_embd=48 must be divisible by n_head=5"):  # checked once, at the end
+        parse_options(TrainConfig, ["--n_head=5", "--n_embd=48"])
+    assert parse_options(TrainConfig, ["--n_head=5", "--n_embd=40"]).n_head == 5
+
+
+def test_help_lists_every_option_with_its_default_and_comment(tmp_path):
+    result = run_train(["--help"], cwd=tmp_path)
+    for name in ("init_from='auto'", "gradient_accumulation_steps=1", "n_layer=6", "compile=None"):
+        assert f"--{name}" in result.stdout
+    assert "resume out_dir/ckpt.pt if there is one" in result.stdout  # the field's comment
+
+
+def test_a_device_this_machine_lacks_is_a_one_line_error(tmp_path, data_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_train(tiny_args(data_dir, tmp_path / "out", "--device=cuda"), cwd=tmp_path, check=False)
+    assert_one_line_error(result, "device='cuda'", "no CUDA GPU", "--device=cpu")
+
+
+def test_switching_muon_on_at_resume_is_a_one_line_error(tmp_path, data_dir, short_run):
+    out = copy_of_run(short_run, tmp_path)
+    result = run_train(tiny_args(data_dir, out, "--max_iters=20", "--muon_lr=0.01"), cwd=tmp_path, check=False)
+    assert_one_line_error(result, "trained without Muon")
 
 
 def test_save_checkpoint_is_atomic_a_failed_write_keeps_the_old_file(tmp_path):

@@ -1,0 +1,132 @@
+"""Checkpoints: written atomically, loaded safely, checked before a run resumes from them.
+
+A checkpoint is a plain dict saved with torch.save: model and optimizer states, the GradScaler,
+the config and model_args, the data set's meta, step, best val loss and every RNG state.
+In out_dir, `ckpt.pt` is the newest state (what a run resumes from) and `best.pt` the state with
+the best val loss so far (what sample.py, interpret.py and evaluate.py load by default).
+"""
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from device import resolve_device, resolve_dtype
+from files import atomic_write
+from model import GPT, GPTConfig
+from tokenizer import tokenizer_from_meta
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable or does not fit the requested model."""
+
+
+def save_checkpoint(path, checkpoint):
+    """Write checkpoint to path atomically: a crash mid-write leaves the previous file intact."""
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(path) -> dict:
+    """The checkpoint dict at path with every tensor on the CPU, whatever device wrote it.
+
+    Loading to the CPU is what keeps resume device-agnostic: load_state_dict copies weights and
+    optimizer moments to wherever the parameters live, and the RNG states must be CPU tensors.
+    weights_only=True: no code in the file runs on load."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zips, foreign pickles, random bytes: all end here
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason}); "
+                              "it may be truncated or not from train.py") from None
+    missing = [k for k in ("model", "model_args", "config", "step") if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)})")
+    return checkpoint
+
+
+def checkpoint_path(out_dir, name="") -> Path:
+    """out_dir/name; by default best.pt when the run has one, else ckpt.pt (the newest state)."""
+    out_dir = Path(out_dir)
+    if name:
+        return out_dir / name  # an absolute name stays as it is
+    best = out_dir / "best.pt"
+    return best if best.is_file() else out_dir / "ckpt.pt"
+
+
+def clean_state_dict(state_dict) -> dict:
+    """state_dict without the `_orig_mod.` (torch.compile) and `module.` (DDP) key prefixes."""
+    clean = {}
+    for key, value in state_dict.items():
+        while key.startswith(("_orig_mod.", "module.")):
+            key = key.split(".", 1)[1]
+        clean[key] = value
+    return clean
+
+
+def model_from_checkpoint(checkpoint, device="cpu") -> GPT:
+    """The checkpoint's GPT on device, in eval mode."""
+    try:
+        model = GPT(GPTConfig(**checkpoint["model_args"]))
+        model.load_state_dict(clean_state_dict(checkpoint["model"]))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"the checkpoint's weights do not fit its model_args "
+                              f"({str(e).strip().splitlines()[0][:160]})") from None
+    return model.to(device).eval()
+
+
+def load_for_inference(out_dir, name="", device="auto", dtype="auto"):
+    """(model in eval mode with weights cast to dtype, its tokenizer, device) from out_dir's
+    checkpoint (best.pt by default): what sample.py and interpret.py start from."""
+    path = checkpoint_path(out_dir, name)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}; train one first, e.g. "
+                              f"python train.py configs/speedrun_cpu.py --out_dir={out_dir}")
+    device = resolve_device(device)
+    checkpoint = load_checkpoint(path)
+    model = model_from_checkpoint(checkpoint, device).to(getattr(torch, resolve_dtype(dtype, device)))
+    return model, tokenizer_from_meta(checkpoint["meta"]), device
+
+
+def check_resumable(checkpoint, model_args, meta, uses_muon, path):
+    """Raise CheckpointError unless the run asked for can continue from this checkpoint."""
+    saved = checkpoint["model_args"]
+    differ = [f"{k} {saved.get(k)!r} in the checkpoint vs {v!r} requested"
+              for k, v in model_args.items() if k != "dropout" and saved.get(k) != v]
+    if differ:
+        raise CheckpointError(f"{path} does not match this config: {'; '.join(differ)}. "
+                              "Use the checkpoint's model settings, or another out_dir to start afresh")
+    saved_vocab = (checkpoint.get("meta") or {}).get("vocab")
+    if saved_vocab is not None and meta.get("vocab") is not None and saved_vocab != meta["vocab"]:
+        raise CheckpointError(f"{path} was trained on another vocabulary than this data set; "
+                              "resume with the data it was trained on")
+    if "optimizer" not in checkpoint:
+        raise CheckpointError(f"{path} has no optimizer state, so training cannot resume exactly from it")
+    if (checkpoint.get("muon") is not None) != uses_muon:
+        had = "with" if checkpoint.get("muon") is not None else "without"
+        raise CheckpointError(f"{path} was trained {had} Muon; resume with the same optimizer "
+                              f"(muon_lr {'> 0' if had == 'with' else '= 0'}), or use another out_dir")
+
+
+def rng_states() -> dict:
+    """Every random state a run draws from: torch (dropout), CUDA, numpy and Python's random."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # weights_only loading accepts tensors, not numpy arrays
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "cached_gaussian": cached},
+            "python": random.getstate()}
+
+
+def restore_rng_states(states):
+    """Put back what rng_states() saved. The states must be CPU tensors (load_checkpoint's)."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate(states["python"])

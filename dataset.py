@@ -1,0 +1,146 @@
+"""The data on disk and the batches drawn from it.
+
+data/<name>/ holds train.bin and val.bin (token ids, one flat little-endian stream) and meta.json
+(tokenizer, sizes, source), written by prepare.py. Batches are drawn from random generators
+derived from (seed, stream, step), so a resumed run and any number of processes draw exactly the
+batches of one uninterrupted process.
+"""
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PREPARE = Path(__file__).resolve().parent / "prepare.py"
+
+
+class DataError(Exception):
+    """A data set is missing or cannot be built; the one-line message says how to fix it."""
+
+
+def load_meta(dataset_dir) -> dict:
+    path = Path(dataset_dir) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found; build the data set first: python prepare.py {Path(dataset_dir).name}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); delete {path.parent} and prepare it again") from None
+
+
+def prepare_command(dataset, data_dir, source) -> list:
+    """The prepare.py command that builds data_dir/dataset (a name prepare.py does not know is
+    built from the text file given as source)."""
+    return ["python", "prepare.py", dataset, *([f"--source={source}"] if source else []),
+            *([f"--data_dir={data_dir}"] if data_dir != "data" else [])]
+
+
+def prepare_if_missing(dataset, data_dir, source) -> Path:
+    """data_dir/dataset, built by running prepare.py first if its meta.json is missing."""
+    folder = Path(data_dir) / dataset
+    if (folder / "meta.json").is_file():
+        return folder
+    command = prepare_command(dataset, data_dir, source)
+    print(f"{folder} is not prepared yet; running: {shlex.join(command)}", flush=True)
+    done = subprocess.run([sys.executable, str(PREPARE), *command[2:]], stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or ["failed"]
+        raise DataError(f"could not prepare {dataset}: {lines[-1].removeprefix('error: ')}")
+    return folder
+
+
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+
+
+def batch_rng(seed, stream, step, part=0):
+    """The random generator of one step's batches, derived from (seed, stream, step) alone: a resumed
+    run draws the same batches as an uninterrupted one, and evaluations (their own stream) never
+    shift the training batches."""
+    return np.random.default_rng((seed, stream, step, part))
+
+
+def split_global_batch(accumulation_steps, batch_size, world_size) -> tuple:
+    """(micro-steps, sequences per micro-step) of one process, so that world_size processes together
+    take the config's global batch of accumulation_steps x batch_size sequences: by micro-steps when
+    they divide evenly, else by the sequences of each micro-step."""
+    if accumulation_steps % world_size == 0:
+        return accumulation_steps // world_size, batch_size
+    if batch_size % world_size == 0:
+        return accumulation_steps, batch_size // world_size
+    raise ValueError(f"the global batch of gradient_accumulation_steps={accumulation_steps} x batch_size={batch_size} "
+                     f"cannot be split evenly over {world_size} processes; make either a multiple of {world_size}")
+
+
+def picks_of_rank(global_picks, rank, world_size) -> np.ndarray:
+    """This process's (micro-steps, sequences) share of the global (micro-steps, sequences) picks."""
+    steps, rows = split_global_batch(*global_picks.shape, world_size)
+    if steps < global_picks.shape[0]:
+        return global_picks[rank * steps:(rank + 1) * steps]
+    return global_picks[:, rank * rows:(rank + 1) * rows]
+
+
+class Batches:
+    """Batches of token ids from data/<name>/{train,val}.bin, as (x, y) on the device.
+
+    Text: windows of block_size tokens, targets shifted by one. Task data sets (meta has "task"):
+    whole examples of example_len tokens, x = ex[:-1], y = ex[1:], with the targets of the prompt
+    set to -1 so the loss falls on the answer only.
+    """
+
+    def __init__(self, folder, meta, block_size, device):
+        self.folder, self.meta, self.device = Path(folder), meta, device
+        self.task = meta.get("task")
+        self.example_len = meta.get("example_len", 0)
+        self.prompt_len = meta.get("prompt_len", 0)
+        self.seq_len = self.example_len - 1 if self.task else block_size
+        for split in ("train", "val"):
+            self.check_size(split)
+
+    def tokens(self, split):
+        # a fresh memmap per batch: a long-lived one keeps every page it touched in memory
+        return np.memmap(self.folder / f"{split}.bin", dtype=np.dtype(self.meta["dtype"]).newbyteorder("<"), mode="r")
+
+    def count(self, split) -> int:
+        """How many different rows the split offers: windows or examples."""
+        n = len(self.tokens(split))
+        return n // self.example_len if self.task else n - self.seq_len
+
+    def check_size(self, split):
+        path, n = self.folder / f"{split}.bin", len(self.tokens(split))
+        if self.task and n % self.example_len:
+            raise DataError(f"{path} holds {n} tokens, not whole {self.example_len}-token examples; prepare it again")
+        if self.count(split) < 1:
+            raise DataError(f"{path} has {n} tokens, too few for block_size={self.seq_len}; lower block_size")
+
+    def rows(self, split, picks) -> np.ndarray:
+        """(len(picks), seq_len + 1) token ids: the windows starting at picks, or the examples picks."""
+        data = self.tokens(split)
+        if self.task:
+            return data.reshape(-1, self.example_len)[picks].astype(np.int64)
+        return data[picks[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)
+
+    def batch(self, split, picks):
+        """(x, y) on the device for the given window offsets / example indices."""
+        rows = torch.from_numpy(self.rows(split, np.asarray(picks)))
+        x, y = rows[:, :-1], rows[:, 1:].clone()
+        if self.task:
+            y[:, :self.prompt_len - 1] = -1  # no loss on predicting the prompt
+        if self.device.startswith("cuda"):  # pinned host memory lets the copy overlap with compute
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def random_picks(self, split, rng, shape):
+        return rng.integers(0, self.count(split), size=shape)
+
+    def full_split_picks(self, split) -> np.ndarray:
+        """Every example of a task split, or the starts of non-overlapping windows of text."""
+        if self.task:
+            return np.arange(self.count(split))
+        return np.arange(0, len(self.tokens(split)) - self.seq_len, self.seq_len)
+
+    def examples(self, split) -> np.ndarray:
+        """All examples of a task split, (n, example_len)."""
+        return np.array(self.tokens(split)).reshape(-1, self.example_len).astype(np.int64)

@@ -1,0 +1,215 @@
+"""Where a run computes: the device, the precision, and the torchrun process group.
+
+Every script asks here; no other file looks at torch.cuda, torch.distributed or torchrun's
+environment variables. Code elsewhere is device-agnostic: tensors are created on `device`,
+checkpoints load to the CPU, and host-only calls (`.item()`, `.tolist()`, `.numpy()`) happen only
+on values that were moved or reduced first.
+"""
+import datetime
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from options import ConfigError
+
+
+def resolve_device(name="auto") -> str:
+    """'cuda', 'mps' or 'cpu' for 'auto'; a named device is checked, with a one-line error if absent."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+        raise ConfigError(f"device={name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r}, but this torch ({torch.__version__}) sees no CUDA GPU; "
+                          "use --device=cpu, or install a CUDA build of torch")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"device={name!r}, but there are only {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r}, but MPS is not available here; use --device=cpu")
+    return name
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX). mkldnn's own check also says
+    yes on plain AVX-512, where bf16 is emulated and slower than float32, so read the CPU flags."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name, device) -> str:
+    """'float32', 'bfloat16' or 'float16' for dtype=name; 'auto' picks the fastest safe one."""
+    if name != "auto":
+        return name
+    kind = device.split(":")[0]
+    if kind == "cuda":  # emulated bf16 (T4, V100) is slow and has no flash kernels: fp16 + GradScaler there
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+    if kind == "cpu" and cpu_has_fast_bf16():
+        return "bfloat16"
+    return "float32"
+
+
+def autocast_context(device, dtype):
+    """Mixed precision for forward passes: autocast to dtype, or nothing for float32."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def grad_scaler(device, dtype):
+    """A GradScaler that is on only for float16, whose small range needs the loss scaled."""
+    return torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
+
+
+def set_up_device(device, threads=0):
+    """Process-wide settings: TF32 matmuls on CUDA (float32 range, 10-bit mantissa: fine for
+    training, much faster), and the CPU thread count when one is given."""
+    if threads:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")
+
+
+def compile_by_default(device) -> bool:
+    """torch.compile pays on CUDA; on a CPU its 30-40 s of compilation outweighed any gain here."""
+    return device.startswith("cuda")
+
+
+# Dense tensor-core peaks from the vendors' datasheets: (bf16/fp16, tf32) FLOP/s.
+GPU_PEAK_FLOPS = {"H100": (989e12, 494e12), "A100": (312e12, 156e12), "L4": (121e12, 60e12),
+                  "V100": (125e12, 15.7e12), "T4": (65e12, 8.1e12)}
+
+
+def measured_matmul_flops(dtype) -> float:
+    """FLOP/s of a square matmul in dtype on this CPU, best of a few: the CPU's practical peak."""
+    n = 256 if dtype == torch.float16 else 1024  # CPU float16 matmuls are emulated and very slow
+    gen = torch.Generator().manual_seed(0)  # its own generator: the global one drives dropout
+    a, b = (torch.randn(n, n, generator=gen).to(dtype) for _ in range(2))
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device, dtype) -> float:
+    """Peak FLOP/s of one device for MFU: measured on CPU, looked up on known GPUs, else 0 (unknown)."""
+    kind = device.split(":")[0]
+    if kind == "cpu":
+        return measured_matmul_flops(getattr(torch, dtype))
+    if kind == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, tf32) in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return tf32 if dtype == "float32" else half
+    return 0.0
+
+
+# ------------------------------------------------------------------------------ distributed
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits in a torchrun job; a plain `python` run is rank 0 of 1."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    enabled: bool = False
+    device: str = "cpu"
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def start_distributed(device_name) -> Dist:
+    """Join the torchrun job if RANK is set (NCCL on CUDA, gloo on CPU) and pick this process's
+    device: cuda:LOCAL_RANK, made current before the process group starts."""
+    device = resolve_device(device_name)
+    if "RANK" not in os.environ:
+        return Dist(device=device)
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    cuda = device.startswith("cuda")
+    timeout = datetime.timedelta(minutes=30)
+    # torchrun keeps one key-value store across restarts; a relaunched group that reused the old keys
+    # could read the addresses its dead predecessor published (pytorch issue 135712), so every
+    # attempt gets its own prefix.
+    store, _, _ = next(tdist.rendezvous("env://", rank, world, timeout=timeout))
+    store = tdist.PrefixStore(f"attempt{restart_count()}", store)
+    tdist.init_process_group(backend="nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                             timeout=timeout, device_id=torch.device(device) if cuda else None)
+    return Dist(rank, local_rank, world, True, device)
+
+
+def stop_distributed(dist, finished=False):
+    """Leave the process group; after a finished run, first wait for every process to get here
+    (one may still be evaluating, and gloo aborts a peer that leaves mid-conversation)."""
+    if dist.enabled and tdist.is_initialized():
+        if finished:
+            tdist.barrier()
+        tdist.destroy_process_group()
+
+
+def restart_count() -> int:
+    """How often torchrun has relaunched this job after a failure (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def any_rank(flag, dist) -> bool:
+    """True when flag is true on any process (a collective: every process calls it at the same point)."""
+    if not dist.enabled:
+        return flag
+    t = torch.tensor([float(flag)], device=dist.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def sum_over_ranks(values, dist):
+    """values (a tensor on dist.device) summed over all processes; gloo has no AVG, so callers divide."""
+    if dist.enabled:
+        values = values.clone()
+        tdist.all_reduce(values, op=tdist.ReduceOp.SUM)
+    return values
+
+
+def broadcast_from_master(value, dist):
+    """Rank 0's value (any picklable object) on every process."""
+    if not dist.enabled:
+        return value
+    box = [value]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def collectively(work, dist, runs_on="all"):
+    """Every process calls this; work() runs on all of them, or only on rank 0 ('master') or on local
+    rank 0 of each node ('node'), the others waiting. Then every process raises the first exception
+    any of them met, so an error on one rank (a full disk, a missing file) stops the whole job
+    instead of leaving the others stuck in their next collective. Returns work()'s result (None
+    where it did not run)."""
+    chosen = {"all": True, "master": dist.rank == 0, "node": dist.local_rank == 0}[runs_on]
+    result, error = None, None
+    if chosen:
+        try:
+            result = work()
+        except Exception as e:  # passed to the other ranks, then raised everywhere
+            error = e
+    if dist.enabled:
+        errors = [None] * dist.world_size
+        tdist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+    return result

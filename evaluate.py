@@ -1,0 +1,186 @@
+"""Evaluate a checkpoint: the loss over the whole val split, and for the attention tasks and Q&A
+data their own scores. train.py calls the same functions during and at the end of a run.
+
+    python evaluate.py --out_dir=out-reverse            # best.pt, else ckpt.pt
+    python evaluate.py --out_dir=out-tinytalks --ckpt=ckpt.pt
+
+Under torchrun every process scores its share of the batches and the sums are all-reduced.
+"""
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from checkpoint import CheckpointError, checkpoint_path, load_checkpoint, model_from_checkpoint
+from dataset import EVAL_STREAM, Batches, DataError, batch_rng, load_meta
+from device import Dist, autocast_context, resolve_device, resolve_dtype, sum_over_ranks
+from options import ConfigError, help_text, must, parse_options, wants_help
+from tokenizer import qa_pairs, qa_prompt, tokenizer_from_meta
+
+
+@torch.no_grad()
+def estimate_loss(model, batches, eval_iters, batch_size, seed, step, ctx, dist=Dist()) -> dict:
+    """Mean loss over eval_iters random batches of each split, drawn from the eval stream of `step`;
+    every process scores every world_size-th batch."""
+    model.eval()
+    losses = {}
+    for part, split in enumerate(("train", "val")):
+        picks = batches.random_picks(split, batch_rng(seed, EVAL_STREAM, step, part), (eval_iters, batch_size))
+        total = torch.zeros(2, device=batches.device)  # (sum of batch losses, batches)
+        for row in picks[dist.rank::dist.world_size]:
+            x, y = batches.batch(split, row)
+            with ctx:
+                total[0] += model(x, y)[1].float()
+            total[1] += 1
+        loss_sum, count = sum_over_ranks(total, dist).tolist()
+        losses[split] = loss_sum / count
+    model.train()
+    return losses
+
+
+@torch.no_grad()
+def full_split_loss(model, batches, split, batch_size, ctx, dist=Dist()):
+    """(mean loss per scored token, tokens scored) over the whole split: every example of a task,
+    or non-overlapping windows of text (the last partial window is left out)."""
+    model.eval()
+    picks = batches.full_split_picks(split)
+    total = torch.zeros(2, dtype=torch.float64, device=batches.device)  # (sum of token losses, tokens)
+    for start in range(dist.rank * batch_size, len(picks), batch_size * dist.world_size):
+        x, y = batches.batch(split, picks[start:start + batch_size])
+        with ctx:
+            loss = model(x, y)[1]
+        scored = (y != -1).sum()
+        total += torch.stack([loss.double() * scored, scored.double()])
+    loss_sum, scored = sum_over_ranks(total, dist).tolist()
+    return loss_sum / scored, int(scored)
+
+
+@torch.no_grad()
+def exact_match_accuracy(model, examples, prompt_len, batch_size=512, device="cpu", dist=Dist()) -> float:
+    """Fraction of examples (n, example_len) whose greedy continuation of the first prompt_len
+    tokens equals the rest of the example exactly; every process scores every world_size-th row."""
+    model.eval()
+    examples = torch.as_tensor(np.asarray(examples), dtype=torch.long)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for chunk in examples[dist.rank::dist.world_size].split(batch_size):
+        chunk = chunk.to(device)
+        out = model.generate(chunk[:, :prompt_len], chunk.size(1) - prompt_len, temperature=0)
+        correct += (out[:, prompt_len:] == chunk[:, prompt_len:]).all(dim=1).sum()
+    return int(sum_over_ranks(correct, dist)) / len(examples)
+
+
+@torch.no_grad()
+def qa_answer_loss(model, tokenizer, pairs, ctx, device) -> float:
+    """Mean cross-entropy on the answer tokens (" answer\\n") of Q&A pairs, given the question."""
+    model.eval()
+    total, scored = 0.0, 0
+    for question, answer in pairs:
+        prompt = tokenizer.encode(qa_prompt(question))
+        ids = torch.tensor(prompt + tokenizer.encode(f" {answer}\n"), device=device)
+        x, y = ids[:-1], ids[1:].clone()
+        y[:len(prompt) - 1] = -1  # no loss on the question
+        x, y = x[-model.config.block_size:], y[-model.config.block_size:]
+        with ctx:
+            loss = model(x[None], y[None])[1]
+        n = int((y != -1).sum())
+        total, scored = total + loss.item() * n, scored + n
+    return total / scored
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, question, device, max_tokens=200) -> str:
+    """The model's greedy answer to a question, up to the newline that ends answers in the data."""
+    idx = torch.tensor([tokenizer.encode(qa_prompt(question))], device=device)
+    answer = []
+    for token in model.generate_stream(idx, max_tokens, temperature=0):
+        text = tokenizer.decode([token.item()])
+        if text == "\n":
+            break
+        answer.append(text)
+    return "".join(answer).strip()
+
+
+def verdict_text(value, bar, higher_is_better=False, unit="") -> str:
+    """' (bar B): PASS' when value reaches bar, ' (bar B): FAIL' when not; '' when there is no bar."""
+    if not bar:
+        return ""
+    passed = value >= bar if higher_is_better else value <= bar
+    return f" (bar {bar:g}{unit}): {'PASS' if passed else 'FAIL'}"
+
+
+QA_SHOWN = 8  # held-out questions whose answers are printed next to the reference answers
+
+
+def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_bar=0.0, dist=Dist()) -> list:
+    """Print the final scores (rank 0 prints; every process computes its share); return the records."""
+    say = print if dist.is_master else (lambda *a, **k: None)
+    loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
+    say(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}{verdict_text(loss, val_loss_bar)}", flush=True)
+    records = [{"kind": "final", "val_loss_full": loss, "val_tokens": tokens}]
+    if not math.isfinite(loss):
+        return records
+    if batches.task:
+        accuracy = exact_match_accuracy(model, batches.examples("val"), batches.prompt_len, device=batches.device, dist=dist)
+        say(f"test exact match: {100 * accuracy:.1f}%{verdict_text(100 * accuracy, 100 * exact_match_bar, True, '%')}")
+        records.append({"kind": "test", "exact_match": accuracy})
+    if batches.meta.get("qa") and batches.meta.get("test_file") and dist.is_master:
+        pairs = qa_pairs((batches.folder / batches.meta["test_file"]).read_text(encoding="utf-8"))
+        tokenizer = tokenizer_from_meta(batches.meta)
+        loss = qa_answer_loss(model, tokenizer, pairs, ctx, batches.device)
+        say(f"held-out test answers: loss {loss:.4f} over {len(pairs)} pairs; greedy answers to the first {QA_SHOWN}:")
+        for question, reference in pairs[:QA_SHOWN]:
+            say(f"  Q: {question}\n     model: {greedy_answer(model, tokenizer, question, batches.device)}\n"
+                f"     reference: {reference}")
+        records.append({"kind": "test", "qa_answer_loss": loss})
+    return records
+
+
+@dataclass
+class EvaluateConfig:
+    out_dir: str = "out"         # the training run's folder
+    ckpt: str = ""               # file in out_dir; '' = best.pt if the run has one, else ckpt.pt
+    data_dir: str = ""           # '' = the data_dir the checkpoint was trained with
+    batch_size: int = 64         # sequences per forward pass
+    device: str = "auto"         # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
+    dtype: str = "float32"       # 'float32', 'bfloat16', 'float16' or 'auto'
+
+    def __post_init__(self):
+        must(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
+        must(self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
+
+
+def evaluate(cfg):
+    path = checkpoint_path(cfg.out_dir, cfg.ckpt)
+    checkpoint = load_checkpoint(path)
+    device = resolve_device(cfg.device)
+    trained = checkpoint["config"]
+    folder = Path(cfg.data_dir or trained["data_dir"]) / trained["dataset"]
+    meta = load_meta(folder)
+    if meta.get("vocab") != (checkpoint.get("meta") or {}).get("vocab"):
+        raise CheckpointError(f"{folder} has another vocabulary than {path} was trained on")
+    model = model_from_checkpoint(checkpoint, device)
+    print(f"{path}: step {checkpoint['step']}, data {folder}")
+    batches = Batches(folder, meta, model.config.block_size, device)
+    ctx = autocast_context(device, resolve_dtype(cfg.dtype, device))
+    final_report(model, batches, ctx, cfg.batch_size, trained.get("val_loss_bar", 0.0),
+                 trained.get("exact_match_bar", 0.0))
+
+
+def main(argv) -> int:
+    if wants_help(argv):
+        print(help_text(EvaluateConfig, "usage: python evaluate.py [--key=value ...]", __doc__.split("\n\n")[0]))
+        return 0
+    try:
+        evaluate(parse_options(EvaluateConfig, argv))
+    except (ConfigError, CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

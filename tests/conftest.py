@@ -1,0 +1,100 @@
+"""Helpers the spec files share: the repo's scripts run as real processes on tiny models and real
+data files that prepare.py builds in temp folders."""
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from model import GPT, GPTConfig  # noqa: E402
+from prepare import prepare  # noqa: E402
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+# One thread per process: the same arithmetic in every run (bitwise comparisons rely on it), and
+# several test processes can share two cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8", "--dtype=float32",
+        "--eval_iters=2", "--log_interval=1", "--device=cpu", "--warmup_iters=5", "--learning_rate=3e-3"]
+
+
+def tiny_model(seed=0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    args = dict(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=16)
+    return GPT(GPTConfig(**{**args, **overrides})).eval()
+
+
+def tiny_text(n_lines=1500, seed=0) -> str:
+    """Text with learnable structure: short sentences from a small vocabulary."""
+    rng = random.Random(seed)
+    subjects, verbs = ["the cat", "a dog", "my friend", "the king"], ["sees", "likes", "eats"]
+    objects = ["the fish.", "a hat.", "bread.", "the moon."]
+    return "".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}\n" for _ in range(n_lines))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A data folder with the text data set 'tiny' and the 'reverse' task, built by prepare.py."""
+    root = tmp_path_factory.mktemp("data")
+    source = root / "tiny.txt"
+    source.write_text(tiny_text())
+    prepare("tiny", source=source, data_dir=root)
+    prepare("reverse", data_dir=root)
+    return root
+
+
+def run_script(script, args, cwd=REPO, check=True, timeout=300, stdin=None, launcher=None):
+    """Run one of the repo's scripts (by default with this Python) and return the finished process."""
+    command = (launcher or [sys.executable]) + [str(REPO / script), *map(str, args)]
+    result = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout, input=stdin)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def run_train(args, cwd=REPO, check=True, timeout=300):
+    return run_script("train.py", args, cwd, check, timeout)
+
+
+def torchrun(nproc, *extra):
+    return ["torchrun", "--standalone", f"--nproc_per_node={nproc}", *extra]
+
+
+def tiny_args(data_dir, out_dir, *extra):
+    return [*TINY, f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out_dir}", *extra]
+
+
+def records(out_dir, kind) -> list:
+    return [r for r in map(json.loads, (Path(out_dir) / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def train_losses(out_dir) -> dict:
+    """{step: loss} of the training lines in out_dir/log.jsonl (the last record of a step wins)."""
+    return {r["step"]: r["loss"] for r in records(out_dir, "train")}
+
+
+def weights(out_dir, name="ckpt.pt") -> dict:
+    return torch.load(Path(out_dir) / name, weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"parameters differ: {different}"
+
+
+def assert_one_line_error(result, *fragments):
+    """The process failed with exit code 1 and a single `error: ...` line holding every fragment."""
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

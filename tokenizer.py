@@ -1,0 +1,72 @@
+"""Text <-> token ids: a character vocabulary or GPT-2's BPE (tiktoken), as meta.json names it,
+and the "Q: ...\\nA: ..." framing of the TinyTalks Q&A data that evaluation and chat share."""
+from dataset import DataError
+
+
+class CharTokenizer:
+    kind = "char"
+
+    def __init__(self, vocab):
+        self.vocab = list(vocab)
+        self.vocab_size = len(self.vocab)
+        self.stoi = {ch: i for i, ch in enumerate(self.vocab)}
+
+    def encode(self, text):
+        try:
+            return [self.stoi[ch] for ch in text]
+        except KeyError as e:
+            ch = e.args[0]
+            raise ValueError(f"character {ch!r} (U+{ord(ch):04X}) is not in this data set's "
+                             f"vocabulary of {self.vocab_size} characters") from None
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return "".join(self.vocab[i] for i in ids)
+
+
+class GPT2Tokenizer:
+    kind = "gpt2"
+
+    def __init__(self):
+        import tiktoken  # only the gpt2 data sets need it
+        try:
+            self.encoding = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken downloads its files on first use: offline this fails
+            raise DataError(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); connect to the "
+                            "internet once, or set TIKTOKEN_CACHE_DIR to a folder with its cached files") from None
+        self.vocab_size = self.encoding.n_vocab
+
+    def encode(self, text):
+        return self.encoding.encode_ordinary(text)  # '<|endoftext|>' in user text stays plain text
+
+    def decode(self, ids):
+        return self.encoding.decode([int(i) for i in ids])
+
+
+def make_tokenizer(kind, vocab=None):
+    return CharTokenizer(vocab) if kind == "char" else GPT2Tokenizer()
+
+
+def tokenizer_from_meta(meta: dict):
+    kind = meta.get("tokenizer")
+    if kind not in ("char", "gpt2"):
+        raise DataError(f"meta.json names an unknown tokenizer {kind!r}; prepare the data set again")
+    return make_tokenizer(kind, meta.get("vocab"))
+
+
+def qa_prompt(question) -> str:
+    """The text a Q&A model is asked with, framed as in the training data; its answer follows."""
+    return f"Q: {question}\nA:"
+
+
+def qa_pairs(text) -> list:
+    """(question, answer) pairs of a "Q: ...\\nA: ...\\n\\n" file such as TinyTalks' test.txt."""
+    pairs = []
+    for block in text.strip("\n").split("\n\n"):
+        q_line, _, a_line = block.partition("\n")
+        if q_line.startswith("Q: ") and a_line.startswith("A: "):
+            pairs.append((q_line[3:], a_line[3:]))
+    return pairs
