@@ -181,10 +181,12 @@ def checkpoint_to_resume(cfg, dist) -> Path | None:
 
 
 def build_training_state(cfg, model_args, meta, device, dtype, resume_from=None):
-    """(model, optimizers, scaler, checkpoint) on device, restored from resume_from if given.
+    """(model, optimizers, scaler, resumed) on device, restored from resume_from if given; resumed
+    is the checkpoint's step, best_val_loss and best_step (None for a new run).
 
-    The checkpoint is loaded to the CPU: load_state_dict moves weights and optimizer moments to
-    the parameters' device, and the RNG states stay on the host where they are used."""
+    The checkpoint is loaded to the CPU: load_state_dict copies weights and optimizer moments to
+    the parameters' device, the RNG states stay on the host where they are used, and the host copy
+    is dropped when this returns."""
     checkpoint = load_checkpoint(resume_from) if resume_from else None
     if checkpoint:
         check_resumable(checkpoint, model_args, meta, cfg.muon_lr > 0, resume_from)
@@ -205,7 +207,9 @@ def build_training_state(cfg, model_args, meta, device, dtype, resume_from=None)
     for optimizer, settings in zip(optimizers, requested):  # this run's lr, betas, decay, not the checkpoint's
         for group, setting in zip(optimizer.param_groups, settings):
             group.update(setting, peak_lr=setting["lr"])  # the schedule scales each group's own peak
-    return model, optimizers, scaler, checkpoint
+    resumed = checkpoint and {"step": checkpoint["step"], "best_val_loss": checkpoint.get("best_val_loss", math.inf),
+                              "best_step": checkpoint.get("best_step")}
+    return model, optimizers, scaler, resumed
 
 
 def read_losses(pending, step, dist, kept) -> list:
@@ -260,18 +264,20 @@ def run(cfg, argv, dist) -> int:
             raise ConfigError(str(e)) from None
         model_args = model_args_of(cfg, meta["vocab_size"])
         resume_from = broadcast_from_master(collectively(lambda: checkpoint_to_resume(cfg, dist), dist, "master"), dist)
-        model, optimizers, scaler, checkpoint = collectively(
+        model, optimizers, scaler, resumed = collectively(
             lambda: build_training_state(cfg, model_args, meta, device, dtype, resume_from), dist)
-        step = checkpoint["step"] if checkpoint else 0  # optimizer steps done; the next one is step + 1
-        best_val_loss = checkpoint.get("best_val_loss", math.inf) if checkpoint else math.inf
-        saved_step = step if checkpoint else None
-        best_step = checkpoint.get("best_step") if checkpoint else None  # the state best.pt holds
+        resumed = resumed or {"step": 0, "best_val_loss": math.inf, "best_step": None}
+        step = resumed["step"]  # optimizer steps done; the next one is step + 1
+        best_val_loss, best_step = resumed["best_val_loss"], resumed["best_step"]  # best.pt holds best_step
+        saved_step = step if resume_from else None
         if dist.rank > 0:  # dropout must differ between processes; the checkpoint holds rank 0's stream
             torch.manual_seed(int(np.random.SeedSequence((cfg.seed, dist.rank, step)).generate_state(1)[0]))
         use_compile = compile_by_default(device) if cfg.compile is None else cfg.compile
         compiled = torch.compile(model) if use_compile else model
-        train_model = DDP(compiled, device_ids=[dist.local_rank] if device.startswith("cuda") else None) \
-            if dist.enabled else compiled
+        train_model = compiled  # DDP over the compiled model; the rope tables are constants, not broadcast
+        if dist.enabled:
+            train_model = DDP(compiled, device_ids=[dist.local_rank] if device.startswith("cuda") else None,
+                              broadcast_buffers=False)
         say(as_config_file(cfg))
 
         def start_log():  # rank 0 alone writes files; an error here must stop every process (collectively)
@@ -285,7 +291,7 @@ def run(cfg, argv, dist) -> int:
         say(f"tokens per optimizer step: {tokens_per_step:,} = {cfg.gradient_accumulation_steps} micro-steps x "
             f"{cfg.batch_size} sequences x {batches.seq_len} tokens; each process: {micro_steps} x {rows}")
         say(f"peak for MFU: {f'{peak / 1e12:.2f} TFLOP/s' if peak else 'unknown (set --peak_flops for MFU)'}")
-        if checkpoint:
+        if resume_from:
             say(f"resuming from {ckpt_path} at step {step} (best val loss {best_val_loss:.4f})")
 
         def save(path_reason, is_best):

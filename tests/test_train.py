@@ -281,9 +281,8 @@ def test_resume_on_another_device_moves_every_tensor_before_use(tmp_path, data_d
     cfg = parse_options(TrainConfig, tiny_args(data_dir, tmp_path, "--max_iters=20"))
     meta = json.loads((data_dir / "tiny" / "meta.json").read_text())
     args = model_args_of(cfg, meta["vocab_size"])
-    model, optimizers, scaler, checkpoint = build_training_state(cfg, args, meta, "meta", "float32",
-                                                                 short_run / "ckpt.pt")
-    assert checkpoint["step"] == SHORT_STEPS
+    model, optimizers, scaler, resumed = build_training_state(cfg, args, meta, "meta", "float32", short_run / "ckpt.pt")
+    assert resumed["step"] == SHORT_STEPS
     assert {p.device.type for p in model.parameters()} == {"meta"}
     moments = [t for state in optimizers[0].state.values() for t in state.values() if t.dim() > 0]
     assert moments and {t.device.type for t in moments} == {"meta"}
