@@ -111,10 +111,11 @@ def check_resumable(checkpoint, model_args, meta, uses_muon, path):
 
 
 def rng_states() -> dict:
-    """Every random state a run draws from: torch (dropout), CUDA, numpy and Python's random."""
+    """Every random state a run draws from: torch (dropout), this process's GPU, numpy and Python's
+    random. Only the current GPU's: get_rng_state_all() would start a CUDA context on every GPU."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
             # weights_only loading accepts tensors, not numpy arrays
             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
                       "has_gauss": has_gauss, "cached_gaussian": cached},
@@ -124,8 +125,8 @@ def rng_states() -> dict:
 def restore_rng_states(states):
     """Put back what rng_states() saved. The states must be CPU tensors (load_checkpoint's)."""
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(states["cuda"])  # the current device, set before the model was built
     n = states["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))

@@ -384,7 +384,7 @@ def run(cfg, argv, dist) -> int:
 
         # ------------------------------------------------------------------ the final evaluation
         if cfg.final_eval_full:
-            if best_step is not None and best_step != step:  # judge the model sample.py loads by default
+            if best_step not in (None, step) and best_path.is_file():  # judge what sample.py loads by default
                 model.load_state_dict(collectively(lambda: load_checkpoint(best_path), dist)["model"])
                 say(f"final evaluation of {best_path}: step {best_step}, the best val loss of the run")
             for record in final_report(model, batches, ctx, cfg.batch_size, cfg.val_loss_bar,

@@ -43,13 +43,17 @@ def test_logit_lens_ends_at_the_models_own_prediction():
     torch.testing.assert_close(readouts[-1], logits.softmax(-1))
 
 
-def test_attention_png_is_written(tmp_path):
-    pytest.importorskip("matplotlib")
-    model = tiny_model()
-    idx = torch.randint(0, 20, (1, 6))
-    path = tmp_path / "maps.png"
-    draw_attention(attention_weights(model, idx), list("abcdef"), path)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_attention_png_draws_one_map_per_layer_and_head_from_the_weights(tmp_path):
+    image = pytest.importorskip("matplotlib.image")
+    model = tiny_model(n_layer=3, n_head=2)
+    weights = attention_weights(model, torch.randint(0, 20, (1, 6), generator=torch.Generator().manual_seed(0)))
+    paths = [tmp_path / f"{name}.png" for name in ("a", "same", "other")]
+    draw_attention(weights, list("abcdef"), paths[0])
+    draw_attention(weights, list("abcdef"), paths[1])
+    draw_attention([torch.eye(6).expand_as(w) for w in weights], list("abcdef"), paths[2])
+    pixels = [image.imread(p) for p in paths]
+    assert pixels[0].shape[:2] == (round(2.4 * 3 * 120), round(2.4 * 2 * 120))  # 3 rows of layers, 2 heads
+    assert (pixels[0] == pixels[1]).all() and not (pixels[0] == pixels[2]).all()
 
 
 def test_cli_reads_a_prompt_longer_than_the_window_from_its_tail(tmp_path):

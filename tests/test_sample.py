@@ -6,10 +6,13 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from conftest import REPO
+from dataclasses import asdict
+
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from conftest import REPO, tiny_model
 from prepare import prepare
-from tokenizer import tokenizer_from_meta
+from sample import TextStream
+from tokenizer import GPT2Tokenizer, tokenizer_from_meta
 
 
 def qa_text(pairs=300, seed=0):
@@ -164,3 +167,47 @@ def test_missing_and_corrupt_checkpoints_fail_with_one_line(tmp_path):
     corrupt = sample(tmp_path)
     assert corrupt.returncode == 1 and len(corrupt.stderr.strip().splitlines()) == 1
     assert "Traceback" not in corrupt.stderr
+
+
+def gpt2_or_skip():
+    try:
+        return GPT2Tokenizer()
+    except Exception as e:  # no network and no TIKTOKEN_CACHE_DIR
+        pytest.skip(f"tiktoken's gpt2 files are not available: {e}")
+
+
+def stream_pieces(tokenizer, text, stop):
+    stream = TextStream(tokenizer, stop)
+    return [stream.add(token) for token in tokenizer.encode(text)], stream
+
+
+def test_streaming_never_splits_a_multi_byte_character():
+    tok = gpt2_or_skip()
+    text = "Naïve café 🙂 — 日本語 ok"
+    assert any(tok.decode([t]).endswith("\ufffd") for t in tok.encode(text))  # some tokens are partial characters
+    pieces, _ = stream_pieces(tok, text, stop="")
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_streaming_stops_before_a_stop_string_that_spans_tokens_and_holds_back_only_its_prefix():
+    tok = gpt2_or_skip()
+    text = "First line. Thereafter The End of it"
+    pieces, stream = stream_pieces(tok, text, stop=" The End")
+    assert "".join(pieces) == "First line. Thereafter" and stream.done
+    assert stream.add(tok.encode(" more")[0]) == ""  # nothing after the stop
+    pieces, stream = stream_pieces(tok, "a The Ender", stop=" The Endgame")
+    assert pieces[1] == "" or not " The Endgame".startswith(pieces[1])  # a possible start of the stop waits...
+    assert "".join(pieces) == "a The Ender" and not stream.done  # ...and comes out once it cannot be the stop
+
+
+def test_gpt2_bpe_checkpoint_samples_what_greedy_generation_gives(tmp_path):
+    tok = gpt2_or_skip()
+    model = tiny_model(vocab_size=tok.vocab_size, block_size=32, n_embd=16)
+    meta = {"tokenizer": "gpt2", "vocab_size": tok.vocab_size}
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_args": asdict(model.config),
+                                           "config": {}, "step": 0, "meta": meta})
+    result = sample(tmp_path, "--start=ROMEO:", "--max_new_tokens=12", "--temperature=0")
+    assert result.returncode == 0, result.stderr
+    expected = model.generate(torch.tensor([tok.encode("ROMEO:")]), 12, temperature=0)[0].tolist()
+    assert result.stdout == tok.decode(expected) + "\n"

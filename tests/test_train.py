@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from dataset import Batches, picks_of_rank, split_global_batch
 from evaluate import exact_match_accuracy
 from model import GPT, GPTConfig
 from options import ConfigError, parse_options
-from train import TrainConfig, build_training_state, model_args_of
+from device import resolve_dtype
+from train import TrainConfig, build_training_state, learning_rate_at, model_args_of
 
 TRAIN = str(REPO / "train.py")
 
@@ -309,14 +311,79 @@ def test_mixed_precision_on_cpu_trains(tmp_path, data_dir, dtype):
     assert bool(scaler) == (dtype == "float16")  # only float16 needs (and saves) a loss scale
 
 
-def test_wandb_offline_writes_a_run(tmp_path, data_dir):
+def test_wandb_offline_run_holds_every_logged_value(tmp_path, data_dir):
     pytest.importorskip("wandb")
     out = tmp_path / "out"
     run_train(tiny_args(data_dir, out, "--max_iters=3", "--eval_interval=3", "--wandb_log=True",
                         "--wandb_run_name=tiny-test"), cwd=tmp_path)
-    runs = list((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    assert list(runs[0].glob("*.wandb"))
+    [run_file] = (out / "wandb").glob("offline-run-*/*.wandb")
+    raw = run_file.read_bytes()  # wandb's record log: each logged value is stored as its JSON text
+    logged = [(r["loss"]) for r in records(out, "train")] + [r["val"] for r in records(out, "eval")]
+    assert len(logged) == 5 and all(json.dumps(value).encode() in raw for value in logged)
+
+
+def test_mfu_is_the_counted_flops_per_second_over_the_given_peak(tmp_path, data_dir):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    out = tmp_path / "out"
+    run_train(tiny_args(data_dir, out, "--max_iters=4", "--eval_interval=1000", "--peak_flops=1e9",
+                        "--final_eval_full=False"), cwd=tmp_path)
+    model = model_from_checkpoint(load_checkpoint(out / "ckpt.pt")).train()
+    idx = torch.zeros((8, 16), dtype=torch.long)  # one micro-batch of the run: 8 x block_size 16
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(idx, idx)[1].backward()
+    flops_per_token = counter.get_total_flops() / idx.numel()
+    for r in records(out, "train"):
+        assert r["mfu"] * 1e9 == pytest.approx(r["tokens_per_s"] * flops_per_token, rel=0.02)
+
+
+# ------------------------------------------------------------------------ learning-rate schedule
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
+    linear = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110, lr_schedule="linear")
+    for c in (cfg, linear):
+        warmup = [learning_rate_at(s, c) for s in range(10)]
+        assert warmup == sorted(warmup) and 0 < warmup[0] < warmup[-1] < 1.0  # rises, never reaches the peak early
+        assert learning_rate_at(10, c) == 1.0  # the peak right after the warmup
+        decay = [learning_rate_at(s, c) for s in range(10, 111)]
+        assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly falling
+        assert learning_rate_at(60, c) == pytest.approx(0.55)  # halfway: halfway between peak and min
+        assert learning_rate_at(110, c) == learning_rate_at(5000, c) == 0.1  # min_lr from lr_decay_iters on
+    # cosine stays above the straight line in the first half of the decay and below it in the second
+    assert learning_rate_at(35, cfg) > learning_rate_at(35, linear)
+    assert learning_rate_at(85, cfg) < learning_rate_at(85, linear)
+    flat = TrainConfig(learning_rate=0.3, decay_lr=False, warmup_iters=10)
+    assert {learning_rate_at(s, flat) for s in (0, 5, 10, 10_000)} == {0.3}
+
+
+def test_a_new_learning_rate_given_on_resume_is_the_one_used(tmp_path, data_dir, short_run):
+    out = copy_of_run(short_run, tmp_path)
+    run_train(tiny_args(data_dir, out, f"--max_iters={SHORT_STEPS + 3}", "--learning_rate=1e-4", "--decay_lr=False",
+                        "--beta2=0.9", "--eval_interval=1000"), cwd=tmp_path)
+    assert [r["lr"] for r in records(out, "train") if r["step"] > SHORT_STEPS] == [1e-4] * 3
+    groups = load_checkpoint(out / "ckpt.pt")["optimizer"]["param_groups"]
+    assert all(g["lr"] == pytest.approx(1e-4) and g["betas"][1] == 0.9 for g in groups)
+
+
+def test_muon_state_is_saved_and_resumed_bitwise(tmp_path, data_dir):
+    args = ["--muon_lr=0.02", "--lr_decay_iters=16", "--eval_interval=1000", "--final_eval_full=False"]
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    run_train(tiny_args(data_dir, straight, *args, "--max_iters=16"), cwd=tmp_path)
+    run_train(tiny_args(data_dir, halves, *args, "--max_iters=8"), cwd=tmp_path)
+    assert load_checkpoint(halves / "ckpt.pt")["muon"]["state"]  # momentum buffers are in the checkpoint
+    run_train(tiny_args(data_dir, halves, *args, "--max_iters=16"), cwd=tmp_path)
+    assert train_losses(halves) == train_losses(straight)
+    assert_same_weights(weights(halves), weights(straight))
+
+
+def test_auto_dtype_on_this_cpu_is_bf16_only_where_the_cpu_has_bf16_instructions():
+    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if shutil.which("lscpu") else ""
+    if "Flags" not in flags:
+        pytest.skip("lscpu cannot tell this CPU's flags")
+    native = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+    assert resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert resolve_dtype("float16", "cpu") == "float16"  # a named dtype is taken as it is
 
 
 # ------------------------------------------------------------------------------------ errors
