@@ -210,16 +210,21 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+def shares_cover_the_global_batch(accumulation, batch_size, world_size) -> bool:
+    """The world_size shares of a global batch are equal, disjoint, and together the whole of it."""
+    picks = np.arange(accumulation * batch_size).reshape(accumulation, batch_size)
+    shares = [picks_of_rank(picks, rank, world_size) for rank in range(world_size)]
+    return (all(s.size == picks.size // world_size for s in shares)
+            and sorted(np.concatenate([s.ravel() for s in shares])) == list(range(picks.size)))
+
+
 def test_every_shipped_config_splits_its_global_batch_over_two_processes():
-    """What torchrun --nproc_per_node=2 does with each config as written: the two shares are disjoint
-    and together exactly the one-process batch."""
+    """What torchrun --nproc_per_node=2 does with each config as written."""
     for config in sorted((REPO / "configs").glob("*.py")):
         cfg = parse_options(TrainConfig, [str(config)], config_files=True)
-        picks = np.arange(cfg.gradient_accumulation_steps * cfg.batch_size).reshape(cfg.gradient_accumulation_steps,
-                                                                                  cfg.batch_size)
-        shares = [picks_of_rank(picks, rank, 2) for rank in range(2)]
-        assert shares[0].size == shares[1].size == picks.size // 2, config.name
-        assert sorted(np.concatenate([s.ravel() for s in shares])) == list(range(picks.size)), config.name
+        assert shares_cover_the_global_batch(cfg.gradient_accumulation_steps, cfg.batch_size, 2), config.name
+    for accumulation, batch_size, world_size in [(4, 8, 2), (8, 3, 4), (3, 8, 4), (6, 6, 3)]:  # both kinds of split
+        assert shares_cover_the_global_batch(accumulation, batch_size, world_size)
     with pytest.raises(ValueError, match="cannot be split evenly over 8 processes"):
         split_global_batch(1, 12, 8)
 
