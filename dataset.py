@@ -48,7 +48,8 @@ def prepare_if_missing(dataset, data_dir, source) -> Path:
     done = subprocess.run([sys.executable, str(PREPARE), *command[2:]], stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or ["failed"]
-        raise DataError(f"could not prepare {dataset}: {lines[-1].removeprefix('error: ')}")
+        hint = " (train.py hands --data_source=PATH_OR_URL to it as --source)" if "--source" in lines[-1] else ""
+        raise DataError(f"could not prepare {dataset}: {lines[-1].removeprefix('error: ')}{hint}")
     return folder
 
 

@@ -100,7 +100,7 @@ def download(url, dest, sha256=None) -> Path:
         except RetryableError as e:
             if attempt == RETRIES:
                 raise DataError(f"could not download {url} ({e}, {RETRIES} attempts); check the network, "
-                                f"or pass --source PATH_OR_URL with a local copy of {dest.name}") from None
+                                f"or pass --source=PATH_OR_URL with a local copy of {dest.name}") from None
             time.sleep(BACKOFF_S * attempt)
 
 
@@ -110,10 +110,10 @@ def fetch_once(url, dest, sha256):
     def write(f):
         digest, size = stream_into(f, url)
         if size == 0:
-            raise DataError(f"{url} sent an empty file; nothing was saved. Check the URL or pass --source")
+            raise DataError(f"{url} sent an empty file; nothing was saved. Check the URL or pass --source=PATH_OR_URL")
         if sha256 and digest != sha256:
             raise DataError(f"sha256 mismatch for {url}: got {digest}, expected {sha256}; nothing was saved. "
-                            f"Pass --source with an unmodified copy of {dest.name}")
+                            f"Pass --source=PATH with an unmodified copy of {dest.name}")
     atomic_write(dest, write)
 
 
@@ -126,7 +126,7 @@ def stream_into(f, url):
             if r.status_code >= 500 or r.status_code == 429:
                 raise RetryableError(f"HTTP {r.status_code}")
             if r.status_code >= 400:
-                raise DataError(f"HTTP {r.status_code} for {url}; check the URL or pass --source PATH_OR_URL")
+                raise DataError(f"HTTP {r.status_code} for {url}; check the URL or pass --source=PATH_OR_URL")
             expected = int(r.headers.get("Content-Length", -1)) if "Content-Encoding" not in r.headers else -1
             for chunk in r.iter_content(1 << 16):
                 f.write(chunk)

@@ -15,6 +15,7 @@ import shlex
 import signal
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -233,8 +234,8 @@ def train(cfg, argv) -> int:
         code = run(cfg, argv, dist)
         finished = True
         return code
-    except BaseException as e:
-        e.__traceback__ = None  # frees run()'s frame, and the DDP model in it, before the group is destroyed
+    except BaseException as e:  # free run()'s locals (the DDP model) before the group goes; keep the line numbers
+        traceback.clear_frames(e.__traceback__)
         raise
     finally:
         stop_distributed(dist, finished)
@@ -294,7 +295,7 @@ def run(cfg, argv, dist) -> int:
         if resume_from:
             say(f"resuming from {ckpt_path} at step {step} (best val loss {best_val_loss:.4f})")
 
-        def save(path_reason, is_best):
+        def save(reason, is_best):
             """ckpt.pt, the newest state; best.pt another name for it when val improved (rank 0)."""
             state = {"model": model.state_dict(), "optimizer": optimizers[0].state_dict(),
                      "muon": optimizers[1].state_dict() if len(optimizers) > 1 else None,
@@ -304,7 +305,7 @@ def run(cfg, argv, dist) -> int:
             save_checkpoint(ckpt_path, state)
             if is_best:
                 keep_as(ckpt_path, best_path)
-            print(f"saved {ckpt_path}{' and ' + best_path.name if is_best else ''} at step {step} ({path_reason})",
+            print(f"saved {ckpt_path}{' and ' + best_path.name if is_best else ''} at step {step} ({reason})",
                   flush=True)
 
         def kept_message():
