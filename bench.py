@@ -23,7 +23,7 @@ import torch
 
 from device import measured_matmul_flops
 from model import GPT, GPTConfig
-from options import ConfigError, help_text, must, parse_options, wants_help
+from options import ConfigError, must, run_cli
 
 REPO = Path(__file__).resolve().parent
 
@@ -113,20 +113,15 @@ def bench_generate(cfg, new_tokens=500):
 SECTIONS = {"train": bench_train, "matmul": bench_matmul, "generate": bench_generate}
 
 
+def bench(cfg):
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name, section in SECTIONS.items():
+        if cfg.only in ("", name):
+            section(cfg)
+
+
 def main(argv) -> int:
-    if wants_help(argv):
-        print(help_text(BenchConfig, "usage: python bench.py [--key=value ...]", __doc__.split("\n\n")[0]))
-        return 0
-    try:
-        cfg = parse_options(BenchConfig, argv)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-        for name, section in SECTIONS.items():
-            if cfg.only in ("", name):
-                section(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(BenchConfig, argv, "usage: python bench.py [--key=value ...]", __doc__.split("\n\n")[0], bench)
 
 
 if __name__ == "__main__":

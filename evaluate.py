@@ -17,7 +17,7 @@ import torch
 from checkpoint import CheckpointError, checkpoint_path, load_checkpoint, model_from_checkpoint
 from dataset import EVAL_STREAM, Batches, DataError, batch_rng, load_meta
 from device import Dist, autocast_context, resolve_device, resolve_dtype, sum_over_ranks
-from options import ConfigError, help_text, must, parse_options, wants_help
+from options import must, run_cli
 from tokenizer import qa_pairs, qa_prompt, tokenizer_from_meta
 
 
@@ -171,15 +171,8 @@ def evaluate(cfg):
 
 
 def main(argv) -> int:
-    if wants_help(argv):
-        print(help_text(EvaluateConfig, "usage: python evaluate.py [--key=value ...]", __doc__.split("\n\n")[0]))
-        return 0
-    try:
-        evaluate(parse_options(EvaluateConfig, argv))
-    except (ConfigError, CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(EvaluateConfig, argv, "usage: python evaluate.py [--key=value ...]", __doc__.split("\n\n")[0],
+                   evaluate, (CheckpointError, DataError))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 
 from checkpoint import CheckpointError, load_for_inference
 from dataset import DataError
-from options import ConfigError, help_text, must, parse_options, wants_help
+from options import ConfigError, must, run_cli
 
 
 @dataclass
@@ -118,27 +118,23 @@ def prompt_ids(tokenizer, prompt, room) -> list:
     return ids[-room:]
 
 
+def interpret(cfg):
+    model, tokenizer, device = load_for_inference(cfg.out_dir, cfg.ckpt, cfg.device, cfg.dtype)
+    block = model.config.block_size
+    answer_tokens = min(cfg.answer_tokens, block - 1)
+    idx = torch.tensor([prompt_ids(tokenizer, cfg.prompt, block - answer_tokens)], dtype=torch.long, device=device)
+    idx = model.generate(idx, answer_tokens, temperature=0)
+    labels = [show_token(tokenizer.decode([i])) for i in idx[0].tolist()]
+    print(f"sequence: {tokenizer.decode(idx[0].tolist())!r}")
+    print_logit_lens(logit_lens(model, idx), labels, tokenizer.decode)
+    if cfg.png:
+        draw_attention(attention_weights(model, idx), labels, cfg.png)
+        print(f"attention maps: {cfg.png}")
+
+
 def main(argv) -> int:
-    if wants_help(argv):
-        print(help_text(InterpretConfig, "usage: python interpret.py [--key=value ...]", __doc__.split("\n\n")[0]))
-        return 0
-    try:
-        cfg = parse_options(InterpretConfig, argv)
-        model, tokenizer, device = load_for_inference(cfg.out_dir, cfg.ckpt, cfg.device, cfg.dtype)
-        block = model.config.block_size
-        answer_tokens = min(cfg.answer_tokens, block - 1)
-        idx = torch.tensor([prompt_ids(tokenizer, cfg.prompt, block - answer_tokens)], dtype=torch.long, device=device)
-        idx = model.generate(idx, answer_tokens, temperature=0)
-        labels = [show_token(tokenizer.decode([i])) for i in idx[0].tolist()]
-        print(f"sequence: {tokenizer.decode(idx[0].tolist())!r}")
-        print_logit_lens(logit_lens(model, idx), labels, tokenizer.decode)
-        if cfg.png:
-            draw_attention(attention_weights(model, idx), labels, cfg.png)
-            print(f"attention maps: {cfg.png}")
-    except (ConfigError, CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(InterpretConfig, argv, "usage: python interpret.py [--key=value ...]", __doc__.split("\n\n")[0],
+                   interpret, (CheckpointError, DataError))
 
 
 if __name__ == "__main__":

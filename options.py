@@ -10,6 +10,7 @@ import ast
 import difflib
 import inspect
 import re
+import sys
 import types
 import typing
 from dataclasses import MISSING, asdict, fields
@@ -146,3 +147,17 @@ def wants_help(argv) -> bool:
 def as_config_file(cfg) -> str:
     """The options as config-file lines: what a run prints can be saved and run again."""
     return "\n".join(f"{name} = {value!r}" for name, value in asdict(cfg).items())
+
+
+def run_cli(cls, argv, usage, description, work, errors=()) -> int:
+    """A script's main(): --help, argv parsed into cls, work(cfg); ConfigError and the listed errors
+    end as one `error: ...` line on stderr and exit code 1."""
+    if wants_help(argv):
+        print(help_text(cls, usage, description))
+        return 0
+    try:
+        work(parse_options(cls, argv))
+    except (ConfigError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

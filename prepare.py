@@ -24,7 +24,7 @@ import requests
 
 from dataset import DataError
 from files import atomic_write
-from options import ConfigError, help_text, must, parse_options, wants_help
+from options import must, run_cli
 from tokenizer import CharTokenizer, make_tokenizer
 
 
@@ -396,17 +396,10 @@ class PrepareConfig:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if wants_help(argv):
-        print(help_text(PrepareConfig, "usage: python prepare.py NAME [--key=value ...]", __doc__))
-        return 0
-    try:
-        args = [f"--dataset={a}" if not a.startswith("-") else a for a in argv]  # the bare NAME
-        cfg = parse_options(PrepareConfig, args)
-        prepare(cfg.dataset, cfg.source or None, cfg.data_dir, cfg.tokenizer or None, cfg.seed)
-    except (ConfigError, DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    args = [f"--dataset={a}" if not a.startswith("-") else a for a in argv]  # the bare NAME
+    return run_cli(PrepareConfig, args, "usage: python prepare.py NAME [--key=value ...]", __doc__,
+                   lambda cfg: prepare(cfg.dataset, cfg.source or None, cfg.data_dir, cfg.tokenizer or None, cfg.seed),
+                   (DataError, OSError))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 
 from checkpoint import CheckpointError, load_for_inference
 from dataset import DataError
-from options import ConfigError, help_text, must, parse_options, wants_help
+from options import must, run_cli
 from tokenizer import qa_prompt
 
 
@@ -155,19 +155,15 @@ def run_chat(model, tokenizer, device, cfg):
         print_now("\n")
 
 
+def sample(cfg):
+    model, tokenizer, device = load_for_inference(cfg.out_dir, cfg.ckpt, cfg.device, cfg.dtype)
+    with torch.inference_mode():
+        (run_chat if cfg.chat else run_samples)(model, tokenizer, device, cfg)
+
+
 def main(argv) -> int:
-    if wants_help(argv):
-        print(help_text(SampleConfig, "usage: python sample.py [--key=value ...]", __doc__.split("\n\n")[0]))
-        return 0
-    try:
-        cfg = parse_options(SampleConfig, argv)
-        model, tokenizer, device = load_for_inference(cfg.out_dir, cfg.ckpt, cfg.device, cfg.dtype)
-        with torch.inference_mode():
-            (run_chat if cfg.chat else run_samples)(model, tokenizer, device, cfg)
-    except (ConfigError, CheckpointError, DataError, SampleError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(SampleConfig, argv, "usage: python sample.py [--key=value ...]", __doc__.split("\n\n")[0],
+                   sample, (CheckpointError, DataError, SampleError))
 
 
 if __name__ == "__main__":
