@@ -371,8 +371,9 @@ def run(cfg, argv, dist) -> int:
                     seconds_per_step, timer = (now - since) / max(1, step - since_step), (now, step)
                     tokens_per_s = tokens_per_step / seconds_per_step
                     mfu = model.flops_per_token(batches.seq_len) * tokens_per_s / (peak * dist.world_size) if peak else None
+                    mfu_text = "n/a" if mfu is None else f"{100 * mfu:.2f}%" if mfu <= 1 else "n/a (over the peak: set --peak_flops)"
                     log.write(f"step {step} | loss {values[-1]:.4f} | lr {lr:.2e} | ms/step {1000 * seconds_per_step:.1f} "
-                              f"| tok/s {tokens_per_s:,.0f} | mfu {f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'}",
+                              f"| tok/s {tokens_per_s:,.0f} | mfu {mfu_text}",
                               {"kind": "train", "step": step, "loss": values[-1], "lr": lr,
                                "ms_per_step": 1000 * seconds_per_step, "tokens_per_s": tokens_per_s, "mfu": mfu})
                 if (synced or not dist.enabled) and any_rank(stop.requested, dist):

@@ -331,8 +331,9 @@ def test_mfu_is_the_counted_flops_per_second_over_the_given_peak(tmp_path, data_
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     out = tmp_path / "out"
-    run_train(tiny_args(data_dir, out, "--max_iters=4", "--eval_interval=1000", "--peak_flops=1e9",
-                        "--final_eval_full=False"), cwd=tmp_path)
+    result = run_train(tiny_args(data_dir, out, "--max_iters=4", "--eval_interval=1000", "--peak_flops=1e9",
+                                 "--final_eval_full=False"), cwd=tmp_path)
+    assert "mfu n/a (over the peak: set --peak_flops)" in result.stdout  # this tiny run does more than 1 GFLOP/s
     model = model_from_checkpoint(load_checkpoint(out / "ckpt.pt")).train()
     idx = torch.zeros((8, 16), dtype=torch.long)  # one micro-batch of the run: 8 x block_size 16
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
