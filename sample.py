@@ -31,6 +31,7 @@ class SampleConfig:
     dtype: str = "auto"          # weights are cast to it for inference: bf16 halves memory traffic
     stop: str = ""               # stop a sample when this text appears (not printed)
     chat: bool = False           # read questions from stdin, answer each as "Q: ...\nA:" prompts
+    history: bool = True         # in --chat, earlier turns stay in the context (whole turns, oldest dropped first)
 
     def __post_init__(self):
         must(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 is greedy)")
@@ -130,9 +131,24 @@ def run_samples(model, tokenizer, device, cfg):
     print_now("\n")
 
 
+def chat_prompt_ids(tokenizer, turns, question, budget) -> list:
+    """Token ids of the earlier (question, answer) turns and the new question, framed as the Q&A data
+    is (an answer is the text the model wrote after "A:"); the oldest whole turns are dropped until it
+    fits in budget tokens, never part of a turn."""
+    ids = tokenizer.encode(qa_prompt(question))
+    for q, a in reversed(turns):
+        turn = tokenizer.encode(f"{qa_prompt(q)}{a}\n\n")
+        if len(turn) + len(ids) > budget:
+            break
+        ids = turn + ids
+    return ids
+
+
 def run_chat(model, tokenizer, device, cfg):
-    """Answer each stdin line as the training data frames it: 'Q: <line>\\nA:' up to the newline."""
+    """Answer each stdin line as the training data frames it: 'Q: <line>\\nA:' up to the newline,
+    with the earlier turns in front (cfg.history), leaving a quarter of the window for the answer."""
     cfg = replace(cfg, num_samples=1)  # one answer per question
+    turns, budget = [], model.config.block_size - model.config.block_size // 4
     interactive = sys.stdin.isatty()
     if interactive:
         print("Ask a question (Ctrl-D to quit).", file=sys.stderr)
@@ -146,13 +162,15 @@ def run_chat(model, tokenizer, device, cfg):
         if not question:
             continue
         try:
-            prompt_ids = encode_prompt(tokenizer, qa_prompt(question), model.config.block_size)
+            encode_prompt(tokenizer, qa_prompt(question), model.config.block_size)  # checks it, notes a long one
         except SampleError as e:  # one bad question must not end the conversation
             print(f"error: {e}", file=sys.stderr)
             continue
+        prompt_ids = chat_prompt_ids(tokenizer, turns if cfg.history else [], question, budget)
         print_now("A:")  # the model writes the space after "A:", as in the training data
-        generate_texts(model, tokenizer, device, prompt_ids, cfg, cfg.stop or "\n", on_text=print_now)
+        [answer] = generate_texts(model, tokenizer, device, prompt_ids, cfg, cfg.stop or "\n", on_text=print_now)
         print_now("\n")
+        turns.append((question, answer))
 
 
 def sample(cfg):

@@ -211,3 +211,43 @@ def test_gpt2_bpe_checkpoint_samples_what_greedy_generation_gives(tmp_path):
     assert result.returncode == 0, result.stderr
     expected = model.generate(torch.tensor([tok.encode("ROMEO:")]), 12, temperature=0)[0].tolist()
     assert result.stdout == tok.decode(expected) + "\n"
+
+
+def test_chat_history_keeps_whole_recent_turns_that_fit():
+    from sample import chat_prompt_ids
+    from tokenizer import CharTokenizer
+    turns = [(f"question {i}?", f" answer number {i}.") for i in range(6)]  # answers as the model writes them
+    framed = [f"Q: {q}\nA:{a}\n\n" for q, a in turns]
+    tok = CharTokenizer(sorted(set("".join(framed) + "Q: last?\nA:")))
+    for budget in (12, 60, 100, 400):
+        text = tok.decode(chat_prompt_ids(tok, turns, "last?", budget))
+        assert text.endswith("Q: last?\nA:")
+        kept = 0  # the most recent whole turns whose characters fit beside the question
+        while kept < len(framed) and sum(map(len, framed[len(framed) - kept - 1:])) + len("Q: last?\nA:") <= budget:
+            kept += 1
+        assert text == "".join(framed[len(framed) - kept:]) + "Q: last?\nA:"
+
+
+def test_chat_answers_with_the_conversation_so_far_in_the_context(tmp_path):
+    vocab = sorted(set(qa_text()))
+    model = tiny_model(vocab_size=len(vocab), block_size=128, n_embd=32)
+    with torch.no_grad():  # a random model whose next token depends strongly on the context
+        for p in model.parameters():
+            p.mul_(6)
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_args": asdict(model.config),
+                                           "config": {}, "step": 0, "meta": {"tokenizer": "char", "vocab": vocab}})
+    questions = ["what is 2 plus 2?", "what is 7 plus 1?"]
+
+    def chat(*options, asked=questions):
+        result = sample(tmp_path, "--chat", "--temperature=0", "--max_new_tokens=20", *options,
+                        stdin="\n".join(asked) + "\n")
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    with_history, without, alone = chat(), chat("--history=False"), chat(asked=questions[1:])
+    assert without[1] == alone[0]  # no history: the second answer is the one the question gets alone
+    context = f"Q: {questions[0]}\n{with_history[0]}\n\nQ: {questions[1]}\nA:"  # the first turn, then the second
+    tok = tokenizer_from_meta({"tokenizer": "char", "vocab": vocab})
+    out = tok.decode(model.generate(torch.tensor([tok.encode(context)]), 20, temperature=0)[0].tolist())
+    assert with_history[1] == "A:" + out[len(context):].split("\n")[0]
+    assert with_history[1] != without[1]  # and the first turn changed the answer
