@@ -146,9 +146,11 @@ def chat_prompt_ids(tokenizer, turns, question, budget) -> list:
 
 def run_chat(model, tokenizer, device, cfg):
     """Answer each stdin line as the training data frames it: 'Q: <line>\\nA:' up to the newline,
-    with the earlier turns in front (cfg.history), leaving a quarter of the window for the answer."""
-    cfg = replace(cfg, num_samples=1)  # one answer per question
-    turns, budget = [], model.config.block_size - model.config.block_size // 4
+    with the earlier turns in front (cfg.history). The conversation gets half the window and the
+    answer the other half at most, so a model that never ends its answer stops there."""
+    budget = model.config.block_size // 2
+    cfg = replace(cfg, num_samples=1, max_new_tokens=min(cfg.max_new_tokens, model.config.block_size - budget))
+    turns = []
     interactive = sys.stdin.isatty()
     if interactive:
         print("Ask a question (Ctrl-D to quit).", file=sys.stderr)
