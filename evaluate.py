@@ -7,6 +7,7 @@ data their own scores. train.py calls the same functions during and at the end o
 Under torchrun every process scores its share of the batches and the sums are all-reduced.
 """
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,24 @@ def verdict_text(value, bar, higher_is_better=False, unit="") -> str:
 
 
 QA_SHOWN = 8  # held-out questions whose answers are printed next to the reference answers
+STOP_WORDS = frozenset("the and you your are was were what how does can this that with for have has not "
+                       "but its it's".split())
+
+
+def words(text) -> list:
+    return re.findall(r"[a-z]+(?:'[a-z]+)?", text.lower())
+
+
+def answer_scores(answers, references, known_words) -> tuple:
+    """(share of the answers' words that are real words, i.e. occur in known_words; share of answers
+    that share a content word, one of 3+ letters outside STOP_WORDS, with their reference)."""
+    said = [w for answer in answers for w in words(answer)]
+    real = sum(w in known_words for w in said) / max(1, len(said))
+
+    def content(text):
+        return {w for w in words(text) if len(w) >= 3 and w not in STOP_WORDS}
+    overlap = sum(bool(content(a) & content(r)) for a, r in zip(answers, references)) / max(1, len(answers))
+    return real, overlap
 
 
 def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_bar=0.0, dist=Dist()) -> list:
@@ -130,11 +149,15 @@ def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_
         pairs = qa_pairs((batches.folder / batches.meta["test_file"]).read_text(encoding="utf-8"))
         tokenizer = tokenizer_from_meta(batches.meta)
         loss = qa_answer_loss(model, tokenizer, pairs, ctx, batches.device)
-        say(f"held-out test answers: loss {loss:.4f} over {len(pairs)} pairs; greedy answers to the first {QA_SHOWN}:")
-        for question, reference in pairs[:QA_SHOWN]:
-            say(f"  Q: {question}\n     model: {greedy_answer(model, tokenizer, question, batches.device)}\n"
-                f"     reference: {reference}")
-        records.append({"kind": "test", "qa_answer_loss": loss})
+        answers = [greedy_answer(model, tokenizer, question, batches.device) for question, _ in pairs]
+        known = set(words(tokenizer.decode(batches.tokens("train"))))
+        real, overlap = answer_scores(answers, [reference for _, reference in pairs], known)
+        say(f"held-out test answers: loss {loss:.4f} over {len(pairs)} pairs; greedy answers: {100 * real:.1f}% of "
+            f"their words are real words (in the training text), {100 * overlap:.1f}% share a content word with "
+            f"the reference; the first {QA_SHOWN}:")
+        for (question, reference), answer in zip(pairs[:QA_SHOWN], answers):
+            say(f"  Q: {question}\n     model: {answer}\n     reference: {reference}")
+        records.append({"kind": "test", "qa_answer_loss": loss, "real_words": real, "answer_overlap": overlap})
     return records
 
 
