@@ -92,11 +92,12 @@ def qa_answer_loss(model, tokenizer, pairs, ctx, device) -> float:
 
 
 @torch.no_grad()
-def greedy_answer(model, tokenizer, question, device, max_tokens=200) -> str:
-    """The model's greedy answer to a question, up to the newline that ends answers in the data."""
+def greedy_answer(model, tokenizer, question, device) -> str:
+    """The model's greedy answer to a question, up to the newline that ends answers in the data, and
+    at most half a window long (as sample.py --chat allows)."""
     idx = torch.tensor([tokenizer.encode(qa_prompt(question))], device=device)
     answer = []
-    for token in model.generate_stream(idx, max_tokens, temperature=0):
+    for token in model.generate_stream(idx, model.config.block_size // 2, temperature=0):
         text = tokenizer.decode([token.item()])
         if text == "\n":
             break
