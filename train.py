@@ -148,8 +148,8 @@ class RunLog:
 class StopSignal:
     """SIGINT/SIGTERM set a flag instead of killing the process, so the loop can finish its step and save."""
 
-    def __init__(self):
-        self.requested, self.previous = False, {}
+    def __init__(self, announce=True):
+        self.requested, self.previous, self.announce = False, {}, announce
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -157,7 +157,7 @@ class StopSignal:
         return self
 
     def handle(self, signum, frame):
-        if not self.requested:  # torchrun relays a Ctrl-C it received, so a repeat is ignored
+        if self.announce and not self.requested:  # torchrun relays a Ctrl-C to every rank, more than once
             print(f"{signal.Signals(signum).name} received: finishing this step, then saving", flush=True)
         self.requested = True
 
@@ -315,7 +315,7 @@ def run(cfg, argv, dist) -> int:
         # -------------------------------------------------------------------------------- the loop
         pending_losses = []  # per-step loss tensors, read back at log steps only (reading syncs the device)
         timer = (time.perf_counter(), step)
-        with StopSignal() as stop:
+        with StopSignal(announce=master) as stop:
             while True:
                 if step % cfg.eval_interval == 0 or step == cfg.max_iters:  # evaluate (every process its share)
                     losses = estimate_loss(compiled, batches, cfg.eval_iters, cfg.batch_size, cfg.seed, step, ctx, dist)
