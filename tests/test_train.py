@@ -7,6 +7,7 @@ made by prepare.py in a temp folder, and read what it wrote: stdout, log.jsonl, 
 import hashlib
 import json
 import math
+import os
 import shlex
 import shutil
 import signal
@@ -264,7 +265,6 @@ def test_torchrun_restart_after_a_killed_rank_resumes_and_loses_no_step(tmp_path
     for line in proc.stdout:
         output.append(line)
         if line.startswith("step 25 |"):  # after the step-20 checkpoint
-            import os
             os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
             break
     stdout, stderr = proc.communicate(timeout=240)
