@@ -583,3 +583,23 @@ def test_compiled_model_trains(tmp_path, data_dir):
                         "--learning_rate=1e-2"), cwd=tmp_path, timeout=900)
     losses = train_losses(out)
     assert losses[30] < 0.8 * losses[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.py")))
+def test_every_shipped_config_runs_under_torchrun_with_two_processes_as_written(tmp_path, config):
+    """Each config's own batch settings and data set, a tiny model, two optimizer steps, 2 gloo processes."""
+    from conftest import SHARED_DATA
+    data = tmp_path / "data"
+    sources = {"shakespeare_char": SHARED_DATA / "tinyshakespeare" / "input.txt",
+               "shakespeare": SHARED_DATA / "tinyshakespeare" / "input.txt", "tinytalks": SHARED_DATA / "tinytalks"}
+    cfg = parse_options(TrainConfig, [str(REPO / "configs" / config)], config_files=True)
+    if cfg.dataset in sources and not sources[cfg.dataset].exists():
+        pytest.skip(f"no local copy of {cfg.dataset}")
+    source = [f"--data_source={sources[cfg.dataset]}"] if cfg.dataset in sources else []
+    result = run_script("train.py", [REPO / "configs" / config, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
+                                     *source, "--n_layer=1", "--n_head=2", "--n_embd=32", "--max_iters=2",
+                                     "--eval_iters=1", "--final_eval_full=False", "--device=cpu", "--dtype=float32",
+                                     "--compile=False"], cwd=tmp_path, launcher=torchrun(2), timeout=600)
+    assert "2 process(es)" in result.stdout and "step 2 | loss " in result.stdout
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 2
