@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,15 +86,15 @@ def generation_model():
     return GPT(config).eval()
 
 
-def generation_tokens_per_second(model, use_cache, new_tokens, autocast=nullcontext):
-    prompt = torch.zeros((1, 1), dtype=torch.long)
+def generation_tokens_per_second(model, use_cache, new_tokens, batch=1):
+    """Generated tokens per second, over all `batch` sequences sampled together."""
+    prompt = torch.zeros((batch, 1), dtype=torch.long)
 
     def run():
-        with autocast():
-            model.generate(prompt, new_tokens, temperature=1.0, use_cache=use_cache,
-                           generator=torch.Generator().manual_seed(0))
+        model.generate(prompt, new_tokens, temperature=1.0, use_cache=use_cache,
+                       generator=torch.Generator().manual_seed(0))
 
-    return new_tokens / median_seconds(run, repeats=3)
+    return batch * new_tokens / median_seconds(run, repeats=3)
 
 
 def bench_generate(cfg, new_tokens=500):
@@ -108,6 +107,8 @@ def bench_generate(cfg, new_tokens=500):
     without = generation_tokens_per_second(model, False, new_tokens)
     print(f"  full recompute    {without:8.1f} tokens/s")
     print(f"  speed-up          {with_cache / without:8.1f}x")
+    for batch in (8, 32):  # sample.py --num_samples: one batch, one token of every sequence per step
+        print(f"  KV cache, {batch:2d} sequences {generation_tokens_per_second(model, True, new_tokens, batch):8.1f} tokens/s")
 
 
 SECTIONS = {"train": bench_train, "matmul": bench_matmul, "generate": bench_generate}
