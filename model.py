@@ -23,7 +23,7 @@ class GPTConfig:
     pos: str = "learned"        # "learned" absolute positions (GPT-2) or "rope" (rotary)
     tie_weights: bool = True    # LM head shares the token embedding matrix
     attention: bool = True      # False is an ablation: every token attends only to itself
-    mlp: str = "gelu"           # "gelu" (GPT-2) or "relu2" (ReLU squared, a speedrun lever)
+    mlp: str = "gelu"           # "gelu", "gelu_tanh" (GPT-2's tanh approximation) or "relu2" (ReLU squared)
     qk_norm: bool = False       # RMS-normalise queries and keys before attention
     zero_init_proj: bool = False  # residual output projections start at zero
 
@@ -34,8 +34,8 @@ class GPTConfig:
             raise ValueError(f"pos={self.pos!r}: use 'learned' or 'rope'")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"pos='rope' needs an even head size, got {self.n_embd // self.n_head}")
-        if self.mlp not in ("gelu", "relu2"):
-            raise ValueError(f"mlp={self.mlp!r}: use 'gelu' or 'relu2'")
+        if self.mlp not in ("gelu", "gelu_tanh", "relu2"):
+            raise ValueError(f"mlp={self.mlp!r}: use 'gelu', 'gelu_tanh' or 'relu2'")
 
 
 class KVCache:
@@ -135,10 +135,11 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.relu2 = config.mlp == "relu2"
+        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"  # GPT-2's GELU is the tanh one
 
     def forward(self, x):
         x = self.c_fc(x)
-        x = F.relu(x).square() if self.relu2 else F.gelu(x)
+        x = F.relu(x).square() if self.relu2 else F.gelu(x, approximate=self.approximate)
         return self.dropout(self.c_proj(x))
 
 
