@@ -84,10 +84,19 @@ def load_for_inference(out_dir, name="", device="auto", dtype="auto"):
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}; train one first, e.g. "
                               f"python train.py configs/speedrun_cpu.py --out_dir={out_dir}")
+    return ready_for_inference(load_checkpoint(path), device, dtype)
+
+
+def ready_for_inference(checkpoint, device="auto", dtype="auto"):
+    """(model in eval mode with weights cast to dtype, its tokenizer, device) of a dict with the
+    model, model_args and meta of a checkpoint (or of GPT-2's weights, gpt2.load_weights)."""
     device = resolve_device(device)
-    checkpoint = load_checkpoint(path)
     model = model_from_checkpoint(checkpoint, device).to(getattr(torch, resolve_dtype(dtype, device)))
-    return model, tokenizer_from_meta(checkpoint["meta"]), device
+    tokenizer = tokenizer_from_meta(checkpoint["meta"])
+    if tokenizer.vocab_size > model.config.vocab_size:  # e.g. a small random model in GPT-2's format
+        raise CheckpointError(f"the model has {model.config.vocab_size} token embeddings, fewer than its "
+                              f"{tokenizer.kind} tokenizer's {tokenizer.vocab_size}, so it cannot read its prompts")
+    return model, tokenizer, device
 
 
 def check_resumable(checkpoint, model_args, meta, uses_muon, path):

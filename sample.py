@@ -3,6 +3,7 @@
     python sample.py --out_dir=out-speedrun-cpu
     python sample.py --out_dir=out-speedrun-cpu --start="ROMEO:" --num_samples=3 --max_new_tokens=300
     python sample.py --out_dir=out-tinytalks --chat          # one question per line on stdin
+    python sample.py --init_from=gpt2-xl --start="What is the answer to life, the universe, and everything?"
 """
 import sys
 from dataclasses import dataclass, replace
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, load_for_inference
+from checkpoint import CheckpointError, load_for_inference, ready_for_inference
 from dataset import DataError
+from gpt2 import load_weights
 from options import must, run_cli
 from tokenizer import qa_prompt
 
@@ -20,6 +22,7 @@ from tokenizer import qa_prompt
 class SampleConfig:
     out_dir: str = "out"         # the training run's folder
     ckpt: str = ""               # file in out_dir; '' = best.pt if the run has one, else ckpt.pt
+    init_from: str = ""          # instead of out_dir: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder
     start: str = "\n"            # prompt text, or FILE:path to read it from a file
     num_samples: int = 1         # generated together as one batch; the first one streams
     max_new_tokens: int = 500    # tokens to generate per sample
@@ -176,7 +179,10 @@ def run_chat(model, tokenizer, device, cfg):
 
 
 def sample(cfg):
-    model, tokenizer, device = load_for_inference(cfg.out_dir, cfg.ckpt, cfg.device, cfg.dtype)
+    if cfg.init_from:  # OpenAI's GPT-2 (downloaded once), a Hugging Face folder, or any weights train.py can start from
+        model, tokenizer, device = ready_for_inference(load_weights(cfg.init_from), cfg.device, cfg.dtype)
+    else:
+        model, tokenizer, device = load_for_inference(cfg.out_dir, cfg.ckpt, cfg.device, cfg.dtype)
     with torch.inference_mode():
         (run_chat if cfg.chat else run_samples)(model, tokenizer, device, cfg)
 

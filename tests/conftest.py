@@ -32,6 +32,19 @@ def tiny_model(seed=0, **overrides) -> GPT:
     return GPT(GPTConfig(**{**args, **overrides})).eval()
 
 
+def tiny_hf_gpt2(folder, seed=0, **overrides):
+    """A tiny random GPT-2 from transformers (a test-only dependency), saved to folder with save_pretrained.
+    Its weights are drawn wider than GPT-2's init (std 0.3, not 0.02) so that every part of the network,
+    the GELU's curve included, moves the logits by more than the tolerance tests compare them to."""
+    from transformers import GPT2Config, GPT2LMHeadModel  # slow to import: only the tests that use it
+    torch.manual_seed(seed)
+    config = GPT2Config(**{"vocab_size": 50, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 4,
+                           "initializer_range": 0.3, **overrides})
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
 def tiny_text(n_lines=1500, seed=0) -> str:
     """Text with learnable structure: short sentences from a small vocabulary."""
     rng = random.Random(seed)
@@ -51,10 +64,11 @@ def data_dir(tmp_path_factory):
     return root
 
 
-def run_script(script, args, cwd=REPO, check=True, timeout=300, stdin=None, launcher=None):
-    """Run one of the repo's scripts (by default with this Python) and return the finished process."""
+def run_script(script, args, cwd=REPO, check=True, timeout=300, stdin=None, launcher=None, env=None):
+    """Run one of the repo's scripts (by default with this Python, with ENV plus env) and return the finished process."""
     command = (launcher or [sys.executable]) + [str(REPO / script), *map(str, args)]
-    result = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout, input=stdin)
+    result = subprocess.run(command, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True,
+                            timeout=timeout, input=stdin)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result

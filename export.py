@@ -1,0 +1,42 @@
+"""Export a checkpoint of this repo as a Hugging Face GPT-2 folder that transformers loads.
+
+    python export.py --out_dir=out-shakespeare --to=hf-shakespeare
+    python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('hf-shakespeare')"
+
+The folder holds config.json and model.safetensors. Models with learned positions, GELU, a head tied
+to the embedding and no QK-norm export (bias=False exports zero biases); RoPE, ReLU^2, QK-norm, untied
+heads and the no-attention ablation are not GPT-2 and are refused. A GPT-2 BPE model reads GPT-2's
+tokenizer (GPT2TokenizerFast.from_pretrained('gpt2')); a character vocabulary stays in the run's
+meta.json, since transformers has no tokenizer for it.
+"""
+import sys
+from dataclasses import dataclass
+
+from checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+from gpt2 import export_hf
+from options import must, run_cli
+
+
+@dataclass
+class ExportConfig:
+    out_dir: str = "out"     # the training run's folder
+    ckpt: str = ""           # file in out_dir; '' = best.pt if the run has one, else ckpt.pt
+    to: str = ""             # the folder to write config.json and model.safetensors into (a new one)
+
+    def __post_init__(self):
+        must(self.to != "", "say where to write the Hugging Face folder: --to=FOLDER")
+
+
+def export(cfg):
+    path = checkpoint_path(cfg.out_dir, cfg.ckpt)
+    folder = export_hf(load_checkpoint(path), cfg.to)
+    print(f"wrote {folder / 'config.json'} and {folder / 'model.safetensors'} from {path}")
+
+
+def main(argv) -> int:
+    return run_cli(ExportConfig, argv, "usage: python export.py --out_dir=OUT_DIR --to=FOLDER [--ckpt=best.pt]",
+                   __doc__.split("\n\n")[0], export, (CheckpointError,))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
