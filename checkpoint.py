@@ -26,17 +26,18 @@ def save_checkpoint(path, checkpoint):
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, mmap=False) -> dict:
     """The checkpoint dict at path with every tensor on the CPU, whatever device wrote it.
 
     Loading to the CPU is what keeps resume device-agnostic: load_state_dict copies weights and
     optimizer moments to wherever the parameters live, and the RNG states must be CPU tensors.
-    weights_only=True: no code in the file runs on load."""
+    weights_only=True: no code in the file runs on load. mmap=True maps the tensors instead of
+    reading them, for a caller that wants only the small entries (model_args, meta)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except Exception as e:  # truncated zips, foreign pickles, random bytes: all end here
         reason = (str(e).strip().splitlines() or [""])[0][:160]
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason}); "
@@ -97,6 +98,23 @@ def ready_for_inference(checkpoint, device="auto", dtype="auto"):
         raise CheckpointError(f"the model has {model.config.vocab_size} token embeddings, fewer than its "
                               f"{tokenizer.kind} tokenizer's {tokenizer.vocab_size}, so it cannot read its prompts")
     return model, tokenizer, device
+
+
+def check_vocabulary(weights_meta, vocab_size, meta, where):
+    """Raise CheckpointError unless a model with vocab_size token embeddings, trained on tokens of
+    weights_meta's tokenizer, can be fine-tuned on the data set of meta: the same tokenizer (for
+    characters, the same list in the same order) and no token id beyond its embeddings."""
+    kind, data_kind = weights_meta.get("tokenizer"), meta.get("tokenizer")
+    if kind != data_kind:
+        raise CheckpointError(f"{where} reads {kind} tokens, but this data set is tokenized by {data_kind}; "
+                              f"fine-tune it on a data set prepared with the {kind} tokenizer")
+    vocab, data_vocab = weights_meta.get("vocab") or [], meta.get("vocab") or []
+    if vocab != data_vocab:
+        raise CheckpointError(f"{where} was trained on another character vocabulary ({len(vocab)} characters) than "
+                              f"this data set's ({len(data_vocab)}); fine-tune it on data with the same vocabulary")
+    if meta["vocab_size"] > vocab_size:
+        raise CheckpointError(f"{where} has {vocab_size} token embeddings, fewer than the {meta['vocab_size']} "
+                              "of this data set's vocabulary")
 
 
 def check_resumable(checkpoint, model_args, meta, uses_muon, path):

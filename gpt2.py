@@ -1,4 +1,4 @@
-"""OpenAI's GPT-2 weights in and out, and the weights that sampling starts from.
+"""OpenAI's GPT-2 weights in and out, and the weights that fine-tuning and sampling start from.
 
 A Hugging Face GPT-2 folder holds config.json (the shape) and model.safetensors (the tensors, read
 without pickle). GPT-2's tensors are this repo's under other names (`transformer.h.3.` for
@@ -8,16 +8,17 @@ here with bias=False exports zero biases, which compute the same. Its GELU is th
 approximation (mlp='gelu_tanh' here). The four GPT-2 names download with huggingface_hub.
 
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?"
+    python train.py configs/finetune_shakespeare.py           # init_from = 'gpt2-xl'
     python export.py --out_dir=out-shakespeare --to=hf-shakespeare
 """
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
 
-from checkpoint import CheckpointError, checkpoint_path, clean_state_dict, load_checkpoint
+from checkpoint import CheckpointError, check_vocabulary, checkpoint_path, clean_state_dict, load_checkpoint
 from files import atomic_write
 from model import GPT, GPTConfig
 
@@ -120,6 +121,32 @@ def load_weights(source) -> dict:
     raise CheckpointError(f"--init_from={source}: {what}; give a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hugging "
                           "Face GPT-2 folder (config.json + model.safetensors), or a checkpoint of this repo (a .pt or "
                           "an out_dir)")
+
+
+def weights_to_fine_tune(cfg, meta, resume_from=None) -> tuple:
+    """(cfg, model_args, state_dict) of a run that fine-tunes the weights cfg.init_from names on the data
+    set of meta. The model's shape is the weights' (they replace cfg's model fields), with cfg's dropout,
+    and block_size cropped to cfg's if it asks for less (as nanoGPT's crop_block_size). A run that resumes
+    its own checkpoint (a rerun of the same command) takes the shape from it and no tensors (None): they
+    come with the resume. A one-line CheckpointError when the weights' vocabulary cannot read this data
+    set, or their positions cannot hold one of its examples."""
+    if resume_from:
+        weights = load_checkpoint(resume_from, mmap=True)  # mapped, not read: only its model_args and meta are used
+        model_args, state = {**weights["model_args"], "dropout": cfg.dropout}, None
+    else:
+        weights = load_weights(cfg.init_from)
+        block_size = min(cfg.block_size, weights["model_args"]["block_size"])
+        model_args = {**weights["model_args"], "block_size": block_size, "dropout": cfg.dropout}
+        state = clean_state_dict(weights["model"])
+        if "wpe.weight" in state:
+            state["wpe.weight"] = state["wpe.weight"][:block_size]  # the first positions, as trained
+        check_shapes(state, model_args, cfg.init_from)
+    where, positions = resume_from or cfg.init_from, weights["model_args"]["block_size"]
+    check_vocabulary(weights.get("meta") or {}, model_args["vocab_size"], meta, where)
+    if meta.get("task") and positions < meta["example_len"] - 1:
+        raise CheckpointError(f"{where} holds {positions} positions, fewer than the {meta['example_len'] - 1} tokens "
+                              f"of a {meta['task']} example; fine-tune a model with a longer block_size")
+    return replace(cfg, **{k: v for k, v in model_args.items() if k != "vocab_size"}), model_args, state
 
 
 def hf_config(model_args, meta) -> dict:

@@ -3,6 +3,7 @@
     python train.py configs/speedrun_cpu.py                          # ~25 s on a laptop CPU
     python train.py configs/shakespeare_char.py --max_iters=2000     # a config file, then overrides
     torchrun --standalone --nproc_per_node=8 train.py configs/shakespeare_char.py
+    python train.py configs/finetune_shakespeare.py                  # fine-tune GPT-2 (--init_from=gpt2-xl)
 
 A run resumes out_dir/ckpt.pt when there is one (a rerun or a torchrun restart continues, it never
 starts over on top of a trained model). Reads top to bottom: the options, the learning-rate
@@ -32,6 +33,7 @@ from device import (any_rank, autocast_context, broadcast_from_master, collectiv
                     sum_over_ranks)
 from evaluate import estimate_loss, final_report
 from files import keep_as
+from gpt2 import GPT2_NAMES, weights_to_fine_tune
 from model import GPT, GPTConfig
 from options import ConfigError, as_config_file, help_text, must, parse_options, wants_help
 
@@ -45,7 +47,7 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
     vocab_size: int = 0                 # taken from the data set's meta.json; leave at 0
     # I/O
     out_dir: str = "out"                # ckpt.pt (newest state), best.pt (best val), log.jsonl, config.json
-    init_from: str = "auto"             # 'auto': resume out_dir/ckpt.pt if there is one; 'resume': must; 'scratch': must not
+    init_from: str = "auto"             # resume out_dir/ckpt.pt: 'auto' if any, 'resume' must, 'scratch' never; else weights to fine-tune
     eval_interval: int = 250            # steps between evaluations; each one saves ckpt.pt (and best.pt if val improved)
     eval_iters: int = 200               # batches per split in each evaluation
     log_interval: int = 10              # steps between log lines (the only host syncs of the loop)
@@ -88,9 +90,11 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
     def __post_init__(self):
         super().__post_init__()
         must(self.vocab_size == 0, f"vocab_size={self.vocab_size}: it comes from the data set's meta.json; leave it out")
-        for name, allowed in {"init_from": ("auto", "resume", "scratch"), "lr_schedule": ("cosine", "linear"),
+        for name, allowed in {"lr_schedule": ("cosine", "linear"),
                               "dtype": ("auto", "float32", "bfloat16", "float16")}.items():
             must(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        must(self.init_from in ("auto", "resume", "scratch", *GPT2_NAMES) or Path(self.init_from).exists(),
+             f"init_from={self.init_from!r}: use auto, resume, scratch, {', '.join(GPT2_NAMES)} or a path to weights")
         for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
                      "block_size", "n_layer", "n_head", "n_embd"):
             must(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
@@ -168,8 +172,9 @@ class StopSignal:
 
 def checkpoint_to_resume(cfg, dist) -> Path | None:
     """out_dir/ckpt.pt when this run continues it, else None. Nothing is ever started on top of a
-    trained model: init_from='scratch' refuses an out_dir that holds one. A torchrun relaunch after
-    a failure continues whatever the command line says."""
+    trained model: init_from='scratch' refuses an out_dir that holds one, and a fine-tuning run continues
+    its out_dir's own ckpt.pt (as 'auto'), not the weights it names. A torchrun relaunch after a failure
+    continues whatever the command line says."""
     out_dir, init_from = Path(cfg.out_dir), "auto" if restart_count() else cfg.init_from
     ckpt, existing = out_dir / "ckpt.pt", [p.name for p in (out_dir / "ckpt.pt", out_dir / "best.pt") if p.exists()]
     if init_from == "resume" and not ckpt.is_file():
@@ -181,9 +186,9 @@ def checkpoint_to_resume(cfg, dist) -> Path | None:
     return ckpt if init_from != "scratch" and ckpt.is_file() else None
 
 
-def build_training_state(cfg, model_args, meta, device, dtype, resume_from=None):
-    """(model, optimizers, scaler, resumed) on device, restored from resume_from if given; resumed
-    is the checkpoint's step, best_val_loss and best_step (None for a new run).
+def build_training_state(cfg, model_args, meta, device, dtype, resume_from=None, start_weights=None):
+    """(model, optimizers, scaler, resumed) on device, restored from resume_from or holding start_weights (a state
+    dict to fine-tune) if given; resumed is the checkpoint's step, best_val_loss and best_step (None for a new run).
 
     The checkpoint is loaded to the CPU: load_state_dict copies weights and optimizer moments to
     the parameters' device, the RNG states stay on the host where they are used, and the host copy
@@ -205,6 +210,8 @@ def build_training_state(cfg, model_args, meta, device, dtype, resume_from=None)
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         restore_rng_states(checkpoint["rng"])
+    elif start_weights is not None:  # fine-tuning: these weights, with a fresh optimizer and schedule from step 0
+        model.load_state_dict(start_weights)
     for optimizer, settings in zip(optimizers, requested):  # this run's lr, betas, decay, not the checkpoint's
         for group, setting in zip(optimizer.param_groups, settings):
             group.update(setting, peak_lr=setting["lr"])  # the schedule scales each group's own peak
@@ -255,6 +262,10 @@ def run(cfg, argv, dist) -> int:
         collectively(lambda: prepare_if_missing(cfg.dataset, cfg.data_dir, cfg.data_source), dist, "node")
         folder = Path(cfg.data_dir) / cfg.dataset
         meta = load_meta(folder)
+        resume_from = broadcast_from_master(collectively(lambda: checkpoint_to_resume(cfg, dist), dist, "master"), dist)
+        model_args, start_weights = model_args_of(cfg, meta["vocab_size"]), None
+        if cfg.init_from not in ("auto", "resume", "scratch"):  # fine-tuning: the model's shape is the weights'
+            cfg, model_args, start_weights = collectively(lambda: weights_to_fine_tune(cfg, meta, resume_from), dist)
         batches = Batches(folder, meta, cfg.block_size, device)
         if batches.task and cfg.block_size < batches.seq_len:
             raise ConfigError(f"block_size={cfg.block_size} is shorter than the {batches.seq_len} tokens "
@@ -263,10 +274,8 @@ def run(cfg, argv, dist) -> int:
             micro_steps, rows = split_global_batch(cfg.gradient_accumulation_steps, cfg.batch_size, dist.world_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        model_args = model_args_of(cfg, meta["vocab_size"])
-        resume_from = broadcast_from_master(collectively(lambda: checkpoint_to_resume(cfg, dist), dist, "master"), dist)
         model, optimizers, scaler, resumed = collectively(
-            lambda: build_training_state(cfg, model_args, meta, device, dtype, resume_from), dist)
+            lambda: build_training_state(cfg, model_args, meta, device, dtype, resume_from, start_weights), dist)
         resumed = resumed or {"step": 0, "best_val_loss": math.inf, "best_step": None}
         step = resumed["step"]  # optimizer steps done; the next one is step + 1
         best_val_loss, best_step = resumed["best_val_loss"], resumed["best_step"]  # best.pt holds best_step
@@ -294,6 +303,9 @@ def run(cfg, argv, dist) -> int:
         say(f"peak for MFU: {f'{peak / 1e12:.2f} TFLOP/s' if peak else 'unknown (set --peak_flops for MFU)'}")
         if resume_from:
             say(f"resuming from {ckpt_path} at step {step} (best val loss {best_val_loss:.4f})")
+        elif start_weights is not None:
+            say(f"fine-tuning {cfg.init_from}: its weights and shape (block_size {cfg.block_size}), a fresh optimizer")
+            start_weights = None  # the model holds them now; drop the host copy
 
         def save(reason, is_best):
             """ckpt.pt, the newest state; best.pt another name for it when val improved (rank 0)."""

@@ -1,20 +1,28 @@
-"""GPT-2's weights in and out, as a specification.
+"""GPT-2's weights in and out, and fine-tuning from weights, as a specification.
 
 The reference is `transformers` itself (a test-only dependency): tiny random GPT-2 models are built
 with it, saved with save_pretrained, and this repo's model must compute what transformers computes
 from the same folder. Nothing here touches the network.
 """
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import GPT2LMHeadModel
 
-from checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
-from conftest import assert_one_line_error, run_script, tiny_hf_gpt2, tiny_model
-from gpt2 import export_hf, load_weights
+from checkpoint import CheckpointError, check_vocabulary, load_checkpoint, model_from_checkpoint, save_checkpoint
+from conftest import (TINY, assert_one_line_error, records, run_script, run_train, tiny_args, tiny_hf_gpt2, tiny_model,
+                      tiny_text, train_losses)
+from dataset import Batches, load_meta
+from evaluate import estimate_loss
+from gpt2 import export_hf, load_weights, weights_to_fine_tune
+from model import GPT, GPTConfig
+from options import parse_options
+from prepare import prepare
 from tokenizer import GPT2Tokenizer
+from train import TrainConfig
 
 GPT2_VOCAB = 50257
 
@@ -158,3 +166,106 @@ def test_export_refuses_what_gpt2_does_not_have_in_one_line(tmp_path):
     assert_one_line_error(result, "cannot be exported as GPT-2", "pos='rope'", "mlp='relu2'", "qk_norm=True",
                           "tie_weights=False")
     assert not (tmp_path / "hf").exists()
+
+
+# --------------------------------------------------------------------------------- fine-tuning
+
+@pytest.fixture(scope="module")
+def bpe_data(tmp_path_factory):
+    """A data folder with 'tinybpe': the tiny sentences in GPT-2 BPE tokens."""
+    root = tmp_path_factory.mktemp("bpe")
+    (root / "tiny.txt").write_text(tiny_text())
+    prepare("tinybpe", source=root / "tiny.txt", data_dir=root, tokenizer="gpt2")
+    return root
+
+
+def test_fine_tuning_a_hugging_face_folder_starts_from_its_weights_in_its_shape(tmp_path, bpe_data):
+    """The model takes the weights' shape, not the command line's, with block_size cropped to the one
+    asked for and the run's dropout; its first evaluation is the loaded model's, and the loss falls."""
+    tiny_hf_gpt2(tmp_path / "hf", vocab_size=GPT2_VOCAB, n_positions=64, n_layer=3, n_embd=48)
+    out = tmp_path / "out"
+    args = [*TINY, f"--data_dir={bpe_data}", "--dataset=tinybpe", f"--out_dir={out}", f"--init_from={tmp_path / 'hf'}",
+            "--dropout=0.1", "--max_iters=12", "--final_eval_full=False"]  # TINY asks for 2 layers of 32, block 16
+    result = run_train(args, cwd=tmp_path)
+    assert f"fine-tuning {tmp_path / 'hf'}: its weights and shape (block_size 16)" in result.stdout
+    assert "n_layer = 3" in result.stdout and "n_embd = 48" in result.stdout  # the effective config
+    shape = load_checkpoint(out / "ckpt.pt")["model_args"]
+    assert {k: shape[k] for k in ("n_layer", "n_embd", "block_size", "vocab_size", "bias", "mlp", "dropout")} \
+        == {"n_layer": 3, "n_embd": 48, "block_size": 16, "vocab_size": GPT2_VOCAB, "bias": True, "mlp": "gelu_tanh",
+            "dropout": 0.1}
+
+    cfg, model_args, state = weights_to_fine_tune(parse_options(TrainConfig, args), load_meta(bpe_data / "tinybpe"))
+    loaded = GPT(GPTConfig(**model_args))
+    loaded.load_state_dict(state)  # the folder's weights, cropped to 16 positions
+    batches = Batches(bpe_data / "tinybpe", load_meta(bpe_data / "tinybpe"), cfg.block_size, "cpu")
+    expected = estimate_loss(loaded, batches, cfg.eval_iters, cfg.batch_size, cfg.seed, 0, nullcontext())
+    assert records(out, "eval")[0]["val"] == pytest.approx(expected["val"], rel=1e-5)
+    losses = train_losses(out)
+    assert losses[12] < 0.8 * losses[1]
+
+
+def pretrained_char_checkpoint(folder, meta, seed, **model_args):
+    """A checkpoint of this repo whose weights no fresh model would have: a seed train.py does not use, scaled."""
+    model = tiny_model(seed=seed, vocab_size=meta["vocab_size"], n_embd=32, **model_args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"n_layer": model.config.n_layer}))  # as train.py writes one
+    save_checkpoint(folder / "best.pt", {"model": model.state_dict(), "model_args": vars(model.config), "config": {},
+                                         "step": 500, "meta": meta, "optimizer": {}})
+    return model
+
+
+def test_fine_tuning_a_checkpoint_loads_its_weights_with_a_fresh_optimizer_and_a_rerun_resumes(tmp_path, data_dir):
+    """From an out_dir of this repo (its best.pt): the weights, step 0 and a fresh AdamW. A rerun of the
+    same command into the same out_dir resumes that out_dir's own checkpoint, never the weights again."""
+    meta = json.loads((data_dir / "tiny" / "meta.json").read_text())
+    source = pretrained_char_checkpoint(tmp_path / "pretrained", meta, seed=99, n_layer=3)
+    out = tmp_path / "out"
+    command = tiny_args(data_dir, out, f"--init_from={tmp_path / 'pretrained'}", "--learning_rate=1e-9",
+                        "--decay_lr=False", "--final_eval_full=False")
+    first = run_train([*command, "--max_iters=2"], cwd=tmp_path)
+    assert "fine-tuning" in first.stdout
+    saved = load_checkpoint(out / "ckpt.pt")
+    assert saved["step"] == 2 and saved["model_args"]["n_layer"] == 3  # not the pretrained run's 500 steps
+    assert {s["step"].item() for s in saved["optimizer"]["state"].values()} == {2.0}  # a fresh AdamW
+    for name, tensor in source.state_dict().items():  # two steps at lr 1e-9 leave them as loaded
+        torch.testing.assert_close(saved["model"][name], tensor, atol=1e-6, rtol=0)
+
+    again = run_train([*command, "--max_iters=4"], cwd=tmp_path)
+    assert f"resuming from {out / 'ckpt.pt'} at step 2" in again.stdout and "fine-tuning" not in again.stdout
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 4
+
+
+def test_fine_tuning_refuses_weights_whose_vocabulary_or_positions_cannot_fit(tmp_path, data_dir, bpe_data):
+    tiny_meta = json.loads((data_dir / "tiny" / "meta.json").read_text())
+    reverse_meta = json.loads((data_dir / "reverse" / "meta.json").read_text())
+    pretrained_char_checkpoint(tmp_path / "chars", tiny_meta, seed=1)
+    result = run_train(tiny_args(data_dir, tmp_path / "out", f"--init_from={tmp_path / 'chars' / 'best.pt'}",
+                                 "--dataset=reverse"), cwd=tmp_path, check=False)
+    assert_one_line_error(result, "best.pt was trained on another character vocabulary")
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+    def refusal(weights_dir, meta, block_size=16):
+        cfg = parse_options(TrainConfig, [f"--init_from={weights_dir}", f"--block_size={block_size}"])
+        with pytest.raises(CheckpointError) as error:
+            weights_to_fine_tune(cfg, meta)
+        return str(error.value)
+
+    short = tmp_path / "short"
+    pretrained_char_checkpoint(short, reverse_meta, seed=2, block_size=reverse_meta["example_len"] - 2)
+    assert "positions, fewer than the" in refusal(short, reverse_meta)
+    tiny_hf_gpt2(tmp_path / "hf")  # GPT-2's BPE, but only 50 token embeddings
+    assert "reads gpt2 tokens, but this data set is tokenized by char" in refusal(tmp_path / "hf", tiny_meta)
+    bpe_meta = json.loads((bpe_data / "tinybpe" / "meta.json").read_text())
+    assert f"has 50 token embeddings, fewer than the {GPT2_VOCAB}" in refusal(tmp_path / "hf", bpe_meta)
+    assert "reads char tokens, but this data set is tokenized by gpt2" in refusal(tmp_path / "chars", bpe_meta)
+
+
+def test_vocabulary_check_accepts_the_same_tokens_and_names_the_difference_otherwise():
+    chars = {"tokenizer": "char", "vocab": list("abc"), "vocab_size": 3}
+    check_vocabulary(chars, 3, chars, "w")
+    check_vocabulary({"tokenizer": "gpt2"}, GPT2_VOCAB, {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB}, "w")
+    with pytest.raises(CheckpointError, match="another character vocabulary"):
+        check_vocabulary(chars, 3, {**chars, "vocab": list("acb")}, "w")  # the same characters, other ids

@@ -488,7 +488,7 @@ def test_help_lists_every_option_with_its_default_and_comment(tmp_path):
     result = run_train(["--help"], cwd=tmp_path)
     for name in ("init_from='auto'", "gradient_accumulation_steps=1", "n_layer=6", "compile=None"):
         assert f"--{name}" in result.stdout
-    assert "resume out_dir/ckpt.pt if there is one" in result.stdout  # the field's comment
+    assert "resume out_dir/ckpt.pt: 'auto' if any" in result.stdout  # the field's comment
 
 
 def test_a_device_this_machine_lacks_is_a_one_line_error(tmp_path, data_dir):
@@ -589,7 +589,8 @@ def test_compiled_model_trains(tmp_path, data_dir):
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.py")))
 def test_every_shipped_config_runs_under_torchrun_with_two_processes_as_written(tmp_path, config):
     """Each config's own batch settings and data set, a tiny model, two optimizer steps, 2 gloo processes."""
-    from conftest import SHARED_DATA
+    from conftest import SHARED_DATA, tiny_hf_gpt2
+    from gpt2 import GPT2_NAMES
     data = tmp_path / "data"
     sources = {"shakespeare_char": SHARED_DATA / "tinyshakespeare" / "input.txt",
                "shakespeare": SHARED_DATA / "tinyshakespeare" / "input.txt", "tinytalks": SHARED_DATA / "tinytalks"}
@@ -597,6 +598,9 @@ def test_every_shipped_config_runs_under_torchrun_with_two_processes_as_written(
     if cfg.dataset in sources and not sources[cfg.dataset].exists():
         pytest.skip(f"no local copy of {cfg.dataset}")
     source = [f"--data_source={sources[cfg.dataset]}"] if cfg.dataset in sources else []
+    if cfg.init_from in GPT2_NAMES:  # no network here: a tiny random GPT-2 in its place
+        source.append(f"--init_from={tmp_path / 'gpt2'}")
+        tiny_hf_gpt2(tmp_path / "gpt2", vocab_size=50257, n_positions=64)
     result = run_script("train.py", [REPO / "configs" / config, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
                                      *source, "--n_layer=1", "--n_head=2", "--n_embd=32", "--max_iters=2",
                                      "--eval_iters=1", "--final_eval_full=False", "--device=cpu", "--dtype=float32",
