@@ -3,7 +3,9 @@
     python prepare.py shakespeare_char                    # TinyShakespeare by character (vocab 65)
     python prepare.py shakespeare                         # the same text in GPT-2 BPE (tiktoken)
     python prepare.py tinytalks                           # TinyTalks Q&A pairs by character
-    python prepare.py mybook --source=my.txt              # any text file [--tokenizer=gpt2]
+    python prepare.py shakespeare_byte                    # TinyShakespeare, TinyTalks as UTF-8 bytes: one
+    python prepare.py tinytalks_byte                      #   shared vocabulary, to pretrain on one, tune on the other
+    python prepare.py mybook --source=my.txt              # any text file [--tokenizer=byte|gpt2]
     python prepare.py reverse                             # the attention tasks: reverse, copy, mixed [--seed=N]
 
 Real data comes from the URLs pinned in prepare.py and must match their pinned sha256. `--source=PATH_OR_URL`
@@ -25,7 +27,7 @@ import requests
 from dataset import DataError
 from files import atomic_write
 from options import must, run_cli
-from tokenizer import CharTokenizer, make_tokenizer
+from tokenizer import TOKENIZERS, make_tokenizer
 
 
 class Pin(NamedTuple):
@@ -49,8 +51,10 @@ TINYTALKS = (
     Pin("splits/test.txt", f"{TINYTALKS_BASE}/splits/test.txt",
         "4a44d204594c7f0a31202758de75af7fc8a1d17565423004ce8dd9d28bea99cb"),
 )
-PINNED = {"shakespeare_char": TINYSHAKESPEARE, "shakespeare": TINYSHAKESPEARE, "tinytalks": TINYTALKS}
-OWN_TOKENIZER = {"shakespeare_char": "char", "shakespeare": "gpt2", "tinytalks": "char"}
+PINNED = {"shakespeare_char": TINYSHAKESPEARE, "shakespeare": TINYSHAKESPEARE, "tinytalks": TINYTALKS,
+          "shakespeare_byte": TINYSHAKESPEARE, "tinytalks_byte": TINYTALKS}
+OWN_TOKENIZER = {"shakespeare_char": "char", "shakespeare": "gpt2", "tinytalks": "char",
+                 "shakespeare_byte": "byte", "tinytalks_byte": "byte"}
 
 # Attention-proof tasks: (train, test) example counts. Every example is 6 letters, '=', the answer;
 # mixed puts a task token first: lowercase 'r' ([R], reverse) or 'c' ([C], copy).
@@ -174,7 +178,7 @@ def verified_local(path, pin) -> Path:
 def pinned_files(name, source, out_dir, fetch) -> dict:
     """{pin.path: local file} for the data set. Local --source files are always checked; with
     fetch=False nothing is downloaded (the caller only wants to know whether the work is done)."""
-    if name == "tinytalks" and source and not is_url(source) and not Path(source).is_dir():
+    if PINNED[name] == TINYTALKS and source and not is_url(source) and not Path(source).is_dir():
         raise DataError("--source for tinytalks must be a folder holding splits/train.txt, val.txt, "
                         f"test.txt; got {source}")
     files = {}
@@ -222,11 +226,11 @@ def split_90_10(text, kind, origin):
     return tok, text[:n], text[n:], {"chars": len(text)}, {}
 
 
-def tinytalks_texts(files):
+def tinytalks_texts(files, kind):
     """TinyTalks' own splits, byte for byte ("Q: ...\\nA: ...\\n\\n"); test.txt is copied next to
     the bins for evaluation and never trained on."""
     train, val, test = (read_text(files[f"splits/{s}.txt"]) for s in ("train", "val", "test"))
-    tok = CharTokenizer(sorted(set(train + val)))
+    tok = make_tokenizer(kind, sorted(set(train + val)))
     try:
         tok.encode(test)
     except ValueError as e:
@@ -266,7 +270,7 @@ def task_texts(task, seed):
     test = task_examples(task, words[n_train:], rng)
     extra = {"task": task, "example_len": len(train[0]), "prompt_len": train[0].index("=") + 1,
              "train_examples": n_train, "val_examples": n_test, "seed": seed}
-    return CharTokenizer(TASK_VOCAB), "".join(train), "".join(test), extra, {}
+    return make_tokenizer("char", TASK_VOCAB), "".join(train), "".join(test), extra, {}
 
 
 # -------------------------------------------------------------------------------------- output
@@ -323,7 +327,7 @@ def source_meta(name, source, hashes, text) -> dict:
     if name in TASKS:
         return {"source_url": "generated", "source_sha256": hashlib.sha256(text.encode()).hexdigest()}
     if source is None:
-        url = TINYTALKS_BASE if name == "tinytalks" else PINNED[name][0].url
+        url = TINYTALKS_BASE if PINNED[name] == TINYTALKS else PINNED[name][0].url
     else:
         url = source if is_url(source) else str(Path(source).resolve())
     return {"source_url": url, "source_sha256": next(iter(hashes.values()))}
@@ -370,8 +374,8 @@ def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None) -> Pa
 
     if name in TASKS:
         tok, train, val, extra, files = task_texts(name, seed)
-    elif name == "tinytalks":
-        tok, train, val, extra, files = tinytalks_texts(pinned_files(name, source, out_dir, fetch=True))
+    elif PINNED.get(name) == TINYTALKS:
+        tok, train, val, extra, files = tinytalks_texts(pinned_files(name, source, out_dir, fetch=True), kind)
     else:
         path = pinned_files(name, source, out_dir, fetch=True)["input.txt"] if name in PINNED else path
         tok, train, val, extra, files = split_90_10(read_text(path), kind, path)
@@ -382,16 +386,16 @@ def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None) -> Pa
 
 @dataclass
 class PrepareConfig:
-    dataset: str = ""            # shakespeare_char, shakespeare, tinytalks, reverse, copy, mixed, or a name of your own
+    dataset: str = ""            # shakespeare_char, shakespeare, tinytalks, *_byte, reverse, copy, mixed, or your own
     source: str = ""             # local file/folder or http(s) URL instead of the pinned download (required for your own)
-    tokenizer: str = ""          # for your own text: 'char' (default) or 'gpt2'
+    tokenizer: str = ""          # for your own text: 'char' (default), 'byte' or 'gpt2'
     seed: int | None = None      # for reverse/copy/mixed (default 1337)
     data_dir: str = "data"       # the data set goes to data_dir/dataset
 
     def __post_init__(self):
         must(self.dataset, f"name a data set: python prepare.py NAME (one of {', '.join(DATASETS)}, or your own "
                            "with --source=FILE)")
-        must(self.tokenizer in ("", "char", "gpt2"), f"tokenizer={self.tokenizer!r}: use char or gpt2")
+        must(self.tokenizer in ("", *TOKENIZERS), f"tokenizer={self.tokenizer!r}: use char, byte or gpt2")
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Text <-> token ids: a character vocabulary or GPT-2's BPE (tiktoken), as meta.json names it,
+"""Text <-> token ids: a character vocabulary, UTF-8 bytes or GPT-2's BPE (tiktoken), as meta.json names it,
 and the "Q: ...\\nA: ..." framing of the TinyTalks Q&A data that evaluation and chat share."""
 from dataset import DataError
 
@@ -27,6 +27,24 @@ class CharTokenizer:
         return "".join(self.vocab[i] for i in ids)
 
 
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 0-255). Every text shares this vocabulary, so a model pretrained on one
+    text fine-tunes on any other and no prompt is out of vocabulary; for ASCII text a byte is a character,
+    so losses compare with a character model's."""
+    kind = "byte"
+    vocab_size = 256
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < 256]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is not a byte (0..255)")
+        return bytes(ids).decode("utf-8", errors="replace")  # a cut multi-byte character shows as U+FFFD
+
+
 class GPT2Tokenizer:
     kind = "gpt2"
 
@@ -46,13 +64,16 @@ class GPT2Tokenizer:
         return self.encoding.decode([int(i) for i in ids])
 
 
+TOKENIZERS = ("char", "byte", "gpt2")
+
+
 def make_tokenizer(kind, vocab=None):
-    return CharTokenizer(vocab) if kind == "char" else GPT2Tokenizer()
+    return CharTokenizer(vocab) if kind == "char" else ByteTokenizer() if kind == "byte" else GPT2Tokenizer()
 
 
 def tokenizer_from_meta(meta: dict):
     kind = meta.get("tokenizer")
-    if kind not in ("char", "gpt2"):
+    if kind not in TOKENIZERS:
         raise DataError(f"meta.json names an unknown tokenizer {kind!r}; prepare the data set again")
     return make_tokenizer(kind, meta.get("vocab"))
 

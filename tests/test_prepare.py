@@ -23,7 +23,8 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))  # before tikto
 import prepare as P  # noqa: E402
 from dataset import DataError, load_meta  # noqa: E402
 from prepare import prepare  # noqa: E402
-from tokenizer import CharTokenizer, tokenizer_from_meta  # noqa: E402
+from checkpoint import CheckpointError, check_vocabulary  # noqa: E402
+from tokenizer import ByteTokenizer, CharTokenizer, tokenizer_from_meta  # noqa: E402
 
 needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"no local copy at {SHAKESPEARE}")
 needs_tinytalks = pytest.mark.skipif(not TINYTALKS.is_dir(), reason=f"no local copy at {TINYTALKS}")
@@ -151,6 +152,39 @@ def test_char_tokenizer_round_trips_and_names_an_unknown_character():
     assert tok.decode(tok.encode("hello\nworld")) == "hello\nworld"
     with pytest.raises(ValueError, match="'Z'"):
         tok.encode("hello Zed")
+
+
+def test_byte_tokenizer_round_trips_any_text_and_holds_back_a_cut_character():
+    tok = ByteTokenizer()
+    text = "Q: Ünïcode, emoji \U0001F600 and\r\n tabs\t?"
+    ids = tok.encode(text)
+    assert len(ids) == len(text.encode("utf-8")) and max(ids) < tok.vocab_size == 256
+    assert tok.decode(ids) == text
+    assert tok.decode(tok.encode("é")[:1]) == "\ufffd"  # half of a two-byte character: not yet text
+    with pytest.raises(ValueError, match="256"):
+        tok.decode([256])
+
+
+@needs_shakespeare
+@needs_tinytalks
+def test_byte_data_sets_share_one_vocabulary_so_one_fine_tunes_on_the_other(tmp_path):
+    """The joint vocabulary: a model pretrained on shakespeare_byte can be fine-tuned on tinytalks_byte,
+    while the character data sets (65 and 68 characters, each its own order) refuse each other."""
+    shakespeare = load_meta(prepare("shakespeare_byte", source=SHAKESPEARE, data_dir=tmp_path))
+    tinytalks = load_meta(prepare("tinytalks_byte", source=TINYTALKS, data_dir=tmp_path))
+    for meta, text in ((shakespeare, SHAKESPEARE.read_text()),
+                       (tinytalks, (TINYTALKS / "splits" / "train.txt").read_text())):
+        assert (meta["tokenizer"], meta["vocab_size"]) == ("byte", 256)
+        train = np.fromfile(tmp_path / meta["inputs"]["dataset"] / "train.bin", dtype="<u2")
+        assert tokenizer_from_meta(meta).decode(train) == text[:len(train)]
+    assert tinytalks["qa"] and (tmp_path / "tinytalks_byte" / "test.txt").is_file()
+    check_vocabulary(shakespeare, 256, tinytalks, "out-pretrain")  # no error: the same 256 bytes
+    char_shakespeare = load_meta(prepare("shakespeare_char", source=SHAKESPEARE, data_dir=tmp_path))
+    char_tinytalks = load_meta(prepare("tinytalks", source=TINYTALKS, data_dir=tmp_path))
+    with pytest.raises(CheckpointError, match="another character vocabulary"):
+        check_vocabulary(char_shakespeare, 65, char_tinytalks, "out-pretrain")
+    with pytest.raises(CheckpointError, match="reads char tokens"):
+        check_vocabulary(char_shakespeare, 65, tinytalks, "out-pretrain")
 
 
 def test_text_dataset_round_trips_its_bins(tmp_path):
