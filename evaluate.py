@@ -113,9 +113,19 @@ def verdict_text(value, bar, higher_is_better=False, unit="") -> str:
     return f" (bar {bar:g}{unit}): {'PASS' if passed else 'FAIL'}"
 
 
-QA_SHOWN = 8  # held-out questions whose answers are printed next to the reference answers
 STOP_WORDS = frozenset("the and you your are was were what how does can this that with for have has not "
                        "but its it's".split())
+# TinyTalks records no level; these rules tell three of its five from the question (DATASHEET: L1 greetings
+# and identity, L2 facts, L3 math, L4 reasoning, L5 multi-turn context) and leave L2 and L4 together.
+LEVEL_RULES = [("L3 math", r"\d"),
+               ("L1 greetings, identity", r"\b(hello|hi|hey|greetings|good (morning|afternoon|evening)|bye|thanks?|"
+                                          r"tinybot|yourself|your name|who are you|how are you|were you)\b"),
+               ("L5 statements (context)", r"[^?]$"),
+               ("L2/L4 facts, reasoning", r"")]
+
+
+def level_of(question) -> str:
+    return next(name for name, rule in LEVEL_RULES if re.search(rule, question.lower().strip()))
 
 
 def words(text) -> list:
@@ -134,6 +144,30 @@ def answer_scores(answers, references, known_words) -> tuple:
     return real, overlap
 
 
+def qa_report(model, batches, ctx, say) -> dict:
+    """Score greedy answers to the held-out test questions (real words, content overlap, overall and per
+    level) and print every answer next to its reference."""
+    pairs = qa_pairs((batches.folder / batches.meta["test_file"]).read_text(encoding="utf-8"))
+    tokenizer = tokenizer_from_meta(batches.meta)
+    loss = qa_answer_loss(model, tokenizer, pairs, ctx, batches.device)
+    answers = [greedy_answer(model, tokenizer, question, batches.device) for question, _ in pairs]
+    references = [reference for _, reference in pairs]
+    known = set(words(tokenizer.decode(batches.tokens("train"))))
+    real, overlap = answer_scores(answers, references, known)
+    say(f"held-out test answers: loss {loss:.4f} over {len(pairs)} pairs; greedy answers: {100 * real:.1f}% of "
+        f"their words are real words (in the training text), {100 * overlap:.1f}% share a content word with "
+        "the reference (3+ letters, not a stop word)")
+    levels = [level_of(question) for question, _ in pairs]
+    for name, _ in LEVEL_RULES:
+        picked = [i for i, level in enumerate(levels) if level == name]
+        if picked:
+            r, o = answer_scores([answers[i] for i in picked], [references[i] for i in picked], known)
+            say(f"  {name:24} {len(picked):3} answers: {100 * r:5.1f}% real words, {100 * o:5.1f}% overlap")
+    for (question, reference), answer, level in zip(pairs, answers, levels):
+        say(f"  [{level.split()[0]}] Q: {question}\n     model: {answer}\n     reference: {reference}")
+    return {"kind": "test", "qa_answer_loss": loss, "real_words": real, "answer_overlap": overlap}
+
+
 def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_bar=0.0, dist=Dist()) -> list:
     """Print the final scores (rank 0 prints; every process computes its share); return the records."""
     say = print if dist.is_master else (lambda *a, **k: None)
@@ -147,18 +181,7 @@ def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_
         say(f"test exact match: {100 * accuracy:.1f}%{verdict_text(100 * accuracy, 100 * exact_match_bar, True, '%')}")
         records.append({"kind": "test", "exact_match": accuracy})
     if batches.meta.get("qa") and batches.meta.get("test_file") and dist.is_master:
-        pairs = qa_pairs((batches.folder / batches.meta["test_file"]).read_text(encoding="utf-8"))
-        tokenizer = tokenizer_from_meta(batches.meta)
-        loss = qa_answer_loss(model, tokenizer, pairs, ctx, batches.device)
-        answers = [greedy_answer(model, tokenizer, question, batches.device) for question, _ in pairs]
-        known = set(words(tokenizer.decode(batches.tokens("train"))))
-        real, overlap = answer_scores(answers, [reference for _, reference in pairs], known)
-        say(f"held-out test answers: loss {loss:.4f} over {len(pairs)} pairs; greedy answers: {100 * real:.1f}% of "
-            f"their words are real words (in the training text), {100 * overlap:.1f}% share a content word with "
-            f"the reference; the first {QA_SHOWN}:")
-        for (question, reference), answer in zip(pairs[:QA_SHOWN], answers):
-            say(f"  Q: {question}\n     model: {answer}\n     reference: {reference}")
-        records.append({"kind": "test", "qa_answer_loss": loss, "real_words": real, "answer_overlap": overlap})
+        records.append(qa_report(model, batches, ctx, say))
     return records
 
 

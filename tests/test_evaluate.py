@@ -69,3 +69,13 @@ def test_answer_scores_count_real_words_and_content_overlap_on_hand_made_answers
     assert real == pytest.approx(7 / 10)  # 10 words; 'woof', 'zorp' and 'it' are not in the training text
     assert overlap == pytest.approx(2 / 3)  # sky/blue and cats/say match; 'it' and 'is' are too short to count
     assert answer_scores([], [], known) == (0.0, 0.0)
+
+
+def test_levels_are_told_from_the_question_where_the_rules_can():
+    from evaluate import level_of
+    assert level_of("What is 6 plus 3?") == level_of("Which is less, 4 or 6?") == "L3 math"
+    assert level_of("Hello TinyBot!") == level_of("When were you made?") == level_of("Thanks!") == \
+        "L1 greetings, identity"
+    assert level_of("I like pop music.") == level_of("Yes, I did!") == "L5 statements (context)"
+    assert level_of("What color is the sky?") == level_of("Can fish breathe underwater?") == \
+        "L2/L4 facts, reasoning"
