@@ -154,8 +154,8 @@ def restored_fraction(logits, clean_logits, corrupt_logits, steps):
 def patching_scores(model, clean_idx, corrupt_idx, steps):
     """Restored fractions (see restored_fraction) of two sweeps, for every answer step:
     resid (steps, n_layer + 1, T), one position of the residual stream at a time, after the
-    embedding and after each block; heads (steps, n_layer, n_head), one head's output at a time,
-    at the position that predicts that step's answer."""
+    embedding and after each block; heads (steps, n_layer, n_head + 1), one head's output at a time
+    and then all of them (the layer's attention), at the position that predicts that step's answer."""
     clean_logits, cache = run_with_cache(model, clean_idx)
     corrupt_logits = all_logits(model, corrupt_idx)
 
@@ -167,11 +167,12 @@ def patching_scores(model, clean_idx, corrupt_idx, steps):
     for layer in range(cfg.n_layer + 1):
         for t in range(T):
             resid[:, layer, t] = score(patched_logits(model, corrupt_idx, cache, "resid", layer, [t]))
-    heads = torch.zeros(len(steps), cfg.n_layer, cfg.n_head)
+    heads = torch.zeros(len(steps), cfg.n_layer, cfg.n_head + 1)
     for s, (position, _, _) in enumerate(steps):
         for layer in range(cfg.n_layer):
-            for h in range(cfg.n_head):
-                logits = patched_logits(model, corrupt_idx, cache, "heads", layer, [position], [h])
+            for h in range(cfg.n_head + 1):  # the last column patches every head at once
+                chosen = [h] if h < cfg.n_head else None
+                logits = patched_logits(model, corrupt_idx, cache, "heads", layer, [position], chosen)
                 heads[s, layer, h] = score(logits)[s]
     return resid, heads
 
@@ -207,7 +208,7 @@ def draw_patching(resid, heads, labels, titles, path, columns=3):
     import matplotlib.pyplot as plt
 
     n_steps, n_rows, T = resid.shape
-    n_layer, n_head = heads.shape[1:]
+    n_layer, n_columns = heads.shape[1:]
     columns, rows = min(columns, n_steps), -(-n_steps // columns)
     fig, axes = plt.subplots(2 * rows, columns, figsize=(0.42 * T * columns + 1.5, 2.6 * rows), squeeze=False,
                              gridspec_kw={"height_ratios": [n_rows, n_layer] * rows}, layout="constrained")
@@ -217,7 +218,7 @@ def draw_patching(resid, heads, labels, titles, path, columns=3):
         top, bottom = axes[2 * (s // columns)][s % columns], axes[2 * (s // columns) + 1][s % columns]
         for ax, scores, x_labels, y_labels in (
                 (top, resid[s], labels, ["embed"] + [f"layer {i}" for i in range(n_rows - 1)]),
-                (bottom, heads[s], [f"head {h}" for h in range(n_head)], [f"layer {i}" for i in range(n_layer)])):
+                (bottom, heads[s], head_labels(n_columns), [f"layer {i}" for i in range(n_layer)])):
             ax.set_visible(True)
             image = ax.imshow(scores.numpy(), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
             ax.set_xticks(range(len(x_labels)), x_labels, fontsize=7)
@@ -225,12 +226,17 @@ def draw_patching(resid, heads, labels, titles, path, columns=3):
         top.set_title(titles[s], fontsize=9)
         for layer, row in enumerate(heads[s].tolist()):
             for h, x in enumerate(row):
-                bottom.text(h, layer, f"{x:.2f}", ha="center", va="center", fontsize=7)
+                bottom.text(h, layer, f"{x:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if abs(x) > 0.6 else "black")  # readable on the dark ends
     fig.colorbar(image, ax=axes, shrink=0.6, label="share of the logit difference restored")
     fig.supylabel("top: residual stream after each layer, one position patched\n"
-                  "bottom: one head's output patched at the predicting position", fontsize=8)
+                  "bottom: one head's output (then all) patched at the predicting position", fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def head_labels(columns):
+    return [f"head {h}" for h in range(columns - 1)] + ["all heads"]
 
 
 def print_patching(resid, heads, labels, titles):
@@ -242,10 +248,10 @@ def print_patching(resid, heads, labels, titles):
         print(" " * 10 + "".join(f"{label:>6s}" for label in labels))
         for row, scores in enumerate(resid[s].tolist()):
             print(f"{'embed' if row == 0 else f'layer {row - 1}':10s}" + "".join(f"{x:6.2f}" for x in scores))
-        print("one head patched at a time, at the predicting position:")
-        print(" " * 10 + "".join(f"{f'head {h}':>7s}" for h in range(heads.size(2))))
+        print("one head patched at a time (then all heads), at the predicting position:")
+        print(" " * 10 + "".join(f"{label:>10s}" for label in head_labels(heads.size(2))))
         for layer, scores in enumerate(heads[s].tolist()):
-            print(f"layer {layer:<4d}" + "".join(f"{x:7.2f}" for x in scores))
+            print(f"layer {layer:<4d}" + "".join(f"{x:10.2f}" for x in scores))
 
 
 def show_token(text):

@@ -106,7 +106,8 @@ def test_cached_head_outputs_are_each_heads_attention_over_its_values():
     for layer, (block, w) in enumerate(zip(model.blocks, attention_weights(model, idx))):
         _, _, v = block.attn.queries_keys_values(block.ln_1(cache[("resid", layer)]))
         for h in range(4):  # head h is channels h * head_dim to (h + 1) * head_dim
-            torch.testing.assert_close(cache[("heads", layer)][0, :, h * head_dim:(h + 1) * head_dim], w[0, h] @ v[0, h])
+            head = cache[("heads", layer)][0, :, h * head_dim:(h + 1) * head_dim]
+            torch.testing.assert_close(head, w[0, h] @ v[0, h])
 
 
 def test_patching_one_head_puts_in_that_heads_channels_only():
@@ -134,16 +135,28 @@ def test_patching_every_head_of_a_layer_is_patching_that_layers_attention_output
             assert not torch.allclose(some_heads, whole)  # the head mask takes only its own channels
 
 
-def test_patching_the_last_residual_stream_restores_only_at_the_predicting_position():
+def test_patching_sweeps_score_each_position_and_head_and_whole_attention():
     model = tiny_model(n_layer=2, n_head=2)
     clean, corrupt, steps = clean_and_corrupted(model)
     resid, heads = patching_scores(model, clean, corrupt, steps)
-    assert resid.shape == (len(steps), 3, 10) and heads.shape == (len(steps), 2, 2)
+    assert resid.shape == (len(steps), 3, 10) and heads.shape == (len(steps), 2, 3)  # 2 heads, then both
     for s, (position, _, _) in enumerate(steps):
         # after the last block a position feeds nothing but its own logits
         expected = torch.zeros(10)
         expected[position] = 1
         torch.testing.assert_close(resid[s, -1], expected)
+    clean_logits, cache = run_with_cache(model, clean)
+    corrupt_logits = all_logits(model, corrupt)
+
+    def score(logits, s):
+        return restored_fraction(logits, clean_logits, corrupt_logits, steps)[s]
+
+    for s, (position, _, _) in enumerate(steps):  # at the predicting position: head 1, then the whole attention
+        for layer in range(2):
+            one = patched_logits(model, corrupt, cache, "heads", layer, [position], [1])
+            torch.testing.assert_close(heads[s, layer, 1], score(one, s))
+            whole = patched_logits(model, corrupt, cache, "attn", layer, [position])
+            torch.testing.assert_close(heads[s, layer, -1], score(whole, s))
 
 
 def save_tiny_checkpoint(folder, **overrides):
