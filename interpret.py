@@ -32,7 +32,7 @@ class InterpretConfig:
     ckpt: str = ""               # file in out_dir; '' = best.pt if the run has one, else ckpt.pt
     prompt: str = "\n"           # the text to read the model on
     answer_tokens: int = 6       # greedy tokens appended to the prompt before reading the model
-    corrupt: str = ""            # a prompt as long as --prompt to patch the clean run into ('' = no patching)
+    corrupt: str = ""            # --prompt corrupted, same length: patch --prompt's run into its run ('' = none)
     png: str = "attention.png"   # where the attention maps (or patching maps) go ('' = do not draw)
     device: str = "cpu"          # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
     dtype: str = "float32"       # 'float32' or 'bfloat16'
@@ -289,10 +289,10 @@ def prompt_ids(ids, room) -> list:
 
 def interpret(cfg):
     model, tokenizer, device = load_for_inference(cfg.out_dir, cfg.ckpt, cfg.device, cfg.dtype)
-    block = model.config.block_size
-    answer_tokens = min(cfg.answer_tokens, block - 1)
     if cfg.corrupt:
         return patch(cfg, model, tokenizer, device)
+    block = model.config.block_size
+    answer_tokens = min(cfg.answer_tokens, block - 1)
     idx = torch.tensor([prompt_ids(encoded(tokenizer, cfg.prompt), block - answer_tokens)], device=device)
     idx = model.generate(idx, answer_tokens, temperature=0)
     labels = [show_token(tokenizer.decode([i])) for i in idx[0].tolist()]
@@ -303,24 +303,31 @@ def interpret(cfg):
         print(f"attention maps: {cfg.png}")
 
 
+def answer_steps(clean_run, corrupt_run, answer_tokens):
+    """(position, clean token, corrupted token) for each answer token where the two greedy runs
+    (1, T) differ; position is the one whose logits predict it."""
+    start = clean_run.size(1) - answer_tokens - 1
+    pairs = zip(clean_run[0, start + 1:].tolist(), corrupt_run[0, start + 1:].tolist())
+    return [(start + k, good, bad) for k, (good, bad) in enumerate(pairs) if good != bad]
+
+
 def patch(cfg, model, tokenizer, device):
-    """Activation patching of --prompt (clean) into --corrupt: a printed table and, with --png, the heat maps."""
+    """Activation patching of --prompt (clean) into --corrupt: printed tables and, with --png, the heat maps."""
     clean, corrupt = encoded(tokenizer, cfg.prompt), encoded(tokenizer, cfg.corrupt, "corrupt")
     if len(clean) != len(corrupt):
         raise ConfigError(f"--prompt has {len(clean)} tokens and --corrupt {len(corrupt)}; patching pairs "
                           f"positions, so give two prompts of the same length")
     answer_tokens = min(cfg.answer_tokens, model.config.block_size - 1)
     room = model.config.block_size - answer_tokens + 1  # the last answer token is never read
-    runs = [model.generate(torch.tensor([prompt_ids(ids, room)], device=device), answer_tokens, temperature=0)
+    clean, corrupt = prompt_ids(clean, room), corrupt[-room:]
+    runs = [model.generate(torch.tensor([ids], device=device), answer_tokens, temperature=0)
             for ids in (clean, corrupt)]
-    start = runs[0].size(1) - answer_tokens - 1  # the position that predicts the first answer token
-    steps = [(start + k, runs[0][0, start + k + 1].item(), runs[1][0, start + k + 1].item())
-             for k in range(answer_tokens) if runs[0][0, start + k + 1] != runs[1][0, start + k + 1]]
-    if not steps:
-        raise ConfigError(f"both prompts get the answer {tokenizer.decode(runs[0][0, start + 1:].tolist())!r}: "
-                          f"nothing for patching to restore; corrupt a token the answer depends on")
-    clean_idx, corrupt_idx = runs[0][:, :-1], runs[1][:, :-1]  # the last answer token predicts nothing scored
     print(f"clean:     {tokenizer.decode(runs[0][0].tolist())!r}\ncorrupted: {tokenizer.decode(runs[1][0].tolist())!r}")
+    steps = answer_steps(*runs, answer_tokens)
+    if not steps:
+        raise ConfigError("both prompts get the same answer: nothing for patching to restore; "
+                          "corrupt a token the answer depends on")
+    clean_idx, corrupt_idx = runs[0][:, :-1], runs[1][:, :-1]  # the last answer token predicts nothing scored
     resid, heads = patching_scores(model, clean_idx, corrupt_idx, steps)
     labels = [show_token(tokenizer.decode([a])) + ("" if a == b else "/" + show_token(tokenizer.decode([b])))
               for a, b in zip(clean_idx[0].tolist(), corrupt_idx[0].tolist())]
