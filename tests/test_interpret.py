@@ -180,13 +180,14 @@ def test_cli_prints_the_patching_tables_and_draws_them(tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
-@pytest.mark.parametrize("corrupt, error", [
-    ("abc", "--prompt has 5 tokens and --corrupt 3; patching pairs positions"),
-    ("abcaz", "--corrupt cannot be encoded: character 'z'"),
-    ("abcab", "nothing for patching to restore"),
+@pytest.mark.parametrize("args, error", [
+    (["--corrupt=abc"], "--prompt has 5 tokens and --corrupt 3; patching pairs positions"),
+    (["--corrupt=abcaz"], "--corrupt cannot be encoded: character 'z'"),
+    (["--corrupt=abcab"], "nothing for patching to restore"),
+    (["--corrupt=abcaa", "--answer_tokens=0"], "patching needs answer_tokens >= 1"),
 ])
-def test_cli_patching_errors_are_one_line(tmp_path, capsys, corrupt, error):
+def test_cli_patching_errors_are_one_line(tmp_path, capsys, args, error):
     save_tiny_checkpoint(tmp_path)
-    assert main([f"--out_dir={tmp_path}", "--prompt=abcab", f"--corrupt={corrupt}", "--png="]) == 1
+    assert main([f"--out_dir={tmp_path}", "--prompt=abcab", "--png=", *args]) == 1
     err = capsys.readouterr().err
     assert error in err and err.count("\n") == 1
