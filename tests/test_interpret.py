@@ -1,5 +1,5 @@
 """interpret.py reads the model faithfully: its attention maps are the ones SDPA uses, its logit
-lens ends at the model's own output."""
+lens ends at the model's own output, and activation patching puts back exactly what it says."""
 import pytest
 import torch
 
@@ -8,7 +8,8 @@ from dataclasses import asdict
 
 from checkpoint import save_checkpoint
 from conftest import run_script, tiny_model
-from interpret import attention_weights, draw_attention, logit_lens
+from interpret import (all_logits, attention_weights, draw_attention, logit_lens, main, patched_logits,
+                       patching_scores, restored_fraction, run_with_cache)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"pos": "rope", "qk_norm": True}])
@@ -68,3 +69,125 @@ def test_cli_reads_a_prompt_longer_than_the_window_from_its_tail(tmp_path):
     sequence = ast.literal_eval(result.stdout.splitlines()[0].removeprefix("sequence: "))
     assert len(sequence) == 16 and sequence.startswith(("abc" * 10)[-12:])
     assert png.stat().st_size > 1000
+
+
+def clean_and_corrupted(model, T=10, seed=1):
+    """Two random prompts of T tokens for a model, and the answer steps where their next tokens differ."""
+    g = torch.Generator().manual_seed(seed)
+    clean, corrupt = (torch.randint(0, model.config.vocab_size, (1, T), generator=g) for _ in range(2))
+    good, bad = all_logits(model, clean)[0].argmax(-1), all_logits(model, corrupt)[0].argmax(-1)
+    steps = [(t, good[t].item(), bad[t].item()) for t in range(T) if good[t] != bad[t]]
+    assert steps, "pick another seed: the two prompts predict the same tokens everywhere"
+    return clean, corrupt, steps
+
+
+@pytest.mark.parametrize("overrides", [{}, {"pos": "rope"}])
+def test_patching_the_whole_clean_run_restores_all_of_it_and_patching_nothing_restores_none(overrides):
+    model = tiny_model(n_layer=3, **overrides)
+    clean, corrupt, steps = clean_and_corrupted(model)
+    clean_logits, cache = run_with_cache(model, clean)
+    corrupt_logits = all_logits(model, corrupt)
+    everywhere = list(range(clean.size(1)))
+    for layer in range(model.config.n_layer + 1):  # the embedding, then each block's output
+        logits = patched_logits(model, corrupt, cache, "resid", layer, everywhere)
+        torch.testing.assert_close(logits, clean_logits)
+        torch.testing.assert_close(restored_fraction(logits, clean_logits, corrupt_logits, steps),
+                                   torch.ones(len(steps)))
+        logits = patched_logits(model, corrupt, cache, "resid", layer, [])
+        torch.testing.assert_close(logits, corrupt_logits)
+        assert torch.equal(restored_fraction(logits, clean_logits, corrupt_logits, steps), torch.zeros(len(steps)))
+
+
+def test_cached_head_outputs_are_each_heads_attention_over_its_values():
+    model = tiny_model(n_layer=2, n_head=4)
+    idx = torch.randint(0, 20, (1, 8), generator=torch.Generator().manual_seed(2))
+    _, cache = run_with_cache(model, idx)
+    head_dim = model.config.n_embd // 4
+    for layer, (block, w) in enumerate(zip(model.blocks, attention_weights(model, idx))):
+        _, _, v = block.attn.queries_keys_values(block.ln_1(cache[("resid", layer)]))
+        for h in range(4):  # head h is channels h * head_dim to (h + 1) * head_dim
+            head = cache[("heads", layer)][0, :, h * head_dim:(h + 1) * head_dim]
+            torch.testing.assert_close(head, w[0, h] @ v[0, h])
+
+
+def test_patching_one_head_puts_in_that_heads_channels_only():
+    model = tiny_model(n_layer=2, n_head=4)
+    clean, corrupt, _ = clean_and_corrupted(model)
+    _, cache = run_with_cache(model, clean)
+    head_dim = model.config.n_embd // 4
+    for h in range(4):
+        noisy = cache[("heads", 1)] + 100 * torch.randn_like(cache[("heads", 1)])
+        noisy[..., h * head_dim:(h + 1) * head_dim] = cache[("heads", 1)][..., h * head_dim:(h + 1) * head_dim]
+        with_noise = patched_logits(model, corrupt, {**cache, ("heads", 1): noisy}, "heads", 1, [3], [h])
+        torch.testing.assert_close(with_noise, patched_logits(model, corrupt, cache, "heads", 1, [3], [h]))
+
+
+def test_patching_every_head_of_a_layer_is_patching_that_layers_attention_output():
+    model = tiny_model(n_layer=2, n_head=4)
+    clean, corrupt, _ = clean_and_corrupted(model)
+    _, cache = run_with_cache(model, clean)
+    for layer in range(2):
+        for positions in ([4], [0, 5, 9], list(range(10))):
+            whole = patched_logits(model, corrupt, cache, "attn", layer, positions)
+            by_heads = patched_logits(model, corrupt, cache, "heads", layer, positions, heads=[0, 1, 2, 3])
+            torch.testing.assert_close(by_heads, whole)
+            some_heads = patched_logits(model, corrupt, cache, "heads", layer, positions, heads=[0, 2])
+            assert not torch.allclose(some_heads, whole)  # the head mask takes only its own channels
+
+
+def test_patching_sweeps_score_each_position_and_head_and_whole_attention():
+    model = tiny_model(n_layer=2, n_head=2)
+    clean, corrupt, steps = clean_and_corrupted(model)
+    resid, heads = patching_scores(model, clean, corrupt, steps)
+    assert resid.shape == (len(steps), 3, 10) and heads.shape == (len(steps), 2, 3)  # 2 heads, then both
+    for s, (position, _, _) in enumerate(steps):
+        # after the last block a position feeds nothing but its own logits
+        expected = torch.zeros(10)
+        expected[position] = 1
+        torch.testing.assert_close(resid[s, -1], expected)
+    clean_logits, cache = run_with_cache(model, clean)
+    corrupt_logits = all_logits(model, corrupt)
+
+    def score(logits, s):
+        return restored_fraction(logits, clean_logits, corrupt_logits, steps)[s]
+
+    for s, (position, _, _) in enumerate(steps):  # at the predicting position: head 1, then the whole attention
+        for layer in range(2):
+            one = patched_logits(model, corrupt, cache, "heads", layer, [position], [1])
+            torch.testing.assert_close(heads[s, layer, 1], score(one, s))
+            whole = patched_logits(model, corrupt, cache, "attn", layer, [position])
+            torch.testing.assert_close(heads[s, layer, -1], score(whole, s))
+
+
+def save_tiny_checkpoint(folder, **overrides):
+    model = tiny_model(vocab_size=3, block_size=16, **overrides)
+    meta = {"tokenizer": "char", "vocab": list("abc"), "vocab_size": 3}
+    save_checkpoint(folder / "ckpt.pt", {"model": model.state_dict(), "model_args": asdict(model.config),
+                                         "config": {}, "step": 0, "meta": meta})
+
+
+def test_cli_prints_the_patching_tables_and_draws_them(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    save_tiny_checkpoint(tmp_path)
+    png = tmp_path / "patching.png"
+    assert main([f"--out_dir={tmp_path}", "--prompt=abcab", "--corrupt=abcaa", "--answer_tokens=3",
+                 f"--png={png}"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("clean:     'abcab")
+    assert out.splitlines()[1].startswith("corrupted: 'abcaa")
+    tables = out.count("residual stream, one position patched at a time")
+    assert tables >= 1 and out.count("\nembed ") == tables and out.count("\nlayer 1 ") == 2 * tables
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--corrupt=abc"], "--prompt has 5 tokens and --corrupt 3; patching pairs positions"),
+    (["--corrupt=abcaz"], "--corrupt cannot be encoded: character 'z'"),
+    (["--corrupt=abcab"], "nothing for patching to restore"),
+    (["--corrupt=abcaa", "--answer_tokens=0"], "patching needs answer_tokens >= 1"),
+])
+def test_cli_patching_errors_are_one_line(tmp_path, capsys, args, error):
+    save_tiny_checkpoint(tmp_path)
+    assert main([f"--out_dir={tmp_path}", "--prompt=abcab", "--png=", *args]) == 1
+    err = capsys.readouterr().err
+    assert error in err and err.count("\n") == 1
