@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import conftest
-from model import GPTConfig, KVCache, apply_rope, rope_tables, sample_next
+from model import GPTConfig, KVCache, apply_rope, sample_next, sincos_tables
 
 VOCAB = 37
+POSITIONS = ["learned", "sinusoidal", "rope", "alibi"]
 
 
 def tiny_model(seed=0, **overrides):
@@ -25,7 +26,7 @@ def all_logits(model, idx):
     return logits
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("pos", POSITIONS)
 def test_changing_later_tokens_leaves_earlier_logits_unchanged(pos):
     model = tiny_model(pos=pos)
     idx = random_tokens(2, 20)
@@ -37,7 +38,7 @@ def test_changing_later_tokens_leaves_earlier_logits_unchanged(pos):
     assert not torch.allclose(before[:, t + 1:], after[:, t + 1:])
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("pos", POSITIONS)
 def test_prefill_then_single_steps_match_full_forward(pos):
     model = tiny_model(pos=pos)
     idx = random_tokens(3, 24)
@@ -52,7 +53,7 @@ def test_prefill_then_single_steps_match_full_forward(pos):
     assert cache.pos == idx.size(1)
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("pos", POSITIONS)
 def test_multi_token_chunk_against_cache_uses_offset_mask(pos):
     model = tiny_model(pos=pos)
     idx = random_tokens(2, 20)
@@ -64,7 +65,7 @@ def test_multi_token_chunk_against_cache_uses_offset_mask(pos):
         torch.testing.assert_close(logits[:, 0], full[:, end - 1], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("pos", POSITIONS)
 def test_greedy_generation_with_and_without_cache_agree_up_to_block_size(pos):
     model = tiny_model(pos=pos)
     prompt = random_tokens(3, 5)
@@ -88,7 +89,7 @@ def sliding_window_reference(model, idx, steps):
     return idx
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("pos", POSITIONS)
 @pytest.mark.parametrize("prompt_len", [5, 30])  # shorter and longer than block_size (24)
 def test_generation_past_block_size_follows_the_sliding_window(pos, prompt_len):
     model = tiny_model(pos=pos)
@@ -162,7 +163,7 @@ def test_tied_weights_share_storage_and_untied_do_not():
     assert untied.num_params(non_embedding=False) - tied.num_params(non_embedding=False) == VOCAB * 32
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("pos", POSITIONS)
 def test_state_dict_round_trip_with_weights_only_load(pos):
     model = tiny_model(pos=pos)
     buffer = io.BytesIO()
@@ -244,7 +245,7 @@ def test_flops_per_token_matches_torchs_count_of_a_training_step(overrides):
 
 
 def test_rope_scores_depend_only_on_the_distance_between_positions():
-    cos, sin = rope_tables(head_dim=16, max_len=64)
+    cos, sin = sincos_tables(dim=16, length=64)
     q, k = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
 
     def score(m, n):
@@ -261,7 +262,9 @@ def test_rope_scores_depend_only_on_the_distance_between_positions():
 def test_bad_configs_are_rejected_with_a_reason():
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=30, n_head=4)
-    with pytest.raises(ValueError, match="rope"):
-        GPTConfig(pos="alibi")
+    with pytest.raises(ValueError, match="alibi"):
+        GPTConfig(pos="absolute")
+    with pytest.raises(ValueError, match="even n_embd"):
+        GPTConfig(pos="sinusoidal", n_embd=9, n_head=3)
     with pytest.raises(ValueError, match="longer"):
         tiny_model()(random_tokens(1, 25))
