@@ -32,22 +32,20 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.pos not in ("learned", "sinusoidal", "rope", "alibi"):
             raise ValueError(f"pos={self.pos!r}: use 'learned', 'sinusoidal', 'rope' or 'alibi'")
-        paired = {"sinusoidal": self.n_embd, "rope": self.n_embd // self.n_head}.get(self.pos, 0)
-        if paired % 2:  # sin and cos come in pairs of dimensions
-            raise ValueError(f"pos={self.pos!r} needs an even {'n_embd' if self.pos == 'sinusoidal' else 'head size'}, got {paired}")
+        size = {"sinusoidal": self.n_embd, "rope": self.n_embd // self.n_head}.get(self.pos, 0)
+        if size % 2:  # sin and cos come in pairs of dimensions
+            raise ValueError(f"pos={self.pos!r} needs an even {'n_embd' if self.pos == 'sinusoidal' else 'head size'}, got {size}")
         if self.mlp not in ("gelu", "gelu_tanh", "relu2"):
             raise ValueError(f"mlp={self.mlp!r}: use 'gelu', 'gelu_tanh' or 'relu2'")
 
 
 class KVCache:
     """Keys and values of every layer for a batch of sequences, preallocated once.
-
     k, v: (n_layer, batch, n_head, max_len, head_dim), allocated on the first write with the
     dtype of the keys (so it follows autocast). `pos` is how many positions are filled; each
     layer writes at `pos` during a forward pass and GPT.forward advances `pos` after the last layer.
     With sinks > 0 (StreamingLLM's attention sinks) it never fills: make_room drops the oldest entries
-    after the first `sinks` and shifts the rest left, so slot i is position i for RoPE and ALiBi.
-    """
+    after the first `sinks` and shifts the rest left, so slot i is position i for RoPE and ALiBi."""
 
     def __init__(self, n_layer, max_len, sinks=0):
         self.n_layer, self.max_len, self.sinks = n_layer, max_len, sinks
@@ -66,8 +64,7 @@ class KVCache:
         """Store k, v (batch, n_head, T, head_dim) at `pos`; return all keys and values so far."""
         if self.k is None:
             shape = (self.n_layer, k.size(0), k.size(1), self.max_len, k.size(3))
-            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            self.k, self.v = (torch.zeros(shape, dtype=k.dtype, device=k.device) for _ in "kv")
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -85,15 +82,13 @@ def sincos_tables(dim, length, device=None, base=10000.0):
 def apply_rope(x, cos, sin):
     """Rotate pairs (x[i], x[i + d/2]) of x (B, n_head, T, head_dim) by the angles of its positions."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.type_as(x)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        self.layer, self.n_head = layer, config.n_head
-        self.head_dim = config.n_embd // config.n_head
+        self.layer, self.n_head, self.head_dim = layer, config.n_head, config.n_embd // config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -133,11 +128,11 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def attention_mask(self, T, start, device):
-        """attn_mask for T new queries after `start` cached keys, or None where is_causal (a whole
-        sequence) or no mask (one new token) does. Several new tokens after a cache need the causal
-        diagonal shifted right by `start` (is_causal aligns it top-left and would hide the cache).
-        ALiBi adds -slope x distance to each head's scores, with -inf on later keys in the same float
-        mask; on GPU an explicit mask rules out the flash kernel, so the others keep is_causal."""
+        """attn_mask for T new queries after `start` cached keys; None where is_causal (a whole sequence)
+        or no mask (one new token) does. Several new tokens after a cache need the causal diagonal
+        shifted right by `start` (is_causal aligns it top-left, hiding the cache). ALiBi adds -slope x
+        distance to each head's scores, -inf on later keys, in one float mask: on GPU an explicit mask
+        rules out the flash kernel (so the other encodings keep is_causal)."""
         if self.alibi_slopes is None and (start == 0 or T == 1):
             return None
         distance = torch.arange(start, start + T, device=device)[:, None] - torch.arange(start + T, device=device)
@@ -184,10 +179,9 @@ class GPT(nn.Module):
         if config.pos == "learned":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         elif config.pos in ("sinusoidal", "rope"):  # fixed tables: buffers, rebuilt from the config, not saved
-            cos, sin = sincos_tables(config.n_embd // (1 if config.pos == "sinusoidal" else config.n_head),
-                                     config.block_size)
-            self.register_buffer("pos_cos", cos, persistent=False)
-            self.register_buffer("pos_sin", sin, persistent=False)
+            dim = config.n_embd if config.pos == "sinusoidal" else config.n_embd // config.n_head
+            for name, table in zip(("pos_cos", "pos_sin"), sincos_tables(dim, config.block_size)):
+                self.register_buffer(name, table, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -196,13 +190,10 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and writes them out
         self.apply(self._init_weights)
         # GPT-2: each residual branch adds to the stream, so scale its output projection by
-        # 1/sqrt(2 * n_layer) to keep the stream's variance flat with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                if config.zero_init_proj:
-                    nn.init.zeros_(p)
-                else:
-                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # 1/sqrt(2 * n_layer) to keep the stream's variance flat with depth (or start it at zero).
+        std = 0.02 / math.sqrt(2 * config.n_layer)
+        for p in (p for name, p in self.named_parameters() if name.endswith("c_proj.weight")):
+            nn.init.zeros_(p) if config.zero_init_proj else nn.init.normal_(p, mean=0.0, std=std)
 
     @staticmethod
     def _init_weights(module):
@@ -253,17 +244,14 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def next_logits(self, idx, cache=None, use_cache=True, sink_tokens=0):
-        """(logits (B, 1, V) of the token after idx, the cache to pass next time): one generation step.
+        """(logits (B, 1, V) of the token after idx, the cache for the next step): one generation step.
 
-        With the cache: one prefill pass over the prompt, then one token per step. When the window
-        is full (block_size tokens), the cache is rebuilt from the last block_size // 2 tokens (a
-        sliding window that moves half a window at a time, one prefill every block_size // 2 tokens).
-        With sink_tokens = N (StreamingLLM) it keeps the first N tokens' keys and values and drops
-        the oldest of the rest, one per step: no re-prefill. Slots are positions, which only RoPE
-        (keys re-rotated by slot) and ALiBi (a bias on slot distance) allow: the learned and
-        sinusoidal positions are baked into cached keys. Without the cache (the reference path)
-        every step recomputes the window: the first N tokens and the last block_size - N.
-        """
+        With the cache: a prefill of the prompt, then one token per step; a full window (block_size)
+        restarts from the last block_size // 2 tokens (one prefill every block_size // 2 steps). With
+        sink_tokens=N (StreamingLLM) the cache keeps the first N tokens and drops the oldest of the
+        rest instead. Its slots are the positions: RoPE re-rotates keys by slot, ALiBi penalises slot
+        distance; learned and sinusoidal positions are baked into the keys, so they cannot move.
+        Without the cache (the reference) each step recomputes the window: first N, last block - N."""
         block = self.config.block_size
         if sink_tokens and (self.config.pos not in ("rope", "alibi") or not 0 < sink_tokens < block):
             raise ValueError(f"sink_tokens={sink_tokens} needs pos='rope' or 'alibi' and fewer than {block} sinks")
@@ -290,25 +278,21 @@ class GPT(nn.Module):
             yield next_token
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 use_cache=True, generator=None, sink_tokens=0):
-        """Return idx (B, T) with max_new_tokens sampled tokens appended: (B, T + max_new_tokens)."""
-        steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, sink_tokens)
-        return torch.cat([idx, *(token[:, None] for token in steps)], dim=1)
+    def generate(self, idx, max_new_tokens, **options):
+        """idx (B, T) with max_new_tokens tokens appended, sampled as generate_stream's options say."""
+        return torch.cat([idx, *(token[:, None] for token in self.generate_stream(idx, max_new_tokens, **options))], 1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None,
                              muon_lr=0.0, muon_momentum=0.95):
-        """[AdamW] with weight decay on matrices (linear weights, embeddings) only, never on biases
-        and norm gains; fused kernels on CUDA unless `fused` says otherwise. With muon_lr > 0,
-        [AdamW, Muon]: Muon (torch >= 2.9) takes the 2-D weights inside the blocks, where
+        """[AdamW] with weight decay on matrices only (fused on CUDA unless `fused` says otherwise); with
+        muon_lr > 0, [AdamW, Muon]: Muon (torch >= 2.9) takes the 2-D weights inside the blocks, where
         orthogonalised updates train faster; AdamW keeps the embeddings, the head and the gains."""
         named = dict(self.named_parameters())  # tied weights appear once
         hidden = [p for n, p in named.items() if muon_lr and n.startswith("blocks.") and p.dim() == 2]
         rest = [p for p in named.values() if all(p is not h for h in hidden)]
         groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-        if fused is None:
-            fused = device_type == "cuda"
+        fused = device_type == "cuda" if fused is None else fused
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
         if hidden:
             optimizers.append(torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum,
@@ -329,8 +313,7 @@ class GPT(nn.Module):
         """Training FLOPs (forward + backward) per token: 6 per weight plus attention's
         12 * layers * width * context (PaLM appendix B), used for MFU."""
         cfg = self.config
-        seq_len = seq_len or cfg.block_size
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * (seq_len or cfg.block_size)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -348,5 +331,4 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
