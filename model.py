@@ -1,6 +1,6 @@
 """The whole GPT in one file: config, attention, MLP, blocks, the model, a KV cache and sampling.
 
-Reads top to bottom: GPTConfig -> KVCache -> rotary helpers -> CausalSelfAttention -> MLP -> Block -> GPT.
+Reads top to bottom: GPTConfig -> KVCache -> sin/cos helpers -> CausalSelfAttention -> MLP -> Block -> GPT.
 The model works on token ids only; text lives at the edges (prepare.py, sample.py).
 """
 import math
@@ -20,7 +20,7 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = False          # biases in Linear and LayerNorm layers (GPT-2 had them)
-    pos: str = "learned"        # "learned" absolute positions (GPT-2) or "rope" (rotary)
+    pos: str = "learned"        # "learned" (GPT-2), "sinusoidal" (fixed sin/cos), "rope" (rotary) or "alibi" (distance bias)
     tie_weights: bool = True    # LM head shares the token embedding matrix
     attention: bool = True      # False is an ablation: every token attends only to itself
     mlp: str = "gelu"           # "gelu", "gelu_tanh" (GPT-2's tanh approximation) or "relu2" (ReLU squared)
@@ -30,102 +30,115 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.pos not in ("learned", "rope"):
-            raise ValueError(f"pos={self.pos!r}: use 'learned' or 'rope'")
-        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"pos='rope' needs an even head size, got {self.n_embd // self.n_head}")
+        if self.pos not in ("learned", "sinusoidal", "rope", "alibi"):
+            raise ValueError(f"pos={self.pos!r}: use 'learned', 'sinusoidal', 'rope' or 'alibi'")
+        size = {"sinusoidal": self.n_embd, "rope": self.n_embd // self.n_head}.get(self.pos, 0)
+        if size % 2:  # sin and cos come in pairs of dimensions
+            raise ValueError(f"pos={self.pos!r} needs an even {'n_embd' if self.pos == 'sinusoidal' else 'head size'}, got {size}")
         if self.mlp not in ("gelu", "gelu_tanh", "relu2"):
             raise ValueError(f"mlp={self.mlp!r}: use 'gelu', 'gelu_tanh' or 'relu2'")
 
 
 class KVCache:
     """Keys and values of every layer for a batch of sequences, preallocated once.
-
     k, v: (n_layer, batch, n_head, max_len, head_dim), allocated on the first write with the
     dtype of the keys (so it follows autocast). `pos` is how many positions are filled; each
     layer writes at `pos` during a forward pass and GPT.forward advances `pos` after the last layer.
-    """
+    With sinks > 0 (StreamingLLM's attention sinks) it never fills: make_room drops the oldest entries
+    after the first `sinks` and shifts the rest left, so slot i is position i for RoPE and ALiBi."""
 
-    def __init__(self, n_layer, max_len):
-        self.n_layer, self.max_len = n_layer, max_len
+    def __init__(self, n_layer, max_len, sinks=0):
+        self.n_layer, self.max_len, self.sinks = n_layer, max_len, sinks
         self.k = self.v = None
         self.pos = 0
+
+    def make_room(self, n):
+        """Drop the oldest entries after the sinks so that n more tokens fit."""
+        drop = self.pos + n - self.max_len
+        if self.k is not None and 0 < drop <= self.pos - self.sinks:
+            for t in (self.k, self.v):
+                t[:, :, :, self.sinks:self.pos - drop] = t[:, :, :, self.sinks + drop:self.pos].clone()
+            self.pos -= drop
 
     def update(self, layer, k, v):
         """Store k, v (batch, n_head, T, head_dim) at `pos`; return all keys and values so far."""
         if self.k is None:
             shape = (self.n_layer, k.size(0), k.size(1), self.max_len, k.size(3))
-            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            self.k, self.v = (torch.zeros(shape, dtype=k.dtype, device=k.device) for _ in "kv")
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def rope_tables(head_dim, max_len, base=10000.0):
-    """cos and sin of the rotation angles, (max_len, head_dim // 2) each."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
-    angles = torch.outer(torch.arange(max_len).float(), inv_freq)
+def sincos_tables(dim, length, device=None, base=10000.0):
+    """cos and sin of position x frequency base^(-2i/dim), (length, dim // 2) each: the sinusoidal
+    position table (Vaswani et al.) is the two side by side, RoPE rotates by these angles."""
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=device).float() / dim)
+    angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
     """Rotate pairs (x[i], x[i + d/2]) of x (B, n_head, T, head_dim) by the angles of its positions."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.type_as(x)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        self.layer, self.n_head = layer, config.n_head
-        self.head_dim = config.n_embd // config.n_head
+        self.layer, self.n_head, self.head_dim = layer, config.n_head, config.n_embd // config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout, self.attention, self.qk_norm = config.dropout, config.attention, config.qk_norm
+        slopes = 2.0 ** (-8.0 * torch.arange(1, config.n_head + 1) / config.n_head)  # ALiBi: 2^(-8/n) .. 2^-8
+        self.register_buffer("alibi_slopes", slopes if config.pos == "alibi" else None, persistent=False)
 
-    def queries_keys_values(self, x, rope=None):
-        """q, k, v of shape (B, n_head, T, head_dim), normalised and rotated as attention sees them."""
+    def queries_keys_values(self, x, rope=None, rotate_keys=True):
+        """q, k, v of shape (B, n_head, T, head_dim), normalised and rotated as attention sees them.
+        rope: the (cos, sin) rows of positions 0 .. (x's last); x's T tokens take the last T rows."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if self.qk_norm:
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            cos, sin = rope[0][-T:], rope[1][-T:]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin) if rotate_keys else k
         return q, k, v
 
     def forward(self, x, rope=None, cache=None):
         B, T, C = x.shape
-        q, k, v = self.queries_keys_values(x, rope)
-        start = 0
+        start = cache.pos if cache is not None else 0
+        slot_keys = rope is not None and cache is not None and cache.sinks > 0
+        q, k, v = self.queries_keys_values(x, rope, rotate_keys=not slot_keys)
         if cache is not None:
-            start = cache.pos
             k, v = cache.update(self.layer, k, v)
+        if slot_keys:  # a sink cache moves keys to other slots, so it holds them unrotated: rotate by slot here
+            k = apply_rope(k, *rope)
         if not self.attention:
             y = v[:, :, start:]  # ablation: each token sees only its own value
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=self.chunk_mask(T, start, x.device),
-                dropout_p=self.dropout if self.training else 0.0,
-                is_causal=(start == 0 and T > 1))
+            mask = self.attention_mask(T, start, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    @staticmethod
-    def chunk_mask(T, start, device):
-        """Mask for T new queries after `start` cached keys; None where no mask is needed.
-
-        A full sequence uses is_causal. One new token may see every cached key. Several new
-        tokens after a cache need the causal diagonal shifted right by `start`: is_causal would
-        align it to the top-left corner and hide the cache from them.
-        """
-        if start == 0 or T == 1:
+    def attention_mask(self, T, start, device):
+        """attn_mask for T new queries after `start` cached keys; None where is_causal (a whole sequence)
+        or no mask (one new token) does. Several new tokens after a cache need the causal diagonal
+        shifted right by `start` (is_causal aligns it top-left, hiding the cache). ALiBi adds -slope x
+        distance to each head's scores, -inf on later keys, in one float mask: on GPU an explicit mask
+        rules out the flash kernel (so the other encodings keep is_causal)."""
+        if self.alibi_slopes is None and (start == 0 or T == 1):
             return None
-        return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+        distance = torch.arange(start, start + T, device=device)[:, None] - torch.arange(start + T, device=device)
+        if self.alibi_slopes is None:
+            return distance >= 0
+        return (-self.alibi_slopes[:, None, None] * distance).masked_fill(distance < 0, float("-inf"))
 
 
 class MLP(nn.Module):
@@ -165,10 +178,10 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         if config.pos == "learned":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        else:
-            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        elif config.pos in ("sinusoidal", "rope"):  # fixed tables: buffers, rebuilt from the config, not saved
+            dim = config.n_embd if config.pos == "sinusoidal" else config.n_embd // config.n_head
+            for name, table in zip(("pos_cos", "pos_sin"), sincos_tables(dim, config.block_size)):
+                self.register_buffer(name, table, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -177,13 +190,10 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and writes them out
         self.apply(self._init_weights)
         # GPT-2: each residual branch adds to the stream, so scale its output projection by
-        # 1/sqrt(2 * n_layer) to keep the stream's variance flat with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                if config.zero_init_proj:
-                    nn.init.zeros_(p)
-                else:
-                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # 1/sqrt(2 * n_layer) to keep the stream's variance flat with depth (or start it at zero).
+        std = 0.02 / math.sqrt(2 * config.n_layer)
+        for p in (p for name, p in self.named_parameters() if name.endswith("c_proj.weight")):
+            nn.init.zeros_(p) if config.zero_init_proj else nn.init.normal_(p, mean=0.0, std=std)
 
     @staticmethod
     def _init_weights(module):
@@ -192,23 +202,32 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def sincos(self, end):
+        """Rows 0 .. end - 1 of the cos and sin tables; past block_size computed afresh."""
+        if end <= len(self.pos_cos):
+            return self.pos_cos[:end], self.pos_sin[:end]
+        return sincos_tables(2 * self.pos_cos.size(1), end, self.pos_cos.device)
+
     def embed(self, idx, start=0):
-        """Token (+ learned position) embeddings of idx placed at `start`, and the rotary angles
-        (cos, sin) for those positions when pos='rope' (else None)."""
-        T = idx.size(1)
-        x, rope = self.wte(idx), None
-        if self.config.pos == "learned":
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        else:
-            rope = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        return self.drop(x), rope
+        """Token embeddings of idx placed at `start` (plus learned or sinusoidal positions), and
+        for pos='rope' the rotary (cos, sin) rows of positions 0 .. start + T - 1 (else None)."""
+        end, pos = start + idx.size(1), self.config.pos
+        x = self.wte(idx)
+        if pos == "learned":
+            x = x + self.wpe(torch.arange(start, end, device=idx.device))
+        elif pos == "sinusoidal":
+            x = x + torch.cat(self.sincos(end), dim=-1)[start:]
+        return self.drop(x), self.sincos(end) if pos == "rope" else None
 
     def forward(self, idx, targets=None, cache=None):
         """Logits (B, T, V) and mean cross-entropy when targets are given (target -1 is ignored);
-        otherwise logits of the last position only (B, 1, V), which is all generation needs."""
+        otherwise logits of the last position only (B, 1, V), which is all generation needs.
+        Without a cache, only learned positions stop at block_size; the others extrapolate."""
         B, T = idx.shape
+        if cache is not None and cache.sinks:
+            cache.make_room(T)
         start = cache.pos if cache is not None else 0
-        limit = cache.max_len if cache is not None else self.config.block_size
+        limit = cache.max_len if cache is not None else self.config.block_size if self.config.pos == "learned" else math.inf
         if start + T > limit:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's {limit}")
         x, rope = self.embed(idx, start)
@@ -224,52 +243,56 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        use_cache=True, generator=None):
-        """Yield the next token of every sequence, (B,), one step at a time.
+    def next_logits(self, idx, cache=None, use_cache=True, sink_tokens=0):
+        """(logits (B, 1, V) of the token after idx, the cache for the next step): one generation step.
 
-        With the cache: one prefill pass over the prompt, then one token per step. When the
-        window is full (block_size tokens), the cache is rebuilt from the last block_size // 2
-        tokens (a sliding window that moves half a window at a time), so generation goes on past
-        block_size at the cost of one prefill every block_size // 2 tokens. Without the cache
-        (the reference path) every step recomputes the last block_size tokens.
-        """
+        With the cache: a prefill of the prompt, then one token per step; a full window (block_size)
+        restarts from the last block_size // 2 tokens (one prefill every block_size // 2 steps). With
+        sink_tokens=N (StreamingLLM) the cache keeps the first N tokens and drops the oldest of the
+        rest instead. Its slots are the positions: RoPE re-rotates keys by slot, ALiBi penalises slot
+        distance; learned and sinusoidal positions are baked into the keys, so they cannot move.
+        Without the cache (the reference) each step recomputes the window: first N, last block - N."""
         block = self.config.block_size
+        if sink_tokens and (self.config.pos not in ("rope", "alibi") or not 0 < sink_tokens < block):
+            raise ValueError(f"sink_tokens={sink_tokens} needs pos='rope' or 'alibi' and fewer than {block} sinks")
+
+        def last(keep):  # the sinks, then the last keep - sink_tokens tokens
+            return idx if idx.size(1) <= keep else torch.cat((idx[:, :sink_tokens], idx[:, sink_tokens - keep:]), 1)
+        if not use_cache:
+            return self(last(block))[0], None
+        if cache is None or (cache.pos == block and not sink_tokens):
+            window = last(block if cache is None else block // 2)
+            cache = KVCache(self.config.n_layer, block, sink_tokens)
+            return self(window, cache=cache)[0], cache
+        return self(idx[:, -1:], cache=cache)[0], cache
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        use_cache=True, generator=None, sink_tokens=0):
+        """Yield the next token of every sequence, (B,), one step at a time (see next_logits)."""
         cache = None
         for _ in range(max_new_tokens):
-            if not use_cache:
-                logits, _ = self(idx[:, -block:])
-            elif cache is None or cache.pos == block:
-                keep = block if cache is None else block // 2
-                cache = KVCache(self.config.n_layer, block)
-                logits, _ = self(idx[:, -keep:], cache=cache)
-            else:
-                logits, _ = self(idx[:, -1:], cache=cache)
+            logits, cache = self.next_logits(idx, cache, use_cache, sink_tokens)
             next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             idx = torch.cat((idx, next_token[:, None]), dim=1)
             yield next_token
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 use_cache=True, generator=None):
-        """Return idx (B, T) with max_new_tokens sampled tokens appended: (B, T + max_new_tokens)."""
-        steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
-        new_tokens = [token[:, None] for token in steps]
-        return torch.cat([idx, *new_tokens], dim=1)
+    def generate(self, idx, max_new_tokens, **options):
+        """idx (B, T) with max_new_tokens tokens appended, sampled as generate_stream's options say."""
+        return torch.cat([idx, *(token[:, None] for token in self.generate_stream(idx, max_new_tokens, **options))], 1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None,
                              muon_lr=0.0, muon_momentum=0.95):
-        """[AdamW] with weight decay on matrices (linear weights, embeddings) only, never on biases
-        and norm gains; fused kernels on CUDA unless `fused` says otherwise. With muon_lr > 0,
-        [AdamW, Muon]: Muon (torch >= 2.9) takes the 2-D weights inside the blocks, where
+        """[AdamW] with weight decay on matrices only (fused on CUDA unless `fused` says otherwise); with
+        muon_lr > 0, [AdamW, Muon]: Muon (torch >= 2.9) takes the 2-D weights inside the blocks, where
         orthogonalised updates train faster; AdamW keeps the embeddings, the head and the gains."""
         named = dict(self.named_parameters())  # tied weights appear once
         hidden = [p for n, p in named.items() if muon_lr and n.startswith("blocks.") and p.dim() == 2]
         rest = [p for p in named.values() if all(p is not h for h in hidden)]
         groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-        if fused is None:
-            fused = device_type == "cuda"
+        fused = device_type == "cuda" if fused is None else fused
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
         if hidden:
             optimizers.append(torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum,
@@ -290,8 +313,7 @@ class GPT(nn.Module):
         """Training FLOPs (forward + backward) per token: 6 per weight plus attention's
         12 * layers * width * context (PaLM appendix B), used for MFU."""
         cfg = self.config
-        seq_len = seq_len or cfg.block_size
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * (seq_len or cfg.block_size)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -309,5 +331,4 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_one_line_error, records, run_script, run_train, tiny_model
+from conftest import assert_one_line_error, records, run_script, run_train, tiny_args, tiny_model
 from dataset import Batches, load_meta
-from evaluate import full_split_loss
+from evaluate import full_split_loss, streaming_losses
 
 
 def naive_token_mean(model, batches, split):
@@ -79,3 +79,26 @@ def test_levels_are_told_from_the_question_where_the_rules_can():
     assert level_of("I like pop music.") == level_of("Yes, I did!") == "L5 statements (context)"
     assert level_of("What color is the sky?") == level_of("Can fish breathe underwater?") == \
         "L2/L4 facts, reasoning"
+
+
+@pytest.mark.parametrize("use_cache, sink_tokens", [(True, 0), (True, 2), (False, 0)])
+def test_streaming_losses_inside_the_window_are_the_full_forward_pass_losses(use_cache, sink_tokens):
+    model = tiny_model(pos="alibi", vocab_size=20, block_size=16)
+    tokens = torch.randint(0, 20, (40,), generator=torch.Generator().manual_seed(0))
+    losses, speed = streaming_losses(model, tokens, use_cache, sink_tokens)
+    logits, _ = model(tokens[None, :16], tokens[None, 1:17])
+    expected = F.cross_entropy(logits[0], tokens[1:17], reduction="none")
+    assert losses.shape == (39,) and speed > 0
+    torch.testing.assert_close(losses[:16], expected, rtol=0, atol=1e-5)  # every way sees the whole prefix
+
+
+def test_evaluate_reads_past_the_window_where_positions_allow_and_says_so_where_not(tmp_path, data_dir):
+    for pos in ("alibi", "learned"):
+        run_train(tiny_args(data_dir, tmp_path / pos, f"--pos={pos}", "--max_iters=2"))
+    longer = run_script("evaluate.py", [f"--out_dir={tmp_path / 'alibi'}", "--block_size=32"])
+    assert "windows of 32 tokens (2x the trained 16)" in longer.stdout and "final val loss" in longer.stdout
+    stream = run_script("evaluate.py", [f"--out_dir={tmp_path / 'alibi'}", "--stream=40", "--sink_tokens=2"])
+    assert re.findall(r"(sliding window|2 sinks|full recompute).* loss [\d.]+ +[\d.]+ tokens/s", stream.stdout) == [
+        "sliding window", "2 sinks", "full recompute"]
+    refused = run_script("evaluate.py", [f"--out_dir={tmp_path / 'learned'}", "--block_size=32"], check=False)
+    assert_one_line_error(refused, "pos='learned' has positions for 16 tokens only")

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import conftest
-from model import GPTConfig, KVCache, apply_rope, rope_tables, sample_next
+from model import GPTConfig, KVCache, apply_rope, sample_next, sincos_tables
 
 VOCAB = 37
+POSITIONS = ["learned", "sinusoidal", "rope", "alibi"]
 
 
 def tiny_model(seed=0, **overrides):
@@ -25,7 +26,14 @@ def all_logits(model, idx):
     return logits
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
+def scaled_up(model, factor=6):
+    with torch.no_grad():  # at init the next token hardly depends on the context; scaled up, it does
+        for p in model.parameters():
+            p.mul_(factor)
+    return model
+
+
+@pytest.mark.parametrize("pos", POSITIONS)
 def test_changing_later_tokens_leaves_earlier_logits_unchanged(pos):
     model = tiny_model(pos=pos)
     idx = random_tokens(2, 20)
@@ -37,7 +45,7 @@ def test_changing_later_tokens_leaves_earlier_logits_unchanged(pos):
     assert not torch.allclose(before[:, t + 1:], after[:, t + 1:])
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("pos", POSITIONS)
 def test_prefill_then_single_steps_match_full_forward(pos):
     model = tiny_model(pos=pos)
     idx = random_tokens(3, 24)
@@ -52,7 +60,7 @@ def test_prefill_then_single_steps_match_full_forward(pos):
     assert cache.pos == idx.size(1)
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("pos", POSITIONS)
 def test_multi_token_chunk_against_cache_uses_offset_mask(pos):
     model = tiny_model(pos=pos)
     idx = random_tokens(2, 20)
@@ -64,7 +72,7 @@ def test_multi_token_chunk_against_cache_uses_offset_mask(pos):
         torch.testing.assert_close(logits[:, 0], full[:, end - 1], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("pos", POSITIONS)
 def test_greedy_generation_with_and_without_cache_agree_up_to_block_size(pos):
     model = tiny_model(pos=pos)
     prompt = random_tokens(3, 5)
@@ -88,17 +96,55 @@ def sliding_window_reference(model, idx, steps):
     return idx
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("pos", POSITIONS)
 @pytest.mark.parametrize("prompt_len", [5, 30])  # shorter and longer than block_size (24)
 def test_generation_past_block_size_follows_the_sliding_window(pos, prompt_len):
-    model = tiny_model(pos=pos)
-    with torch.no_grad():  # at init the next token hardly depends on the context; scaled up, it does
-        for p in model.parameters():
-            p.mul_(6)
+    model = scaled_up(tiny_model(pos=pos))
     prompt = random_tokens(2, prompt_len)
     steps = 3 * model.config.block_size
     out = model.generate(prompt, steps, temperature=0)
     assert torch.equal(out, sliding_window_reference(model, prompt, steps))
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_one_layer_sink_cache_equals_recomputing_the_sinks_and_the_last_tokens(pos):
+    """With one layer a cached key or value depends on its token alone (RoPE rotates it by slot
+    at read time), so streaming with sinks must equal a full forward pass over the first 4 tokens
+    followed by the last block_size - 4, step after step, far past the window."""
+    model = scaled_up(tiny_model(pos=pos, n_layer=1))
+    prompt = random_tokens(2, 5)
+    steps = 3 * model.config.block_size
+    cached = model.generate(prompt, steps, temperature=0, sink_tokens=4)
+    assert torch.equal(cached, model.generate(prompt, steps, temperature=0, use_cache=False, sink_tokens=4))
+    assert not torch.equal(cached, model.generate(prompt, steps, temperature=0))  # the sinks change the result
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_sink_cache_stays_bounded_and_keeps_the_first_tokens(pos):
+    model = tiny_model(pos=pos)
+    block = model.config.block_size
+    idx, cache = random_tokens(2, 3), None
+    for _ in range(4 * block):
+        logits, cache = model.next_logits(idx, cache, sink_tokens=2)
+        if idx.size(1) == 3:
+            first_keys, first_cache = cache.k[:, :, :, :2].clone(), cache
+        assert cache is first_cache and cache.pos <= block and cache.k.size(3) == block  # never re-prefilled
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert cache.pos == block and torch.equal(cache.k[:, :, :, :2], first_keys)
+
+
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal"])
+def test_sinks_are_refused_where_positions_are_baked_into_the_keys(pos):
+    with pytest.raises(ValueError, match="rope"):
+        tiny_model(pos=pos).generate(random_tokens(1, 3), 5, sink_tokens=2)
+
+
+@pytest.mark.parametrize("pos", ["sinusoidal", "rope", "alibi"])
+def test_sequences_past_block_size_extend_the_positions_of_shorter_ones(pos):
+    model = tiny_model(pos=pos)
+    idx = random_tokens(2, 4 * model.config.block_size)  # past the stored sin/cos tables
+    short = all_logits(model, idx[:, :20])
+    torch.testing.assert_close(all_logits(model, idx)[:, :20], short, rtol=0, atol=1e-5)
 
 
 def test_streaming_yields_the_same_tokens_as_generate():
@@ -162,7 +208,7 @@ def test_tied_weights_share_storage_and_untied_do_not():
     assert untied.num_params(non_embedding=False) - tied.num_params(non_embedding=False) == VOCAB * 32
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("pos", POSITIONS)
 def test_state_dict_round_trip_with_weights_only_load(pos):
     model = tiny_model(pos=pos)
     buffer = io.BytesIO()
@@ -244,7 +290,7 @@ def test_flops_per_token_matches_torchs_count_of_a_training_step(overrides):
 
 
 def test_rope_scores_depend_only_on_the_distance_between_positions():
-    cos, sin = rope_tables(head_dim=16, max_len=64)
+    cos, sin = sincos_tables(dim=16, length=64)
     q, k = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
 
     def score(m, n):
@@ -261,7 +307,9 @@ def test_rope_scores_depend_only_on_the_distance_between_positions():
 def test_bad_configs_are_rejected_with_a_reason():
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=30, n_head=4)
-    with pytest.raises(ValueError, match="rope"):
-        GPTConfig(pos="alibi")
+    with pytest.raises(ValueError, match="alibi"):
+        GPTConfig(pos="absolute")
+    with pytest.raises(ValueError, match="even n_embd"):
+        GPTConfig(pos="sinusoidal", n_embd=9, n_head=3)
     with pytest.raises(ValueError, match="longer"):
         tiny_model()(random_tokens(1, 25))
