@@ -12,7 +12,7 @@ from interpret import (all_logits, attention_weights, draw_attention, logit_lens
                        patching_scores, restored_fraction, run_with_cache)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"pos": "rope", "qk_norm": True}])
+@pytest.mark.parametrize("overrides", [{}, {"pos": "rope", "qk_norm": True}, {"pos": "alibi"}, {"pos": "sinusoidal"}])
 def test_attention_maps_reproduce_the_models_attention_output(overrides):
     model = tiny_model(**overrides)
     idx = torch.randint(0, 20, (1, 12), generator=torch.Generator().manual_seed(1))
@@ -81,7 +81,7 @@ def clean_and_corrupted(model, T=10, seed=1):
     return clean, corrupt, steps
 
 
-@pytest.mark.parametrize("overrides", [{}, {"pos": "rope"}])
+@pytest.mark.parametrize("overrides", [{}, {"pos": "rope"}, {"pos": "alibi"}])
 def test_patching_the_whole_clean_run_restores_all_of_it_and_patching_nothing_restores_none(overrides):
     model = tiny_model(n_layer=3, **overrides)
     clean, corrupt, steps = clean_and_corrupted(model)
