@@ -35,6 +35,7 @@ class SampleConfig:
     stop: str = ""               # stop a sample when this text appears (not printed)
     chat: bool = False           # read questions from stdin, answer each as "Q: ...\nA:" prompts
     history: bool = True         # in --chat, earlier turns stay in the context (whole turns, oldest dropped first)
+    sink_tokens: int = 0         # past the window keep the first N tokens + the latest (attention sinks; rope/alibi); 0 = slide
 
     def __post_init__(self):
         must(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 is greedy)")
@@ -42,6 +43,7 @@ class SampleConfig:
         must(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be at least 1, or None for off")
         must(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be at least 1")
         must(self.num_samples >= 1, f"num_samples={self.num_samples} must be at least 1")
+        must(self.sink_tokens >= 0, f"sink_tokens={self.sink_tokens} must be >= 0 (0 = the sliding window)")
         must(self.dtype in ("auto", "float32", "bfloat16", "float16"),
              f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
 
@@ -108,7 +110,8 @@ def generate_texts(model, tokenizer, device, prompt_ids, cfg, stop, on_text=None
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     streams = [TextStream(tokenizer, stop) for _ in range(cfg.num_samples)]
     steps = model.generate_stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                                  cfg.top_p if cfg.top_p < 1.0 else None, generator=generator)
+                                  cfg.top_p if cfg.top_p < 1.0 else None, generator=generator,
+                                  sink_tokens=cfg.sink_tokens)
     for tokens in steps:
         for stream, token in zip(streams, tokens.tolist()):
             new = stream.add(token)
@@ -183,6 +186,9 @@ def sample(cfg):
         model, tokenizer, device = ready_for_inference(load_weights(cfg.init_from), cfg.device, cfg.dtype)
     else:
         model, tokenizer, device = load_for_inference(cfg.out_dir, cfg.ckpt, cfg.device, cfg.dtype)
+    if cfg.sink_tokens and (model.config.pos not in ("rope", "alibi") or cfg.sink_tokens >= model.config.block_size):
+        raise SampleError(f"--sink_tokens={cfg.sink_tokens} needs a model with pos='rope' or 'alibi' (this one has "
+                          f"{model.config.pos!r}) and fewer sinks than its block_size {model.config.block_size}")
     with torch.inference_mode():
         (run_chat if cfg.chat else run_samples)(model, tokenizer, device, cfg)
 

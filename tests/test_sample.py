@@ -145,6 +145,8 @@ def test_prompt_from_file_and_long_prompt_note(trained, tmp_path):
     (["--max_new_tokens=-5"], "max_new_tokens=-5 must be at least 1"),
     (["--num_samples=0"], "num_samples=0 must be at least 1"),
     (["--ckpt=nothing.pt"], "no checkpoint at"),
+    (["--sink_tokens=4"], "needs a model with pos='rope' or 'alibi' (this one has 'learned')"),
+    (["--sink_tokens=-1"], "sink_tokens=-1 must be >= 0"),
 ])
 def test_bad_requests_fail_with_one_line(trained, options, expected):
     out_dir, _ = trained
@@ -253,3 +255,16 @@ def test_chat_answers_with_the_conversation_so_far_in_the_context(tmp_path):
     assert with_history[1] != without[1]  # and the first turn changed the answer
     endless = chat("--max_new_tokens=500", asked=questions[:1])  # this model never writes a newline...
     assert len(endless[0]) == len("A:") + 64  # ...so its answer stops after half the window
+
+
+def test_sample_with_attention_sinks_generates_past_the_window(tmp_path):
+    source = tmp_path / "qa.txt"
+    source.write_text(qa_text())
+    prepare("qa", source=str(source), data_dir=str(tmp_path / "data"))
+    run([REPO / "train.py", "--dataset=qa", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
+         "--pos=alibi", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
+         "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--device=cpu", "--dtype=float32"], check=True)
+    texts = [sample(tmp_path / "out", "--temperature=0", "--max_new_tokens=60", *sinks).stdout
+             for sinks in ([], ["--sink_tokens=4"])]
+    assert all(len(text) == len("\n") + 60 + len("\n") for text in texts)  # 60 one-character tokens each
+    assert texts[0][:16] == texts[1][:16]  # identical until the window fills
