@@ -607,3 +607,22 @@ def test_every_shipped_config_runs_under_torchrun_with_two_processes_as_written(
                                      "--compile=False"], cwd=tmp_path, launcher=torchrun(2), timeout=600)
     assert "2 process(es)" in result.stdout and "step 2 | loss " in result.stdout
     assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 2
+
+
+def test_a_model_pretrained_on_one_byte_text_fine_tunes_on_another(tmp_path):
+    """Byte tokens are one vocabulary for every text: weights pretrained on one data set start a run on
+    another (here with a learning rate too small to move them, so the saved weights are the loaded ones)."""
+    from conftest import tiny_text
+    from prepare import prepare
+    for name, seed in (("pretext", 0), ("tunetext", 1)):
+        (tmp_path / f"{name}.txt").write_text(tiny_text(n_lines=300, seed=seed).upper() if seed else tiny_text(300))
+        prepare(name, source=tmp_path / f"{name}.txt", data_dir=tmp_path / "data", tokenizer="byte")
+    common = [*TINY, f"--data_dir={tmp_path / 'data'}", "--final_eval_full=False"]
+    run_train([*common, "--dataset=pretext", f"--out_dir={tmp_path / 'pre'}", "--max_iters=3"])
+    tuned = run_train([*common, "--dataset=tunetext", f"--out_dir={tmp_path / 'tuned'}", "--max_iters=1",
+                       f"--init_from={tmp_path / 'pre'}", "--learning_rate=1e-9", "--decay_lr=False"])
+    assert "fine-tuning" in tuned.stdout
+    pretrained, fine_tuned = (load_checkpoint(tmp_path / d / "ckpt.pt") for d in ("pre", "tuned"))
+    assert fine_tuned["meta"]["tokenizer"] == "byte" and fine_tuned["config"]["dataset"] == "tunetext"
+    for name, tensor in pretrained["model"].items():
+        torch.testing.assert_close(fine_tuned["model"][name], tensor, atol=1e-6, rtol=0)
