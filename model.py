@@ -1,8 +1,5 @@
-"""The whole GPT in one file: config, attention, MLP, blocks, the model, a KV cache and sampling.
-
-Reads top to bottom: GPTConfig -> KVCache -> sin/cos helpers -> CausalSelfAttention -> MLP -> Block -> GPT.
-The model works on token ids only; text lives at the edges (prepare.py, sample.py).
-"""
+"""The whole GPT in one file, top to bottom: GPTConfig -> KVCache -> sin/cos helpers -> CausalSelfAttention
+-> MLP -> Block -> GPT -> sampling. Token ids only; text lives at the edges (prepare.py, sample.py)."""
 import math
 from dataclasses import dataclass
 
@@ -40,12 +37,10 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for a batch of sequences, preallocated once.
-    k, v: (n_layer, batch, n_head, max_len, head_dim), allocated on the first write with the
-    dtype of the keys (so it follows autocast). `pos` is how many positions are filled; each
-    layer writes at `pos` during a forward pass and GPT.forward advances `pos` after the last layer.
-    With sinks > 0 (StreamingLLM's attention sinks) it never fills: make_room drops the oldest entries
-    after the first `sinks` and shifts the rest left, so slot i is position i for RoPE and ALiBi."""
+    """Keys and values (n_layer, batch, n_head, max_len, head_dim) of a batch of sequences, allocated on the
+    first write in the keys' dtype (it follows autocast); `pos` positions are filled, and GPT.forward
+    advances it after the last layer. With sinks > 0 (StreamingLLM) make_room drops the oldest entries
+    after the first `sinks` and shifts the rest left, so slot i acts as position i (RoPE, ALiBi)."""
 
     def __init__(self, n_layer, max_len, sinks=0):
         self.n_layer, self.max_len, self.sinks = n_layer, max_len, sinks
@@ -97,8 +92,7 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("alibi_slopes", slopes if config.pos == "alibi" else None, persistent=False)
 
     def queries_keys_values(self, x, rope=None, rotate_keys=True):
-        """q, k, v of shape (B, n_head, T, head_dim), normalised and rotated as attention sees them.
-        rope: the (cos, sin) rows of positions 0 .. (x's last); x's T tokens take the last T rows."""
+        """q, k, v (B, n_head, T, head_dim) as attention sees them; x's T tokens take rope's last T rows."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -128,11 +122,9 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def attention_mask(self, T, start, device):
-        """attn_mask for T new queries after `start` cached keys; None where is_causal (a whole sequence)
-        or no mask (one new token) does. Several new tokens after a cache need the causal diagonal
-        shifted right by `start` (is_causal aligns it top-left, hiding the cache). ALiBi adds -slope x
-        distance to each head's scores, -inf on later keys, in one float mask: on GPU an explicit mask
-        rules out the flash kernel (so the other encodings keep is_causal)."""
+        """attn_mask for T new queries after `start` cached keys: None where is_causal (whole sequence) or
+        nothing (one new token) does; else the causal diagonal shifted right by `start`. ALiBi adds -slope
+        x distance, -inf ahead, in one float mask: on GPU that rules out the flash kernel (the others keep is_causal)."""
         if self.alibi_slopes is None and (start == 0 or T == 1):
             return None
         distance = torch.arange(start, start + T, device=device)[:, None] - torch.arange(start + T, device=device)
@@ -188,19 +180,16 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and writes them out
-        self.apply(self._init_weights)
+        for m in self.modules():  # GPT-2 init: weights N(0, 0.02), biases zero
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
         # GPT-2: each residual branch adds to the stream, so scale its output projection by
         # 1/sqrt(2 * n_layer) to keep the stream's variance flat with depth (or start it at zero).
         std = 0.02 / math.sqrt(2 * config.n_layer)
         for p in (p for name, p in self.named_parameters() if name.endswith("c_proj.weight")):
             nn.init.zeros_(p) if config.zero_init_proj else nn.init.normal_(p, mean=0.0, std=std)
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def sincos(self, end):
         """Rows 0 .. end - 1 of the cos and sin tables; past block_size computed afresh."""
@@ -209,8 +198,7 @@ class GPT(nn.Module):
         return sincos_tables(2 * self.pos_cos.size(1), end, self.pos_cos.device)
 
     def embed(self, idx, start=0):
-        """Token embeddings of idx placed at `start` (plus learned or sinusoidal positions), and
-        for pos='rope' the rotary (cos, sin) rows of positions 0 .. start + T - 1 (else None)."""
+        """Embeddings of idx at positions start.. (+ learned/sinusoidal ones), and RoPE's (cos, sin) rows or None."""
         end, pos = start + idx.size(1), self.config.pos
         x = self.wte(idx)
         if pos == "learned":
@@ -246,13 +234,10 @@ class GPT(nn.Module):
     @torch.no_grad()
     def next_logits(self, idx, cache=None, use_cache=True, sink_tokens=0):
         """(logits (B, 1, V) of the token after idx, the cache for the next step): one generation step.
-
-        With the cache: a prefill of the prompt, then one token per step; a full window (block_size)
-        restarts from the last block_size // 2 tokens (one prefill every block_size // 2 steps). With
-        sink_tokens=N (StreamingLLM) the cache keeps the first N tokens and drops the oldest of the
-        rest instead. Its slots are the positions: RoPE re-rotates keys by slot, ALiBi penalises slot
-        distance; learned and sinusoidal positions are baked into the keys, so they cannot move.
-        Without the cache (the reference) each step recomputes the window: first N, last block - N."""
+        With the cache: a prefill, then one token per step; a full window restarts from its last half.
+        sink_tokens=N keeps the first N tokens and drops the oldest others instead: slots are positions
+        (RoPE re-rotates keys by slot, ALiBi penalises slot distance), which learned and sinusoidal keys,
+        holding their positions, cannot follow. Without the cache each step recomputes the same window."""
         block = self.config.block_size
         if sink_tokens and (self.config.pos not in ("rope", "alibi") or not 0 < sink_tokens < block):
             raise ValueError(f"sink_tokens={sink_tokens} needs pos='rope' or 'alibi' and fewer than {block} sinks")
@@ -285,9 +270,8 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None,
                              muon_lr=0.0, muon_momentum=0.95):
-        """[AdamW] with weight decay on matrices only (fused on CUDA unless `fused` says otherwise); with
-        muon_lr > 0, [AdamW, Muon]: Muon (torch >= 2.9) takes the 2-D weights inside the blocks, where
-        orthogonalised updates train faster; AdamW keeps the embeddings, the head and the gains."""
+        """[AdamW] with weight decay on matrices only (fused on CUDA by default); with muon_lr > 0 [AdamW, Muon]:
+        Muon (torch >= 2.9) takes the blocks' 2-D weights; AdamW the embeddings, the head and the gains."""
         named = dict(self.named_parameters())  # tied weights appear once
         hidden = [p for n, p in named.items() if muon_lr and n.startswith("blocks.") and p.dim() == 2]
         rest = [p for p in named.values() if all(p is not h for h in hidden)]
@@ -301,8 +285,7 @@ class GPT(nn.Module):
         return optimizers
 
     def num_params(self, non_embedding=True):
-        """Parameter count; non_embedding leaves out the position table (and, when untied, the
-        input embedding), which do no matmul work per token."""
+        """Parameter count; non_embedding leaves out tables that do no matmul work per token."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and self.config.pos == "learned":
             n -= self.wpe.weight.numel()
@@ -311,8 +294,7 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len=None):
-        """Training FLOPs (forward + backward) per token: 6 per weight plus attention's
-        12 * layers * width * context (PaLM appendix B), used for MFU."""
+        """Training FLOPs per token (MFU): 6 per weight + 12 x layers x width x context (PaLM, app. B)."""
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * (seq_len or cfg.block_size)
 
