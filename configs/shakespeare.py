@@ -21,6 +21,7 @@ n_layer = 4
 n_head = 4
 n_embd = 128
 dropout = 0.1
+loss_chunk = 64  # the loss 64 rows at a time: the 2,048 x 50,257 logits never exist whole (chunked_loss.py)
 
 learning_rate = 2e-3
 max_iters = 300
