@@ -4,10 +4,17 @@
     python bench.py --only=generate        # KV-cache vs full-recompute generation
     python bench.py --only=matmul          # measured matmul peak, fp32 and bf16
     python bench.py --only=train --config=configs/shakespeare_char_cpu.py --dtype=bfloat16 --compile=True
+    python bench.py --nanogpt=../nanoGPT       # each figure next to nanoGPT's, measured in the same run
+    python bench.py --only=recipe --nanogpt=../nanoGPT   # whole-process wall time of the CPU recipe, both repos
 
 Training figures come from train.py's own loop (its log.jsonl), so they are what a run gets.
 Generation figures are medians over repeated runs after a warm-up. Nothing here is asserted.
+--nanogpt=PATH (a nanoGPT checkout with data/shakespeare_char prepared) adds nanoGPT's own generation
+on the same model shape and its CPU recipe's wall time, run in turn with ours.
 """
+import contextlib
+import importlib.util
+import io
 import json
 import resource
 import statistics
@@ -29,7 +36,7 @@ REPO = Path(__file__).resolve().parent
 
 @dataclass
 class BenchConfig:
-    only: str = ""               # one section: 'train', 'matmul' or 'generate'; '' = all three
+    only: str = ""               # one section: 'train', 'matmul', 'generate' or 'recipe'; '' = all (recipe with --nanogpt)
     config: str = "configs/shakespeare_char_cpu.py"  # the training config the train section runs
     steps: int = 50              # training steps; the figures are the mean of the second half
     dtype: str = ""              # training dtype override ('' = the config's)
@@ -37,11 +44,15 @@ class BenchConfig:
     batch_size: int = 0          # training batch_size override (0 = the config's)
     device: str = ""             # training device override ('' = the config's)
     gen_dtype: str = "float32"   # weights dtype of the generation benchmark: 'float32' or 'bfloat16'
+    nanogpt: str = ""            # a nanoGPT checkout: its figures are measured beside ours
 
     def __post_init__(self):
         must(self.only in ("", *SECTIONS), f"only={self.only!r}: use one of {', '.join(SECTIONS)}")
         must(self.steps >= 2, f"steps={self.steps} must be at least 2 (the figures come from the second half)")
         must(self.gen_dtype in ("float32", "bfloat16"), f"gen_dtype={self.gen_dtype!r}: use float32 or bfloat16")
+        must(not self.nanogpt or (Path(self.nanogpt) / "model.py").is_file(),
+             f"nanogpt={self.nanogpt!r}: no model.py there; give the folder of a nanoGPT checkout")
+        must(self.only != "recipe" or self.nanogpt, "only=recipe compares with nanoGPT: give --nanogpt=PATH")
 
 
 def median_seconds(fn, repeats, warmup=1):
@@ -109,15 +120,57 @@ def bench_generate(cfg, new_tokens=500):
     print(f"  speed-up          {with_cache / without:8.1f}x")
     for batch in (8, 32):  # sample.py --num_samples: one batch, one token of every sequence per step
         print(f"  KV cache, {batch:2d} sequences {generation_tokens_per_second(model, True, new_tokens, batch):8.1f} tokens/s")
+    if cfg.nanogpt:
+        theirs = nanogpt_tokens_per_second(cfg.nanogpt, dtype, new_tokens)
+        print(f"  nanoGPT's generate {theirs:8.1f} tokens/s (its model.py, same shape and dtype): ours with the "
+              f"cache is {with_cache / theirs:.1f}x")
 
 
-SECTIONS = {"train": bench_train, "matmul": bench_matmul, "generate": bench_generate}
+def nanogpt_tokens_per_second(path, dtype, new_tokens):
+    """Tokens/s of nanoGPT's own GPT.generate on the reference shape, one sequence, imported from its checkout."""
+    spec = importlib.util.spec_from_file_location("nanogpt_model", Path(path) / "model.py")
+    theirs = importlib.util.module_from_spec(spec)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
+        spec.loader.exec_module(theirs)
+        torch.manual_seed(0)
+        model = theirs.GPT(theirs.GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384,
+                                            dropout=0.0, bias=False)).eval().to(dtype)
+    prompt = torch.zeros((1, 1), dtype=torch.long)
+    with torch.no_grad():
+        return new_tokens / median_seconds(lambda: model.generate(prompt, new_tokens, temperature=1.0), repeats=3)
+
+
+NANOGPT_CPU_RECIPE = ["train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+                      "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4",
+                      "--n_head=4", "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+
+
+def wall_seconds(command, cwd):
+    start = time.perf_counter()
+    run = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise ConfigError(f"{' '.join(command[1:3])} failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
+    return time.perf_counter() - start
+
+
+def bench_recipe(cfg):
+    """Whole-process wall time of nanoGPT's CPU recipe (its README's command), ours and theirs, in turn."""
+    print("CPU recipe, whole process (data prepared): nanoGPT's README command, then ours")
+    with tempfile.TemporaryDirectory() as out_dir:
+        theirs = wall_seconds([sys.executable, *NANOGPT_CPU_RECIPE, f"--out_dir={out_dir}/nanogpt"], cfg.nanogpt)
+        print(f"  nanoGPT                              {theirs:6.1f} s")
+        for config in ("configs/shakespeare_char_cpu.py", "configs/speedrun_cpu.py"):
+            ours = wall_seconds([sys.executable, "train.py", config, f"--out_dir={out_dir}/ours"], REPO)
+            print(f"  python train.py {config:24s} {ours:6.1f} s: {ours / theirs:.2f} of nanoGPT's time")
+
+
+SECTIONS = {"train": bench_train, "matmul": bench_matmul, "generate": bench_generate, "recipe": bench_recipe}
 
 
 def bench(cfg):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, section in SECTIONS.items():
-        if cfg.only in ("", name):
+        if cfg.only == name or (not cfg.only and (name != "recipe" or cfg.nanogpt)):
             section(cfg)
 
 

@@ -119,9 +119,9 @@ def check_vocabulary(weights_meta, vocab_size, meta, where):
 
 def check_resumable(checkpoint, model_args, meta, uses_muon, path):
     """Raise CheckpointError unless the run asked for can continue from this checkpoint."""
-    saved = checkpoint["model_args"]
-    differ = [f"{k} {saved.get(k)!r} in the checkpoint vs {v!r} requested"
-              for k, v in model_args.items() if k != "dropout" and saved.get(k) != v]
+    saved = GPTConfig(**checkpoint["model_args"]).__dict__  # fields added since it was saved take their defaults
+    differ = [f"{k} {saved.get(k)!r} in the checkpoint vs {v!r} requested"  # dropout, loss_chunk: free to change
+              for k, v in model_args.items() if k not in ("dropout", "loss_chunk") and saved.get(k) != v]
     if differ:
         raise CheckpointError(f"{path} does not match this config: {'; '.join(differ)}. "
                               "Use the checkpoint's model settings, or another out_dir to start afresh")

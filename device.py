@@ -5,6 +5,7 @@ environment variables. Code elsewhere is device-agnostic: tensors are created on
 checkpoints load to the CPU, and host-only calls (`.item()`, `.tolist()`, `.numpy()`) happen only
 on values that were moved or reduced first.
 """
+import ctypes
 import datetime
 import os
 import time
@@ -69,13 +70,28 @@ def grad_scaler(device, dtype):
     return torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
 
 
-def set_up_device(device, threads=0):
+def set_up_device(device, threads=0, keep_freed_memory=False):
     """Process-wide settings: TF32 matmuls on CUDA (float32 range, 10-bit mantissa: fine for
-    training, much faster), and the CPU thread count when one is given."""
+    training, much faster), the CPU thread count when one is given, and glibc's allocator."""
     if threads:
         torch.set_num_threads(threads)
+    if keep_freed_memory:
+        keep_freed_host_memory()
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")
+
+
+def keep_freed_host_memory() -> bool:
+    """Tell glibc's malloc to serve big blocks from its heap and keep freed memory, as
+    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=... would. By default each block
+    over 32 MB is mmap-ed and returned when freed, so tensors allocated afresh every step (the logits
+    of a 50,257-way head) fault in new pages every step: kernel time. False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt's parameter numbers (malloc.h)
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def compile_by_default(device) -> bool:

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chunked_loss import chunked_cross_entropy
+
 
 @dataclass
 class GPTConfig:
@@ -23,6 +25,7 @@ class GPTConfig:
     mlp: str = "gelu"           # "gelu", "gelu_tanh" (GPT-2's tanh approximation) or "relu2" (ReLU squared)
     qk_norm: bool = False       # RMS-normalise queries and keys before attention
     zero_init_proj: bool = False  # residual output projections start at zero
+    loss_chunk: int = 0         # > 0: loss over this many rows at a time, no full logits (chunked_loss.py)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -34,6 +37,8 @@ class GPTConfig:
             raise ValueError(f"pos={self.pos!r} needs an even {'n_embd' if self.pos == 'sinusoidal' else 'head size'}, got {size}")
         if self.mlp not in ("gelu", "gelu_tanh", "relu2"):
             raise ValueError(f"mlp={self.mlp!r}: use 'gelu', 'gelu_tanh' or 'relu2'")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk={self.loss_chunk} must be 0 (off) or a number of rows")
 
 
 class KVCache:
@@ -209,8 +214,8 @@ class GPT(nn.Module):
         return self.drop(x), self.sincos(end) if pos == "rope" else None
 
     def forward(self, idx, targets=None, cache=None):
-        """Logits (B, T, V) and mean cross-entropy when targets are given (target -1 is ignored);
-        otherwise logits of the last position only (B, 1, V), which is all generation needs.
+        """Logits (B, T, V) and mean cross-entropy when targets are given (target -1 is ignored; with
+        loss_chunk, logits None); else the last position's logits (B, 1, V), all generation needs.
         Without a cache, only learned positions stop at block_size; the others extrapolate."""
         B, T = idx.shape
         if cache is not None and cache.sinks:
@@ -227,6 +232,9 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
+        if self.config.loss_chunk:  # no logits come back: they never exist whole
+            x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.loss_chunk)
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss

@@ -82,6 +82,7 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
     dtype: str = "auto"                 # 'auto' (bf16 where fast, else fp16 on CUDA, else fp32), 'float32', 'bfloat16', 'float16'
     compile: bool | None = None         # torch.compile the model; None = on for CUDA only
     threads: int = 0                    # CPU threads for torch; 0 = torch's default (one per core)
+    keep_freed_memory: bool = False     # glibc: reuse freed memory, no fresh pages per step (device.py)
     seed: int = 1337
     val_loss_bar: float = 0.0           # a published result: the final full-split val loss is judged PASS/FAIL against it
     exact_match_bar: float = 0.0        # for the attention tasks: the test exact-match share to reach
@@ -253,7 +254,7 @@ def run(cfg, argv, dist) -> int:
     device, master = dist.device, dist.is_master
     say = print if master else (lambda *args, **kwargs: None)
     dtype = resolve_dtype(cfg.dtype, device)
-    set_up_device(device, cfg.threads)
+    set_up_device(device, cfg.threads, cfg.keep_freed_memory)
     ctx = autocast_context(device, dtype)
     out_dir = Path(cfg.out_dir)
     ckpt_path, best_path = out_dir / "ckpt.pt", out_dir / "best.pt"

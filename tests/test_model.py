@@ -313,3 +313,42 @@ def test_bad_configs_are_rejected_with_a_reason():
         GPTConfig(pos="sinusoidal", n_embd=9, n_head=3)
     with pytest.raises(ValueError, match="longer"):
         tiny_model()(random_tokens(1, 25))
+
+
+def loss_and_grads(model, idx, targets):
+    model.zero_grad(set_to_none=True)
+    _, loss = model(idx, targets)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+@pytest.mark.parametrize("rows", [1, 7, 64])  # one row, chunks that do not divide 2 x 12, one chunk
+def test_chunked_loss_equals_full_logits_loss_in_value_and_gradient(tie_weights, rows):
+    full = tiny_model(tie_weights=tie_weights).train()  # dropout 0: the two passes see the same model
+    chunked = tiny_model(tie_weights=tie_weights, loss_chunk=rows).train()
+    idx, targets = random_tokens(2, 12), random_tokens(2, 12, seed=2)
+    targets[0, :5] = -1  # ignored targets count neither in the mean nor in the gradient
+    loss, grads = loss_and_grads(full, idx, targets)
+    chunked_loss, chunked_grads = loss_and_grads(chunked, idx, targets)
+    torch.testing.assert_close(chunked_loss, loss)
+    assert grads.keys() == chunked_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(chunked_grads[name], grads[name], msg=name)
+    with torch.no_grad():  # evaluation takes the path without gradients
+        torch.testing.assert_close(chunked(idx, targets)[1], loss)
+
+
+def test_chunked_loss_under_bf16_autocast_stays_close():
+    full, chunked = tiny_model(), tiny_model(loss_chunk=5)
+    idx, targets = random_tokens(2, 12), random_tokens(2, 12, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(full, idx, targets)
+        chunked_loss, chunked_grads = loss_and_grads(chunked, idx, targets)
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(chunked_grads["wte.weight"], grads["wte.weight"], rtol=5e-2, atol=1e-3)
+
+
+def test_negative_loss_chunk_is_rejected():
+    with pytest.raises(ValueError, match="loss_chunk=-1"):
+        GPTConfig(loss_chunk=-1)
