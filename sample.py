@@ -150,12 +150,19 @@ def chat_prompt_ids(tokenizer, turns, question, budget) -> list:
     return ids
 
 
+def answer_room(block_size) -> int:
+    """Tokens an answer may take in chat: a quarter of the window, but 64 (TinyTalks' longest answer is 63
+    characters) when half the window allows; the conversation so far gets the rest."""
+    return max(block_size // 4, min(64, block_size // 2))
+
+
 def run_chat(model, tokenizer, device, cfg):
     """Answer each stdin line as the training data frames it: 'Q: <line>\\nA:' up to the newline,
-    with the earlier turns in front (cfg.history). The conversation gets half the window and the
-    answer the other half at most, so a model that never ends its answer stops there."""
-    budget = model.config.block_size // 2
-    cfg = replace(cfg, num_samples=1, max_new_tokens=min(cfg.max_new_tokens, model.config.block_size - budget))
+    with the earlier turns in front (cfg.history). A model that never ends its answer stops at
+    answer_room tokens; the conversation gets the rest of the window."""
+    room = answer_room(model.config.block_size)
+    budget = model.config.block_size - room
+    cfg = replace(cfg, num_samples=1, max_new_tokens=min(cfg.max_new_tokens, room))
     turns = []
     interactive = sys.stdin.isatty()
     if interactive:

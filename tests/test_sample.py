@@ -254,7 +254,12 @@ def test_chat_answers_with_the_conversation_so_far_in_the_context(tmp_path):
     assert with_history[1] == "A:" + out[len(context):].split("\n")[0]
     assert with_history[1] != without[1]  # and the first turn changed the answer
     endless = chat("--max_new_tokens=500", asked=questions[:1])  # this model never writes a newline...
-    assert len(endless[0]) == len("A:") + 64  # ...so its answer stops after half the window
+    assert len(endless[0]) == len("A:") + 64  # ...so its answer stops at 64 tokens, half this window
+
+
+def test_chat_answers_get_a_quarter_of_the_window_and_at_least_64_tokens_while_half_allows():
+    from sample import answer_room
+    assert [answer_room(b) for b in (32, 128, 256, 1024)] == [16, 64, 64, 256]
 
 
 def test_sample_with_attention_sinks_generates_past_the_window(tmp_path):
