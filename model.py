@@ -72,8 +72,7 @@ class KVCache:
 
 
 def sincos_tables(dim, length, device=None, base=10000.0):
-    """cos and sin of position x frequency base^(-2i/dim), (length, dim // 2) each: the sinusoidal
-    position table (Vaswani et al.) is the two side by side, RoPE rotates by these angles."""
+    """cos, sin of position x base^(-2i/dim), (length, dim // 2) each: side by side the sinusoidal table, or RoPE's angles."""
     inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=device).float() / dim)
     angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
     return angles.cos(), angles.sin()
@@ -308,8 +307,8 @@ class GPT(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row of logits (B, V). temperature 0 is greedy; top_k keeps exactly the
-    k best; top_p keeps the smallest set of best tokens whose probability reaches top_p."""
+    """One token per row of logits (B, V): temperature 0 is greedy; top_k keeps the k best; top_p the
+    fewest best tokens whose probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
