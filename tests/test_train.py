@@ -593,7 +593,9 @@ def test_every_shipped_config_runs_under_torchrun_with_two_processes_as_written(
     from gpt2 import GPT2_NAMES
     data = tmp_path / "data"
     sources = {"shakespeare_char": SHARED_DATA / "tinyshakespeare" / "input.txt",
-               "shakespeare": SHARED_DATA / "tinyshakespeare" / "input.txt", "tinytalks": SHARED_DATA / "tinytalks"}
+               "shakespeare": SHARED_DATA / "tinyshakespeare" / "input.txt", "tinytalks": SHARED_DATA / "tinytalks",
+               "shakespeare_byte": SHARED_DATA / "tinyshakespeare" / "input.txt",
+               "tinytalks_byte": SHARED_DATA / "tinytalks"}
     cfg = parse_options(TrainConfig, [str(REPO / "configs" / config)], config_files=True)
     if cfg.dataset in sources and not sources[cfg.dataset].exists():
         pytest.skip(f"no local copy of {cfg.dataset}")
@@ -601,6 +603,8 @@ def test_every_shipped_config_runs_under_torchrun_with_two_processes_as_written(
     if cfg.init_from in GPT2_NAMES:  # no network here: a tiny random GPT-2 in its place
         source.append(f"--init_from={tmp_path / 'gpt2'}")
         tiny_hf_gpt2(tmp_path / "gpt2", vocab_size=50257, n_positions=64)
+    elif cfg.init_from not in ("auto", "resume", "scratch"):  # another run's weights: that run is not here
+        source.append("--init_from=scratch")
     result = run_script("train.py", [REPO / "configs" / config, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
                                      *source, "--n_layer=1", "--n_head=2", "--n_embd=32", "--max_iters=2",
                                      "--eval_iters=1", "--final_eval_full=False", "--device=cpu", "--dtype=float32",
