@@ -42,10 +42,8 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values (n_layer, batch, n_head, max_len, head_dim) of a batch of sequences, allocated on the
-    first write in the keys' dtype (it follows autocast); `pos` positions are filled, and GPT.forward
-    advances it after the last layer. With sinks > 0 (StreamingLLM) make_room drops the oldest entries
-    after the first `sinks` and shifts the rest left, so slot i acts as position i (RoPE, ALiBi)."""
+    """Keys and values (n_layer, B, n_head, max_len, head_dim), allocated on first write in the keys' dtype; `pos`
+    are filled (GPT.forward advances it). sinks > 0: make_room keeps the first `sinks`, shifts the rest left."""
 
     def __init__(self, n_layer, max_len, sinks=0):
         self.n_layer, self.max_len, self.sinks = n_layer, max_len, sinks
@@ -66,8 +64,7 @@ class KVCache:
             shape = (self.n_layer, k.size(0), k.size(1), self.max_len, k.size(3))
             self.k, self.v = (torch.zeros(shape, dtype=k.dtype, device=k.device) for _ in "kv")
         end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
+        self.k[layer, :, :, self.pos:end], self.v[layer, :, :, self.pos:end] = k, v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
@@ -126,9 +123,8 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def attention_mask(self, T, start, device):
-        """attn_mask for T new queries after `start` cached keys: None where is_causal (whole sequence) or
-        nothing (one new token) does; else the causal diagonal shifted right by `start`. ALiBi adds -slope
-        x distance, -inf ahead, in one float mask: on GPU that rules out the flash kernel (the others keep is_causal)."""
+        """attn_mask for T queries after `start` cached keys: None if is_causal or one token does, else the causal
+        diagonal shifted by `start`; ALiBi's -slope x distance in a float mask (no flash kernel on GPU, so only ALiBi)."""
         if self.alibi_slopes is None and (start == 0 or T == 1):
             return None
         distance = torch.arange(start, start + T, device=device)[:, None] - torch.arange(start + T, device=device)
@@ -240,11 +236,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def next_logits(self, idx, cache=None, use_cache=True, sink_tokens=0):
-        """(logits (B, 1, V) of the token after idx, the cache for the next step): one generation step.
-        With the cache: a prefill, then one token per step; a full window restarts from its last half.
-        sink_tokens=N keeps the first N tokens and drops the oldest others instead: slots are positions
-        (RoPE re-rotates keys by slot, ALiBi penalises slot distance), which learned and sinusoidal keys,
-        holding their positions, cannot follow. Without the cache each step recomputes the same window."""
+        """(logits (B, 1, V) of the next token, the cache): a prefill, then one token per step; a full window
+        restarts from its last half, or with sink_tokens=N keeps the first N and drops the oldest others (slots
+        act as positions: RoPE and ALiBi only). Without the cache each step recomputes the same window."""
         block = self.config.block_size
         if sink_tokens and (self.config.pos not in ("rope", "alibi") or not 0 < sink_tokens < block):
             raise ValueError(f"sink_tokens={sink_tokens} needs pos='rope' or 'alibi' and fewer than {block} sinks")
