@@ -94,8 +94,9 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
         for name, allowed in {"lr_schedule": ("cosine", "linear"),
                               "dtype": ("auto", "float32", "bfloat16", "float16")}.items():
             must(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        must(self.init_from != "", f"init_from='': use auto, resume, scratch, {', '.join(GPT2_NAMES)} or the "
-                                   "path of weights to fine-tune (checked when the run starts)")
+        must(self.init_from in ("auto", "resume", "scratch", *GPT2_NAMES) or Path(self.init_from).exists(),
+             f"init_from={self.init_from!r}: no such file or folder (train that run first?); use auto, resume, "
+             f"scratch, {', '.join(GPT2_NAMES)} or the path of weights to fine-tune")
         for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
                      "block_size", "n_layer", "n_head", "n_embd"):
             must(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")

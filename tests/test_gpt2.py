@@ -119,7 +119,7 @@ def test_a_missing_path_is_a_one_line_error_that_lists_what_init_from_takes(tmp_
     result = run_script("sample.py", [f"--init_from={tmp_path / 'nowhere'}"], check=False)
     assert_one_line_error(result, "no such file or folder", "gpt2-xl", "a Hugging Face GPT-2 folder", "a .pt")
     result = run_train(tiny_args(data_dir, tmp_path / "out", f"--init_from={tmp_path / 'nowhere'}"), check=False)
-    assert_one_line_error(result, "no such file or folder", "gpt2-xl", "a checkpoint of this repo")
+    assert_one_line_error(result, "no such file or folder (train that run first?)", "gpt2-xl")
 
 
 def test_a_gpt2_name_without_a_network_is_one_line_naming_the_local_folder_option(tmp_path):

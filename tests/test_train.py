@@ -222,7 +222,8 @@ def shares_cover_the_global_batch(accumulation, batch_size, world_size) -> bool:
 def test_every_shipped_config_splits_its_global_batch_over_two_processes():
     """What torchrun --nproc_per_node=2 does with each config as written."""
     for config in sorted((REPO / "configs").glob("*.py")):
-        cfg = parse_options(TrainConfig, [str(config)], config_files=True)
+        another_run = "init_from = 'out-" in config.read_text()  # fine-tunes a run that is not here
+        cfg = parse_options(TrainConfig, [str(config), *["--init_from=scratch"] * another_run], config_files=True)
         assert shares_cover_the_global_batch(cfg.gradient_accumulation_steps, cfg.batch_size, 2), config.name
     for accumulation, batch_size, world_size in [(4, 8, 2), (8, 3, 4), (3, 8, 4), (6, 6, 3)]:  # both kinds of split
         assert shares_cover_the_global_batch(accumulation, batch_size, world_size)
@@ -596,15 +597,15 @@ def test_every_shipped_config_runs_under_torchrun_with_two_processes_as_written(
                "shakespeare": SHARED_DATA / "tinyshakespeare" / "input.txt", "tinytalks": SHARED_DATA / "tinytalks",
                "shakespeare_byte": SHARED_DATA / "tinyshakespeare" / "input.txt",
                "tinytalks_byte": SHARED_DATA / "tinytalks"}
-    cfg = parse_options(TrainConfig, [str(REPO / "configs" / config)], config_files=True)
+    text = (REPO / "configs" / config).read_text()
+    source = ["--init_from=scratch"] if "init_from = 'out-" in text else []  # fine-tunes a run that is not here
+    cfg = parse_options(TrainConfig, [str(REPO / "configs" / config), *source], config_files=True)
     if cfg.dataset in sources and not sources[cfg.dataset].exists():
         pytest.skip(f"no local copy of {cfg.dataset}")
-    source = [f"--data_source={sources[cfg.dataset]}"] if cfg.dataset in sources else []
+    source += [f"--data_source={sources[cfg.dataset]}"] if cfg.dataset in sources else []
     if cfg.init_from in GPT2_NAMES:  # no network here: a tiny random GPT-2 in its place
         source.append(f"--init_from={tmp_path / 'gpt2'}")
         tiny_hf_gpt2(tmp_path / "gpt2", vocab_size=50257, n_positions=64)
-    elif cfg.init_from not in ("auto", "resume", "scratch"):  # another run's weights: that run is not here
-        source.append("--init_from=scratch")
     result = run_script("train.py", [REPO / "configs" / config, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
                                      *source, "--n_layer=1", "--n_head=2", "--n_embd=32", "--max_iters=2",
                                      "--eval_iters=1", "--final_eval_full=False", "--device=cpu", "--dtype=float32",
