@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from checkpoint import CheckpointError, checkpoint_path, load_checkpoint, model_from_checkpoint
 from dataset import EVAL_STREAM, Batches, DataError, batch_rng, load_meta
+from model import SINK_POSITIONS
 from device import Dist, autocast_context, resolve_device, resolve_dtype, sum_over_ranks
 from options import ConfigError, must, run_cli
 from tokenizer import qa_pairs, qa_prompt, tokenizer_from_meta
@@ -132,7 +133,7 @@ def stream_report(model, tokens, sink_tokens):
             "full recompute (no cache)": (False, 0)}
     print(f"streaming the first {len(tokens)} val tokens; loss on the {len(tokens) - 1 - block} past the window")
     for name, (use_cache, sinks) in ways.items():
-        if sinks and model.config.pos not in ("rope", "alibi"):
+        if sinks and model.config.pos not in SINK_POSITIONS:
             print(f"  {name:28s} n/a: pos={model.config.pos!r} bakes positions into the cached keys")
             continue
         losses, speed = streaming_losses(model, tokens, use_cache, sinks)

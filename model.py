@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from chunked_loss import chunked_cross_entropy
 
+SINK_POSITIONS = ("rope", "alibi")  # attention sinks move cached keys to other slots: only these positions follow
+
 
 @dataclass
 class GPTConfig:
@@ -240,7 +242,7 @@ class GPT(nn.Module):
         restarts from its last half, or with sink_tokens=N keeps the first N and drops the oldest others (slots
         act as positions: RoPE and ALiBi only). Without the cache each step recomputes the same window."""
         block = self.config.block_size
-        if sink_tokens and (self.config.pos not in ("rope", "alibi") or not 0 < sink_tokens < block):
+        if sink_tokens and (self.config.pos not in SINK_POSITIONS or not 0 < sink_tokens < block):
             raise ValueError(f"sink_tokens={sink_tokens} needs pos='rope' or 'alibi' and fewer than {block} sinks")
 
         def last(keep):  # the sinks, then the last keep - sink_tokens tokens

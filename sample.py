@@ -14,6 +14,7 @@ import torch
 from checkpoint import CheckpointError, load_for_inference, ready_for_inference
 from dataset import DataError
 from gpt2 import load_weights
+from model import SINK_POSITIONS
 from options import must, run_cli
 from tokenizer import qa_prompt
 
@@ -193,7 +194,7 @@ def sample(cfg):
         model, tokenizer, device = ready_for_inference(load_weights(cfg.init_from), cfg.device, cfg.dtype)
     else:
         model, tokenizer, device = load_for_inference(cfg.out_dir, cfg.ckpt, cfg.device, cfg.dtype)
-    if cfg.sink_tokens and (model.config.pos not in ("rope", "alibi") or cfg.sink_tokens >= model.config.block_size):
+    if cfg.sink_tokens and (model.config.pos not in SINK_POSITIONS or cfg.sink_tokens >= model.config.block_size):
         raise SampleError(f"--sink_tokens={cfg.sink_tokens} needs a model with pos='rope' or 'alibi' (this one has "
                           f"{model.config.pos!r}) and fewer sinks than its block_size {model.config.block_size}")
     with torch.inference_mode():
