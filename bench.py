@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from device import measured_matmul_flops
+from device import compiled_decode_step, measured_matmul_flops, resolve_dtype
 from model import GPT, GPTConfig
 from options import ConfigError, must, run_cli
 
@@ -43,13 +43,13 @@ class BenchConfig:
     compile: bool | None = None  # training torch.compile override (None = the config's)
     batch_size: int = 0          # training batch_size override (0 = the config's)
     device: str = ""             # training device override ('' = the config's)
-    gen_dtype: str = "float32"   # weights dtype of the generation benchmark: 'float32' or 'bfloat16'
+    gen_dtype: str = "auto"      # weights dtype of the generation benchmark: 'auto' (sample.py's default), 'float32', 'bfloat16'
     nanogpt: str = ""            # a nanoGPT checkout: its figures are measured beside ours
 
     def __post_init__(self):
         must(self.only in ("", *SECTIONS), f"only={self.only!r}: use one of {', '.join(SECTIONS)}")
         must(self.steps >= 2, f"steps={self.steps} must be at least 2 (the figures come from the second half)")
-        must(self.gen_dtype in ("float32", "bfloat16"), f"gen_dtype={self.gen_dtype!r}: use float32 or bfloat16")
+        must(self.gen_dtype in ("auto", "float32", "bfloat16"), f"gen_dtype={self.gen_dtype!r}: use auto, float32 or bfloat16")
         must(not self.nanogpt or (Path(self.nanogpt) / "model.py").is_file(),
              f"nanogpt={self.nanogpt!r}: no model.py there; give the folder of a nanoGPT checkout")
         must(self.only != "recipe" or self.nanogpt, "only=recipe compares with nanoGPT: give --nanogpt=PATH")
@@ -97,33 +97,38 @@ def generation_model():
     return GPT(config).eval()
 
 
-def generation_tokens_per_second(model, use_cache, new_tokens, batch=1):
-    """Generated tokens per second, over all `batch` sequences sampled together."""
+def generation_tokens_per_second(model, new_tokens, batch=1, **options):
+    """Generated tokens per second, over all `batch` sequences sampled together (generate's options)."""
     prompt = torch.zeros((batch, 1), dtype=torch.long)
 
     def run():
-        model.generate(prompt, new_tokens, temperature=1.0, use_cache=use_cache,
-                       generator=torch.Generator().manual_seed(0))
+        model.generate(prompt, new_tokens, temperature=1.0, generator=torch.Generator().manual_seed(0), **options)
 
     return batch * new_tokens / median_seconds(run, repeats=3)
 
 
 def bench_generate(cfg, new_tokens=500):
-    dtype = getattr(torch, cfg.gen_dtype)
+    dtype = getattr(torch, resolve_dtype(cfg.gen_dtype, "cpu"))
     model = generation_model().to(dtype)
-    print(f"generation: 6L/6H/384, block 256, vocab 65, random init, {dtype} weights, 1 sequence, "
-          f"{new_tokens} new tokens")
-    with_cache = generation_tokens_per_second(model, True, new_tokens)
-    print(f"  KV cache          {with_cache:8.1f} tokens/s")
-    without = generation_tokens_per_second(model, False, new_tokens)
-    print(f"  full recompute    {without:8.1f} tokens/s")
-    print(f"  speed-up          {with_cache / without:8.1f}x")
+    print(f"generation: 6L/6H/384, block 256, vocab 65, random init, {dtype} weights, {new_tokens} new tokens")
+    start = time.perf_counter()
+    compiled = compiled_decode_step(model)
+    model.generate(torch.zeros((1, 1), dtype=torch.long), 2, step=compiled)
+    print(f"  (compiling the decode step took {time.perf_counter() - start:.1f} s, once)")
+    ways = {"full recompute": dict(use_cache=False), "KV cache": {},
+            "fixed-shape step": dict(step=model.decode_step), "compiled step": dict(step=compiled)}
+    ours = {}
+    for name, options in ways.items():
+        ours[name] = generation_tokens_per_second(model, new_tokens, **options)
+        print(f"  {name:18s} 1 sequence {ours[name]:8.1f} tokens/s ({ours[name] / ours['full recompute']:.1f}x recompute)")
     for batch in (8, 32):  # sample.py --num_samples: one batch, one token of every sequence per step
-        print(f"  KV cache, {batch:2d} sequences {generation_tokens_per_second(model, True, new_tokens, batch):8.1f} tokens/s")
-    if cfg.nanogpt:
-        theirs = nanogpt_tokens_per_second(cfg.nanogpt, dtype, new_tokens)
-        print(f"  nanoGPT's generate {theirs:8.1f} tokens/s (its model.py, same shape and dtype): ours with the "
-              f"cache is {with_cache / theirs:.1f}x")
+        for name in ("KV cache", "compiled step"):
+            print(f"  {name:18s} {batch:2d} sequences {generation_tokens_per_second(model, new_tokens, batch, **ways[name]):8.1f} tokens/s in all")
+    if cfg.nanogpt:  # its sample.py on a CPU keeps fp32 weights and no autocast, whatever its dtype says
+        theirs = nanogpt_tokens_per_second(cfg.nanogpt, torch.float32, new_tokens)
+        print(f"  nanoGPT's generate {theirs:8.1f} tokens/s (its model.py, same shape, fp32 as its sample.py runs on a CPU)")
+        for name in ("KV cache", "compiled step"):
+            print(f"  ours, {name} ({dtype}): {ours[name] / theirs:.1f}x nanoGPT's")
 
 
 def nanogpt_tokens_per_second(path, dtype, new_tokens):

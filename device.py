@@ -99,6 +99,14 @@ def compile_by_default(device) -> bool:
     return device.startswith("cuda")
 
 
+def compiled_decode_step(model):
+    """model.decode_step under torch.compile with the weights frozen in as constants (inference only), so inductor
+    can pre-pack them for the CPU's matmul library; one compile (~10 s on a 2-core CPU) serves every later token."""
+    import torch._inductor.config  # compile(options=...) did not reach freezing (torch 2.13): set it globally
+    torch._inductor.config.freezing = True
+    return torch.compile(model.decode_step, fullgraph=True, dynamic=False)  # each batch size its own fixed shapes
+
+
 # Dense tensor-core peaks from the vendors' datasheets: (bf16/fp16, tf32) FLOP/s.
 GPU_PEAK_FLOPS = {"H100": (989e12, 494e12), "A100": (312e12, 156e12), "L4": (121e12, 60e12),
                   "V100": (125e12, 15.7e12), "T4": (65e12, 8.1e12)}

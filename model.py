@@ -44,30 +44,35 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values (n_layer, B, n_head, max_len, head_dim), allocated on first write in the keys' dtype; `pos`
-    are filled (GPT.forward advances it). sinks > 0: make_room keeps the first `sinks`, shifts the rest left."""
+    """Keys and values, one (B, n_head, max_len, head_dim) tensor per layer (so that a compiled step updates each in
+    place), allocated on first write in the keys' dtype; `pos` are filled (GPT.forward advances it). sinks > 0:
+    make_room keeps the first `sinks`, shifts the rest left. slot, a (1,) tensor, is where decode_step writes."""
 
     def __init__(self, n_layer, max_len, sinks=0):
         self.n_layer, self.max_len, self.sinks = n_layer, max_len, sinks
-        self.k = self.v = None
+        self.k = self.v = self.slot = None
         self.pos = 0
 
     def make_room(self, n):
         """Drop the oldest entries after the sinks so that n more tokens fit."""
         drop = self.pos + n - self.max_len
         if self.k is not None and 0 < drop <= self.pos - self.sinks:
-            for t in (self.k, self.v):
-                t[:, :, :, self.sinks:self.pos - drop] = t[:, :, :, self.sinks + drop:self.pos].clone()
+            for t in self.k + self.v:
+                t[:, :, self.sinks:self.pos - drop] = t[:, :, self.sinks + drop:self.pos].clone()
             self.pos -= drop
 
     def update(self, layer, k, v):
-        """Store k, v (batch, n_head, T, head_dim) at `pos`; return all keys and values so far."""
+        """Store k, v (batch, n_head, T, head_dim) at `pos` and return the keys and values so far, or with `slot`
+        store one token there and return every slot (attention masks the later ones)."""
         if self.k is None:
-            shape = (self.n_layer, k.size(0), k.size(1), self.max_len, k.size(3))
-            self.k, self.v = (torch.zeros(shape, dtype=k.dtype, device=k.device) for _ in "kv")
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.k, self.v = ([torch.zeros(shape, dtype=k.dtype, device=k.device) for _ in range(self.n_layer)]
+                              for _ in "kv")
+        if self.slot is not None:
+            return self.k[layer].index_copy_(2, self.slot, k), self.v[layer].index_copy_(2, self.slot, v)
         end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end], self.v[layer, :, :, self.pos:end] = k, v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.pos:end], self.v[layer][:, :, self.pos:end] = k, v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def sincos_tables(dim, length, device=None, base=10000.0):
@@ -108,28 +113,29 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, cache=None):
         B, T, C = x.shape
-        start = cache.pos if cache is not None else 0
+        start = 0 if cache is None else cache.pos if cache.slot is None else cache.slot
         slot_keys = rope is not None and cache is not None and cache.sinks > 0
         q, k, v = self.queries_keys_values(x, rope, rotate_keys=not slot_keys)
-        if cache is not None:
+        if cache is not None and self.attention:
             k, v = cache.update(self.layer, k, v)
         if slot_keys:  # a sink cache moves keys to other slots, so it holds them unrotated: rotate by slot here
             k = apply_rope(k, *rope)
         if not self.attention:
-            y = v[:, :, start:]  # ablation: each token sees only its own value
+            y = v  # ablation: each token sees only its own value
         else:
-            mask = self.attention_mask(T, start, x.device)
+            mask = self.attention_mask(T, start, k.size(2), x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def attention_mask(self, T, start, device):
-        """attn_mask for T queries after `start` cached keys: None if is_causal or one token does, else the causal
-        diagonal shifted by `start`; ALiBi's -slope x distance in a float mask (no flash kernel on GPU, so only ALiBi)."""
-        if self.alibi_slopes is None and (start == 0 or T == 1):
+    def attention_mask(self, T, start, n_keys, device):
+        """attn_mask for T queries at positions start.. over n_keys keys: None if is_causal or one token does, else
+        the causal diagonal shifted by `start` (an int, or decode_step's slot tensor, whose later slots are empty);
+        ALiBi's -slope x distance in a float mask (no flash kernel on GPU, so only ALiBi)."""
+        if self.alibi_slopes is None and not torch.is_tensor(start) and (start == 0 or T == 1):
             return None
-        distance = torch.arange(start, start + T, device=device)[:, None] - torch.arange(start + T, device=device)
+        distance = (start + torch.arange(T, device=device))[:, None] - torch.arange(n_keys, device=device)
         if self.alibi_slopes is None:
             return distance >= 0
         return (-self.alibi_slopes[:, None, None] * distance).masked_fill(distance < 0, float("-inf"))
@@ -193,22 +199,25 @@ class GPT(nn.Module):
         for p in (p for name, p in self.named_parameters() if name.endswith("c_proj.weight")):
             nn.init.zeros_(p) if config.zero_init_proj else nn.init.normal_(p, mean=0.0, std=std)
 
-    def sincos(self, end):
-        """Rows 0 .. end - 1 of the cos and sin tables; past block_size computed afresh."""
+    def sincos(self, start, end):
+        """Rows start .. end - 1 of the cos and sin tables (past block_size computed afresh), or row `start` of a tensor."""
+        if torch.is_tensor(start):
+            return self.pos_cos[start], self.pos_sin[start]
         if end <= len(self.pos_cos):
-            return self.pos_cos[:end], self.pos_sin[:end]
-        return sincos_tables(2 * self.pos_cos.size(1), end, self.pos_cos.device)
+            return self.pos_cos[start:end], self.pos_sin[start:end]
+        return tuple(t[start:] for t in sincos_tables(2 * self.pos_cos.size(1), end, self.pos_cos.device))
 
     def embed(self, idx, start=0):
-        """Embeddings of idx at positions start.. (+ learned/sinusoidal ones), and RoPE's (cos, sin) rows or None."""
-        end, pos = start + idx.size(1), self.config.pos
+        """Embeddings of idx at positions start.. (+ learned/sinusoidal ones), and RoPE's (cos, sin) rows or None:
+        rows from 0 (a sink cache rotates every key by its slot), or decode_step's one row at a slot tensor."""
+        T, pos = idx.size(1), self.config.pos
         x = self.wte(idx)
         if pos == "learned":
-            x = x + self.wpe(torch.arange(start, end, device=idx.device))
+            x = x + self.wpe(start + torch.arange(T, device=idx.device))
         elif pos == "sinusoidal":
             # scaled to the embeddings' init (std 0.02): at RMS 0.71 the table drowned the tokens (val 2.19 vs 1.88)
-            x = x + 0.02 * math.sqrt(2) * torch.cat(self.sincos(end), dim=-1)[start:]
-        return self.drop(x), self.sincos(end) if pos == "rope" else None
+            x = x + 0.02 * math.sqrt(2) * torch.cat(self.sincos(start, start + T), dim=-1)
+        return self.drop(x), self.sincos(start if torch.is_tensor(start) else 0, start + T) if pos == "rope" else None
 
     def forward(self, idx, targets=None, cache=None):
         """Logits (B, T, V) and mean cross-entropy when targets are given (target -1 is ignored; with
@@ -237,13 +246,15 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def next_logits(self, idx, cache=None, use_cache=True, sink_tokens=0):
-        """(logits (B, 1, V) of the next token, the cache): a prefill, then one token per step; a full window
-        restarts from its last half, or with sink_tokens=N keeps the first N and drops the oldest others (slots
-        act as positions: RoPE and ALiBi only). Without the cache each step recomputes the same window."""
+    def next_logits(self, idx, cache=None, use_cache=True, sink_tokens=0, step=None):
+        """(logits (B, 1, V) of the next token, the cache): a prefill, then one token per step, run by `step` when
+        given (decode_step, maybe compiled); a full window restarts from its last half, or with sink_tokens=N keeps
+        the first N and drops the oldest others (slots act as positions: RoPE and ALiBi only). Without the cache
+        each step recomputes the same window."""
         block = self.config.block_size
-        if sink_tokens and (self.config.pos not in SINK_POSITIONS or not 0 < sink_tokens < block):
-            raise ValueError(f"sink_tokens={sink_tokens} needs pos='rope' or 'alibi' and fewer than {block} sinks")
+        if sink_tokens and (self.config.pos not in SINK_POSITIONS or not 0 < sink_tokens < block or step):
+            raise ValueError(f"sink_tokens={sink_tokens} needs pos='rope' or 'alibi', fewer than {block} sinks "
+                             "and no fixed-shape step")
 
         def last(keep):  # the sinks, then the last keep - sink_tokens tokens
             return idx if idx.size(1) <= keep else torch.cat((idx[:, :sink_tokens], idx[:, sink_tokens - keep:]), 1)
@@ -252,16 +263,30 @@ class GPT(nn.Module):
         if cache is None or (cache.pos == block and not sink_tokens):
             window = last(block if cache is None else block // 2)
             cache = KVCache(self.config.n_layer, block, sink_tokens)
-            return self(window, cache=cache)[0], cache
-        return self(idx[:, -1:], cache=cache)[0], cache
+            logits = self(window, cache=cache)[0]
+            cache.slot = torch.tensor([cache.pos], device=idx.device) if step else None
+            return logits, cache
+        if not step:
+            return self(idx[:, -1:], cache=cache)[0], cache
+        logits = step(idx[:, -1:].clone(memory_format=torch.contiguous_format), cache)  # strides fixed too
+        cache.pos, cache.slot = cache.pos + 1, cache.slot.add_(1)  # the slot moves on the device: no host sync
+        return logits, cache
+
+    def decode_step(self, token, cache):
+        """Logits (B, 1, V) of token (B, 1) written at cache.slot, attending over every slot (the later ones
+        masked): all shapes fixed, so torch.compile takes the whole step (sample.py --compile)."""
+        x, rope = self.embed(token, cache.slot)
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        return self.lm_head(self.ln_f(x))
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        use_cache=True, generator=None, sink_tokens=0):
+                        use_cache=True, generator=None, sink_tokens=0, step=None):
         """Yield the next token of every sequence, (B,), one step at a time (see next_logits)."""
         cache = None
         for _ in range(max_new_tokens):
-            logits, cache = self.next_logits(idx, cache, use_cache, sink_tokens)
+            logits, cache = self.next_logits(idx, cache, use_cache, sink_tokens, step)
             next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             idx = torch.cat((idx, next_token[:, None]), dim=1)
             yield next_token

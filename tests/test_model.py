@@ -106,6 +106,41 @@ def test_generation_past_block_size_follows_the_sliding_window(pos, prompt_len):
     assert torch.equal(out, sliding_window_reference(model, prompt, steps))
 
 
+@pytest.mark.parametrize("pos", POSITIONS)
+def test_fixed_shape_decode_step_generates_what_the_growing_cache_does(pos):
+    model = scaled_up(tiny_model(pos=pos))
+    prompt = random_tokens(2, 5)
+    steps = 3 * model.config.block_size  # past the window: restarts re-arm the slot
+    out = model.generate(prompt, steps, temperature=0, step=model.decode_step)
+    assert torch.equal(out, sliding_window_reference(model, prompt, steps))
+    logits, cache = model.next_logits(prompt)
+    fixed, fixed_cache = model.next_logits(prompt, step=model.decode_step)
+    ahead = torch.cat((prompt, logits.argmax(-1)), 1)
+    torch.testing.assert_close(model.next_logits(ahead, cache)[0],
+                               model.next_logits(ahead, fixed_cache, step=model.decode_step)[0])
+    assert fixed_cache.slot.tolist() == [fixed_cache.pos] == [prompt.size(1) + 1]
+
+
+def test_compiled_decode_step_compiles_once_and_matches_eager():
+    model = scaled_up(tiny_model(pos="rope"))
+    prompt = random_tokens(1, 3)
+    steps = 2 * model.config.block_size  # two window restarts: new caches must not recompile the step
+    torch._dynamo.reset()
+    compiled = torch.compile(model.decode_step, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = model.generate(prompt, steps, temperature=0, step=compiled)
+    assert torch.equal(out, model.generate(prompt, steps, temperature=0))
+
+
+def test_fixed_shape_step_refuses_sinks_and_serves_the_attention_ablation():
+    model = tiny_model(pos="rope")
+    with pytest.raises(ValueError, match="no fixed-shape step"):
+        model.next_logits(random_tokens(1, 4), sink_tokens=2, step=model.decode_step)
+    ablation, prompt = scaled_up(tiny_model(attention=False)), random_tokens(1, 4)
+    assert torch.equal(ablation.generate(prompt, 30, temperature=0, step=ablation.decode_step),
+                       sliding_window_reference(ablation, prompt, 30))
+
+
 @pytest.mark.parametrize("pos", ["rope", "alibi"])
 def test_one_layer_sink_cache_equals_recomputing_the_sinks_and_the_last_tokens(pos):
     """With one layer a cached key or value depends on its token alone (RoPE rotates it by slot
@@ -127,10 +162,10 @@ def test_sink_cache_stays_bounded_and_keeps_the_first_tokens(pos):
     for _ in range(4 * block):
         logits, cache = model.next_logits(idx, cache, sink_tokens=2)
         if idx.size(1) == 3:
-            first_keys, first_cache = cache.k[:, :, :, :2].clone(), cache
-        assert cache is first_cache and cache.pos <= block and cache.k.size(3) == block  # never re-prefilled
+            first_keys, first_cache = cache.k[0][:, :, :2].clone(), cache
+        assert cache is first_cache and cache.pos <= block and cache.k[0].size(2) == block  # never re-prefilled
         idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert cache.pos == block and torch.equal(cache.k[:, :, :, :2], first_keys)
+    assert cache.pos == block and torch.equal(cache.k[0][:, :, :2], first_keys)
 
 
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal"])
