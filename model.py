@@ -8,8 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chunked_loss import chunked_cross_entropy
+from dropout import Dropout, attention_with_dropout
 
 SINK_POSITIONS = ("rope", "alibi")  # attention sinks move cached keys to other slots: only these positions follow
+DROPOUT_FIELDS = ("dropout", "attn_dropout", "fast_dropout")  # how a run trains: a resume or fine-tune sets its own
 
 
 @dataclass
@@ -20,6 +22,8 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
+    attn_dropout: float | None = None  # on the attention weights; None: dropout. 0 keeps sdpa's fused kernel on a CPU
+    fast_dropout: bool = False  # masks from random 64-bit words, p to 1/65536: cheaper on a CPU (dropout.py)
     bias: bool = False          # biases in Linear and LayerNorm layers (GPT-2 had them)
     pos: str = "learned"        # "learned" (GPT-2), "sinusoidal" (fixed sin/cos), "rope" (rotary) or "alibi" (distance bias)
     tie_weights: bool = True    # LM head shares the token embedding matrix
@@ -89,8 +93,9 @@ class CausalSelfAttention(nn.Module):
         self.layer, self.n_head, self.head_dim = layer, config.n_head, config.n_embd // config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout, self.attention, self.qk_norm = config.dropout, config.attention, config.qk_norm
+        self.resid_dropout = Dropout(config.dropout, config.fast_dropout)
+        self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
+        self.fast_dropout, self.attention, self.qk_norm = config.fast_dropout, config.attention, config.qk_norm
         slopes = 2.0 ** (-8.0 * torch.arange(1, config.n_head + 1) / config.n_head)  # ALiBi: 2^(-8/n) .. 2^-8
         self.register_buffer("alibi_slopes", slopes if config.pos == "alibi" else None, persistent=False)
 
@@ -118,9 +123,9 @@ class CausalSelfAttention(nn.Module):
         if not self.attention:
             y = v[:, :, start:]  # ablation: each token sees only its own value
         else:
-            mask = self.attention_mask(T, start, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            mask, p = self.attention_mask(T, start, x.device), self.dropout if self.training else 0.0
+            attend = attention_with_dropout if p and self.fast_dropout else F.scaled_dot_product_attention
+            y = attend(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, dropout_p=p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -140,7 +145,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout, config.fast_dropout)
         self.relu2 = config.mlp == "relu2"
         self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"  # GPT-2's GELU is the tanh one
 
@@ -176,7 +181,7 @@ class GPT(nn.Module):
             dim = config.n_embd if config.pos == "sinusoidal" else config.n_embd // config.n_head
             for name, table in zip(("pos_cos", "pos_sin"), sincos_tables(dim, config.block_size)):
                 self.register_buffer(name, table, persistent=False)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout, config.fast_dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
