@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LEVELS = 2 ** 16  # keep rates are multiples of 1 / LEVELS
+FIELDS = ("dropout", "fast_dropout")  # GPTConfig's dropout fields: how a run trains, so a resume or fine-tune sets its own
 
 
 def drop_threshold(p):
@@ -24,17 +25,18 @@ def keep_rate(p):
     return 1 - drop_threshold(p) / LEVELS
 
 
-def keep_mask(shape, p, device=None):
-    """Bool tensor of `shape`, each element True with probability keep_rate(p), independently."""
+def keep_mask(shape, p, dtype=torch.bool, device=None):
+    """A tensor of `shape` whose elements are 1 (True) with probability keep_rate(p) and else 0, independently."""
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)  # all 64 bits
     numbers = words.view(torch.int16)[:n]  # u - 32768 for u uniform on 0..65535 (int16: no uint16 ops everywhere)
-    return (numbers >= drop_threshold(p) - LEVELS // 2).view(shape)
+    keep = torch.empty(shape, dtype=dtype, device=device)  # written as 0/1 in dtype: casting a bool mask costs more
+    return torch.ge(numbers.view(shape), drop_threshold(p) - LEVELS // 2, out=keep)
 
 
 class MaskedScale(torch.autograd.Function):
-    """x * keep * scale, saving only the bool mask; the scale is applied in x's precision's arithmetic
-    (a float scalar), so bf16 carries no rounded-scale bias."""
+    """x * keep * scale with keep a 0/1 mask in x's dtype; the float scale is applied element by element, so a
+    bf16 x carries no bias from a scale rounded to bf16."""
 
     @staticmethod
     def forward(ctx, x, keep, scale):
@@ -52,7 +54,7 @@ def fast_dropout(x, p):
     """Training-mode dropout of x with a keep_mask: kept elements scaled by 1 / keep_rate(p)."""
     if p == 0:
         return x
-    return MaskedScale.apply(x, keep_mask(x.shape, p, x.device), 1 / keep_rate(p))
+    return MaskedScale.apply(x, keep_mask(x.shape, p, x.dtype, x.device), 1 / keep_rate(p))
 
 
 class Dropout(nn.Dropout):
@@ -66,14 +68,17 @@ class Dropout(nn.Dropout):
         return fast_dropout(x, self.p) if self.fast and self.training else F.dropout(x, self.p, self.training)
 
 
-def attention_with_dropout(q, k, v, attn_mask, is_causal, dropout_p):
-    """scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal) written out, so that the attention weights
-    take a fast_dropout mask: the math kernel, which is what sdpa falls back to on a CPU when dropout_p > 0."""
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+def attention(q, k, v, attn_mask, is_causal, dropout_p, fast):
+    """F.scaled_dot_product_attention; with fast and dropout_p > 0 written out, so that the attention weights
+    take a fast_dropout mask. That is sdpa's math kernel (what a CPU runs when dropout_p > 0), but in q's
+    dtype throughout, as nanoGPT's attention without flash: sdpa's computes a CPU's bf16 in fp32, at 2-3x the cost."""
+    if not (fast and dropout_p):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+    att = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)
     if is_causal:
-        attn_mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        att = att.masked_fill(~attn_mask, float("-inf"))
+        att.masked_fill_(torch.ones(att.shape[-2:], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    elif attn_mask is not None and attn_mask.dtype == torch.bool:
+        att.masked_fill_(~attn_mask, float("-inf"))
     elif attn_mask is not None:
         att = att + attn_mask
     return fast_dropout(att.softmax(dim=-1).to(v.dtype), dropout_p) @ v

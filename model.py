@@ -8,10 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chunked_loss import chunked_cross_entropy
-from dropout import Dropout, attention_with_dropout
+from dropout import Dropout, attention
 
 SINK_POSITIONS = ("rope", "alibi")  # attention sinks move cached keys to other slots: only these positions follow
-DROPOUT_FIELDS = ("dropout", "attn_dropout", "fast_dropout")  # how a run trains: a resume or fine-tune sets its own
 
 
 @dataclass
@@ -22,8 +21,7 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
-    attn_dropout: float | None = None  # on the attention weights; None: dropout. 0 keeps sdpa's fused kernel on a CPU
-    fast_dropout: bool = False  # masks from random 64-bit words, p to 1/65536: cheaper on a CPU (dropout.py)
+    fast_dropout: bool = False  # masks cut from random 64-bit words (p to 1/65536): CPU steps ~2x faster (dropout.py)
     bias: bool = False          # biases in Linear and LayerNorm layers (GPT-2 had them)
     pos: str = "learned"        # "learned" (GPT-2), "sinusoidal" (fixed sin/cos), "rope" (rotary) or "alibi" (distance bias)
     tie_weights: bool = True    # LM head shares the token embedding matrix
@@ -94,8 +92,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = Dropout(config.dropout, config.fast_dropout)
-        self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
-        self.fast_dropout, self.attention, self.qk_norm = config.fast_dropout, config.attention, config.qk_norm
+        self.dropout, self.attention, self.qk_norm = config.dropout, config.attention, config.qk_norm
         slopes = 2.0 ** (-8.0 * torch.arange(1, config.n_head + 1) / config.n_head)  # ALiBi: 2^(-8/n) .. 2^-8
         self.register_buffer("alibi_slopes", slopes if config.pos == "alibi" else None, persistent=False)
 
@@ -123,11 +120,10 @@ class CausalSelfAttention(nn.Module):
         if not self.attention:
             y = v[:, :, start:]  # ablation: each token sees only its own value
         else:
-            mask, p = self.attention_mask(T, start, x.device), self.dropout if self.training else 0.0
-            attend = attention_with_dropout if p and self.fast_dropout else F.scaled_dot_product_attention
-            y = attend(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, dropout_p=p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+            mask = self.attention_mask(T, start, x.device)
+            y = attention(q, k, v, mask, mask is None and T > 1, self.dropout if self.training else 0.0,
+                          fast=self.resid_dropout.fast)  # fast dropout masks the attention weights too
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
     def attention_mask(self, T, start, device):
         """attn_mask for T queries after `start` cached keys: None if is_causal or one token does, else the causal
@@ -206,8 +202,7 @@ class GPT(nn.Module):
 
     def embed(self, idx, start=0):
         """Embeddings of idx at positions start.. (+ learned/sinusoidal ones), and RoPE's (cos, sin) rows or None."""
-        end, pos = start + idx.size(1), self.config.pos
-        x = self.wte(idx)
+        x, end, pos = self.wte(idx), start + idx.size(1), self.config.pos
         if pos == "learned":
             x = x + self.wpe(torch.arange(start, end, device=idx.device))
         elif pos == "sinusoidal":
