@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LEVELS = 2 ** 16  # keep rates are multiples of 1 / LEVELS
-FIELDS = ("dropout", "fast_dropout")  # GPTConfig's dropout fields: how a run trains, so a resume or fine-tune sets its own
+FIELDS = ("dropout", "fast_dropout")  # GPTConfig's: how a run trains, so a resume or a fine-tune sets its own
 
 
 def drop_threshold(p):

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import conftest
+from checkpoint import CheckpointError, check_resumable
 from dropout import Dropout, attention, drop_threshold, fast_dropout, keep_mask, keep_rate
 
 
@@ -123,8 +124,7 @@ def test_a_model_with_fast_dropout_trains_and_evaluates_as_without():
 
 
 def test_a_run_resumes_or_fine_tunes_with_its_own_dropout_fields():
-    from checkpoint import CheckpointError, check_resumable
-    saved = {"block_size": 16, "vocab_size": 20, "n_layer": 2, "n_head": 2, "n_embd": 16, "dropout": 0.0}  # before fast_dropout
+    saved = {"block_size": 16, "vocab_size": 20, "n_layer": 2, "n_head": 2, "n_embd": 16, "dropout": 0.0}  # as of old
     checkpoint = {"model_args": saved, "optimizer": {}, "muon": None, "meta": {}}
     check_resumable(checkpoint, {**saved, "dropout": 0.2, "fast_dropout": True}, {}, False, "ckpt.pt")
     with pytest.raises(CheckpointError, match="n_embd"):
