@@ -13,6 +13,7 @@ import torch
 
 from device import resolve_device, resolve_dtype
 from files import atomic_write
+from dropout import FIELDS as DROPOUT_FIELDS
 from model import GPT, GPTConfig
 from tokenizer import tokenizer_from_meta
 
@@ -121,7 +122,7 @@ def check_resumable(checkpoint, model_args, meta, uses_muon, path):
     """Raise CheckpointError unless the run asked for can continue from this checkpoint."""
     saved = GPTConfig(**checkpoint["model_args"]).__dict__  # fields added since it was saved take their defaults
     differ = [f"{k} {saved.get(k)!r} in the checkpoint vs {v!r} requested"  # dropout, loss_chunk: free to change
-              for k, v in model_args.items() if k not in ("dropout", "loss_chunk") and saved.get(k) != v]
+              for k, v in model_args.items() if k not in (*DROPOUT_FIELDS, "loss_chunk") and saved.get(k) != v]
     if differ:
         raise CheckpointError(f"{path} does not match this config: {'; '.join(differ)}. "
                               "Use the checkpoint's model settings, or another out_dir to start afresh")

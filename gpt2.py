@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save
 
 from checkpoint import CheckpointError, check_vocabulary, checkpoint_path, clean_state_dict, load_checkpoint
 from files import atomic_write
+from dropout import FIELDS as DROPOUT_FIELDS
 from model import GPT, GPTConfig
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M and 1558M parameters
@@ -130,13 +131,14 @@ def weights_to_fine_tune(cfg, meta, resume_from=None) -> tuple:
     its own checkpoint (a rerun of the same command) takes the shape from it and no tensors (None): they
     come with the resume. A one-line CheckpointError when the weights' vocabulary cannot read this data
     set, or their positions cannot hold one of its examples."""
+    dropout = {k: getattr(cfg, k) for k in DROPOUT_FIELDS}  # the run's, not the weights'
     if resume_from:
         weights = load_checkpoint(resume_from, mmap=True)  # mapped, not read: only its model_args and meta are used
-        model_args, state = {**weights["model_args"], "dropout": cfg.dropout}, None
+        model_args, state = {**weights["model_args"], **dropout}, None
     else:
         weights = load_weights(cfg.init_from)
         block_size = min(cfg.block_size, weights["model_args"]["block_size"])
-        model_args = {**weights["model_args"], "block_size": block_size, "dropout": cfg.dropout}
+        model_args = {**weights["model_args"], "block_size": block_size, **dropout}
         state = clean_state_dict(weights["model"])
         if "wpe.weight" in state:
             state["wpe.weight"] = state["wpe.weight"][:block_size]  # the first positions, as trained
