@@ -1,6 +1,7 @@
 """The whole GPT in one file, top to bottom: GPTConfig -> KVCache -> sin/cos helpers -> CausalSelfAttention
 -> MLP -> Block -> GPT -> sampling. Token ids only; text lives at the edges (prepare.py, sample.py)."""
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ class GPTConfig:
     qk_norm: bool = False       # RMS-normalise queries and keys before attention
     zero_init_proj: bool = False  # residual output projections start at zero
     loss_chunk: int = 0         # > 0: loss over this many rows at a time, no full logits (chunked_loss.py)
+    attn_float32: bool = False  # attention in fp32 under autocast: CPU's bf16 flash backward is ~4x slower
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -91,6 +93,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout, self.attention, self.qk_norm = config.dropout, config.attention, config.qk_norm
+        self.attn_float32 = config.attn_float32
         slopes = 2.0 ** (-8.0 * torch.arange(1, config.n_head + 1) / config.n_head)  # ALiBi: 2^(-8/n) .. 2^-8
         self.register_buffer("alibi_slopes", slopes if config.pos == "alibi" else None, persistent=False)
 
@@ -118,9 +121,11 @@ class CausalSelfAttention(nn.Module):
         if not self.attention:
             y = v[:, :, start:]  # ablation: each token sees only its own value
         else:
-            mask = self.attention_mask(T, start, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            mask, dtype = self.attention_mask(T, start, x.device), q.dtype
+            with torch.autocast(x.device.type, enabled=False) if self.attn_float32 else nullcontext():
+                q, k, v = (t.float() for t in (q, k, v)) if self.attn_float32 else (q, k, v)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                                   dropout_p=self.dropout if self.training else 0.0).to(dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
