@@ -30,6 +30,8 @@ class GPTConfig:
     zero_init_proj: bool = False  # residual output projections start at zero
     loss_chunk: int = 0         # > 0: loss over this many rows at a time, no full logits (chunked_loss.py)
     attn_float32: bool = False  # attention in fp32 under autocast: CPU's bf16 flash backward is ~4x slower
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), bounded (modded-nanogpt)
+    unet_skips: bool = False    # the first half's block outputs feed their mirror blocks in the second half
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -41,8 +43,8 @@ class GPTConfig:
             raise ValueError(f"pos={self.pos!r} needs an even {'n_embd' if self.pos == 'sinusoidal' else 'head size'}, got {size}")
         if self.mlp not in ("gelu", "gelu_tanh", "relu2"):
             raise ValueError(f"mlp={self.mlp!r}: use 'gelu', 'gelu_tanh' or 'relu2'")
-        if self.loss_chunk < 0:
-            raise ValueError(f"loss_chunk={self.loss_chunk} must be 0 (off) or a number of rows")
+        if self.loss_chunk < 0 or self.logit_softcap < 0 or (self.loss_chunk and self.logit_softcap):
+            raise ValueError(f"loss_chunk={self.loss_chunk}, logit_softcap={self.logit_softcap}: neither negative, not both")
 
 
 class KVCache:
@@ -184,6 +186,8 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        if config.unet_skips:
+            self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and writes them out
@@ -227,19 +231,27 @@ class GPT(nn.Module):
         if start + T > limit:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's {limit}")
         x, rope = self.embed(idx, start)
-        for block in self.blocks:
+        half, skips = self.config.n_layer // 2 if self.config.unet_skips else 0, []
+        for i, block in enumerate(self.blocks):
+            if i >= self.config.n_layer - half:  # U-net: block i gets the output of block n_layer - 1 - i
+                x = x + self.skip_weights[self.config.n_layer - 1 - i] * skips.pop()
             x = block(x, rope, cache)
+            skips += [x] if i < half else []
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
+            return self.capped(self.lm_head(x[:, [-1], :])), None
         if self.config.loss_chunk:  # no logits come back: they never exist whole
             x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
             return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.loss_chunk)
-        logits = self.lm_head(x)
+        logits = self.capped(self.lm_head(x))
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def capped(self, logits):
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits.float() / cap) if cap else logits
 
     @torch.no_grad()
     def next_logits(self, idx, cache=None, use_cache=True, sink_tokens=0):
