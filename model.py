@@ -30,7 +30,6 @@ class GPTConfig:
     zero_init_proj: bool = False  # residual output projections start at zero
     loss_chunk: int = 0         # > 0: loss over this many rows at a time, no full logits (chunked_loss.py)
     attn_float32: bool = False  # attention in fp32 under autocast: CPU's bf16 flash backward is ~4x slower
-    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), bounded (modded-nanogpt)
     unet_skips: bool = False    # the first half's block outputs feed their mirror blocks in the second half
 
     def __post_init__(self):
@@ -43,8 +42,8 @@ class GPTConfig:
             raise ValueError(f"pos={self.pos!r} needs an even {'n_embd' if self.pos == 'sinusoidal' else 'head size'}, got {size}")
         if self.mlp not in ("gelu", "gelu_tanh", "relu2"):
             raise ValueError(f"mlp={self.mlp!r}: use 'gelu', 'gelu_tanh' or 'relu2'")
-        if self.loss_chunk < 0 or self.logit_softcap < 0 or (self.loss_chunk and self.logit_softcap):
-            raise ValueError(f"loss_chunk={self.loss_chunk}, logit_softcap={self.logit_softcap}: neither negative, not both")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk={self.loss_chunk} must be 0 (off) or a number of rows")
 
 
 class KVCache:
@@ -241,17 +240,13 @@ class GPT(nn.Module):
             cache.pos += T
         x = self.ln_f(x)
         if targets is None:
-            return self.capped(self.lm_head(x[:, [-1], :])), None
+            return self.lm_head(x[:, [-1], :]), None
         if self.config.loss_chunk:  # no logits come back: they never exist whole
             x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
             return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.loss_chunk)
-        logits = self.capped(self.lm_head(x))
+        logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
-
-    def capped(self, logits):
-        cap = self.config.logit_softcap
-        return cap * torch.tanh(logits.float() / cap) if cap else logits
 
     @torch.no_grad()
     def next_logits(self, idx, cache=None, use_cache=True, sink_tokens=0):

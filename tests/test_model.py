@@ -356,14 +356,14 @@ def test_negative_loss_chunk_is_rejected():
 
 # ------------------------------------------------------------------ speedrun options (off by default)
 
-SPEEDRUN_OPTIONS = [{"attn_float32": True}, {"logit_softcap": 5.0}, {"unet_skips": True, "n_layer": 4}]
+SPEEDRUN_OPTIONS = [{"attn_float32": True}, {"unet_skips": True, "n_layer": 4}]
 
 
 def test_speedrun_options_are_off_by_default_and_add_no_parameters():
     config = GPTConfig()
-    assert (config.attn_float32, config.logit_softcap, config.unet_skips) == (False, 0.0, False)
+    assert (config.attn_float32, config.unet_skips) == (False, False)
     names = {name for name, _ in tiny_model(n_layer=4).named_parameters()}
-    assert names == {name for name, _ in tiny_model(n_layer=4, attn_float32=True, logit_softcap=5.0).named_parameters()}
+    assert names == {name for name, _ in tiny_model(n_layer=4, attn_float32=True).named_parameters()}
     assert {name for name, _ in tiny_model(n_layer=4, unet_skips=True).named_parameters()} - names == {"skip_weights"}
 
 
@@ -376,15 +376,6 @@ def test_attn_float32_changes_nothing_in_float32_and_stays_close_under_bf16_auto
         bf16, mixed = all_logits(plain, idx), all_logits(fp32_attention, idx)
     assert mixed.dtype == bf16.dtype == torch.bfloat16  # the attention output goes back to the autocast dtype
     assert (mixed.float() - reference).abs().max() <= (bf16.float() - reference).abs().max() * 1.5 + 1e-3
-
-
-def test_logit_softcap_bounds_the_logits_and_keeps_their_order():
-    idx = random_tokens(2, 20)
-    raw, capped = scaled_up(tiny_model()), scaled_up(tiny_model(logit_softcap=5.0))
-    raw_logits, capped_logits = all_logits(raw, idx), all_logits(capped, idx)
-    assert raw_logits.abs().max() > 5.0 and capped_logits.abs().max() < 5.0
-    torch.testing.assert_close(capped_logits, 5.0 * torch.tanh(raw_logits / 5.0))
-    assert torch.equal(capped_logits.argmax(-1), raw_logits.argmax(-1))
 
 
 @pytest.mark.parametrize("n_layer", [3, 4])  # odd: the middle block has no mirror
@@ -427,10 +418,3 @@ def test_cached_generation_equals_recomputed_with_speedrun_options(overrides):
     model(idx[:, :7], cache=cache)
     steps = torch.cat([model(idx[:, t:t + 1], cache=cache)[0] for t in range(7, 24)], dim=1)
     torch.testing.assert_close(steps, full[:, 7:], rtol=0, atol=1e-5)
-
-
-def test_softcap_with_chunked_loss_or_below_zero_is_rejected():
-    with pytest.raises(ValueError, match="logit_softcap=5.0"):
-        GPTConfig(loss_chunk=8, logit_softcap=5.0)
-    with pytest.raises(ValueError, match="logit_softcap=-1"):
-        GPTConfig(logit_softcap=-1.0)
