@@ -164,8 +164,8 @@ def bench_recipe(cfg):
     with tempfile.TemporaryDirectory() as out_dir:
         theirs = wall_seconds([sys.executable, *NANOGPT_CPU_RECIPE, f"--out_dir={out_dir}/nanogpt"], cfg.nanogpt)
         print(f"  nanoGPT                              {theirs:6.1f} s")
-        for config in ("configs/shakespeare_char_cpu.py", "configs/speedrun_cpu.py"):
-            ours = wall_seconds([sys.executable, "train.py", config, f"--out_dir={out_dir}/ours"], REPO)
+        for config in ("configs/shakespeare_char_cpu.py", "configs/speedrun_cpu.py"):  # one out_dir each: no resuming
+            ours = wall_seconds([sys.executable, "train.py", config, f"--out_dir={out_dir}/{Path(config).stem}"], REPO)
             print(f"  python train.py {config:24s} {ours:6.1f} s: {ours / theirs:.2f} of nanoGPT's time")
 
 

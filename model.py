@@ -1,6 +1,7 @@
 """The whole GPT in one file, top to bottom: GPTConfig -> KVCache -> sin/cos helpers -> CausalSelfAttention
 -> MLP -> Block -> GPT -> sampling. Token ids only; text lives at the edges (prepare.py, sample.py)."""
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,8 @@ class GPTConfig:
     qk_norm: bool = False       # RMS-normalise queries and keys before attention
     zero_init_proj: bool = False  # residual output projections start at zero
     loss_chunk: int = 0         # > 0: loss over this many rows at a time, no full logits (chunked_loss.py)
+    attn_float32: bool = False  # attention in fp32 under autocast: CPU's bf16 flash backward is ~4x slower
+    unet_skips: bool = False    # the first half's block outputs feed their mirror blocks in the second half
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -98,6 +101,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = Dropout(config.dropout, config.fast_dropout)
         self.dropout, self.attention, self.qk_norm = config.dropout, config.attention, config.qk_norm
+        self.attn_float32 = config.attn_float32
         slopes = 2.0 ** (-8.0 * torch.arange(1, config.n_head + 1) / config.n_head)  # ALiBi: 2^(-8/n) .. 2^-8
         self.register_buffer("alibi_slopes", slopes if config.pos == "alibi" else None, persistent=False)
 
@@ -125,9 +129,11 @@ class CausalSelfAttention(nn.Module):
         if not self.attention:
             y = v  # ablation: each token sees only its own value
         else:
-            mask = self.attention_mask(T, start, k.size(2), x.device)
-            y = attention(q, k, v, mask, mask is None and T > 1, self.dropout if self.training else 0.0,
-                          fast=self.resid_dropout.fast)  # fast dropout masks the attention weights too
+            mask, dtype = self.attention_mask(T, start, k.size(2), x.device), q.dtype
+            with torch.autocast(x.device.type, enabled=False) if self.attn_float32 else nullcontext():
+                q, k, v = (t.float() for t in (q, k, v)) if self.attn_float32 else (q, k, v)
+                y = attention(q, k, v, mask, mask is None and T > 1, self.dropout if self.training else 0.0,
+                              fast=self.resid_dropout.fast).to(dtype)  # fast dropout masks the attention weights too
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
     def attention_mask(self, T, start, n_keys, device):
@@ -186,6 +192,8 @@ class GPT(nn.Module):
         self.drop = Dropout(config.dropout, config.fast_dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        if config.unet_skips and config.n_layer > 1:  # one block has no mirror: nothing to learn
+            self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and writes them out
@@ -232,8 +240,12 @@ class GPT(nn.Module):
         if start + T > limit:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's {limit}")
         x, rope = self.embed(idx, start)
-        for block in self.blocks:
+        half, skips = self.config.n_layer // 2 if self.config.unet_skips else 0, []
+        for i, block in enumerate(self.blocks):
+            if i >= self.config.n_layer - half:  # U-net: block i gets the output of block n_layer - 1 - i
+                x = x + self.skip_weights[self.config.n_layer - 1 - i] * skips.pop()
             x = block(x, rope, cache)
+            skips += [x] if i < half else []
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x)

@@ -83,6 +83,7 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
     compile: bool | None = None         # torch.compile the model; None = on for CUDA only
     threads: int = 0                    # CPU threads for torch; 0 = torch's default (one per core)
     keep_freed_memory: bool = False     # glibc: reuse freed memory, no fresh pages per step (device.py)
+    fast_exit: bool = False             # end the process at once when done: no teardown of torch's modules (~0.5 s)
     seed: int = 1337
     val_loss_bar: float = 0.0           # a published result: the final full-split val loss is judged PASS/FAIL against it
     exact_match_bar: float = 0.0        # for the attention tasks: the test exact-match share to reach
@@ -422,7 +423,12 @@ def main(argv=None) -> int:
         print(help_text(TrainConfig, USAGE, "Config files are plain `name = value` lines; --key=value overrides them."))
         return 0
     try:
-        return train(parse_options(TrainConfig, argv, config_files=True), argv)
+        cfg = parse_options(TrainConfig, argv, config_files=True)
+        code = train(cfg, argv)
+        if cfg.fast_exit:  # every file is closed and the log written: skip the interpreter's slow teardown
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(code)
+        return code
     except (ConfigError, CheckpointError, DataError, NonFiniteLossError) as e:
         if os.environ.get("RANK", "0") == "0":  # every process raises the same error; one prints it
             print(f"error: {e}", file=sys.stderr)

@@ -387,3 +387,69 @@ def test_chunked_loss_under_bf16_autocast_stays_close():
 def test_negative_loss_chunk_is_rejected():
     with pytest.raises(ValueError, match="loss_chunk=-1"):
         GPTConfig(loss_chunk=-1)
+
+
+# ------------------------------------------------------------------ speedrun options (off by default)
+
+SPEEDRUN_OPTIONS = [{"attn_float32": True}, {"unet_skips": True, "n_layer": 4}]
+
+
+def test_speedrun_options_are_off_by_default_and_add_no_parameters():
+    config = GPTConfig()
+    assert (config.attn_float32, config.unet_skips) == (False, False)
+    names = {name for name, _ in tiny_model(n_layer=4).named_parameters()}
+    assert names == {name for name, _ in tiny_model(n_layer=4, attn_float32=True).named_parameters()}
+    assert {name for name, _ in tiny_model(n_layer=4, unet_skips=True).named_parameters()} - names == {"skip_weights"}
+
+
+def test_attn_float32_changes_nothing_in_float32_and_stays_close_under_bf16_autocast():
+    idx = random_tokens(2, 20)
+    plain, fp32_attention = scaled_up(tiny_model(pos="rope")), scaled_up(tiny_model(pos="rope", attn_float32=True))
+    reference = all_logits(plain, idx)
+    assert torch.equal(all_logits(fp32_attention, idx), reference)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16, mixed = all_logits(plain, idx), all_logits(fp32_attention, idx)
+    assert mixed.dtype == bf16.dtype == torch.bfloat16  # the attention output goes back to the autocast dtype
+    assert (mixed.float() - reference).abs().max() <= (bf16.float() - reference).abs().max() * 1.5 + 1e-3
+
+
+@pytest.mark.parametrize("n_layer", [3, 4])  # odd: the middle block has no mirror
+def test_unet_skips_feed_each_second_half_block_its_mirror(n_layer):
+    model = tiny_model(n_layer=n_layer, unet_skips=True)
+    assert model.skip_weights.shape == (n_layer // 2,)
+    idx = random_tokens(2, 12)
+    assert not torch.allclose(all_logits(model, idx), all_logits(tiny_model(n_layer=n_layer), idx))
+    with torch.no_grad():
+        model.skip_weights.zero_()  # zero skips: the plain model's output
+        torch.testing.assert_close(all_logits(model, idx), all_logits(tiny_model(n_layer=n_layer), idx))
+
+
+@pytest.mark.parametrize("overrides", SPEEDRUN_OPTIONS)
+def test_speedrun_options_train_and_every_parameter_gets_a_gradient(overrides):
+    model = tiny_model(**{"pos": "rope", "zero_init_proj": False, **overrides}).train()
+    idx, targets = random_tokens(4, 16), random_tokens(4, 16, seed=3)
+    optimizers = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu", muon_lr=0.02)
+    first = None
+    for _ in range(60):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(idx, targets)
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        first = first or loss.item()
+    assert loss.item() < 0.5 * first
+
+
+@pytest.mark.parametrize("overrides", SPEEDRUN_OPTIONS)
+def test_cached_generation_equals_recomputed_with_speedrun_options(overrides):
+    model = scaled_up(tiny_model(**{"pos": "rope", **overrides}), factor=3)
+    prompt = random_tokens(3, 4)
+    cached = model.generate(prompt, 20, temperature=0, use_cache=True)
+    assert torch.equal(cached, model.generate(prompt, 20, temperature=0, use_cache=False))
+    idx = random_tokens(2, 24)
+    full, cache = all_logits(model, idx), KVCache(model.config.n_layer, model.config.block_size)
+    model(idx[:, :7], cache=cache)
+    steps = torch.cat([model(idx[:, t:t + 1], cache=cache)[0] for t in range(7, 24)], dim=1)
+    torch.testing.assert_close(steps, full[:, 7:], rtol=0, atol=1e-5)

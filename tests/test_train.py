@@ -631,3 +631,15 @@ def test_a_model_pretrained_on_one_byte_text_fine_tunes_on_another(tmp_path):
     assert fine_tuned["meta"]["tokenizer"] == "byte" and fine_tuned["config"]["dataset"] == "tunetext"
     for name, tensor in pretrained["model"].items():
         torch.testing.assert_close(fine_tuned["model"][name], tensor, atol=1e-6, rtol=0)
+
+
+def test_fast_exit_ends_the_run_with_its_log_checkpoint_and_exit_code(tmp_path, data_dir):
+    """os._exit skips the interpreter's teardown, so whatever the run writes must be written before it."""
+    out = tmp_path / "out"
+    result = run_train(tiny_args(data_dir, out, "--max_iters=4", "--eval_interval=1000", "--fast_exit=True",
+                                 "--val_loss_bar=99"), cwd=tmp_path)
+    assert result.returncode == 0 and "(bar 99): PASS" in result.stdout
+    assert records(out, "final") and records(out, "final")[0]["val_loss_full"] > 0
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 4
+    failed = run_train(tiny_args(data_dir, tmp_path / "bad", "--fast_exit=True", "--n_head=3"), cwd=tmp_path, check=False)
+    assert_one_line_error(failed, "divisible")  # a bad option still fails with its one-line error
