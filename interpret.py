@@ -59,7 +59,7 @@ def attention_weights(model, idx):
         else:
             q, k, _ = attn.queries_keys_values(block.ln_1(x), rope)
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(attn.head_dim)
-            bias = attn.attention_mask(T, 0, idx.device)  # ALiBi's float mask (distance bias, -inf ahead), else None
+            bias = attn.attention_mask(T, 0, T, idx.device)  # ALiBi's float mask (distance bias, -inf ahead), else None
             w = (scores + bias if bias is not None else scores.masked_fill(~causal, float("-inf"))).softmax(dim=-1)
         weights.append(w)
         x = block(x, rope)
