@@ -1,5 +1,6 @@
-"""The whole GPT in one file, top to bottom: GPTConfig -> KVCache -> sin/cos helpers -> CausalSelfAttention
--> MLP -> Block -> GPT -> sampling. Token ids only; text lives at the edges (prepare.py, sample.py)."""
+"""The whole GPT in one file, top to bottom: GPTConfig -> sin/cos helpers -> CausalSelfAttention -> MLP -> Block
+-> GPT. Token ids only; text lives at the edges (prepare.py, sample.py); the cache and the token choice that
+generation uses are kv_cache.py and sampling.py."""
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 
 from chunked_loss import chunked_cross_entropy
 from dropout import Dropout, attention
+from kv_cache import KVCache
+from sampling import sample_next
 
 SINK_POSITIONS = ("rope", "alibi")  # attention sinks move cached keys to other slots: only these positions follow
 
@@ -46,38 +49,6 @@ class GPTConfig:
             raise ValueError(f"mlp={self.mlp!r}: use 'gelu', 'gelu_tanh' or 'relu2'")
         if self.loss_chunk < 0:
             raise ValueError(f"loss_chunk={self.loss_chunk} must be 0 (off) or a number of rows")
-
-
-class KVCache:
-    """Keys and values, one (B, n_head, max_len, head_dim) tensor per layer (so that a compiled step updates each in
-    place), allocated on first write in the keys' dtype; `pos` are filled (GPT.forward advances it). sinks > 0:
-    make_room keeps the first `sinks`, shifts the rest left. slot, a (1,) tensor, is where decode_step writes."""
-
-    def __init__(self, n_layer, max_len, sinks=0):
-        self.n_layer, self.max_len, self.sinks = n_layer, max_len, sinks
-        self.k = self.v = self.slot = None
-        self.pos = 0
-
-    def make_room(self, n):
-        """Drop the oldest entries after the sinks so that n more tokens fit."""
-        drop = self.pos + n - self.max_len
-        if self.k is not None and 0 < drop <= self.pos - self.sinks:
-            for t in self.k + self.v:
-                t[:, :, self.sinks:self.pos - drop] = t[:, :, self.sinks + drop:self.pos].clone()
-            self.pos -= drop
-
-    def update(self, layer, k, v):
-        """Store k, v (batch, n_head, T, head_dim) at `pos` and return the keys and values so far, or with `slot`
-        store one token there and return every slot (attention masks the later ones)."""
-        if self.k is None:
-            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
-            self.k, self.v = ([torch.zeros(shape, dtype=k.dtype, device=k.device) for _ in range(self.n_layer)]
-                              for _ in "kv")
-        if self.slot is not None:
-            return self.k[layer].index_copy_(2, self.slot, k), self.v[layer].index_copy_(2, self.slot, v)
-        end = self.pos + k.size(2)
-        self.k[layer][:, :, self.pos:end], self.v[layer][:, :, self.pos:end] = k, v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def sincos_tables(dim, length, device=None, base=10000.0):
@@ -239,13 +210,7 @@ class GPT(nn.Module):
         limit = cache.max_len if cache is not None else self.config.block_size if self.config.pos == "learned" else math.inf
         if start + T > limit:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's {limit}")
-        x, rope = self.embed(idx, start)
-        half, skips = self.config.n_layer // 2 if self.config.unet_skips else 0, []
-        for i, block in enumerate(self.blocks):
-            if i >= self.config.n_layer - half:  # U-net: block i gets the output of block n_layer - 1 - i
-                x = x + self.skip_weights[self.config.n_layer - 1 - i] * skips.pop()
-            x = block(x, rope, cache)
-            skips += [x] if i < half else []
+        x = self.trunk(*self.embed(idx, start), cache)
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x)
@@ -257,6 +222,16 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def trunk(self, x, rope, cache):
+        """The blocks in turn; with unet_skips block i also gets the output of block n_layer - 1 - i."""
+        n, half, skips = self.config.n_layer, self.config.n_layer // 2 if self.config.unet_skips else 0, []
+        for i, block in enumerate(self.blocks):
+            if i >= n - half:
+                x = x + self.skip_weights[n - 1 - i] * skips.pop()
+            x = block(x, rope, cache)
+            skips += [x] if i < half else []
+        return x
 
     @torch.no_grad()
     def next_logits(self, idx, cache=None, use_cache=True, sink_tokens=0, step=None):
@@ -288,10 +263,7 @@ class GPT(nn.Module):
     def decode_step(self, token, cache):
         """Logits (B, 1, V) of token (B, 1) written at cache.slot, attending over every slot (the later ones
         masked): all shapes fixed, so torch.compile takes the whole step (sample.py --compile)."""
-        x, rope = self.embed(token, cache.slot)
-        for block in self.blocks:
-            x = block(x, rope, cache)
-        return self.lm_head(self.ln_f(x))
+        return self.lm_head(self.ln_f(self.trunk(*self.embed(token, cache.slot), cache)))
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -338,21 +310,3 @@ class GPT(nn.Module):
         """Training FLOPs per token (MFU): 6 per weight + 12 x layers x width x context (PaLM, app. B)."""
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * (seq_len or cfg.block_size)
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row of logits (B, V): temperature 0 is greedy; top_k keeps the k best; top_p the
-    fewest best tokens whose probability reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        best = torch.topk(logits, top_k, dim=-1)
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, best.indices, best.values)
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
-        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

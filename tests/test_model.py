@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import conftest
-from model import GPTConfig, KVCache, apply_rope, sample_next, sincos_tables
+from kv_cache import KVCache
+from model import GPTConfig, apply_rope, sincos_tables
+from sampling import sample_next
 
 VOCAB = 37
 POSITIONS = ["learned", "sinusoidal", "rope", "alibi"]
@@ -106,9 +108,9 @@ def test_generation_past_block_size_follows_the_sliding_window(pos, prompt_len):
     assert torch.equal(out, sliding_window_reference(model, prompt, steps))
 
 
-@pytest.mark.parametrize("pos", POSITIONS)
-def test_fixed_shape_decode_step_generates_what_the_growing_cache_does(pos):
-    model = scaled_up(tiny_model(pos=pos))
+@pytest.mark.parametrize("pos, unet_skips", [(pos, False) for pos in POSITIONS] + [("rope", True)])
+def test_fixed_shape_decode_step_generates_what_the_growing_cache_does(pos, unet_skips):
+    model = scaled_up(tiny_model(pos=pos, n_layer=4 if unet_skips else 2, unet_skips=unet_skips))
     prompt = random_tokens(2, 5)
     steps = 3 * model.config.block_size  # past the window: restarts re-arm the slot
     out = model.generate(prompt, steps, temperature=0, step=model.decode_step)
