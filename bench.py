@@ -97,17 +97,17 @@ def generation_model():
     return GPT(config).eval()
 
 
-def generation_tokens_per_second(model, new_tokens, batch=1, **options):
+def generation_tokens_per_second(model, new_tokens, batch=1, repeats=3, **options):
     """Generated tokens per second, over all `batch` sequences sampled together (generate's options)."""
     prompt = torch.zeros((batch, 1), dtype=torch.long)
 
     def run():
         model.generate(prompt, new_tokens, temperature=1.0, generator=torch.Generator().manual_seed(0), **options)
 
-    return batch * new_tokens / median_seconds(run, repeats=3)
+    return batch * new_tokens / median_seconds(run, repeats)
 
 
-def bench_generate(cfg, new_tokens=500):
+def bench_generate(cfg, new_tokens=500, rounds=3):
     dtype = getattr(torch, resolve_dtype(cfg.gen_dtype, "cpu"))
     model = generation_model().to(dtype)
     print(f"generation: 6L/6H/384, block 256, vocab 65, random init, {dtype} weights, {new_tokens} new tokens")
@@ -124,25 +124,41 @@ def bench_generate(cfg, new_tokens=500):
     for batch in (8, 32):  # sample.py --num_samples: one batch, one token of every sequence per step
         for name in ("KV cache", "compiled step"):
             print(f"  {name:18s} {batch:2d} sequences {generation_tokens_per_second(model, new_tokens, batch, **ways[name]):8.1f} tokens/s in all")
-    if cfg.nanogpt:  # its sample.py on a CPU keeps fp32 weights and no autocast, whatever its dtype says
-        theirs = nanogpt_tokens_per_second(cfg.nanogpt, torch.float32, new_tokens)
-        print(f"  nanoGPT's generate {theirs:8.1f} tokens/s (its model.py, same shape, fp32 as its sample.py runs on a CPU)")
-        for name in ("KV cache", "compiled step"):
-            print(f"  ours, {name} ({dtype}): {ours[name] / theirs:.1f}x nanoGPT's")
+    if cfg.nanogpt:  # side by side: this VM's memory speed drifts, so each round times both, one after the other
+        theirs_once = nanogpt_generation(cfg.nanogpt, new_tokens)
+        print(f"  nanoGPT's generate (its model.py, same shape, fp32 as its sample.py runs on a CPU), then ours, "
+              f"one sequence, {rounds} rounds:")
+        ratios = {"KV cache": [], "compiled step": []}
+        for round in range(1, rounds + 1):
+            theirs = new_tokens / median_seconds(theirs_once, repeats=1, warmup=0)
+            row = f"  round {round}: nanoGPT {theirs:6.1f} tokens/s"
+            for name in ratios:
+                mine = generation_tokens_per_second(model, new_tokens, repeats=1, **ways[name])
+                ratios[name].append(mine / theirs)
+                row += f" | {name} {mine:6.1f} ({mine / theirs:.1f}x)"
+            print(row, flush=True)
+        for name, values in ratios.items():
+            print(f"  ours, {name} ({dtype}): {statistics.median(values):.1f}x nanoGPT's (median of {rounds} rounds)")
 
 
-def nanogpt_tokens_per_second(path, dtype, new_tokens):
-    """Tokens/s of nanoGPT's own GPT.generate on the reference shape, one sequence, imported from its checkout."""
+def nanogpt_generation(path, new_tokens):
+    """A function that runs nanoGPT's own GPT.generate once (new_tokens, one sequence) on the reference
+    shape, imported from its checkout, warmed up."""
     spec = importlib.util.spec_from_file_location("nanogpt_model", Path(path) / "model.py")
     theirs = importlib.util.module_from_spec(spec)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
         spec.loader.exec_module(theirs)
         torch.manual_seed(0)
         model = theirs.GPT(theirs.GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384,
-                                            dropout=0.0, bias=False)).eval().to(dtype)
+                                            dropout=0.0, bias=False)).eval()
     prompt = torch.zeros((1, 1), dtype=torch.long)
-    with torch.no_grad():
-        return new_tokens / median_seconds(lambda: model.generate(prompt, new_tokens, temperature=1.0), repeats=3)
+
+    @torch.no_grad()
+    def once(tokens=new_tokens):
+        model.generate(prompt, tokens, temperature=1.0)
+
+    once(20)  # warm-up
+    return once
 
 
 NANOGPT_CPU_RECIPE = ["train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",

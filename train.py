@@ -22,15 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (CheckpointError, check_resumable, load_checkpoint, restore_rng_states, rng_states,
                         save_checkpoint)
 from dataset import TRAIN_STREAM, Batches, DataError, batch_rng, load_meta, picks_of_rank, prepare_if_missing
 from dataset import split_global_batch
-from device import (any_rank, autocast_context, broadcast_from_master, collectively, compile_by_default, grad_scaler,
-                    peak_flops, resolve_dtype, restart_count, set_up_device, start_distributed, stop_distributed,
-                    sum_over_ranks)
+from device import (any_rank, autocast_context, broadcast_from_master, collectively, compile_by_default,
+                    data_parallel, exit_now, grad_scaler, in_torchrun, peak_flops, resolve_dtype, restart_count,
+                    set_up_device, start_distributed, stop_distributed, sum_over_ranks)
 from evaluate import estimate_loss, final_report
 from files import keep_as
 from gpt2 import GPT2_NAMES, weights_to_fine_tune
@@ -287,10 +286,7 @@ def run(cfg, argv, dist) -> int:
             torch.manual_seed(int(np.random.SeedSequence((cfg.seed, dist.rank, step)).generate_state(1)[0]))
         use_compile = compile_by_default(device) if cfg.compile is None else cfg.compile
         compiled = torch.compile(model) if use_compile else model
-        train_model = compiled  # DDP over the compiled model; the rope tables are constants, not broadcast
-        if dist.enabled:
-            train_model = DDP(compiled, device_ids=[dist.local_rank] if device.startswith("cuda") else None,
-                              broadcast_buffers=False)
+        train_model = data_parallel(compiled, dist)  # DDP over the compiled model
         say(as_config_file(cfg))
 
         def start_log():  # rank 0 alone writes files; an error here must stop every process (collectively)
@@ -425,9 +421,8 @@ def main(argv=None) -> int:
     try:
         cfg = parse_options(TrainConfig, argv, config_files=True)
         code = train(cfg, argv)
-        if cfg.fast_exit:  # every file is closed and the log written: skip the interpreter's slow teardown
-            sys.stdout.flush(), sys.stderr.flush()
-            os._exit(code)
+        if cfg.fast_exit or in_torchrun():  # the log and checkpoints are closed: skip a slow, fragile teardown
+            exit_now(code)
         return code
     except (ConfigError, CheckpointError, DataError, NonFiniteLossError) as e:
         if os.environ.get("RANK", "0") == "0":  # every process raises the same error; one prints it
