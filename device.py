@@ -220,6 +220,11 @@ def in_torchrun() -> bool:
     return "RANK" in os.environ
 
 
+def torchrun_rank() -> int:
+    """This process's rank in its torchrun job, read before (or without) joining it; 0 outside torchrun."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def exit_now(code):
     """End the process with code at once, skipping the interpreter's and C++'s teardown. After a clean
     destroy_process_group, gloo can still abort a process there ("terminate called without an active

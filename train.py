@@ -29,7 +29,7 @@ from dataset import TRAIN_STREAM, Batches, DataError, batch_rng, load_meta, pick
 from dataset import split_global_batch
 from device import (any_rank, autocast_context, broadcast_from_master, collectively, compile_by_default,
                     data_parallel, exit_now, grad_scaler, in_torchrun, peak_flops, resolve_dtype, restart_count,
-                    set_up_device, start_distributed, stop_distributed, sum_over_ranks)
+                    set_up_device, start_distributed, stop_distributed, sum_over_ranks, torchrun_rank)
 from evaluate import estimate_loss, final_report
 from files import keep_as
 from gpt2 import GPT2_NAMES, weights_to_fine_tune
@@ -425,7 +425,7 @@ def main(argv=None) -> int:
             exit_now(code)
         return code
     except (ConfigError, CheckpointError, DataError, NonFiniteLossError) as e:
-        if os.environ.get("RANK", "0") == "0":  # every process raises the same error; one prints it
+        if torchrun_rank() == 0:  # every process raises the same error; one prints it
             print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
