@@ -129,9 +129,9 @@ def bench_generate(cfg, new_tokens=500, rounds=3):
         print(f"  nanoGPT's generate (its model.py, same shape, fp32 as its sample.py runs on a CPU), then ours, "
               f"one sequence, {rounds} rounds:")
         ratios = {"KV cache": [], "compiled step": []}
-        for round in range(1, rounds + 1):
+        for number in range(1, rounds + 1):
             theirs = new_tokens / median_seconds(theirs_once, repeats=1, warmup=0)
-            row = f"  round {round}: nanoGPT {theirs:6.1f} tokens/s"
+            row = f"  round {number}: nanoGPT {theirs:6.1f} tokens/s"
             for name in ratios:
                 mine = generation_tokens_per_second(model, new_tokens, repeats=1, **ways[name])
                 ratios[name].append(mine / theirs)
