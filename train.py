@@ -421,7 +421,7 @@ def main(argv=None) -> int:
     try:
         cfg = parse_options(TrainConfig, argv, config_files=True)
         code = train(cfg, argv)
-        if cfg.fast_exit or in_torchrun():  # the log and checkpoints are closed: skip a slow, fragile teardown
+        if cfg.fast_exit:  # the log and checkpoints are closed: skip the interpreter's slow teardown
             exit_now(code)
         return code
     except (ConfigError, CheckpointError, DataError, NonFiniteLossError) as e:
@@ -434,4 +434,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if in_torchrun():  # gloo can abort a process in teardown (see exit_now): every outcome leaves at once
+        exit_now(exit_code)
+    sys.exit(exit_code)
