@@ -284,7 +284,8 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None,
                              muon_lr=0.0, muon_momentum=0.95):
         """[AdamW] with weight decay on matrices only (fused on CUDA by default); with muon_lr > 0 [AdamW, Muon]:
-        Muon (torch >= 2.9) takes the blocks' 2-D weights; AdamW the embeddings, the head and the gains."""
+        Muon (torch >= 2.9's, batched by shape: muon.py) takes the blocks' 2-D weights; AdamW the embeddings, the
+        head and the gains."""
         named = dict(self.named_parameters())  # tied weights appear once
         hidden = [p for n, p in named.items() if muon_lr and n.startswith("blocks.") and p.dim() == 2]
         rest = [p for p in named.values() if all(p is not h for h in hidden)]
@@ -292,9 +293,10 @@ class GPT(nn.Module):
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
         fused = device_type == "cuda" if fused is None else fused
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
-        if hidden:
-            optimizers.append(torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum,
-                                               weight_decay=0.0, adjust_lr_fn="original"))
+        if hidden:  # imported here: torch.optim.Muon, its base, is torch >= 2.9
+            from muon import BatchedMuon
+            optimizers.append(BatchedMuon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=0.0,
+                                          adjust_lr_fn="original"))
         return optimizers
 
     def num_params(self, non_embedding=True):
