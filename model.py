@@ -77,16 +77,20 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("alibi_slopes", slopes if config.pos == "alibi" else None, persistent=False)
 
     def queries_keys_values(self, x, rope=None, rotate_keys=True):
-        """q, k, v (B, n_head, T, head_dim) as attention sees them; x's T tokens take rope's last T rows."""
+        """q, k, v (B, n_head, T, head_dim) as attention sees them (fp32 with attn_float32); x's T tokens take rope's
+        last T rows. q and k are normed and rotated together, in the (B, T, 3, n_head, head_dim) layout c_attn
+        writes: on a CPU a small op costs more in overhead than in arithmetic, so one op for both halves the cost."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
+        qkv = qkv.float() if self.attn_float32 else qkv  # one cast; norm and rotation then run in fp32 too
+        qk, v = qkv.split((2, 1), dim=2)
         if self.qk_norm:
-            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+            qk = F.rms_norm(qk, (self.head_dim,))
         if rope is not None:
-            cos, sin = rope[0][-T:], rope[1][-T:]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin) if rotate_keys else k
-        return q, k, v
+            cos, sin = (t[-T:, None, None] for t in rope)  # (T, 1, 1, head_dim / 2): over both, every head
+            qk = apply_rope(qk, cos, sin) if rotate_keys else torch.cat((apply_rope(qk[:, :, :1], cos, sin), qk[:, :, 1:]), 2)
+        q, k = qk.unbind(2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
 
     def forward(self, x, rope=None, cache=None):
         B, T, C = x.shape
@@ -100,11 +104,11 @@ class CausalSelfAttention(nn.Module):
         if not self.attention:
             y = v  # ablation: each token sees only its own value
         else:
-            mask, dtype = self.attention_mask(T, start, k.size(2), x.device), q.dtype
+            mask = self.attention_mask(T, start, k.size(2), x.device)
             with torch.autocast(x.device.type, enabled=False) if self.attn_float32 else nullcontext():
-                q, k, v = (t.float() for t in (q, k, v)) if self.attn_float32 else (q, k, v)
                 y = attention(q, k, v, mask, mask is None and T > 1, self.dropout if self.training else 0.0,
-                              fast=self.resid_dropout.fast).to(dtype)  # fast dropout masks the attention weights too
+                              fast=self.resid_dropout.fast)  # fast dropout masks the attention weights too
+        y = y.to(self.c_proj.weight.dtype) if self.attn_float32 else y  # bf16 weights need it; autocast casts anyway
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
     def attention_mask(self, T, start, n_keys, device):

@@ -449,6 +449,19 @@ def test_attn_float32_changes_nothing_in_float32_and_stays_close_under_bf16_auto
     assert (mixed.float() - reference).abs().max() <= (bf16.float() - reference).abs().max() * 1.5 + 1e-3
 
 
+def test_attn_float32_model_with_bf16_weights_generates_as_sample_py_loads_it():
+    """sample.py casts the weights to bf16 and runs no autocast: attention still runs in fp32, the KV cache keeps
+    fp32 keys, and c_proj gets the attention output back in its own dtype."""
+    fp32 = scaled_up(tiny_model(pos="rope", attn_float32=True))
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    idx = random_tokens(2, 8)
+    with torch.no_grad():
+        reference, logits = fp32(idx)[0], bf16(idx)[0]
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+    assert bf16.generate(idx, 6, top_k=1).shape == (2, 14)  # a prefill, then one cached token a step
+
+
 @pytest.mark.parametrize("n_layer", [3, 4])  # odd: the middle block has no mirror
 def test_unet_skips_feed_each_second_half_block_its_mirror(n_layer):
     model = tiny_model(n_layer=n_layer, unet_skips=True)
