@@ -68,16 +68,18 @@ class Dropout(nn.Dropout):
         return fast_dropout(x, self.p) if self.fast and self.training else F.dropout(x, self.p, self.training)
 
 
-def attention(q, k, v, attn_mask, is_causal, dropout_p, fast):
-    """F.scaled_dot_product_attention, or written out: with fast and dropout_p > 0, so that the attention weights
-    take a fast_dropout mask (sdpa's math kernel, what a CPU runs when dropout_p > 0, but in q's dtype throughout,
-    as nanoGPT's attention without flash: sdpa's computes a CPU's bf16 in fp32, at 2-3x the cost); and for one
-    query in a compiled graph (the decode step), which inductor fuses into a few loops where sdpa's CPU kernel
-    spends ~65 us a call on ~2 us of work (softmax in fp32 there, as sdpa's)."""
+def attention(q, k, v, attn_mask, is_causal, dropout_p, fast, scale=None):
+    """F.scaled_dot_product_attention (scale: of q.k, None for 1/sqrt(head_dim)), or written out: with fast and
+    dropout_p > 0, so that the attention weights take a fast_dropout mask (sdpa's math kernel, what a CPU runs
+    when dropout_p > 0, but in q's dtype throughout, as nanoGPT's attention without flash: sdpa's computes a
+    CPU's bf16 in fp32, at 2-3x the cost); and for one query in a compiled graph (the decode step), which
+    inductor fuses into a few loops where sdpa's CPU kernel spends ~65 us a call on ~2 us of work (softmax in
+    fp32 there, as sdpa's)."""
     decoding = q.size(-2) == 1 and torch.compiler.is_compiling()
     if not (fast and dropout_p) and not decoding:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
-    att = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p,
+                                              scale=scale)
+    att = (q * (scale or 1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)
     if is_causal:
         att.masked_fill_(torch.ones(att.shape[-2:], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     elif attn_mask is not None and attn_mask.dtype == torch.bool:

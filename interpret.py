@@ -15,7 +15,6 @@ embedding and after each block at one position, and each head's output at the an
 The score is the share of the logit difference (clean answer minus corrupted answer, at the
 position that predicts it) that the patch restores: 0 = the corrupted run's, 1 = the clean run's.
 """
-import math
 import sys
 from dataclasses import dataclass
 
@@ -58,7 +57,7 @@ def attention_weights(model, idx):
             w = torch.eye(T, device=idx.device).expand(idx.size(0), attn.n_head, T, T)
         else:
             q, k, _ = attn.queries_keys_values(block.ln_1(x), rope)
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(attn.head_dim)
+            scores = (q @ k.transpose(-2, -1)) * attn.scale
             bias = attn.attention_mask(T, 0, T, idx.device)  # ALiBi's float mask (distance bias, -inf ahead), else None
             w = (scores + bias if bias is not None else scores.masked_fill(~causal, float("-inf"))).softmax(dim=-1)
         weights.append(w)

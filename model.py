@@ -36,6 +36,9 @@ class GPTConfig:
     loss_chunk: int = 0         # > 0: loss over this many rows at a time, no full logits (chunked_loss.py)
     attn_float32: bool = False  # attention in fp32 under autocast: CPU's bf16 flash backward is ~4x slower
     unet_skips: bool = False    # the first half's block outputs feed their mirror blocks in the second half
+    attn_scale: float = 0.0     # scale of q.k; 0: 1/sqrt(head_dim). With qk_norm |q.k| <= head_dim, so it caps sharpness
+    rope_base: float = 10000.0  # RoPE's angles: position x base^(-2i/head_dim); a smaller base turns faster
+    zero_init_head: bool = False  # an untied LM head starts at zero: the first prediction is uniform
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -49,6 +52,11 @@ class GPTConfig:
             raise ValueError(f"mlp={self.mlp!r}: use 'gelu', 'gelu_tanh' or 'relu2'")
         if self.loss_chunk < 0:
             raise ValueError(f"loss_chunk={self.loss_chunk} must be 0 (off) or a number of rows")
+        if self.attn_scale < 0 or self.rope_base <= 1:
+            raise ValueError(f"attn_scale={self.attn_scale} must be >= 0 (0: 1/sqrt(head_dim)) and rope_base="
+                             f"{self.rope_base} > 1")
+        if self.zero_init_head and self.tie_weights:
+            raise ValueError("zero_init_head=True would zero the token embeddings too: set tie_weights=False")
 
 
 def sincos_tables(dim, length, device=None, base=10000.0):
@@ -72,7 +80,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = Dropout(config.dropout, config.fast_dropout)
         self.dropout, self.attention, self.qk_norm = config.dropout, config.attention, config.qk_norm
-        self.attn_float32 = config.attn_float32
+        self.attn_float32, self.scale = config.attn_float32, config.attn_scale or 1 / math.sqrt(self.head_dim)
         slopes = 2.0 ** (-8.0 * torch.arange(1, config.n_head + 1) / config.n_head)  # ALiBi: 2^(-8/n) .. 2^-8
         self.register_buffer("alibi_slopes", slopes if config.pos == "alibi" else None, persistent=False)
 
@@ -107,7 +115,7 @@ class CausalSelfAttention(nn.Module):
             mask = self.attention_mask(T, start, k.size(2), x.device)
             with torch.autocast(x.device.type, enabled=False) if self.attn_float32 else nullcontext():
                 y = attention(q, k, v, mask, mask is None and T > 1, self.dropout if self.training else 0.0,
-                              fast=self.resid_dropout.fast)  # fast dropout masks the attention weights too
+                              fast=self.resid_dropout.fast, scale=self.scale)  # fast dropout masks the weights too
         y = y.to(self.c_proj.weight.dtype) if self.attn_float32 else y  # bf16 weights need it; autocast casts anyway
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -162,7 +170,8 @@ class GPT(nn.Module):
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         elif config.pos in ("sinusoidal", "rope"):  # fixed tables: buffers, rebuilt from the config, not saved
             dim = config.n_embd if config.pos == "sinusoidal" else config.n_embd // config.n_head
-            for name, table in zip(("pos_cos", "pos_sin"), sincos_tables(dim, config.block_size)):
+            base = config.rope_base if config.pos == "rope" else 10000.0
+            for name, table in zip(("pos_cos", "pos_sin"), sincos_tables(dim, config.block_size, base=base)):
                 self.register_buffer(name, table, persistent=False)
         self.drop = Dropout(config.dropout, config.fast_dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
@@ -182,6 +191,8 @@ class GPT(nn.Module):
         std = 0.02 / math.sqrt(2 * config.n_layer)
         for p in (p for name, p in self.named_parameters() if name.endswith("c_proj.weight")):
             nn.init.zeros_(p) if config.zero_init_proj else nn.init.normal_(p, mean=0.0, std=std)
+        if config.zero_init_head:
+            nn.init.zeros_(self.lm_head.weight)
 
     def sincos(self, start, end):
         """Rows start .. end - 1 of the cos and sin tables (past block_size computed afresh), or row `start` of a tensor."""
@@ -189,7 +200,8 @@ class GPT(nn.Module):
             return self.pos_cos[start], self.pos_sin[start]
         if end <= len(self.pos_cos):
             return self.pos_cos[start:end], self.pos_sin[start:end]
-        return tuple(t[start:] for t in sincos_tables(2 * self.pos_cos.size(1), end, self.pos_cos.device))
+        base = self.config.rope_base if self.config.pos == "rope" else 10000.0
+        return tuple(t[start:] for t in sincos_tables(2 * self.pos_cos.size(1), end, self.pos_cos.device, base))
 
     def embed(self, idx, start=0):
         """Embeddings of idx at positions start.. (+ learned/sinusoidal ones), and RoPE's (cos, sin) rows or None:

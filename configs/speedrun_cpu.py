@@ -32,8 +32,11 @@ zero_init_proj = True
 tie_weights = False
 unet_skips = True
 attn_float32 = True
+attn_scale = 0.25     # 1.41 / sqrt(head_dim): q.k of normed q and k reaches +-8 instead of +-5.7
+rope_base = 1000.0
+zero_init_head = True
 
-max_iters = 220
+max_iters = 190
 learning_rate = 1e-2  # AdamW: embeddings, head, norm gains, skip weights
 muon_lr = 0.02        # Muon: the 2-D weights inside the blocks
 muon_momentum = 0.85
@@ -44,7 +47,7 @@ grad_clip = 1.0
 decay_lr = True
 lr_schedule = 'linear'
 warmup_iters = 0
-lr_decay_iters = 220
+lr_decay_iters = 190
 min_lr = 0.0
 
 device = 'cpu'

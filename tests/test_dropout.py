@@ -92,15 +92,15 @@ def causal_bias(T, S):
     return torch.zeros(T, S).masked_fill(torch.ones(T, S, dtype=torch.bool).triu(1), float("-inf"))
 
 
-@pytest.mark.parametrize("mask", ["causal", "bool", "float"])
-def test_written_out_attention_is_sdpa_when_nothing_is_dropped(mask):
+@pytest.mark.parametrize("mask, scale", [("causal", None), ("bool", None), ("float", None), ("causal", 0.9)])
+def test_written_out_attention_is_sdpa_when_nothing_is_dropped(mask, scale):
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 2, 3, 7, 8).unbind(0)
     attn_mask = {"causal": None, "bool": causal_bias(7, 7) == 0, "float": causal_bias(7, 7) - torch.rand(3, 7, 7)}[mask]
     tiny_p = 1e-6  # rounds to a drop threshold of 0: every weight kept, scale 1
-    ours = attention(q, k, v, attn_mask, mask == "causal", tiny_p, fast=True)
-    assert torch.allclose(ours, F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=mask == "causal"),
-                          atol=1e-6)
+    ours = attention(q, k, v, attn_mask, mask == "causal", tiny_p, fast=True, scale=scale)
+    assert torch.allclose(ours, F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=mask == "causal",
+                                                               scale=scale), atol=1e-6)
 
 
 def test_written_out_attention_drops_attention_weights_with_a_fast_mask():

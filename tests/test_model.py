@@ -8,6 +8,7 @@ import torch
 
 import conftest
 from kv_cache import KVCache
+from interpret import attention_weights
 from model import GPTConfig, apply_rope, sincos_tables
 from sampling import sample_next
 
@@ -427,15 +428,55 @@ def test_negative_loss_chunk_is_rejected():
 
 # ------------------------------------------------------------------ speedrun options (off by default)
 
-SPEEDRUN_OPTIONS = [{"attn_float32": True}, {"unet_skips": True, "n_layer": 4}]
+SPEEDRUN_OPTIONS = [{"attn_float32": True}, {"unet_skips": True, "n_layer": 4}, {"attn_scale": 0.9},
+                    {"rope_base": 100.0}]
 
 
 def test_speedrun_options_are_off_by_default_and_add_no_parameters():
     config = GPTConfig()
-    assert (config.attn_float32, config.unet_skips) == (False, False)
+    assert (config.attn_float32, config.unet_skips, config.attn_scale, config.zero_init_head) == (False, False, 0, False)
+    assert config.rope_base == 10000.0
     names = {name for name, _ in tiny_model(n_layer=4).named_parameters()}
-    assert names == {name for name, _ in tiny_model(n_layer=4, attn_float32=True).named_parameters()}
+    untied = {name for name, _ in tiny_model(n_layer=4, tie_weights=False).named_parameters()}
+    for overrides in [{"attn_float32": True}, {"attn_scale": 0.9}, {"rope_base": 100.0}, {"zero_init_head": True}]:
+        assert {name for name, _ in tiny_model(n_layer=4, tie_weights=False, **overrides).named_parameters()} == untied
     assert {name for name, _ in tiny_model(n_layer=4, unet_skips=True).named_parameters()} - names == {"skip_weights"}
+
+
+def test_attn_scale_zero_is_one_over_sqrt_head_dim_and_a_larger_one_sharpens_attention():
+    idx = random_tokens(2, 20)
+    default = scaled_up(tiny_model(pos="rope", qk_norm=True))
+    head_dim = default.config.n_embd // default.config.n_head
+    same = scaled_up(tiny_model(pos="rope", qk_norm=True, attn_scale=head_dim ** -0.5))
+    torch.testing.assert_close(all_logits(same, idx), all_logits(default, idx))
+    sharp = scaled_up(tiny_model(pos="rope", qk_norm=True, attn_scale=4 * head_dim ** -0.5))
+    entropy = [-(w * w.clamp_min(1e-12).log()).sum(-1).mean() for w in (attention_weights(m, idx)[0] for m in (default, sharp))]
+    assert entropy[1] < entropy[0]
+
+
+def test_rope_base_sets_how_fast_the_angles_turn():
+    slow, fast = tiny_model(pos="rope"), tiny_model(pos="rope", rope_base=100.0)
+    assert torch.equal(slow.pos_cos[:, 0], fast.pos_cos[:, 0])  # the first pair turns one radian a position in both
+    assert fast.pos_sin[1, -1] > slow.pos_sin[1, -1] > 0        # the slowest pair turns faster with a smaller base
+    cos, sin = fast.sincos(0, 3 * fast.config.block_size)       # past the table: computed afresh, same base
+    torch.testing.assert_close(cos[:fast.config.block_size], fast.pos_cos)
+
+
+def test_zero_init_head_starts_at_the_uniform_prediction_and_learns():
+    model = tiny_model(pos="rope", tie_weights=False, zero_init_head=True)
+    idx, targets = random_tokens(4, 16), random_tokens(4, 16, seed=3)
+    _, loss = model(idx, targets)
+    assert loss.item() == pytest.approx(math.log(VOCAB))
+    optimizers = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu", muon_lr=0.02)
+    for _ in range(60):
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        _, loss = model(idx, targets)
+    assert loss.item() < 0.5 * math.log(VOCAB)
+    with pytest.raises(ValueError, match="tie_weights=False"):
+        GPTConfig(zero_init_head=True)
 
 
 def test_attn_float32_changes_nothing_in_float32_and_stays_close_under_bf16_autocast():
