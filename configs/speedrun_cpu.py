@@ -1,12 +1,12 @@
 """CPU speedrun: val loss <= 1.88 on shakespeare_char (full val split) in as little wall time as
-possible on a 2-core CPU, against nanoGPT's CPU recipe (~76-117 s here for 1.898 on the full split).
+possible on a 2-core CPU, against nanoGPT's CPU recipe (~68-109 s here for 1.898 on the full split).
 
 Same 4-layer, 128-wide shape and block 64 as that recipe; what changes (each lever's effect is
-measured in docs/results.md): Muon for the matrices inside the blocks, rotary positions, ReLU^2 MLP,
-QK-norm, zero-initialised output projections, U-net skips, an untied head, bf16 autocast with the
-attention in fp32 (the CPU's bf16 attention backward is ~4x slower), a short linear schedule to zero
-with no warmup at a high AdamW lr, batch 16, no evaluation until the one full-split evaluation at
-the end, and no interpreter teardown after it.
+measured in docs/results.md): Muon for the matrices inside the blocks, rotary positions (base 1000),
+ReLU^2 MLP, QK-norm with attention scale 0.25, zero-initialised output projections and head, U-net
+skips, an untied head, bf16 autocast with the attention in fp32 (the CPU's bf16 attention backward
+is ~4x slower), a short linear schedule to zero with no warmup at a high AdamW lr, batch 16, no
+evaluation until the one full-split evaluation at the end, and no interpreter teardown after it.
 
     python train.py configs/speedrun_cpu.py
 """
