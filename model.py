@@ -96,7 +96,8 @@ class CausalSelfAttention(nn.Module):
             qk = F.rms_norm(qk, (self.head_dim,))
         if rope is not None:
             cos, sin = (t[-T:, None, None] for t in rope)  # (T, 1, 1, head_dim / 2): over both, every head
-            qk = apply_rope(qk, cos, sin) if rotate_keys else torch.cat((apply_rope(qk[:, :, :1], cos, sin), qk[:, :, 1:]), 2)
+            qk = apply_rope(qk, cos, sin) if rotate_keys else \
+                torch.cat((apply_rope(qk[:, :, :1], cos, sin), qk[:, :, 1:]), 2)  # a sink cache: keys rotate later
         q, k = qk.unbind(2)
         return q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
 
@@ -170,8 +171,8 @@ class GPT(nn.Module):
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         elif config.pos in ("sinusoidal", "rope"):  # fixed tables: buffers, rebuilt from the config, not saved
             dim = config.n_embd if config.pos == "sinusoidal" else config.n_embd // config.n_head
-            base = config.rope_base if config.pos == "rope" else 10000.0
-            for name, table in zip(("pos_cos", "pos_sin"), sincos_tables(dim, config.block_size, base=base)):
+            self.table_base = config.rope_base if config.pos == "rope" else 10000.0
+            for name, table in zip(("pos_cos", "pos_sin"), sincos_tables(dim, config.block_size, base=self.table_base)):
                 self.register_buffer(name, table, persistent=False)
         self.drop = Dropout(config.dropout, config.fast_dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
@@ -200,8 +201,7 @@ class GPT(nn.Module):
             return self.pos_cos[start], self.pos_sin[start]
         if end <= len(self.pos_cos):
             return self.pos_cos[start:end], self.pos_sin[start:end]
-        base = self.config.rope_base if self.config.pos == "rope" else 10000.0
-        return tuple(t[start:] for t in sincos_tables(2 * self.pos_cos.size(1), end, self.pos_cos.device, base))
+        return tuple(t[start:] for t in sincos_tables(2 * self.pos_cos.size(1), end, self.pos_cos.device, self.table_base))
 
     def embed(self, idx, start=0):
         """Embeddings of idx at positions start.. (+ learned/sinusoidal ones), and RoPE's (cos, sin) rows or None:

@@ -3,8 +3,9 @@
 Muon orthogonalizes each matrix's update with five Newton-Schulz steps, three matmuls each, on
 matrices as small as 128 x 128 here. A CPU runs sixteen such products ~4x faster per FLOP as one
 batched product than one at a time, so the blocks' matrices, grouped by shape, go through the
-iterations as one stack (the speedrun's Muon step: ~11 -> ~6 ms). The arithmetic per matrix is
-torch's, and so is the state (a momentum buffer per matrix): checkpoints load in either."""
+iterations as one stack (the speedrun's 16 matrices: 14.1 -> 9.7 ms, interleaved runs). The
+arithmetic per matrix is torch's, and so is the state (a momentum buffer per matrix): checkpoints
+load in either."""
 import math
 
 import torch
