@@ -52,9 +52,10 @@ class GPTConfig:
             raise ValueError(f"mlp={self.mlp!r}: use 'gelu', 'gelu_tanh' or 'relu2'")
         if self.loss_chunk < 0:
             raise ValueError(f"loss_chunk={self.loss_chunk} must be 0 (off) or a number of rows")
-        if self.attn_scale < 0 or self.rope_base <= 1:
-            raise ValueError(f"attn_scale={self.attn_scale} must be >= 0 (0: 1/sqrt(head_dim)) and rope_base="
-                             f"{self.rope_base} > 1")
+        if self.attn_scale < 0:
+            raise ValueError(f"attn_scale={self.attn_scale} must be >= 0 (0 means 1/sqrt(head_dim))")
+        if self.rope_base <= 1:
+            raise ValueError(f"rope_base={self.rope_base} must be > 1")
         if self.zero_init_head and self.tie_weights:
             raise ValueError("zero_init_head=True would zero the token embeddings too: set tie_weights=False")
 
@@ -96,8 +97,7 @@ class CausalSelfAttention(nn.Module):
             qk = F.rms_norm(qk, (self.head_dim,))
         if rope is not None:
             cos, sin = (t[-T:, None, None] for t in rope)  # (T, 1, 1, head_dim / 2): over both, every head
-            qk = apply_rope(qk, cos, sin) if rotate_keys else \
-                torch.cat((apply_rope(qk[:, :, :1], cos, sin), qk[:, :, 1:]), 2)  # a sink cache: keys rotate later
+            qk = apply_rope(qk, cos, sin) if rotate_keys else torch.cat((apply_rope(qk[:, :, :1], cos, sin), qk[:, :, 1:]), 2)
         q, k = qk.unbind(2)
         return q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
 

@@ -426,6 +426,13 @@ def test_negative_loss_chunk_is_rejected():
         GPTConfig(loss_chunk=-1)
 
 
+@pytest.mark.parametrize("overrides, message", [({"attn_scale": -0.1}, "attn_scale=-0.1 must be >= 0"),
+                                                ({"rope_base": 1.0}, "rope_base=1.0 must be > 1")])
+def test_a_negative_attention_scale_or_a_rope_base_of_one_is_rejected_by_name(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**overrides)
+
+
 # ------------------------------------------------------------------ speedrun options (off by default)
 
 SPEEDRUN_OPTIONS = [{"attn_float32": True}, {"unet_skips": True, "n_layer": 4}, {"attn_scale": 0.9},
