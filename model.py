@@ -1,6 +1,5 @@
-"""The whole GPT in one file, top to bottom: GPTConfig -> sin/cos helpers -> CausalSelfAttention -> MLP -> Block
--> GPT. Token ids only; text lives at the edges (prepare.py, sample.py); the cache and the token choice that
-generation uses are kv_cache.py and sampling.py."""
+"""The whole GPT in one file, top to bottom: GPTConfig, the KV cache, token sampling, CausalSelfAttention, MLP,
+Block, GPT. Token ids in, logits out: text lives at the edges (prepare.py, sample.py)."""
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -9,55 +8,110 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chunked_loss import chunked_cross_entropy
-from dropout import Dropout, attention
-from kv_cache import KVCache
-from sampling import sample_next
-
+POSITIONS = ("learned", "sinusoidal", "rope", "alibi")
 SINK_POSITIONS = ("rope", "alibi")  # attention sinks move cached keys to other slots: only these positions follow
 
 
 @dataclass
 class GPTConfig:
+    # nanoGPT's fields
     block_size: int = 256       # longest context the model sees
     vocab_size: int = 65
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
-    fast_dropout: bool = False  # masks cut from random 64-bit words (p to 1/65536): CPU steps ~2x faster (dropout.py)
     bias: bool = False          # biases in Linear and LayerNorm layers (GPT-2 had them)
-    pos: str = "learned"        # "learned" (GPT-2), "sinusoidal" (fixed sin/cos), "rope" (rotary) or "alibi" (distance bias)
+    # architecture choices
+    pos: str = "learned"        # 'learned' (GPT-2), 'sinusoidal' (fixed sin/cos), 'rope' (rotary) or 'alibi' (distance bias)
+    mlp: str = "gelu"           # 'gelu', 'gelu_tanh' (GPT-2's tanh approximation) or 'relu2' (ReLU squared)
     tie_weights: bool = True    # LM head shares the token embedding matrix
     attention: bool = True      # False is an ablation: every token attends only to itself
-    mlp: str = "gelu"           # "gelu", "gelu_tanh" (GPT-2's tanh approximation) or "relu2" (ReLU squared)
+    # speedrun levers (configs/speedrun_cpu.py; docs/results.md measures each)
     qk_norm: bool = False       # RMS-normalise queries and keys before attention
     zero_init_proj: bool = False  # residual output projections start at zero
-    loss_chunk: int = 0         # > 0: loss over this many rows at a time, no full logits (chunked_loss.py)
-    attn_float32: bool = False  # attention in fp32 under autocast: CPU's bf16 flash backward is ~4x slower
     unet_skips: bool = False    # the first half's block outputs feed their mirror blocks in the second half
-    attn_scale: float = 0.0     # scale of q.k; 0: 1/sqrt(head_dim). With qk_norm |q.k| <= head_dim, so it caps sharpness
+    attn_scale: float = 0.0     # scale of q.k; 0 = 1/sqrt(head_dim). With qk_norm |q.k| <= head_dim, so it sets the sharpness
     rope_base: float = 10000.0  # RoPE's angles: position x base^(-2i/head_dim); a smaller base turns faster
     zero_init_head: bool = False  # an untied LM head starts at zero: the first prediction is uniform
+    attn_float32: bool = False  # attention in fp32 under autocast: a CPU's bf16 attention backward is slow
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.pos not in ("learned", "sinusoidal", "rope", "alibi"):
+        if self.pos not in POSITIONS:
             raise ValueError(f"pos={self.pos!r}: use 'learned', 'sinusoidal', 'rope' or 'alibi'")
-        size = {"sinusoidal": self.n_embd, "rope": self.n_embd // self.n_head}.get(self.pos, 0)
-        if size % 2:  # sin and cos come in pairs of dimensions
-            raise ValueError(f"pos={self.pos!r} needs an even {'n_embd' if self.pos == 'sinusoidal' else 'head size'}, got {size}")
+        if (self.pos == "sinusoidal" and self.n_embd % 2) or (self.pos == "rope" and self.n_embd // self.n_head % 2):
+            raise ValueError(f"pos={self.pos!r} needs an even n_embd and head size: sin and cos come in pairs")
         if self.mlp not in ("gelu", "gelu_tanh", "relu2"):
             raise ValueError(f"mlp={self.mlp!r}: use 'gelu', 'gelu_tanh' or 'relu2'")
-        if self.loss_chunk < 0:
-            raise ValueError(f"loss_chunk={self.loss_chunk} must be 0 (off) or a number of rows")
         if self.attn_scale < 0:
             raise ValueError(f"attn_scale={self.attn_scale} must be >= 0 (0 means 1/sqrt(head_dim))")
         if self.rope_base <= 1:
             raise ValueError(f"rope_base={self.rope_base} must be > 1")
         if self.zero_init_head and self.tie_weights:
             raise ValueError("zero_init_head=True would zero the token embeddings too: set tie_weights=False")
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far: per layer k and v (B, n_head, max_len, head_dim), preallocated
+    at the first write (a compiled step updates them in place), filled up to `pos` (GPT.forward advances it).
+    sinks > 0: make_room keeps the first `sinks` entries and shifts the rest left. `slot`, a (1,) tensor on the
+    device, is where decode_step writes its token."""
+
+    def __init__(self, n_layer, max_len, sinks=0):
+        self.n_layer, self.max_len, self.sinks = n_layer, max_len, sinks
+        self.pos, self.slot = 0, None
+        self.k = self.v = None  # lists of n_layer tensors
+
+    def make_room(self, n):
+        """Drop the oldest entries after the sinks so that n more tokens fit."""
+        drop = self.pos + n - self.max_len
+        if self.k is None or drop <= 0 or drop > self.pos - self.sinks:
+            return
+        for t in self.k + self.v:
+            t[:, :, self.sinks:self.pos - drop] = t[:, :, self.sinks + drop:self.pos].clone()
+        self.pos -= drop
+
+    def update(self, layer, k, v):
+        """Store k, v (B, n_head, T, head_dim) at `pos`, return those so far; with a slot, every slot."""
+        if self.k is None:
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.k = [k.new_zeros(shape) for _ in range(self.n_layer)]
+            self.v = [k.new_zeros(shape) for _ in range(self.n_layer)]
+        if self.slot is not None:
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row of logits (B, V): temperature 0 is greedy; top_k keeps the k best; top_p the fewest best
+    tokens whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        best = torch.topk(logits, top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, best.indices, best.values)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def window(idx, keep, sinks):
+    """The last `keep` tokens of idx (B, T), its first `sinks` tokens among them."""
+    if idx.size(1) <= keep:
+        return idx
+    return torch.cat((idx[:, :sinks], idx[:, sinks - keep:]), dim=1)
 
 
 def sincos_tables(dim, length, device=None, base=10000.0):
@@ -68,7 +122,7 @@ def sincos_tables(dim, length, device=None, base=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x[i], x[i + d/2]) of x (B, n_head, T, head_dim) by the angles of its positions."""
+    """Rotate the pairs (x[i], x[i + d/2]) of x (..., head_dim) by the angles of their positions."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
@@ -76,60 +130,95 @@ def apply_rope(x, cos, sin):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        self.layer, self.n_head, self.head_dim = layer, config.n_head, config.n_embd // config.n_head
+        self.layer = layer  # which of the cache's layers is this one's
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = Dropout(config.dropout, config.fast_dropout)
-        self.dropout, self.attention, self.qk_norm = config.dropout, config.attention, config.qk_norm
-        self.attn_float32, self.scale = config.attn_float32, config.attn_scale or 1 / math.sqrt(self.head_dim)
-        slopes = 2.0 ** (-8.0 * torch.arange(1, config.n_head + 1) / config.n_head)  # ALiBi: 2^(-8/n) .. 2^-8
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+        self.attention = config.attention
+        self.qk_norm = config.qk_norm
+        self.attn_float32 = config.attn_float32
+        self.scale = config.attn_scale or 1 / math.sqrt(self.head_dim)
+        slopes = 2.0 ** (-8.0 * torch.arange(1, config.n_head + 1) / config.n_head)  # ALiBi: 2^(-8/n) .. 2^-8, one a head
         self.register_buffer("alibi_slopes", slopes if config.pos == "alibi" else None, persistent=False)
 
     def queries_keys_values(self, x, rope=None, rotate_keys=True):
-        """q, k, v (B, n_head, T, head_dim) as attention sees them (fp32 with attn_float32); x's T tokens take rope's
-        last T rows. q and k are normed and rotated together, in the (B, T, 3, n_head, head_dim) layout c_attn
-        writes: on a CPU a small op costs more in overhead than in arithmetic, so one op for both halves the cost."""
-        B, T, C = x.shape
+        """q, k, v (B, n_head, T, head_dim) as attention reads them (fp32 with attn_float32); x's T tokens take rope's
+        last T rows. q and k are normed and rotated as one tensor: one small op instead of two halves its overhead."""
+        B, T, C = x.size()  # batch size, sequence length, n_embd
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
-        qkv = qkv.float() if self.attn_float32 else qkv  # one cast; norm and rotation then run in fp32 too
-        qk, v = qkv.split((2, 1), dim=2)
+        if self.attn_float32:
+            qkv = qkv.float()  # one cast: the norm and the rotation run in fp32 too
+        qk, v = qkv.split((2, 1), dim=2)  # (B, T, 2, nh, hs), (B, T, 1, nh, hs)
         if self.qk_norm:
             qk = F.rms_norm(qk, (self.head_dim,))
         if rope is not None:
-            cos, sin = (t[-T:, None, None] for t in rope)  # (T, 1, 1, head_dim / 2): over both, every head
-            qk = apply_rope(qk, cos, sin) if rotate_keys else torch.cat((apply_rope(qk[:, :, :1], cos, sin), qk[:, :, 1:]), 2)
-        q, k = qk.unbind(2)
-        return q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
+            cos = rope[0][-T:, None, None]  # (T, 1, 1, hs / 2): the same angles for q and k, every head
+            sin = rope[1][-T:, None, None]
+            if rotate_keys:
+                qk = apply_rope(qk, cos, sin)
+            else:  # only q: a sink cache rotates its keys when it reads them
+                q = apply_rope(qk[:, :, :1], cos, sin)
+                qk = torch.cat((q, qk[:, :, 1:]), dim=2)
+        q, k = qk.unbind(2)  # (B, T, nh, hs) each
+        v = v.squeeze(2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, rope=None, cache=None):
-        B, T, C = x.shape
-        start = 0 if cache is None else cache.pos if cache.slot is None else cache.slot
-        slot_keys = rope is not None and cache is not None and cache.sinks > 0
-        q, k, v = self.queries_keys_values(x, rope, rotate_keys=not slot_keys)
-        if cache is not None and self.attention:
-            k, v = cache.update(self.layer, k, v)
-        if slot_keys:  # a sink cache moves keys to other slots, so it holds them unrotated: rotate by slot here
-            k = apply_rope(k, *rope)
+        B, T, C = x.size()
+        keys_by_slot = rope is not None and cache is not None and cache.sinks > 0
+        q, k, v = self.queries_keys_values(x, rope, rotate_keys=not keys_by_slot)  # (B, nh, T, hs)
         if not self.attention:
-            y = v  # ablation: each token sees only its own value
+            y = v  # the ablation: each token sees only its own value
         else:
+            start = 0  # the position of the first query among the keys
+            if cache is not None:
+                start = cache.pos if cache.slot is None else cache.slot
+                k, v = cache.update(self.layer, k, v)  # (B, nh, keys, hs): the cached ones, then these
+            if keys_by_slot:  # a sink cache moves keys between slots, so it holds them unrotated: rotate by slot now
+                k = apply_rope(k, *rope)
             mask = self.attention_mask(T, start, k.size(2), x.device)
-            with torch.autocast(x.device.type, enabled=False) if self.attn_float32 else nullcontext():
-                y = attention(q, k, v, mask, mask is None and T > 1, self.dropout if self.training else 0.0,
-                              fast=self.resid_dropout.fast, scale=self.scale)  # fast dropout masks the weights too
-        y = y.to(self.c_proj.weight.dtype) if self.attn_float32 else y  # bf16 weights need it; autocast casts anyway
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+            y = self.attend(q, k, v, mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # the heads side by side again
+        if self.attn_float32:
+            y = y.to(self.c_proj.weight.dtype)  # bf16 weights (sample.py casts them) need it; autocast casts anyway
+        return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, q, k, v, mask):
+        precision = torch.autocast(q.device.type, enabled=False) if self.attn_float32 else nullcontext()
+        with precision:
+            if q.size(2) == 1 and torch.compiler.is_compiling():
+                return self.one_query_attention(q, k, v, mask)
+            dropout_p = self.dropout if self.training else 0.0
+            is_causal = mask is None and q.size(2) > 1
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                                  scale=self.scale)
+
+    def one_query_attention(self, q, k, v, mask):
+        """Written out for the compiled decode step: inductor fuses it, where sdpa's CPU kernel costs more in fixed
+        overhead than in work for one query. Softmax in fp32, as sdpa's."""
+        scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, 1, keys)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+        weights = scores.softmax(dim=-1, dtype=torch.float32)
+        return weights.to(v.dtype) @ v
 
     def attention_mask(self, T, start, n_keys, device):
-        """attn_mask for T queries at positions start.. over n_keys keys: None if is_causal or one token does, else
-        the causal diagonal shifted by `start` (an int, or decode_step's slot tensor, whose later slots are empty);
-        ALiBi's -slope x distance in a float mask (no flash kernel on GPU, so only ALiBi)."""
+        """attn_mask of T queries at positions start.. over n_keys keys: None where is_causal (or a lone query) does
+        it; else True where a query may read a key (the causal diagonal shifted by `start`: an int, or decode_step's
+        slot tensor, whose later slots are empty); for ALiBi the -slope x distance bias, -inf ahead."""
         if self.alibi_slopes is None and not torch.is_tensor(start) and (start == 0 or T == 1):
             return None
-        distance = (start + torch.arange(T, device=device))[:, None] - torch.arange(n_keys, device=device)
+        query_positions = start + torch.arange(T, device=device)
+        distance = query_positions[:, None] - torch.arange(n_keys, device=device)  # (T, keys): how far back a key is
         if self.alibi_slopes is None:
             return distance >= 0
-        return (-self.alibi_slopes[:, None, None] * distance).masked_fill(distance < 0, float("-inf"))
+        bias = -self.alibi_slopes[:, None, None] * distance  # (nh, T, keys): a farther key counts less
+        return bias.masked_fill(distance < 0, float("-inf"))
 
 
 class MLP(nn.Module):
@@ -137,14 +226,15 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = Dropout(config.dropout, config.fast_dropout)
+        self.dropout = nn.Dropout(config.dropout)
         self.relu2 = config.mlp == "relu2"
         self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"  # GPT-2's GELU is the tanh one
 
     def forward(self, x):
         x = self.c_fc(x)
         x = F.relu(x).square() if self.relu2 else F.gelu(x, approximate=self.approximate)
-        return self.dropout(self.c_proj(x))
+        x = self.c_proj(x)
+        return self.dropout(x)
 
 
 class Block(nn.Module):
@@ -159,7 +249,8 @@ class Block(nn.Module):
 
     def forward(self, x, rope=None, cache=None):
         x = x + self.attn(self.ln_1(x), rope, cache)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
 
 
 class GPT(nn.Module):
@@ -169,12 +260,13 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         if config.pos == "learned":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        elif config.pos in ("sinusoidal", "rope"):  # fixed tables: buffers, rebuilt from the config, not saved
+        if config.pos in ("sinusoidal", "rope"):  # fixed tables: buffers rebuilt from the config, not saved
             dim = config.n_embd if config.pos == "sinusoidal" else config.n_embd // config.n_head
             self.table_base = config.rope_base if config.pos == "rope" else 10000.0
-            for name, table in zip(("pos_cos", "pos_sin"), sincos_tables(dim, config.block_size, base=self.table_base)):
-                self.register_buffer(name, table, persistent=False)
-        self.drop = Dropout(config.dropout, config.fast_dropout)
+            cos, sin = sincos_tables(dim, config.block_size, base=self.table_base)
+            self.register_buffer("pos_cos", cos, persistent=False)
+            self.register_buffer("pos_sin", sin, persistent=False)
+        self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         if config.unet_skips and config.n_layer > 1:  # one block has no mirror: nothing to learn
@@ -187,99 +279,113 @@ class GPT(nn.Module):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
-        # GPT-2: each residual branch adds to the stream, so scale its output projection by
-        # 1/sqrt(2 * n_layer) to keep the stream's variance flat with depth (or start it at zero).
-        std = 0.02 / math.sqrt(2 * config.n_layer)
-        for p in (p for name, p in self.named_parameters() if name.endswith("c_proj.weight")):
-            nn.init.zeros_(p) if config.zero_init_proj else nn.init.normal_(p, mean=0.0, std=std)
+        # GPT-2: each residual branch adds to the stream, so its output projection is scaled by
+        # 1/sqrt(2 * n_layer) to keep the stream's variance flat with depth (or starts at zero).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            if name.endswith("c_proj.weight") and config.zero_init_proj:
+                nn.init.zeros_(p)
         if config.zero_init_head:
             nn.init.zeros_(self.lm_head.weight)
 
     def sincos(self, start, end):
-        """Rows start .. end - 1 of the cos and sin tables (past block_size computed afresh), or row `start` of a tensor."""
+        """Rows start..end-1 of the cos and sin tables (computed afresh past block_size), or row `start` of a tensor."""
         if torch.is_tensor(start):
             return self.pos_cos[start], self.pos_sin[start]
         if end <= len(self.pos_cos):
             return self.pos_cos[start:end], self.pos_sin[start:end]
-        return tuple(t[start:] for t in sincos_tables(2 * self.pos_cos.size(1), end, self.pos_cos.device, self.table_base))
+        cos, sin = sincos_tables(2 * self.pos_cos.size(1), end, self.pos_cos.device, self.table_base)
+        return cos[start:], sin[start:]
 
     def embed(self, idx, start=0):
-        """Embeddings of idx at positions start.. (+ learned/sinusoidal ones), and RoPE's (cos, sin) rows or None:
-        rows from 0 (a sink cache rotates every key by its slot), or decode_step's one row at a slot tensor."""
-        T, pos = idx.size(1), self.config.pos
-        x = self.wte(idx)
-        if pos == "learned":
+        """(embeddings of idx (B, T) at positions start.., RoPE's (cos, sin) rows or None). RoPE's rows run from 0
+        (attention takes the last T; a sink cache rotates every key by slot), or are decode_step's slot row."""
+        T = idx.size(1)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos == "learned":
             x = x + self.wpe(start + torch.arange(T, device=idx.device))
-        elif pos == "sinusoidal":
-            # scaled to the embeddings' init (std 0.02): at RMS 0.71 the table drowned the tokens (val 2.19 vs 1.88)
-            x = x + 0.02 * math.sqrt(2) * torch.cat(self.sincos(start, start + T), dim=-1)
-        return self.drop(x), self.sincos(start if torch.is_tensor(start) else 0, start + T) if pos == "rope" else None
+        elif self.config.pos == "sinusoidal":
+            table = torch.cat(self.sincos(start, start + T), dim=-1)  # (T, C)
+            x = x + 0.02 * math.sqrt(2) * table  # scaled to the embeddings' init (std 0.02): unscaled it drowns them
+        elif self.config.pos == "rope":
+            first = start if torch.is_tensor(start) else 0
+            rope = self.sincos(first, start + T)
+        return self.drop(x), rope
 
     def forward(self, idx, targets=None, cache=None):
-        """Logits (B, T, V) and mean cross-entropy when targets are given (target -1 is ignored; with
-        loss_chunk, logits None); else the last position's logits (B, 1, V), all generation needs.
-        Without a cache, only learned positions stop at block_size; the others extrapolate."""
-        B, T = idx.shape
+        """Logits (B, T, V) and the mean cross-entropy when targets are given (target -1 is ignored); else the last
+        position's logits (B, 1, V). Without a cache only learned positions stop at block_size; the others extrapolate."""
+        B, T = idx.size()
         if cache is not None and cache.sinks:
             cache.make_room(T)
-        start = cache.pos if cache is not None else 0
-        limit = cache.max_len if cache is not None else self.config.block_size if self.config.pos == "learned" else math.inf
+        start = 0
+        limit = math.inf
+        if cache is not None:
+            start = cache.pos
+            limit = cache.max_len
+        elif self.config.pos == "learned":
+            limit = self.config.block_size
         if start + T > limit:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's {limit}")
-        x = self.trunk(*self.embed(idx, start), cache)
+        x, rope = self.embed(idx, start)
+        x = self.trunk(x, rope, cache)
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
-        if self.config.loss_chunk:  # no logits come back: they never exist whole
-            x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.loss_chunk)
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def trunk(self, x, rope, cache):
-        """The blocks in turn; with unet_skips block i also gets the output of block n_layer - 1 - i."""
-        n, half, skips = self.config.n_layer, self.config.n_layer // 2 if self.config.unet_skips else 0, []
+        """The blocks in turn; with unet_skips block i of the second half also gets block n_layer - 1 - i's output."""
+        n_layer = self.config.n_layer
+        half = n_layer // 2 if self.config.unet_skips else 0
+        skips = []
         for i, block in enumerate(self.blocks):
-            if i >= n - half:
-                x = x + self.skip_weights[n - 1 - i] * skips.pop()
+            if i >= n_layer - half:
+                x = x + self.skip_weights[n_layer - 1 - i] * skips.pop()
             x = block(x, rope, cache)
-            skips += [x] if i < half else []
+            if i < half:
+                skips.append(x)
         return x
 
     @torch.no_grad()
     def next_logits(self, idx, cache=None, use_cache=True, sink_tokens=0, step=None):
-        """(logits (B, 1, V) of the next token, the cache): a prefill, then one token per step, run by `step` when
-        given (decode_step, maybe compiled); a full window restarts from its last half, or with sink_tokens=N keeps
-        the first N and drops the oldest others (slots act as positions: RoPE and ALiBi only). Without the cache
-        each step recomputes the same window."""
+        """(logits (B, 1, V) of the token after idx (B, T), the cache to pass back). The first call prefills a cache
+        with idx's last block_size tokens, later ones feed its last token, through `step` (decode_step) if given.
+        A full cache restarts from the last half window (the sliding window), or with sink_tokens=N keeps the first
+        N tokens and drops the oldest others (RoPE and ALiBi only). use_cache=False recomputes the window."""
         block = self.config.block_size
         if sink_tokens and (self.config.pos not in SINK_POSITIONS or not 0 < sink_tokens < block or step):
             raise ValueError(f"sink_tokens={sink_tokens} needs pos='rope' or 'alibi', fewer than {block} sinks "
                              "and no fixed-shape step")
-
-        def last(keep):  # the sinks, then the last keep - sink_tokens tokens
-            return idx if idx.size(1) <= keep else torch.cat((idx[:, :sink_tokens], idx[:, sink_tokens - keep:]), 1)
         if not use_cache:
-            return self(last(block))[0], None
+            return self(window(idx, block, sink_tokens))[0], None
         if cache is None or (cache.pos == block and not sink_tokens):
-            window = last(block if cache is None else block // 2)
+            keep = block if cache is None else block // 2
             cache = KVCache(self.config.n_layer, block, sink_tokens)
-            logits = self(window, cache=cache)[0]
-            cache.slot = torch.tensor([cache.pos], device=idx.device) if step else None
+            logits, _ = self(window(idx, keep, sink_tokens), cache=cache)
+            if step is not None:
+                cache.slot = torch.tensor([cache.pos], device=idx.device)  # where the step writes, on the device
             return logits, cache
-        if not step:
-            return self(idx[:, -1:], cache=cache)[0], cache
-        logits = step(idx[:, -1:].clone(memory_format=torch.contiguous_format), cache)  # strides fixed too
-        cache.pos, cache.slot = cache.pos + 1, cache.slot.add_(1)  # the slot moves on the device: no host sync
+        last = idx[:, -1:]
+        if step is None:
+            return self(last, cache=cache)[0], cache
+        logits = step(last.clone(memory_format=torch.contiguous_format), cache)  # fixed strides too: no recompile
+        cache.pos += 1
+        cache.slot.add_(1)  # moved on the device: no host sync
         return logits, cache
 
     def decode_step(self, token, cache):
         """Logits (B, 1, V) of token (B, 1) written at cache.slot, attending over every slot (the later ones
         masked): all shapes fixed, so torch.compile takes the whole step (sample.py --compile)."""
-        return self.lm_head(self.ln_f(self.trunk(*self.embed(token, cache.slot), cache)))
+        x, rope = self.embed(token, cache.slot)
+        x = self.trunk(x, rope, cache)
+        return self.lm_head(self.ln_f(x))
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -295,25 +401,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **options):
         """idx (B, T) with max_new_tokens tokens appended, sampled as generate_stream's options say."""
-        return torch.cat([idx, *(token[:, None] for token in self.generate_stream(idx, max_new_tokens, **options))], 1)
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None,
-                             muon_lr=0.0, muon_momentum=0.95):
-        """[AdamW] with weight decay on matrices only (fused on CUDA by default); with muon_lr > 0 [AdamW, Muon]:
-        Muon (torch >= 2.9's, batched by shape: muon.py) takes the blocks' 2-D weights; AdamW the embeddings, the
-        head and the gains."""
-        named = dict(self.named_parameters())  # tied weights appear once
-        hidden = [p for n, p in named.items() if muon_lr and n.startswith("blocks.") and p.dim() == 2]
-        rest = [p for p in named.values() if all(p is not h for h in hidden)]
-        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-        fused = device_type == "cuda" if fused is None else fused
-        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
-        if hidden:  # imported here: torch.optim.Muon, its base, is torch >= 2.9
-            from muon import BatchedMuon
-            optimizers.append(BatchedMuon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=0.0,
-                                          adjust_lr_fn="original"))
-        return optimizers
+        for next_token in self.generate_stream(idx, max_new_tokens, **options):
+            idx = torch.cat((idx, next_token[:, None]), dim=1)
+        return idx
 
     def num_params(self, non_embedding=True):
         """Parameter count; non_embedding leaves out tables that do no matmul work per token."""

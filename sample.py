@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, load_for_inference, ready_for_inference
-from device import compiled_decode_step
-from dataset import DataError
-from gpt2 import load_weights
 from model import SINK_POSITIONS
-from options import must, run_cli
-from tokenizer import qa_prompt
+from tinygpt.checkpoint import load_for_inference, ready_for_inference
+from tinygpt.common import CheckpointError, DataError
+from tinygpt.device import DTYPES, compiled_decode_step
+from tinygpt.gpt2 import load_weights
+from tinygpt.options import must, run_cli
+from tinygpt.tokenizer import qa_prompt
 
 
 @dataclass
@@ -38,7 +38,7 @@ class SampleConfig:
     chat: bool = False           # read questions from stdin, answer each as "Q: ...\nA:" prompts
     history: bool = True         # in --chat, earlier turns stay in the context (whole turns, oldest dropped first)
     sink_tokens: int = 0         # past the window keep the first N tokens + the latest (attention sinks; rope/alibi); 0 = slide
-    compile: bool = False        # compile a fixed-shape decode step: ~30 s once (~10 s cached), then ~3x tokens/s; no sinks
+    compile: bool = False        # compile a fixed-shape decode step: slow to start, then ~3x tokens/s; no sinks
 
     def __post_init__(self):
         must(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 is greedy)")
@@ -48,8 +48,7 @@ class SampleConfig:
         must(self.num_samples >= 1, f"num_samples={self.num_samples} must be at least 1")
         must(self.sink_tokens >= 0, f"sink_tokens={self.sink_tokens} must be >= 0 (0 = the sliding window)")
         must(not (self.compile and self.sink_tokens), "compile=True needs a fixed-shape cache: drop --sink_tokens")
-        must(self.dtype in ("auto", "float32", "bfloat16", "float16"),
-             f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
+        must(self.dtype in DTYPES, f"dtype={self.dtype!r}: use one of {', '.join(DTYPES)}")
 
 
 class SampleError(Exception):

@@ -1,13 +1,14 @@
 """Train a GPT from a config file, on one device or many.
 
-    python train.py configs/speedrun_cpu.py                          # ~25 s on a laptop CPU
+    python train.py configs/speedrun_cpu.py                          # a CPU run that beats nanoGPT's
     python train.py configs/shakespeare_char.py --max_iters=2000     # a config file, then overrides
     torchrun --standalone --nproc_per_node=8 train.py configs/shakespeare_char.py
     python train.py configs/finetune_shakespeare.py                  # fine-tune GPT-2 (--init_from=gpt2-xl)
 
 A run resumes out_dir/ckpt.pt when there is one (a rerun or a torchrun restart continues, it never
 starts over on top of a trained model). Reads top to bottom: the options, the learning-rate
-schedule, the log and the stop signal, then train(): set-up, the loop, the final evaluation.
+schedule, the log and the stop signal, the model's set-up, then train(): set-up, the loop, the
+final evaluation.
 """
 import json
 import math
@@ -16,25 +17,25 @@ import shlex
 import signal
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from checkpoint import (CheckpointError, check_resumable, load_checkpoint, restore_rng_states, rng_states,
-                        save_checkpoint)
-from dataset import TRAIN_STREAM, Batches, DataError, batch_rng, load_meta, picks_of_rank, prepare_if_missing
-from dataset import split_global_batch
-from device import (any_rank, autocast_context, broadcast_from_master, collectively, compile_by_default,
-                    data_parallel, exit_now, grad_scaler, in_torchrun, peak_flops, resolve_dtype, restart_count,
-                    set_up_device, start_distributed, stop_distributed, sum_over_ranks, torchrun_rank)
-from evaluate import estimate_loss, final_report
-from files import keep_as
-from gpt2 import GPT2_NAMES, weights_to_fine_tune
 from model import GPT, GPTConfig
-from options import ConfigError, as_config_file, help_text, must, parse_options, wants_help
+from tinygpt.checkpoint import (check_resumable, checkpoint_to_resume, kept_message, load_checkpoint,
+                                restore_rng_states, save_training_state, training_state)
+from tinygpt.common import CheckpointError, ConfigError, DataError
+from tinygpt.data import TRAIN_STREAM, Batches, batch_rng, load_meta, picks_of_rank, prepare_if_missing
+from tinygpt.data import split_global_batch
+from tinygpt.device import (DTYPES, any_rank, autocast_context, broadcast_from_master, collectively,
+                            compile_by_default, data_parallel, device_type, exit_process, grad_scaler, peak_flops,
+                            resolve_dtype, set_up_device, sum_over_ranks, torchrun_group, torchrun_rank)
+from tinygpt.evaluation import estimate_loss, final_report
+from tinygpt.gpt2 import GPT2_NAMES, weights_to_fine_tune
+from tinygpt.optim import make_optimizers
+from tinygpt.options import as_config_file, help_text, must, parse_options, wants_help
 
 
 class NonFiniteLossError(Exception):
@@ -50,7 +51,6 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
     eval_interval: int = 250            # steps between evaluations; each one saves ckpt.pt (and best.pt if val improved)
     eval_iters: int = 200               # batches per split in each evaluation
     log_interval: int = 10              # steps between log lines (the only host syncs of the loop)
-    final_eval_full: bool = True        # at the end, the loss over the whole val split and the task scores
     # logging
     wandb_log: bool = False             # log to wandb too (WANDB_MODE=offline works without a network)
     wandb_project: str = "gpt"
@@ -80,19 +80,16 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
     device: str = "auto"                # 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'
     dtype: str = "auto"                 # 'auto' (bf16 where fast, else fp16 on CUDA, else fp32), 'float32', 'bfloat16', 'float16'
     compile: bool | None = None         # torch.compile the model; None = on for CUDA only
-    threads: int = 0                    # CPU threads for torch; 0 = torch's default (one per core)
     keep_freed_memory: bool = False     # glibc: reuse freed memory, no fresh pages per step (device.py)
-    fast_exit: bool = False             # end the process at once when done: no teardown of torch's modules (~0.5 s)
+    fast_exit: bool = False             # end the process at once when done: no teardown of torch's modules
     seed: int = 1337
     val_loss_bar: float = 0.0           # a published result: the final full-split val loss is judged PASS/FAIL against it
     exact_match_bar: float = 0.0        # for the attention tasks: the test exact-match share to reach
-    peak_flops: float = 0.0             # FLOP/s that MFU is measured against; 0 = measured (CPU) or known (GPU)
 
     def __post_init__(self):
         super().__post_init__()
         must(self.vocab_size == 0, f"vocab_size={self.vocab_size}: it comes from the data set's meta.json; leave it out")
-        for name, allowed in {"lr_schedule": ("cosine", "linear"),
-                              "dtype": ("auto", "float32", "bfloat16", "float16")}.items():
+        for name, allowed in {"lr_schedule": ("cosine", "linear"), "dtype": DTYPES}.items():
             must(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
         must(self.init_from in ("auto", "resume", "scratch", *GPT2_NAMES) or Path(self.init_from).exists(),
              f"init_from={self.init_from!r}: no such file or folder (train that run first?); use auto, resume, "
@@ -100,7 +97,7 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
         for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
                      "block_size", "n_layer", "n_head", "n_embd"):
             must(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("max_iters", "warmup_iters", "seed", "grad_clip", "peak_flops", "muon_lr", "threads", "min_lr"):
+        for name in ("max_iters", "warmup_iters", "seed", "grad_clip", "muon_lr", "min_lr"):
             must(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must not be negative")
         must(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be positive (the schedule scales from it)")
         must(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
@@ -130,8 +127,14 @@ class RunLog:
     """Log lines to stdout, one JSON record per line to out_dir/log.jsonl, and to wandb if asked."""
 
     def __init__(self, cfg, enabled):
-        self.enabled, self.path, self.wandb = enabled, Path(cfg.out_dir) / "log.jsonl", None
-        if enabled and cfg.wandb_log:
+        self.enabled = enabled
+        self.path = Path(cfg.out_dir) / "log.jsonl"
+        self.wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        (self.path.parent / "config.json").write_text(json.dumps(asdict(cfg), indent=1))  # this run's options
+        if cfg.wandb_log:
             import wandb  # imported only when asked for: it is slow to import
             self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg),
                                     dir=os.environ.get("WANDB_DIR", cfg.out_dir))
@@ -172,22 +175,6 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def checkpoint_to_resume(cfg, dist) -> Path | None:
-    """out_dir/ckpt.pt when this run continues it, else None. Nothing is ever started on top of a
-    trained model: init_from='scratch' refuses an out_dir that holds one, and a fine-tuning run continues
-    its out_dir's own ckpt.pt (as 'auto'), not the weights it names. A torchrun relaunch after a failure
-    continues whatever the command line says."""
-    out_dir, init_from = Path(cfg.out_dir), "auto" if restart_count() else cfg.init_from
-    ckpt, existing = out_dir / "ckpt.pt", [p.name for p in (out_dir / "ckpt.pt", out_dir / "best.pt") if p.exists()]
-    if init_from == "resume" and not ckpt.is_file():
-        raise CheckpointError(f"no checkpoint at {ckpt} to resume from; check --out_dir, or drop --init_from=resume")
-    if existing and (init_from == "scratch" or not ckpt.is_file()):
-        hint = "drop --init_from=scratch to resume it, or " if ckpt.is_file() else ""
-        raise CheckpointError(f"{out_dir} already holds {' and '.join(existing)}; {hint}move them away or use "
-                              "another --out_dir to start over")
-    return ckpt if init_from != "scratch" and ckpt.is_file() else None
-
-
 def build_training_state(cfg, model_args, meta, device, dtype, resume_from=None, start_weights=None):
     """(model, optimizers, scaler, resumed) on device, restored from resume_from or holding start_weights (a state
     dict to fine-tune) if given; resumed is the checkpoint's step, best_val_loss and best_step (None for a new run).
@@ -201,8 +188,8 @@ def build_training_state(cfg, model_args, meta, device, dtype, resume_from=None,
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     with torch.device(device):  # built in place: no copy, and tied weights stay tied
         model = GPT(GPTConfig(**model_args))
-    optimizers = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                            device.split(":")[0], muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
+    optimizers = make_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type(device),
+                                 muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
     requested = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers]
     scaler = grad_scaler(device, dtype)
     if checkpoint:
@@ -236,35 +223,21 @@ def read_losses(pending, step, dist, kept) -> list:
     return values
 
 
-def train(cfg, argv) -> int:
-    """Run the job in this process (joining torchrun's process group if there is one)."""
-    dist, finished = start_distributed(cfg.device), False
-    try:
-        code = run(cfg, argv, dist)
-        finished = True
-        return code
-    except BaseException as e:  # free run()'s locals (the DDP model) before the group goes; keep the line numbers
-        traceback.clear_frames(e.__traceback__)
-        raise
-    finally:
-        stop_distributed(dist, finished)
-
-
-def run(cfg, argv, dist) -> int:
+def train(cfg, argv, dist) -> int:
+    """Set up, run the loop, then the final evaluation, in this process: torchrun's rank dist.rank, or the only one."""
     # ---------------------------------------------------------------------------------- set-up
     device, master = dist.device, dist.is_master
     say = print if master else (lambda *args, **kwargs: None)
     dtype = resolve_dtype(cfg.dtype, device)
-    set_up_device(device, cfg.threads, cfg.keep_freed_memory)
+    set_up_device(device, cfg.keep_freed_memory)
     ctx = autocast_context(device, dtype)
     out_dir = Path(cfg.out_dir)
-    ckpt_path, best_path = out_dir / "ckpt.pt", out_dir / "best.pt"
     log = None
     try:
         collectively(lambda: prepare_if_missing(cfg.dataset, cfg.data_dir, cfg.data_source), dist, "node")
         folder = Path(cfg.data_dir) / cfg.dataset
         meta = load_meta(folder)
-        resume_from = broadcast_from_master(collectively(lambda: checkpoint_to_resume(cfg, dist), dist, "master"), dist)
+        resume_from = broadcast_from_master(collectively(lambda: checkpoint_to_resume(cfg), dist, "master"), dist)
         model_args, start_weights = model_args_of(cfg, meta["vocab_size"]), None
         if cfg.init_from not in ("auto", "resume", "scratch"):  # fine-tuning: the model's shape is the weights'
             cfg, model_args, start_weights = collectively(lambda: weights_to_fine_tune(cfg, meta, resume_from), dist)
@@ -288,40 +261,19 @@ def run(cfg, argv, dist) -> int:
         compiled = torch.compile(model) if use_compile else model
         train_model = data_parallel(compiled, dist)  # DDP over the compiled model
         say(as_config_file(cfg))
-
-        def start_log():  # rank 0 alone writes files; an error here must stop every process (collectively)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-            return RunLog(cfg, True), cfg.peak_flops or peak_flops(device, dtype)
-        log, peak = collectively(start_log, dist, "master") or (RunLog(cfg, False), 0.0)
+        log = collectively(lambda: RunLog(cfg, enabled=True), dist, "master") or RunLog(cfg, enabled=False)
+        peak = peak_flops(device, dtype) if master else 0.0
         tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * batches.seq_len
         say(f"device {device}, dtype {dtype}, compile {use_compile}, {dist.world_size} process(es), "
             f"{model.num_params() / 1e6:.2f}M parameters")
         say(f"tokens per optimizer step: {tokens_per_step:,} = {cfg.gradient_accumulation_steps} micro-steps x "
             f"{cfg.batch_size} sequences x {batches.seq_len} tokens; each process: {micro_steps} x {rows}")
-        say(f"peak for MFU: {f'{peak / 1e12:.2f} TFLOP/s' if peak else 'unknown (set --peak_flops for MFU)'}")
+        say(f"peak for MFU: {f'{peak:.4g} FLOP/s' if peak else 'unknown for this device (MFU n/a)'}")
         if resume_from:
-            say(f"resuming from {ckpt_path} at step {step} (best val loss {best_val_loss:.4f})")
+            say(f"resuming from {resume_from} at step {step} (best val loss {best_val_loss:.4f})")
         elif start_weights is not None:
             say(f"fine-tuning {cfg.init_from}: its weights and shape (block_size {cfg.block_size}), a fresh optimizer")
             start_weights = None  # the model holds them now; drop the host copy
-
-        def save(reason, is_best):
-            """ckpt.pt, the newest state; best.pt another name for it when val improved (rank 0)."""
-            state = {"model": model.state_dict(), "optimizer": optimizers[0].state_dict(),
-                     "muon": optimizers[1].state_dict() if len(optimizers) > 1 else None,
-                     "scaler": scaler.state_dict(), "config": asdict(cfg), "model_args": model_args, "meta": meta,
-                     "step": step, "best_val_loss": best_val_loss, "best_step": step if is_best else best_step,
-                     "rng": rng_states()}
-            save_checkpoint(ckpt_path, state)
-            if is_best:
-                keep_as(ckpt_path, best_path)
-            print(f"saved {ckpt_path}{' and ' + best_path.name if is_best else ''} at step {step} ({reason})",
-                  flush=True)
-
-        def kept_message():
-            return f"last good checkpoint kept at {ckpt_path} (step {saved_step})" if saved_step is not None \
-                else "no checkpoint was written"
 
         # -------------------------------------------------------------------------------- the loop
         pending_losses = []  # per-step loss tensors, read back at log steps only (reading syncs the device)
@@ -331,15 +283,21 @@ def run(cfg, argv, dist) -> int:
                 if step % cfg.eval_interval == 0 or step == cfg.max_iters:  # evaluate (every process its share)
                     losses = estimate_loss(compiled, batches, cfg.eval_iters, cfg.batch_size, cfg.seed, step, ctx, dist)
                     if not all(map(math.isfinite, losses.values())):
-                        raise NonFiniteLossError(f"non-finite val loss ({losses['val']}) at step {step}; {kept_message()}")
+                        raise NonFiniteLossError(f"non-finite val loss ({losses['val']}) at step {step}; "
+                                                 f"{kept_message(out_dir, saved_step)}")
                     improved = losses["val"] < best_val_loss
                     best_val_loss = min(best_val_loss, losses["val"])
                     log.write(f"eval step {step} | train loss {losses['train']:.4f} | val loss {losses['val']:.4f} "
                               f"| best val {best_val_loss:.4f}", {"kind": "eval", "step": step, **losses})
                     if step > 0 and step != saved_step:  # never a bad state: check the steps not yet logged
-                        read_losses(pending_losses, step, dist, kept_message())
-                        collectively(lambda: save("val improved" if improved else "eval", improved), dist, "master")
-                        saved_step, best_step = step, step if improved else best_step
+                        read_losses(pending_losses, step, dist, kept_message(out_dir, saved_step))
+                        if improved:
+                            best_step = step
+                        state = training_state(model, optimizers, scaler, cfg, model_args, meta, step, best_val_loss,
+                                               best_step)
+                        reason = "val improved" if improved else "eval"
+                        collectively(lambda: save_training_state(out_dir, state, improved, reason), dist, "master")
+                        saved_step = step
                     timer = (time.perf_counter(), step)  # ms/step measures training, not evaluation
                 if step >= cfg.max_iters:
                     break
@@ -377,32 +335,35 @@ def run(cfg, argv, dist) -> int:
                 # log, and check for nan and for a stop signal, where the loop syncs anyway
                 synced = step == 1 or step % cfg.log_interval == 0 or step == cfg.max_iters
                 if synced:
-                    values = read_losses(pending_losses, step, dist, kept_message())
+                    values = read_losses(pending_losses, step, dist, kept_message(out_dir, saved_step))
                     now, (since, since_step) = time.perf_counter(), timer
                     seconds_per_step, timer = (now - since) / max(1, step - since_step), (now, step)
                     tokens_per_s = tokens_per_step / seconds_per_step
-                    mfu = model.flops_per_token(batches.seq_len) * tokens_per_s / (peak * dist.world_size) if peak else None
-                    mfu_text = "n/a" if mfu is None else f"{100 * mfu:.2f}%" if mfu <= 1 else "n/a (over the peak: set --peak_flops)"
+                    mfu = None
+                    if peak:
+                        mfu = model.flops_per_token(batches.seq_len) * tokens_per_s / (peak * dist.world_size)
+                    mfu_text = "n/a" if mfu is None else f"{100 * mfu:.2f}%"
                     log.write(f"step {step} | loss {values[-1]:.4f} | lr {lr:.2e} | ms/step {1000 * seconds_per_step:.1f} "
                               f"| tok/s {tokens_per_s:,.0f} | mfu {mfu_text}",
                               {"kind": "train", "step": step, "loss": values[-1], "lr": lr,
                                "ms_per_step": 1000 * seconds_per_step, "tokens_per_s": tokens_per_s, "mfu": mfu})
                 if (synced or not dist.enabled) and any_rank(stop.requested, dist):
-                    read_losses(pending_losses, step, dist, kept_message())
-                    collectively(lambda: save("interrupted", False), dist, "master")
+                    read_losses(pending_losses, step, dist, kept_message(out_dir, saved_step))
+                    state = training_state(model, optimizers, scaler, cfg, model_args, meta, step, best_val_loss,
+                                           best_step)
+                    collectively(lambda: save_training_state(out_dir, state, False, "interrupted"), dist, "master")
                     argv = [a for a in argv if not a.startswith("--init_from=")]
                     launcher = "torchrun <your torchrun options> train.py" if dist.enabled else "python train.py"
                     say(f"interrupted at step {step}; resume with: {launcher} {shlex.join(argv)}", flush=True)
                     return 0
 
         # ------------------------------------------------------------------ the final evaluation
-        if cfg.final_eval_full:
-            if best_step not in (None, step) and best_path.is_file():  # judge what sample.py loads by default
-                model.load_state_dict(collectively(lambda: load_checkpoint(best_path), dist)["model"])
-                say(f"final evaluation of {best_path}: step {best_step}, the best val loss of the run")
-            for record in final_report(model, batches, ctx, cfg.batch_size, cfg.val_loss_bar,
-                                       cfg.exact_match_bar, dist):
-                log.write("", {**record, "step": step})
+        best_path = out_dir / "best.pt"
+        if best_step not in (None, step) and best_path.is_file():  # judge what sample.py loads by default
+            model.load_state_dict(collectively(lambda: load_checkpoint(best_path), dist)["model"])
+            say(f"final evaluation of {best_path}: step {best_step}, the best val loss of the run")
+        for record in final_report(model, batches, ctx, cfg.batch_size, cfg.val_loss_bar, cfg.exact_match_bar, dist):
+            log.write("", {**record, "step": step})
         return 0
     finally:
         if log is not None:
@@ -413,16 +374,16 @@ USAGE = """usage: python train.py [CONFIG_FILE ...] [--key=value ...]
        torchrun --standalone --nproc_per_node=N train.py [CONFIG_FILE ...] [--key=value ...]"""
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv) -> int:
     if wants_help(argv):
         print(help_text(TrainConfig, USAGE, "Config files are plain `name = value` lines; --key=value overrides them."))
         return 0
     try:
         cfg = parse_options(TrainConfig, argv, config_files=True)
-        code = train(cfg, argv)
+        with torchrun_group(cfg.device) as dist:  # a plain `python` run is rank 0 of 1
+            code = train(cfg, argv, dist)
         if cfg.fast_exit:  # the log and checkpoints are closed: skip the interpreter's slow teardown
-            exit_now(code)
+            exit_process(code, at_once=True)
         return code
     except (ConfigError, CheckpointError, DataError, NonFiniteLossError) as e:
         if torchrun_rank() == 0:  # every process raises the same error; one prints it
@@ -434,7 +395,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    if in_torchrun():  # gloo can abort a process in teardown (see exit_now): every outcome leaves at once
-        exit_now(exit_code)
-    sys.exit(exit_code)
+    exit_process(main(sys.argv[1:]))  # under torchrun at once: see exit_process

@@ -30,7 +30,6 @@ beta2 = 0.99
 warmup_iters = 30
 
 # The 2,048 x 50,257 logits (412 MB) and their gradient are allocated every step: glibc's default
-# hands such blocks back and faults in fresh pages each time (half the CPU time in the kernel).
-# keep_freed_memory reuses them: 865 -> 367 ms/step here. loss_chunk = 64 instead never makes the
-# full logits (a third of the memory, 526 ms/step on a CPU; on a GPU it is the memory saver).
+# hands such blocks back and faults in fresh pages each time (kernel time). keep_freed_memory
+# reuses them (docs/results.md measures the difference).
 keep_freed_memory = True

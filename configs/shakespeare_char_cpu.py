@@ -1,7 +1,6 @@
 """nanoGPT's CPU recipe for shakespeare_char, value for value (its README's CPU command on top of
-its shakespeare_char config), so the two compare step for step. On the full val split nanoGPT's
-own run of this recipe scores 1.8982 (its README's 1.8857 is a 20-batch estimate); this one lands
-at 1.89-1.90 across seeds. For a run that clearly beats it, see speedrun_cpu.py.
+its shakespeare_char config), so the two compare step for step: both land near 1.90 on the full val
+split (docs/results.md). For a run that clearly beats it, see speedrun_cpu.py.
 
     python train.py configs/shakespeare_char_cpu.py
 """

@@ -1,11 +1,11 @@
 """CPU speedrun: val loss <= 1.88 on shakespeare_char (full val split) in as little wall time as
-possible on a 2-core CPU, against nanoGPT's CPU recipe (~68-109 s here for 1.898 on the full split).
+possible on a 2-core CPU, against nanoGPT's CPU recipe (1.898 on the full split; times in docs/results.md).
 
 Same 4-layer, 128-wide shape and block 64 as that recipe; what changes (each lever's effect is
 measured in docs/results.md): Muon for the matrices inside the blocks, rotary positions (base 1000),
 ReLU^2 MLP, QK-norm with attention scale 0.25, zero-initialised output projections and head, U-net
 skips, an untied head, bf16 autocast with the attention in fp32 (the CPU's bf16 attention backward
-is ~4x slower), a short linear schedule to zero with no warmup at a high AdamW lr, batch 16, no
+is slower), a short linear schedule to zero with no warmup at a high AdamW lr, batch 16, no
 evaluation until the one full-split evaluation at the end, and no interpreter teardown after it.
 
     python train.py configs/speedrun_cpu.py
@@ -41,7 +41,6 @@ learning_rate = 1e-2  # AdamW: embeddings, head, norm gains, skip weights
 muon_lr = 0.02        # Muon: the 2-D weights inside the blocks
 muon_momentum = 0.85
 weight_decay = 0.1
-beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0
 decay_lr = True
@@ -52,5 +51,5 @@ min_lr = 0.0
 
 device = 'cpu'
 dtype = 'bfloat16'
-compile = False  # compiling takes ~36 s here, more than the whole run
+compile = False  # compiling takes longer than the whole run
 fast_exit = True

@@ -1,7 +1,7 @@
 """TinyTalks Q&A by character ("Q: ...\nA: ...\n\n"). The train split is only 12,680
 characters, so the model is small, dropout is high and the run is short: with the speedrun's
 levers (Muon, rotary positions, ReLU^2, QK-norm) val loss passes the milestone's 1.5 in about
-300 steps, and every longer or wider run we measured only overfit (README, "TinyTalks").
+300 steps, and every longer or wider run we measured only overfit (docs/results.md, "TinyTalks").
 
     python train.py configs/tinytalks.py
     python sample.py --out_dir=out-tinytalks --chat

@@ -1,6 +1,6 @@
 """TinyBot, step 1 of 2: pretrain on TinyShakespeare as UTF-8 bytes, so the model learns to spell before
 it sees TinyTalks' 12,680 characters. Bytes are one vocabulary for every text (prepare.py's *_byte data
-sets), so step 2 can fine-tune these weights on TinyTalks (README, "TinyBot").
+sets), so step 2 can fine-tune these weights on TinyTalks (docs/tinybot.md).
 
     python train.py configs/tinytalks_pretrain.py
     python train.py configs/tinytalks_finetune.py

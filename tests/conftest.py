@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from model import GPT, GPTConfig  # noqa: E402
-from prepare import prepare  # noqa: E402
+from tinygpt.datasets import prepare  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 if (SHARED_DATA / "tiktoken_cache").is_dir():  # GPT-2 BPE without a network (CI sets it too)
@@ -65,10 +65,12 @@ def data_dir(tmp_path_factory):
 
 
 def run_script(script, args, cwd=REPO, check=True, timeout=300, stdin=None, launcher=None, env=None):
-    """Run one of the repo's scripts (by default with this Python, with ENV plus env) and return the finished process."""
-    command = (launcher or [sys.executable]) + [str(REPO / script), *map(str, args)]
-    result = subprocess.run(command, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True,
-                            timeout=timeout, input=stdin)
+    """Run one of the repo's scripts (by default with this Python, with ENV plus env) and return the finished process.
+    A tool ('tools/evaluate.py') runs as the README runs it, `python -m tools.evaluate`, with the repo on the path."""
+    target = ["-m", script.removesuffix(".py").replace("/", ".")] if script.startswith("tools/") else [str(REPO / script)]
+    command = (launcher or [sys.executable]) + [*target, *map(str, args)]
+    result = subprocess.run(command, cwd=cwd, env={**ENV, "PYTHONPATH": str(REPO), **(env or {})},
+                            capture_output=True, text=True, timeout=timeout, input=stdin)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result

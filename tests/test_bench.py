@@ -7,7 +7,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_bench(*args):
-    return subprocess.run([sys.executable, str(REPO / "bench.py"), *args], capture_output=True, text=True, cwd=REPO)
+    return subprocess.run([sys.executable, "-m", "tools.bench", *args], capture_output=True, text=True, cwd=REPO)
 
 
 def test_help_lists_the_nanogpt_option():

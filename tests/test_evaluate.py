@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_one_line_error, records, run_script, run_train, tiny_args, tiny_model
-from dataset import Batches, load_meta
-from evaluate import full_split_loss, streaming_losses
+from tinygpt.data import Batches, load_meta
+from tinygpt.evaluation import full_split_loss, streaming_losses
 
 
 def naive_token_mean(model, batches, split):
@@ -46,7 +46,7 @@ def test_evaluate_scores_a_checkpoint_as_its_training_run_did(tmp_path, data_dir
                "--eval_interval=20", "--device=cpu"])
     final = records(out, "final")[-1]
     test = [r for r in records(out, "test") if "exact_match" in r][-1]
-    result = run_script("evaluate.py", [f"--out_dir={out}", "--device=cpu"])
+    result = run_script("tools/evaluate.py", [f"--out_dir={out}", "--device=cpu"])
     loss = float(re.search(r"final val loss \(full split, [\d,]+ tokens\): ([\d.]+)", result.stdout).group(1))
     accuracy = float(re.search(r"test exact match: ([\d.]+)%", result.stdout).group(1))
     assert loss == pytest.approx(final["val_loss_full"], abs=1e-4)
@@ -56,12 +56,12 @@ def test_evaluate_scores_a_checkpoint_as_its_training_run_did(tmp_path, data_dir
 
 
 def test_evaluate_refuses_a_missing_checkpoint_in_one_line(tmp_path):
-    result = run_script("evaluate.py", [f"--out_dir={tmp_path}", "--ckpt=nothing.pt"], check=False)
+    result = run_script("tools/evaluate.py", [f"--out_dir={tmp_path}", "--ckpt=nothing.pt"], check=False)
     assert_one_line_error(result, "no checkpoint at", "nothing.pt")
 
 
 def test_answer_scores_count_real_words_and_content_overlap_on_hand_made_answers():
-    from evaluate import answer_scores
+    from tinygpt.evaluation import answer_scores
     known = {"the", "sky", "is", "blue", "cats", "say", "meow", "yes", "ice", "cold"}
     references = ["The sky is blue.", "Cats say meow.", "Yes, ice is cold."]
     answers = ["The sky is blue!", "Cats say woof zorp.", "It is."]
@@ -72,7 +72,7 @@ def test_answer_scores_count_real_words_and_content_overlap_on_hand_made_answers
 
 
 def test_levels_are_told_from_the_question_where_the_rules_can():
-    from evaluate import level_of
+    from tinygpt.evaluation import level_of
     assert level_of("What is 6 plus 3?") == level_of("Which is less, 4 or 6?") == "L3 math"
     assert level_of("Hello TinyBot!") == level_of("When were you made?") == level_of("Thanks!") == \
         "L1 greetings, identity"
@@ -95,10 +95,10 @@ def test_streaming_losses_inside_the_window_are_the_full_forward_pass_losses(use
 def test_evaluate_reads_past_the_window_where_positions_allow_and_says_so_where_not(tmp_path, data_dir):
     for pos in ("alibi", "learned"):
         run_train(tiny_args(data_dir, tmp_path / pos, f"--pos={pos}", "--max_iters=2"))
-    longer = run_script("evaluate.py", [f"--out_dir={tmp_path / 'alibi'}", "--block_size=32"])
+    longer = run_script("tools/evaluate.py", [f"--out_dir={tmp_path / 'alibi'}", "--block_size=32"])
     assert "windows of 32 tokens (2x the trained 16)" in longer.stdout and "final val loss" in longer.stdout
-    stream = run_script("evaluate.py", [f"--out_dir={tmp_path / 'alibi'}", "--stream=40", "--sink_tokens=2"])
+    stream = run_script("tools/evaluate.py", [f"--out_dir={tmp_path / 'alibi'}", "--stream=40", "--sink_tokens=2"])
     assert re.findall(r"(sliding window|2 sinks|full recompute).* loss [\d.]+ +[\d.]+ tokens/s", stream.stdout) == [
         "sliding window", "2 sinks", "full recompute"]
-    refused = run_script("evaluate.py", [f"--out_dir={tmp_path / 'learned'}", "--block_size=32"], check=False)
+    refused = run_script("tools/evaluate.py", [f"--out_dir={tmp_path / 'learned'}", "--block_size=32"], check=False)
     assert_one_line_error(refused, "pos='learned' has positions for 16 tokens only")

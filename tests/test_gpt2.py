@@ -12,16 +12,17 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPT2LMHeadModel
 
-from checkpoint import CheckpointError, check_vocabulary, load_checkpoint, model_from_checkpoint, save_checkpoint
+from tinygpt.checkpoint import check_vocabulary, load_checkpoint, model_from_checkpoint, save_checkpoint
+from tinygpt.common import CheckpointError
 from conftest import (TINY, assert_one_line_error, records, run_script, run_train, tiny_args, tiny_hf_gpt2, tiny_model,
                       tiny_text, train_losses)
-from dataset import Batches, load_meta
-from evaluate import estimate_loss
-from gpt2 import export_hf, load_weights, weights_to_fine_tune
+from tinygpt.data import Batches, load_meta
+from tinygpt.evaluation import estimate_loss
+from tinygpt.gpt2 import export_hf, load_weights, weights_to_fine_tune
 from model import GPT, GPTConfig
-from options import parse_options
-from prepare import prepare
-from tokenizer import GPT2Tokenizer
+from tinygpt.datasets import prepare
+from tinygpt.options import parse_options
+from tinygpt.tokenizer import GPT2Tokenizer
 from train import TrainConfig
 
 GPT2_VOCAB = 50257
@@ -140,7 +141,7 @@ def test_export_round_trip_from_pretrained_gives_the_same_logits(tmp_path):
     run_dir.mkdir()
     save_checkpoint(run_dir / "ckpt.pt", {"model": model.state_dict(), "model_args": vars(model.config),
                                           "config": {}, "step": 0, "meta": {"tokenizer": "char"}})
-    run_script("export.py", [f"--out_dir={run_dir}", f"--to={tmp_path / 'hf'}"])
+    run_script("tools/export.py", [f"--out_dir={run_dir}", f"--to={tmp_path / 'hf'}"])
     hf, loading = GPT2LMHeadModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not loading["missing_keys"] and not loading["unexpected_keys"]  # nothing left to transformers' init
     idx = ids(40, (2, 32))
@@ -164,7 +165,7 @@ def test_export_refuses_what_gpt2_does_not_have_in_one_line(tmp_path):
     model = tiny_model(pos="rope", mlp="relu2", qk_norm=True, tie_weights=False)
     save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_args": vars(model.config),
                                            "config": {}, "step": 0, "meta": {}})
-    result = run_script("export.py", [f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}"], check=False)
+    result = run_script("tools/export.py", [f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}"], check=False)
     assert_one_line_error(result, "cannot be exported as GPT-2", "pos='rope'", "mlp='relu2'", "qk_norm=True",
                           "tie_weights=False")
     assert not (tmp_path / "hf").exists()
@@ -187,7 +188,7 @@ def test_fine_tuning_a_hugging_face_folder_starts_from_its_weights_in_its_shape(
     tiny_hf_gpt2(tmp_path / "hf", vocab_size=GPT2_VOCAB, n_positions=64, n_layer=3, n_embd=48)
     out = tmp_path / "out"
     args = [*TINY, f"--data_dir={bpe_data}", "--dataset=tinybpe", f"--out_dir={out}", f"--init_from={tmp_path / 'hf'}",
-            "--dropout=0.1", "--max_iters=12", "--final_eval_full=False"]  # TINY asks for 2 layers of 32, block 16
+            "--dropout=0.1", "--max_iters=12"]  # TINY asks for 2 layers of 32, block 16
     result = run_train(args, cwd=tmp_path)
     assert f"fine-tuning {tmp_path / 'hf'}: its weights and shape (block_size 16)" in result.stdout
     assert "n_layer = 3" in result.stdout and "n_embd = 48" in result.stdout  # the effective config
@@ -226,7 +227,7 @@ def test_fine_tuning_a_checkpoint_loads_its_weights_with_a_fresh_optimizer_and_a
     source = pretrained_char_checkpoint(tmp_path / "pretrained", meta, seed=99, n_layer=3)
     out = tmp_path / "out"
     command = tiny_args(data_dir, out, f"--init_from={tmp_path / 'pretrained'}", "--learning_rate=1e-9",
-                        "--decay_lr=False", "--final_eval_full=False")
+                        "--decay_lr=False")
     first = run_train([*command, "--max_iters=2"], cwd=tmp_path)
     assert "fine-tuning" in first.stdout
     saved = load_checkpoint(out / "ckpt.pt")

@@ -6,9 +6,9 @@ import torch
 import ast
 from dataclasses import asdict
 
-from checkpoint import save_checkpoint
+from tinygpt.checkpoint import save_checkpoint
 from conftest import run_script, tiny_model
-from interpret import (all_logits, attention_weights, draw_attention, logit_lens, main, patched_logits,
+from tools.interpret import (all_logits, attention_weights, draw_attention, logit_lens, main, patched_logits,
                        patching_scores, restored_fraction, run_with_cache)
 
 
@@ -64,7 +64,7 @@ def test_cli_reads_a_prompt_longer_than_the_window_from_its_tail(tmp_path):
     save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_args": asdict(model.config),
                                            "config": {}, "step": 0, "meta": meta})
     png = tmp_path / "maps.png"
-    result = run_script("interpret.py", [f"--out_dir={tmp_path}", "--prompt=" + "abc" * 10, "--answer_tokens=4",
+    result = run_script("tools/interpret.py", [f"--out_dir={tmp_path}", "--prompt=" + "abc" * 10, "--answer_tokens=4",
                                          f"--png={png}"])
     assert "the prompt has 30 tokens; reading its last 12" in result.stderr
     sequence = ast.literal_eval(result.stdout.splitlines()[0].removeprefix("sequence: "))

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from conftest import REPO, SHARED_DATA
-from evaluate import qa_answer_loss, verdict_text
 from model import GPT, GPTConfig
-from prepare import prepare
-from tokenizer import CharTokenizer, qa_pairs, qa_prompt
+from tinygpt.optim import make_optimizers
+from tinygpt.datasets import prepare
+from tinygpt.evaluation import qa_answer_loss, verdict_text
+from tinygpt.tokenizer import CharTokenizer, qa_pairs, qa_prompt
 
 TINYTALKS = SHARED_DATA / "tinytalks"
 PAIRS = [("what is 1 plus 1?", "it is 2."), ("what is 2 plus 3?", "it is 5."), ("hi?", "hello.")]
@@ -34,7 +35,7 @@ def test_answer_loss_is_low_for_a_model_that_learned_the_answers_and_high_otherw
     model = GPT(GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=48))
     untrained = qa_answer_loss(model, tok, PAIRS, torch.no_grad(), "cpu")
     data = torch.tensor(tok.encode(QA_TEXT * 4))
-    [optimizer] = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
+    [optimizer] = make_optimizers(model, 0.0, 3e-3, (0.9, 0.99), "cpu")
     model.train()
     for step in range(200):
         starts = torch.randint(0, len(data) - 33, (16,))

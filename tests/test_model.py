@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import conftest
-from kv_cache import KVCache
-from interpret import attention_weights
-from model import GPTConfig, apply_rope, sincos_tables
-from sampling import sample_next
+from model import GPTConfig, KVCache, apply_rope, sample_next, sincos_tables
+from tinygpt.optim import BatchedMuon, make_optimizers
+from tools.interpret import attention_weights
 
 VOCAB = 37
 POSITIONS = ["learned", "sinusoidal", "rope", "alibi"]
@@ -219,7 +218,7 @@ def test_tiny_model_overfits_one_batch(overrides, muon_lr):
     model = tiny_model(**overrides).train()
     idx = random_tokens(4, 16)
     targets = random_tokens(4, 16, seed=3)
-    optimizers = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu", muon_lr=muon_lr)
+    optimizers = make_optimizers(model, 0.0, 3e-3, (0.9, 0.99), "cpu", muon_lr=muon_lr)
     for _ in range(300):
         _, loss = model(idx, targets)
         loss.backward()
@@ -233,7 +232,7 @@ def test_zero_init_projections_start_at_zero_and_still_learn():
     model = tiny_model(zero_init_proj=True).train()
     projections = [p for name, p in model.named_parameters() if name.endswith("c_proj.weight")]
     assert projections and all(p.abs().sum() == 0 for p in projections)
-    [optimizer] = model.configure_optimizers(0.0, 1e-2, (0.9, 0.99), "cpu")
+    [optimizer] = make_optimizers(model, 0.0, 1e-2, (0.9, 0.99), "cpu")
     _, loss = model(random_tokens(2, 8), random_tokens(2, 8, seed=4))
     loss.backward()
     optimizer.step()
@@ -261,7 +260,7 @@ def test_state_dict_round_trip_with_weights_only_load(pos):
 
 def test_weight_decay_only_on_matrices():
     model = tiny_model(bias=True)
-    [adamw] = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    [adamw] = make_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
     decay, no_decay = adamw.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
@@ -270,7 +269,7 @@ def test_weight_decay_only_on_matrices():
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     model = tiny_model(tie_weights=False)
-    adamw, muon = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
+    adamw, muon = make_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
     in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
     in_adamw = {id(p) for group in adamw.param_groups for p in group["params"]}
     expected = {id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
@@ -282,7 +281,6 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
 def test_batched_muon_steps_as_torch_muon_does_and_shares_its_state(weight_decay, nesterov):
     """Square, wide and tall matrices (the tall ones orthogonalized transposed), two of each shape; the state torch's
     Muon saved after three steps carries on in BatchedMuon as it does in torch's own."""
-    from muon import BatchedMuon
     generator = torch.Generator().manual_seed(0)
     shapes = [(16, 16), (16, 48), (64, 16), (16, 16), (16, 48), (64, 16)]
     ours, theirs = ([torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
@@ -387,45 +385,6 @@ def test_bad_configs_are_rejected_with_a_reason():
         tiny_model()(random_tokens(1, 25))
 
 
-def loss_and_grads(model, idx, targets):
-    model.zero_grad(set_to_none=True)
-    _, loss = model(idx, targets)
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
-@pytest.mark.parametrize("tie_weights", [True, False])
-@pytest.mark.parametrize("rows", [1, 7, 64])  # one row, chunks that do not divide 2 x 12, one chunk
-def test_chunked_loss_equals_full_logits_loss_in_value_and_gradient(tie_weights, rows):
-    full = tiny_model(tie_weights=tie_weights).train()  # dropout 0: the two passes see the same model
-    chunked = tiny_model(tie_weights=tie_weights, loss_chunk=rows).train()
-    idx, targets = random_tokens(2, 12), random_tokens(2, 12, seed=2)
-    targets[0, :5] = -1  # ignored targets count neither in the mean nor in the gradient
-    loss, grads = loss_and_grads(full, idx, targets)
-    chunked_loss, chunked_grads = loss_and_grads(chunked, idx, targets)
-    torch.testing.assert_close(chunked_loss, loss)
-    assert grads.keys() == chunked_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(chunked_grads[name], grads[name], msg=name)
-    with torch.no_grad():  # evaluation takes the path without gradients
-        torch.testing.assert_close(chunked(idx, targets)[1], loss)
-
-
-def test_chunked_loss_under_bf16_autocast_stays_close():
-    full, chunked = tiny_model(), tiny_model(loss_chunk=5)
-    idx, targets = random_tokens(2, 12), random_tokens(2, 12, seed=2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, grads = loss_and_grads(full, idx, targets)
-        chunked_loss, chunked_grads = loss_and_grads(chunked, idx, targets)
-    torch.testing.assert_close(chunked_loss, loss, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(chunked_grads["wte.weight"], grads["wte.weight"], rtol=5e-2, atol=1e-3)
-
-
-def test_negative_loss_chunk_is_rejected():
-    with pytest.raises(ValueError, match="loss_chunk=-1"):
-        GPTConfig(loss_chunk=-1)
-
-
 @pytest.mark.parametrize("overrides, message", [({"attn_scale": -0.1}, "attn_scale=-0.1 must be >= 0"),
                                                 ({"rope_base": 1.0}, "rope_base=1.0 must be > 1")])
 def test_a_negative_attention_scale_or_a_rope_base_of_one_is_rejected_by_name(overrides, message):
@@ -474,7 +433,7 @@ def test_zero_init_head_starts_at_the_uniform_prediction_and_learns():
     idx, targets = random_tokens(4, 16), random_tokens(4, 16, seed=3)
     _, loss = model(idx, targets)
     assert loss.item() == pytest.approx(math.log(VOCAB))
-    optimizers = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu", muon_lr=0.02)
+    optimizers = make_optimizers(model, 0.0, 3e-3, (0.9, 0.99), "cpu", muon_lr=0.02)
     for _ in range(60):
         loss.backward()
         for optimizer in optimizers:
@@ -525,7 +484,7 @@ def test_unet_skips_feed_each_second_half_block_its_mirror(n_layer):
 def test_speedrun_options_train_and_every_parameter_gets_a_gradient(overrides):
     model = tiny_model(**{"pos": "rope", "zero_init_proj": False, **overrides}).train()
     idx, targets = random_tokens(4, 16), random_tokens(4, 16, seed=3)
-    optimizers = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu", muon_lr=0.02)
+    optimizers = make_optimizers(model, 0.0, 3e-3, (0.9, 0.99), "cpu", muon_lr=0.02)
     first = None
     for _ in range(60):
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -20,11 +20,13 @@ TINYTALKS = SHARED / "tinytalks"
 TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))  # before tiktoken is first used
 
-import prepare as P  # noqa: E402
-from dataset import DataError, load_meta  # noqa: E402
-from prepare import prepare  # noqa: E402
-from checkpoint import CheckpointError, check_vocabulary  # noqa: E402
-from tokenizer import ByteTokenizer, CharTokenizer, tokenizer_from_meta  # noqa: E402
+import prepare as cli  # noqa: E402
+import tinygpt.datasets as P  # noqa: E402
+from tinygpt.checkpoint import check_vocabulary  # noqa: E402
+from tinygpt.common import CheckpointError, DataError  # noqa: E402
+from tinygpt.data import load_meta  # noqa: E402
+from tinygpt.datasets import prepare  # noqa: E402
+from tinygpt.tokenizer import ByteTokenizer, CharTokenizer, tokenizer_from_meta  # noqa: E402
 
 needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"no local copy at {SHAKESPEARE}")
 needs_tinytalks = pytest.mark.skipif(not TINYTALKS.is_dir(), reason=f"no local copy at {TINYTALKS}")
@@ -327,7 +329,7 @@ def test_cli_prints_a_one_line_error_and_exits_1(tmp_path):
 
 
 def test_cli_builds_a_task(tmp_path, capsys):
-    assert P.main(["reverse", "--seed=3", f"--data_dir={tmp_path}"]) == 0
+    assert cli.main(["reverse", "--seed=3", f"--data_dir={tmp_path}"]) == 0
     assert "600 train / 200 test" in capsys.readouterr().out
     assert json.loads((tmp_path / "reverse" / "meta.json").read_text())["seed"] == 3
 
@@ -335,8 +337,8 @@ def test_cli_builds_a_task(tmp_path, capsys):
 def test_cli_builds_your_own_text_and_refuses_an_unknown_name_without_source(tmp_path, capsys):
     src = tmp_path / "book.txt"
     src.write_text("a small book of text\n" * 30)
-    assert P.main(["book", f"--source={src}", f"--data_dir={tmp_path}"]) == 0
+    assert cli.main(["book", f"--source={src}", f"--data_dir={tmp_path}"]) == 0
     assert load_meta(tmp_path / "book")["inputs"]["dataset"] == "text"
-    assert P.main(["nobook", f"--data_dir={tmp_path}"]) == 1
+    assert cli.main(["nobook", f"--data_dir={tmp_path}"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "python prepare.py nobook --source=" in err

@@ -8,11 +8,11 @@ import torch
 
 from dataclasses import asdict
 
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from conftest import REPO, tiny_model
-from prepare import prepare
 from sample import TextStream
-from tokenizer import GPT2Tokenizer, tokenizer_from_meta
+from tinygpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from tinygpt.datasets import prepare
+from tinygpt.tokenizer import GPT2Tokenizer, tokenizer_from_meta
 
 
 def qa_text(pairs=300, seed=0):
@@ -226,7 +226,7 @@ def test_gpt2_bpe_checkpoint_samples_what_greedy_generation_gives(tmp_path):
 
 def test_chat_history_keeps_whole_recent_turns_that_fit():
     from sample import chat_prompt_ids
-    from tokenizer import CharTokenizer
+    from tinygpt.tokenizer import CharTokenizer
     turns = [(f"question {i}?", f" answer number {i}.") for i in range(6)]  # answers as the model writes them
     framed = [f"Q: {q}\nA:{a}\n\n" for q, a in turns]
     tok = CharTokenizer(sorted(set("".join(framed) + "Q: last?\nA:")))

@@ -1,30 +1,20 @@
-"""Evaluate a checkpoint: the loss over the whole val split, and for the attention tasks and Q&A
-data their own scores. train.py calls the same functions during and at the end of a run.
-
-    python evaluate.py --out_dir=out-reverse            # best.pt, else ckpt.pt
-    python evaluate.py --out_dir=out-tinytalks --ckpt=ckpt.pt
-    python evaluate.py --out_dir=out-pos-alibi --block_size=256   # length extrapolation: 4x a 64-token run
-    python evaluate.py --out_dir=out-pos-alibi --stream=2048      # sliding window vs attention sinks
+"""Losses and scores of a model: the estimate train.py logs at each evaluation, the loss over a whole
+split, exact match on the attention tasks, the Q&A report on TinyTalks, and the final report that
+train.py prints at the end of a run and tools/evaluate.py prints for any checkpoint.
 
 Under torchrun every process scores its share of the batches and the sums are all-reduced.
 """
 import math
 import re
-import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, checkpoint_path, load_checkpoint, model_from_checkpoint
-from dataset import EVAL_STREAM, Batches, DataError, batch_rng, load_meta
-from model import SINK_POSITIONS
-from device import Dist, autocast_context, resolve_device, resolve_dtype, sum_over_ranks
-from options import ConfigError, must, run_cli
-from tokenizer import qa_pairs, qa_prompt, tokenizer_from_meta
+from tinygpt.data import EVAL_STREAM, batch_rng
+from tinygpt.device import Dist, sum_over_ranks
+from tinygpt.tokenizer import qa_pairs, qa_prompt, tokenizer_from_meta
 
 
 @torch.no_grad()
@@ -47,7 +37,7 @@ def estimate_loss(model, batches, eval_iters, batch_size, seed, step, ctx, dist=
     return losses
 
 
-@torch.inference_mode()  # no_grad, and no version counters either: ~9% faster on a CPU for a small model
+@torch.inference_mode()  # no_grad, and no version counters to bump either: faster on a CPU
 def full_split_loss(model, batches, split, batch_size, ctx, dist=Dist()):
     """(mean loss per scored token, tokens scored) over the whole split: every example of a task,
     or non-overlapping windows of text (the last partial window is left out)."""
@@ -122,22 +112,6 @@ def streaming_losses(model, tokens, use_cache=True, sink_tokens=0):
         logits, cache = model.next_logits(tokens[None, :t], cache, use_cache, sink_tokens)
         losses.append(F.cross_entropy(logits[0, -1].float(), tokens[t]))
     return torch.stack(losses), (len(tokens) - 1) / (time.perf_counter() - began)
-
-
-def stream_report(model, tokens, sink_tokens):
-    """Print the streaming loss past the window and tokens/s of each way generation keeps context."""
-    block = model.config.block_size
-    if len(tokens) <= block + 1:
-        raise ConfigError(f"stream={len(tokens)} must be longer than the window, {block} tokens, to go past it")
-    ways = {"sliding window (cache)": (True, 0), f"{sink_tokens} sinks + rolling (cache)": (True, sink_tokens),
-            "full recompute (no cache)": (False, 0)}
-    print(f"streaming the first {len(tokens)} val tokens; loss on the {len(tokens) - 1 - block} past the window")
-    for name, (use_cache, sinks) in ways.items():
-        if sinks and model.config.pos not in SINK_POSITIONS:
-            print(f"  {name:28s} n/a: pos={model.config.pos!r} bakes positions into the cached keys")
-            continue
-        losses, speed = streaming_losses(model, tokens, use_cache, sinks)
-        print(f"  {name:28s} loss {losses[block:].mean():.4f}   {speed:7.1f} tokens/s", flush=True)
 
 
 def verdict_text(value, bar, higher_is_better=False, unit="") -> str:
@@ -218,57 +192,3 @@ def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_
     if batches.meta.get("qa") and batches.meta.get("test_file") and dist.is_master:
         records.append(qa_report(model, batches, ctx, say))
     return records
-
-
-@dataclass
-class EvaluateConfig:
-    out_dir: str = "out"         # the training run's folder
-    ckpt: str = ""               # file in out_dir; '' = best.pt if the run has one, else ckpt.pt
-    data_dir: str = ""           # '' = the data_dir the checkpoint was trained with
-    batch_size: int = 64         # sequences per forward pass
-    device: str = "auto"         # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
-    dtype: str = "float32"       # 'float32', 'bfloat16', 'float16' or 'auto'
-    block_size: int = 0          # windows of this many tokens (0 = the trained block_size); longer tests length extrapolation
-    stream: int = 0              # > 0: instead, feed this many val tokens one at a time through generation's cache
-    sink_tokens: int = 4         # with --stream: the attention sinks compared with the sliding window
-
-    def __post_init__(self):
-        must(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
-        must(self.block_size >= 0 and self.stream >= 0 and self.sink_tokens >= 1,
-             "block_size and stream must not be negative, sink_tokens must be at least 1")
-        must(self.dtype in ("auto", "float32", "bfloat16", "float16"),
-             f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
-
-
-def evaluate(cfg):
-    path = checkpoint_path(cfg.out_dir, cfg.ckpt)
-    checkpoint = load_checkpoint(path)
-    device = resolve_device(cfg.device)
-    trained = checkpoint["config"]
-    folder = Path(cfg.data_dir or trained["data_dir"]) / trained["dataset"]
-    meta = load_meta(folder)
-    if meta.get("vocab") != (checkpoint.get("meta") or {}).get("vocab"):
-        raise CheckpointError(f"{folder} has another vocabulary than {path} was trained on")
-    model = model_from_checkpoint(checkpoint, device)
-    print(f"{path}: step {checkpoint['step']}, data {folder}")
-    trained_block, block = model.config.block_size, cfg.block_size or model.config.block_size
-    if model.config.pos == "learned" and block > trained_block:
-        raise ConfigError(f"pos='learned' has positions for {trained_block} tokens only, so it cannot read "
-                          f"{block}; sinusoidal, rope and alibi models can be evaluated past their window")
-    batches = Batches(folder, meta, block, device)
-    if cfg.stream:
-        return stream_report(model, torch.from_numpy(batches.tokens("val")[:cfg.stream].astype("int64")).to(device),
-                             cfg.sink_tokens)
-    print(f"windows of {block} tokens ({block / trained_block:g}x the trained {trained_block})")
-    ctx = autocast_context(device, resolve_dtype(cfg.dtype, device))
-    final_report(model, batches, ctx, cfg.batch_size, trained.get("val_loss_bar", 0.0),
-                 trained.get("exact_match_bar", 0.0))
-
-
-def main(argv) -> int:
-    return run_cli(EvaluateConfig, argv, "usage: python evaluate.py [--key=value ...]", __doc__.split("\n\n")[0],
-                   evaluate, (CheckpointError, DataError))
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,14 +1,33 @@
-"""Muon as torch.optim.Muon computes it, with the Newton-Schulz iterations of same-shape matrices run together.
+"""The optimizers train.py steps: AdamW, and Muon for the matrices inside the blocks when muon_lr > 0.
 
-Muon orthogonalizes each matrix's update with five Newton-Schulz steps, three matmuls each, on
-matrices as small as 128 x 128 here. A CPU runs sixteen such products ~4x faster per FLOP as one
-batched product than one at a time, so the blocks' matrices, grouped by shape, go through the
-iterations as one stack (the speedrun's 16 matrices: 14.1 -> 9.7 ms, interleaved runs). The
-arithmetic per matrix is torch's, and so is the state (a momentum buffer per matrix): checkpoints
-load in either."""
+BatchedMuon is Muon as torch.optim.Muon computes it, with the Newton-Schulz iterations of same-shape
+matrices run together: Muon orthogonalizes each matrix's update with five Newton-Schulz steps, three
+matmuls each, on matrices as small as 128 x 128, and a CPU runs such products much faster per FLOP as
+one batched product than one at a time (docs/results.md). The arithmetic per matrix is torch's, and so
+is the state (a momentum buffer per matrix): checkpoints load in either.
+"""
 import math
 
 import torch
+
+
+def make_optimizers(model, weight_decay, learning_rate, betas, device_type, muon_lr=0.0, muon_momentum=0.95,
+                    fused=None) -> list:
+    """[AdamW] with weight decay on matrices only (fused on CUDA by default); with muon_lr > 0 [AdamW, Muon]:
+    Muon (torch >= 2.9's, batched by shape) takes the blocks' 2-D weights; AdamW the embeddings, the head and
+    the gains."""
+    named = dict(model.named_parameters())  # tied weights appear once
+    hidden = [p for n, p in named.items() if muon_lr and n.startswith("blocks.") and p.dim() == 2]
+    rest = [p for p in named.values() if all(p is not h for h in hidden)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    if fused is None:
+        fused = device_type == "cuda"
+    optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+    if hidden:
+        optimizers.append(BatchedMuon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=0.0,
+                                      adjust_lr_fn="original"))
+    return optimizers
 
 
 class BatchedMuon(torch.optim.Muon):

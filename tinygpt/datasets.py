@@ -1,33 +1,23 @@
-"""Build every data set the project trains on into data/<name>/: train.bin, val.bin, meta.json.
+"""Every data set the project trains on, built into data/<name>/: train.bin, val.bin, meta.json (prepare.py is
+its command line; train.py calls prepare() when a config's data set is missing).
 
-    python prepare.py shakespeare_char                    # TinyShakespeare by character (vocab 65)
-    python prepare.py shakespeare                         # the same text in GPT-2 BPE (tiktoken)
-    python prepare.py tinytalks                           # TinyTalks Q&A pairs by character
-    python prepare.py shakespeare_byte                    # TinyShakespeare, TinyTalks as UTF-8 bytes: one
-    python prepare.py tinytalks_byte                      #   shared vocabulary, to pretrain on one, tune on the other
-    python prepare.py mybook --source=my.txt              # any text file [--tokenizer=byte|gpt2]
-    python prepare.py reverse                             # the attention tasks: reverse, copy, mixed [--seed=N]
-
-Real data comes from the URLs pinned in prepare.py and must match their pinned sha256. `--source=PATH_OR_URL`
-reads a local copy or another URL instead (for tinytalks: a folder holding splits/train.txt etc.).
+Real data comes from the URLs pinned here and must match their pinned sha256. A `source` (PATH_OR_URL) reads
+a local copy or another URL instead (for tinytalks: a folder holding splits/train.txt etc.); a name this
+module does not know is a text data set built from the file or URL `source`.
 """
 import hashlib
 import json
 import random
 import re
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import requests
 
-from dataset import DataError
-from files import atomic_write
-from options import must, run_cli
-from tokenizer import TOKENIZERS, make_tokenizer
+from tinygpt.common import DataError, atomic_write
+from tinygpt.tokenizer import make_tokenizer
 
 
 class Pin(NamedTuple):
@@ -382,29 +372,3 @@ def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None) -> Pa
     meta = {**source_meta(name, source, hashes, train + val), **extra, "inputs": inputs}
     print(summary(out_dir, write_dataset(out_dir, tok, train, val, meta, files)))
     return out_dir
-
-
-@dataclass
-class PrepareConfig:
-    dataset: str = ""            # shakespeare_char, shakespeare, tinytalks, *_byte, reverse, copy, mixed, or your own
-    source: str = ""             # local file/folder or http(s) URL instead of the pinned download (required for your own)
-    tokenizer: str = ""          # for your own text: 'char' (default), 'byte' or 'gpt2'
-    seed: int | None = None      # for reverse/copy/mixed (default 1337)
-    data_dir: str = "data"       # the data set goes to data_dir/dataset
-
-    def __post_init__(self):
-        must(self.dataset, f"name a data set: python prepare.py NAME (one of {', '.join(DATASETS)}, or your own "
-                           "with --source=FILE)")
-        must(self.tokenizer in ("", *TOKENIZERS), f"tokenizer={self.tokenizer!r}: use char, byte or gpt2")
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = [f"--dataset={a}" if not a.startswith("-") else a for a in argv]  # the bare NAME
-    return run_cli(PrepareConfig, args, "usage: python prepare.py NAME [--key=value ...]", __doc__,
-                   lambda cfg: prepare(cfg.dataset, cfg.source or None, cfg.data_dir, cfg.tokenizer or None, cfg.seed),
-                   (DataError, OSError))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

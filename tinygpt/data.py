@@ -1,25 +1,18 @@
-"""The data on disk and the batches drawn from it.
+"""A prepared data set on disk and the batches drawn from it.
 
 data/<name>/ holds train.bin and val.bin (token ids, one flat little-endian stream) and meta.json
-(tokenizer, sizes, source), written by prepare.py. Batches are drawn from random generators
-derived from (seed, stream, step), so a resumed run and any number of processes draw exactly the
-batches of one uninterrupted process.
+(tokenizer, sizes, source), written by datasets.prepare (prepare.py). Batches are drawn from random
+generators derived from (seed, stream, step), so a resumed run and any number of processes draw
+exactly the batches of one uninterrupted process.
 """
 import json
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-PREPARE = Path(__file__).resolve().parent / "prepare.py"
-
-
-class DataError(Exception):
-    """A data set is missing or cannot be built; the one-line message says how to fix it."""
-
+from tinygpt.common import DataError
+from tinygpt.datasets import prepare
 
 def load_meta(dataset_dir) -> dict:
     path = Path(dataset_dir) / "meta.json"
@@ -31,26 +24,17 @@ def load_meta(dataset_dir) -> dict:
         raise DataError(f"{path} is not valid JSON ({e}); delete {path.parent} and prepare it again") from None
 
 
-def prepare_command(dataset, data_dir, source) -> list:
-    """The prepare.py command that builds data_dir/dataset (a name prepare.py does not know is
-    built from the text file given as source)."""
-    return ["python", "prepare.py", dataset, *([f"--source={source}"] if source else []),
-            *([f"--data_dir={data_dir}"] if data_dir != "data" else [])]
-
-
 def prepare_if_missing(dataset, data_dir, source) -> Path:
-    """data_dir/dataset, built by running prepare.py first if its meta.json is missing."""
+    """data_dir/dataset, built first (as `python prepare.py` would) if its meta.json is missing."""
     folder = Path(data_dir) / dataset
     if (folder / "meta.json").is_file():
         return folder
-    command = prepare_command(dataset, data_dir, source)
-    print(f"{folder} is not prepared yet; running: {shlex.join(command)}", flush=True)
-    done = subprocess.run([sys.executable, str(PREPARE), *command[2:]], stderr=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines() or ["failed"]
-        hint = " (train.py hands --data_source=PATH_OR_URL to it as --source)" if "--source" in lines[-1] else ""
-        raise DataError(f"could not prepare {dataset}: {lines[-1].removeprefix('error: ')}{hint}")
-    return folder
+    print(f"{folder} is not prepared yet; preparing it", flush=True)
+    try:
+        return prepare(dataset, source or None, data_dir)
+    except (DataError, OSError) as e:
+        hint = " (train.py hands --data_source=PATH_OR_URL to it as --source)" if "--source" in str(e) else ""
+        raise DataError(f"could not prepare {dataset}: {e}{hint}") from None
 
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1

@@ -16,10 +16,7 @@ import typing
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
-
-class ConfigError(Exception):
-    """An option or config file is wrong; the message says which and how to fix it."""
-
+from tinygpt.common import ConfigError
 
 TYPE_NAMES = {int: "an int", float: "a float", bool: "True or False", str: "a string", type(None): "None"}
 

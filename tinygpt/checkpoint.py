@@ -1,25 +1,69 @@
-"""Checkpoints: written atomically, loaded safely, checked before a run resumes from them.
+"""Checkpoints: written atomically, loaded safely, and the rules of when a run resumes from one.
 
 A checkpoint is a plain dict saved with torch.save: model and optimizer states, the GradScaler,
 the config and model_args, the data set's meta, step, best val loss and every RNG state.
 In out_dir, `ckpt.pt` is the newest state (what a run resumes from) and `best.pt` the state with
-the best val loss so far (what sample.py, interpret.py and evaluate.py load by default).
+the best val loss so far (what sample.py and the tools load by default). No run writes over a
+checkpoint it did not start from.
 """
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from device import resolve_device, resolve_dtype
-from files import atomic_write
-from dropout import FIELDS as DROPOUT_FIELDS
 from model import GPT, GPTConfig
-from tokenizer import tokenizer_from_meta
+from tinygpt.common import CheckpointError, atomic_write, keep_as
+from tinygpt.device import resolve_device, resolve_dtype, restart_count
+from tinygpt.tokenizer import tokenizer_from_meta
+
+RETIRED_FIELDS = ("fast_dropout", "loss_chunk")  # model_args of earlier versions that changed no weights
 
 
-class CheckpointError(Exception):
-    """A checkpoint is missing, unreadable or does not fit the requested model."""
+def checkpoint_to_resume(cfg) -> Path | None:
+    """out_dir/ckpt.pt when this run continues it, else None. Nothing is ever started on top of a
+    trained model: init_from='scratch' refuses an out_dir that holds one, and a fine-tuning run continues
+    its out_dir's own ckpt.pt (as 'auto'), not the weights it names. A torchrun relaunch after a failure
+    continues whatever the command line says."""
+    out_dir = Path(cfg.out_dir)
+    init_from = "auto" if restart_count() else cfg.init_from
+    ckpt = out_dir / "ckpt.pt"
+    existing = [p.name for p in (ckpt, out_dir / "best.pt") if p.exists()]
+    if init_from == "resume" and not ckpt.is_file():
+        raise CheckpointError(f"no checkpoint at {ckpt} to resume from; check --out_dir, or drop --init_from=resume")
+    if existing and (init_from == "scratch" or not ckpt.is_file()):
+        hint = "drop --init_from=scratch to resume it, or " if ckpt.is_file() else ""
+        raise CheckpointError(f"{out_dir} already holds {' and '.join(existing)}; {hint}move them away or use "
+                              "another --out_dir to start over")
+    if init_from != "scratch" and ckpt.is_file():
+        return ckpt
+    return None
+
+
+def training_state(model, optimizers, scaler, cfg, model_args, meta, step, best_val_loss, best_step) -> dict:
+    """What a run saves: everything a resumed run needs to continue exactly where this one is."""
+    return {"model": model.state_dict(), "optimizer": optimizers[0].state_dict(),
+            "muon": optimizers[1].state_dict() if len(optimizers) > 1 else None, "scaler": scaler.state_dict(),
+            "config": asdict(cfg), "model_args": model_args, "meta": meta, "step": step,
+            "best_val_loss": best_val_loss, "best_step": best_step, "rng": rng_states()}
+
+
+def save_training_state(out_dir, state, is_best, reason):
+    """state to out_dir/ckpt.pt (the newest state); when val improved, best.pt becomes another name for it."""
+    ckpt_path = Path(out_dir) / "ckpt.pt"
+    save_checkpoint(ckpt_path, state)
+    if is_best:
+        keep_as(ckpt_path, Path(out_dir) / "best.pt")
+    also = " and best.pt" if is_best else ""
+    print(f"saved {ckpt_path}{also} at step {state['step']} ({reason})", flush=True)
+
+
+def kept_message(out_dir, saved_step) -> str:
+    """What a run that stops on an error leaves behind."""
+    if saved_step is None:
+        return "no checkpoint was written"
+    return f"last good checkpoint kept at {Path(out_dir) / 'ckpt.pt'} (step {saved_step})"
 
 
 def save_checkpoint(path, checkpoint):
@@ -46,6 +90,7 @@ def load_checkpoint(path, mmap=False) -> dict:
     missing = [k for k in ("model", "model_args", "config", "step") if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)})")
+    checkpoint["model_args"] = {k: v for k, v in checkpoint["model_args"].items() if k not in RETIRED_FIELDS}
     return checkpoint
 
 
@@ -81,7 +126,7 @@ def model_from_checkpoint(checkpoint, device="cpu") -> GPT:
 
 def load_for_inference(out_dir, name="", device="auto", dtype="auto"):
     """(model in eval mode with weights cast to dtype, its tokenizer, device) from out_dir's
-    checkpoint (best.pt by default): what sample.py and interpret.py start from."""
+    checkpoint (best.pt by default): what sample.py and tools/interpret.py start from."""
     path = checkpoint_path(out_dir, name)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}; train one first, e.g. "
@@ -120,9 +165,9 @@ def check_vocabulary(weights_meta, vocab_size, meta, where):
 
 def check_resumable(checkpoint, model_args, meta, uses_muon, path):
     """Raise CheckpointError unless the run asked for can continue from this checkpoint."""
-    saved = GPTConfig(**checkpoint["model_args"]).__dict__  # fields added since it was saved take their defaults
-    differ = [f"{k} {saved.get(k)!r} in the checkpoint vs {v!r} requested"  # dropout, loss_chunk: free to change
-              for k, v in model_args.items() if k not in (*DROPOUT_FIELDS, "loss_chunk") and saved.get(k) != v]
+    saved = asdict(GPTConfig(**checkpoint["model_args"]))  # fields added since it was saved take their defaults
+    differ = [f"{k} {saved.get(k)!r} in the checkpoint vs {v!r} requested"  # dropout is free to change
+              for k, v in model_args.items() if k != "dropout" and saved.get(k) != v]
     if differ:
         raise CheckpointError(f"{path} does not match this config: {'; '.join(differ)}. "
                               "Use the checkpoint's model settings, or another out_dir to start afresh")

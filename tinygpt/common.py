@@ -1,8 +1,21 @@
-"""Durable file writes: a file appears whole or not at all, and a kept copy is never overwritten."""
+"""What every part of the package shares: the error types that end a command with a one-line message, and
+durable file writes (a file appears whole or not at all, and a kept copy is never overwritten)."""
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+
+class ConfigError(Exception):
+    """An option or config file is wrong; the message says which and how to fix it."""
+
+
+class DataError(Exception):
+    """A data set is missing or cannot be built; the message says how to fix it."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable or does not fit the requested model."""
 
 
 def atomic_write(path, write):

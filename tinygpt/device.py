@@ -1,9 +1,9 @@
-"""Where a run computes: the device, the precision, and the torchrun process group.
+"""Where a run computes: the device, the precision, the torchrun process group, and how a process ends.
 
-Every script asks here; no other file looks at torch.cuda, torch.distributed or torchrun's
-environment variables. Code elsewhere is device-agnostic: tensors are created on `device`,
-checkpoints load to the CPU, and host-only calls (`.item()`, `.tolist()`, `.numpy()`) happen only
-on values that were moved or reduced first.
+Every script asks here: no other file parses a device string, picks a dtype, or looks at
+torch.distributed or torchrun's environment variables (checkpoint.py saves the GPU's RNG state).
+Code elsewhere is device-agnostic: tensors are created on `device`, checkpoints load to the CPU,
+and host-only calls (`.item()`, `.tolist()`, `.numpy()`) happen only on values moved or reduced first.
 """
 import ctypes
 import datetime
@@ -11,8 +11,9 @@ import inspect
 import os
 import sys
 import time
+import traceback
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,14 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from options import ConfigError
+from tinygpt.common import ConfigError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # every script's --dtype choices
+
+
+def device_type(device) -> str:
+    """'cuda' for 'cuda:1': the kind of device, as torch.autocast and GradScaler name it."""
+    return device.split(":")[0]
 
 
 def resolve_device(name="auto") -> str:
@@ -54,7 +62,7 @@ def resolve_dtype(name, device) -> str:
     """'float32', 'bfloat16' or 'float16' for dtype=name; 'auto' picks the fastest safe one."""
     if name != "auto":
         return name
-    kind = device.split(":")[0]
+    kind = device_type(device)
     if kind == "cuda":  # emulated bf16 (T4, V100) is slow and has no flash kernels: fp16 + GradScaler there
         return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     if kind == "cpu" and cpu_has_fast_bf16():
@@ -66,19 +74,17 @@ def autocast_context(device, dtype):
     """Mixed precision for forward passes: autocast to dtype, or nothing for float32."""
     if dtype == "float32":
         return nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+    return torch.autocast(device_type=device_type(device), dtype=getattr(torch, dtype))
 
 
 def grad_scaler(device, dtype):
     """A GradScaler that is on only for float16, whose small range needs the loss scaled."""
-    return torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
+    return torch.amp.GradScaler(device_type(device), enabled=dtype == "float16")
 
 
-def set_up_device(device, threads=0, keep_freed_memory=False):
+def set_up_device(device, keep_freed_memory=False):
     """Process-wide settings: TF32 matmuls on CUDA (float32 range, 10-bit mantissa: fine for
-    training, much faster), the CPU thread count when one is given, and glibc's allocator."""
-    if threads:
-        torch.set_num_threads(threads)
+    training, much faster), and glibc's allocator."""
     if keep_freed_memory:
         keep_freed_host_memory()
     if device.startswith("cuda"):
@@ -99,16 +105,16 @@ def keep_freed_host_memory() -> bool:
 
 
 def compile_by_default(device) -> bool:
-    """torch.compile pays on CUDA; on a CPU its 30-40 s of compilation outweighed any gain here."""
+    """torch.compile pays on CUDA; on a CPU its compile time outweighs the gain of a short run (docs/results.md)."""
     return device.startswith("cuda")
 
 
 def compiled_decode_step(model):
     """model.decode_step under torch.compile with the weights frozen in as constants (inference only), so inductor
     can pre-pack them. On a CPU, max-autotune times inductor's own C++ GEMV kernels against oneDNN's for each
-    weight (they won 2-9x here, one token at a time); compiling takes ~30 s the first time, ~10 s once inductor's
-    cache holds it, and serves every later token. On CUDA the default mode (CUDA graphs are not used: untested)."""
-    import torch._inductor.config as inductor  # compile(options=...) did not reach freezing (torch 2.13): set it globally
+    weight and keeps the faster; compiling takes a while once and serves every later token (docs/results.md).
+    On CUDA the default mode (CUDA graphs are not used: untested)."""
+    import torch._inductor.config as inductor  # set globally: compile(options=...) does not reach freezing
     import torch._inductor.select_algorithm as autotune
     inductor.freezing = True
     autotune.PRINT_AUTOTUNE = False  # no timing tables on stderr, one per weight shape
@@ -146,7 +152,7 @@ def measured_matmul_flops(dtype) -> float:
 
 def peak_flops(device, dtype) -> float:
     """Peak FLOP/s of one device for MFU: measured on CPU, looked up on known GPUs, else 0 (unknown)."""
-    kind = device.split(":")[0]
+    kind = device_type(device)
     if kind == "cpu":
         return measured_matmul_flops(getattr(torch, dtype))
     if kind == "cuda":
@@ -207,7 +213,7 @@ def stop_distributed(dist, finished=False):
 def data_parallel(model, dist):
     """model wrapped in DDP when this is a torchrun job (else model itself). Its buffers (the rope and
     ALiBi tables) are constants, the same on every process: DDP must not broadcast them at every
-    forward. torch 2.13 renamed that switch (its new one still syncs once at start: harmless)."""
+    forward. Newer torch renamed that switch (the new one still syncs once at start: harmless)."""
     if not dist.enabled:
         return model
     renamed = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
@@ -225,11 +231,30 @@ def torchrun_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def exit_now(code):
-    """End the process with code at once, skipping the interpreter's and C++'s teardown. After a clean
-    destroy_process_group, gloo can still abort a process there ("terminate called without an active
-    exception", no Python frame; about 1 run in 60 under load here); callers have closed every file."""
-    sys.stdout.flush(), sys.stderr.flush()
+@contextmanager
+def torchrun_group(device_name):
+    """The with-block runs in torchrun's process group (a plain `python` run: rank 0 of 1, no group).
+    After a finished block every process waits for the others, then leaves the group; after an
+    error the block's frames are freed first (the DDP model in them holds the group's buffers)."""
+    dist = start_distributed(device_name)
+    try:
+        yield dist
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)
+        stop_distributed(dist)
+        raise
+    stop_distributed(dist, finished=True)
+
+
+def exit_process(code, at_once=False):
+    """End the process with code. Under torchrun (or at_once) skip the interpreter's and C++'s teardown:
+    after a clean destroy_process_group gloo can still abort a process there ("terminate called without
+    an active exception", exit -6 after the run's last line), so the job would report a finished run as
+    failed. Callers have closed every file."""
+    if not (at_once or in_torchrun()):
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(code)
 
 

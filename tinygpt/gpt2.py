@@ -9,7 +9,7 @@ approximation (mlp='gelu_tanh' here). The four GPT-2 names download with hugging
 
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?"
     python train.py configs/finetune_shakespeare.py           # init_from = 'gpt2-xl'
-    python export.py --out_dir=out-shakespeare --to=hf-shakespeare
+    python -m tools.export --out_dir=out-shakespeare --to=hf-shakespeare
 """
 import json
 from dataclasses import asdict, replace
@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from checkpoint import CheckpointError, check_vocabulary, checkpoint_path, clean_state_dict, load_checkpoint
-from files import atomic_write
-from dropout import FIELDS as DROPOUT_FIELDS
 from model import GPT, GPTConfig
+from tinygpt.checkpoint import check_vocabulary, checkpoint_path, clean_state_dict, load_checkpoint
+from tinygpt.common import CheckpointError, atomic_write
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M and 1558M parameters
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -131,14 +130,13 @@ def weights_to_fine_tune(cfg, meta, resume_from=None) -> tuple:
     its own checkpoint (a rerun of the same command) takes the shape from it and no tensors (None): they
     come with the resume. A one-line CheckpointError when the weights' vocabulary cannot read this data
     set, or their positions cannot hold one of its examples."""
-    dropout = {k: getattr(cfg, k) for k in DROPOUT_FIELDS}  # the run's, not the weights'
     if resume_from:
         weights = load_checkpoint(resume_from, mmap=True)  # mapped, not read: only its model_args and meta are used
-        model_args, state = {**weights["model_args"], **dropout}, None
+        model_args, state = {**weights["model_args"], "dropout": cfg.dropout}, None  # the run's dropout
     else:
         weights = load_weights(cfg.init_from)
         block_size = min(cfg.block_size, weights["model_args"]["block_size"])
-        model_args = {**weights["model_args"], "block_size": block_size, **dropout}
+        model_args = {**weights["model_args"], "block_size": block_size, "dropout": cfg.dropout}
         state = clean_state_dict(weights["model"])
         if "wpe.weight" in state:
             state["wpe.weight"] = state["wpe.weight"][:block_size]  # the first positions, as trained

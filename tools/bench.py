@@ -1,11 +1,11 @@
 """Speed and memory figures for this machine, printed, never asserted.
 
-    python bench.py                        # everything below, default config
-    python bench.py --only=generate        # KV-cache vs full-recompute generation
-    python bench.py --only=matmul          # measured matmul peak, fp32 and bf16
-    python bench.py --only=train --config=configs/shakespeare_char_cpu.py --dtype=bfloat16 --compile=True
-    python bench.py --nanogpt=../nanoGPT       # each figure next to nanoGPT's, measured in the same run
-    python bench.py --only=recipe --nanogpt=../nanoGPT   # whole-process wall time of the CPU recipe, both repos
+    python -m tools.bench                        # everything below, default config
+    python -m tools.bench --only=generate        # KV-cache vs full-recompute generation
+    python -m tools.bench --only=matmul          # measured matmul peak, fp32 and bf16
+    python -m tools.bench --only=train --config=configs/shakespeare_char_cpu.py --dtype=bfloat16 --compile=True
+    python -m tools.bench --nanogpt=../nanoGPT       # each figure next to nanoGPT's, measured in the same run
+    python -m tools.bench --only=recipe --nanogpt=../nanoGPT   # whole-process wall time of the CPU recipe, both repos
 
 Training figures come from train.py's own loop (its log.jsonl), so they are what a run gets.
 Generation figures are medians over repeated runs after a warm-up. Nothing here is asserted.
@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from device import compiled_decode_step, measured_matmul_flops, resolve_dtype
 from model import GPT, GPTConfig
-from options import ConfigError, must, run_cli
+from tinygpt.common import ConfigError
+from tinygpt.device import compiled_decode_step, measured_matmul_flops, resolve_dtype
+from tinygpt.options import must, run_cli
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -76,7 +77,7 @@ def bench_train(cfg):
     with tempfile.TemporaryDirectory() as out_dir:
         overrides = {"dtype": cfg.dtype, "compile": cfg.compile, "batch_size": cfg.batch_size, "device": cfg.device}
         args = [cfg.config, f"--out_dir={out_dir}", f"--max_iters={cfg.steps}", f"--log_interval={cfg.steps // 2}",
-                "--eval_interval=1000000", "--eval_iters=1", "--final_eval_full=False",
+                "--eval_interval=1000000", "--eval_iters=1",
                 *[f"--{key}={value}" for key, value in overrides.items() if value not in ("", 0, None)]]
         print(f"training: python train.py {' '.join(args[:1] + args[2:])}", flush=True)
         run = subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True)
@@ -203,7 +204,7 @@ def bench(cfg):
 
 
 def main(argv) -> int:
-    return run_cli(BenchConfig, argv, "usage: python bench.py [--key=value ...]", __doc__.split("\n\n")[0], bench)
+    return run_cli(BenchConfig, argv, "usage: python -m tools.bench [--key=value ...]", __doc__.split("\n\n")[0], bench)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Text <-> token ids: a character vocabulary, UTF-8 bytes or GPT-2's BPE (tiktoken), as meta.json names it,
 and the "Q: ...\\nA: ..." framing of the TinyTalks Q&A data that evaluation and chat share."""
-from dataset import DataError
+from tinygpt.common import DataError
 
 
 class CharTokenizer:

@@ -1,6 +1,6 @@
 """Export a checkpoint of this repo as a Hugging Face GPT-2 folder that transformers loads.
 
-    python export.py --out_dir=out-shakespeare --to=hf-shakespeare
+    python -m tools.export --out_dir=out-shakespeare --to=hf-shakespeare
     python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('hf-shakespeare')"
 
 The folder holds config.json and model.safetensors. Models with learned positions, GELU, a head tied
@@ -12,9 +12,10 @@ meta.json, since transformers has no tokenizer for it.
 import sys
 from dataclasses import dataclass
 
-from checkpoint import CheckpointError, checkpoint_path, load_checkpoint
-from gpt2 import export_hf
-from options import must, run_cli
+from tinygpt.checkpoint import checkpoint_path, load_checkpoint
+from tinygpt.common import CheckpointError
+from tinygpt.gpt2 import export_hf
+from tinygpt.options import must, run_cli
 
 
 @dataclass
@@ -34,7 +35,7 @@ def export(cfg):
 
 
 def main(argv) -> int:
-    return run_cli(ExportConfig, argv, "usage: python export.py --out_dir=OUT_DIR --to=FOLDER [--ckpt=best.pt]",
+    return run_cli(ExportConfig, argv, "usage: python -m tools.export --out_dir=OUT_DIR --to=FOLDER [--ckpt=best.pt]",
                    __doc__.split("\n\n")[0], export, (CheckpointError,))
 
 

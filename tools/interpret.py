@@ -1,7 +1,7 @@
 """Look inside a trained model: attention maps per layer and head, a logit lens, activation patching.
 
-    python interpret.py --out_dir=out-reverse --prompt="QWERTY=" --png=reverse_attention.png
-    python interpret.py --out_dir=out-reverse --prompt="QWERTY=" --corrupt="ASDFGH=" --png=reverse_patching.png
+    python -m tools.interpret --out_dir=out-reverse --prompt="QWERTY=" --png=reverse_attention.png
+    python -m tools.interpret --out_dir=out-reverse --prompt="QWERTY=" --corrupt="ASDFGH=" --png=reverse_patching.png
 
 The prompt is completed greedily up to `answer_tokens` new tokens, then the whole sequence is
 read back: each head's attention pattern is drawn as a heat map (row = query token, column =
@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import CheckpointError, load_for_inference
-from dataset import DataError
-from options import ConfigError, must, run_cli
+from tinygpt.checkpoint import load_for_inference
+from tinygpt.common import CheckpointError, ConfigError, DataError
+from tinygpt.device import DTYPES
+from tinygpt.options import must, run_cli
 
 
 @dataclass
@@ -39,8 +40,7 @@ class InterpretConfig:
     def __post_init__(self):
         must(self.answer_tokens >= 0, f"answer_tokens={self.answer_tokens} must not be negative")
         must(not self.corrupt or self.answer_tokens > 0, "patching needs answer_tokens >= 1: the answer it restores")
-        must(self.dtype in ("auto", "float32", "bfloat16", "float16"),
-             f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
+        must(self.dtype in DTYPES, f"dtype={self.dtype!r}: use one of {', '.join(DTYPES)}")
 
 
 @torch.no_grad()
@@ -340,7 +340,7 @@ def patch(cfg, model, tokenizer, device):
 
 
 def main(argv) -> int:
-    return run_cli(InterpretConfig, argv, "usage: python interpret.py [--key=value ...]", __doc__.split("\n\n")[0],
+    return run_cli(InterpretConfig, argv, "usage: python -m tools.interpret [--key=value ...]", __doc__.split("\n\n")[0],
                    interpret, (CheckpointError, DataError))
 
 
