@@ -1,0 +1,46 @@
+"""Build a data set into data/<name>/: train.bin and val.bin (token ids) and meta.json.
+
+    python prepare.py shakespeare_char                    # TinyShakespeare by character (vocab 65)
+    python prepare.py shakespeare                         # the same text in GPT-2 BPE (tiktoken)
+    python prepare.py tinytalks                           # TinyTalks Q&A pairs by character
+    python prepare.py shakespeare_byte                    # TinyShakespeare, TinyTalks as UTF-8 bytes: one
+    python prepare.py tinytalks_byte                      #   shared vocabulary, to pretrain on one, tune on the other
+    python prepare.py mybook --source=my.txt              # any text file [--tokenizer=byte|gpt2]
+    python prepare.py reverse                             # the attention tasks: reverse, copy, mixed [--seed=N]
+
+Downloads come from pinned URLs and must match their pinned sha256; --source=PATH_OR_URL reads a local
+copy or another URL instead (for tinytalks: a folder holding splits/train.txt etc.). A data set already
+built from the same inputs is left as it is. The builders are in tinygpt/datasets.py.
+"""
+import sys
+from dataclasses import dataclass
+
+from tinygpt.common import DataError
+from tinygpt.datasets import DATASETS, prepare
+from tinygpt.options import must, run_cli
+from tinygpt.tokenizer import TOKENIZERS
+
+
+@dataclass
+class PrepareConfig:
+    dataset: str = ""            # shakespeare_char, shakespeare, tinytalks, *_byte, reverse, copy, mixed, or your own
+    source: str = ""             # local file/folder or http(s) URL instead of the pinned download (required for your own)
+    tokenizer: str = ""          # for your own text: 'char' (default), 'byte' or 'gpt2'
+    seed: int | None = None      # for reverse/copy/mixed (default 1337)
+    data_dir: str = "data"       # the data set goes to data_dir/dataset
+
+    def __post_init__(self):
+        must(self.dataset, f"name a data set: python prepare.py NAME (one of {', '.join(DATASETS)}, or your own "
+                           "with --source=FILE)")
+        must(self.tokenizer in ("", *TOKENIZERS), f"tokenizer={self.tokenizer!r}: use char, byte or gpt2")
+
+
+def main(argv) -> int:
+    args = [f"--dataset={a}" if not a.startswith("-") else a for a in argv]  # the bare NAME
+    return run_cli(PrepareConfig, args, "usage: python prepare.py NAME [--key=value ...]", __doc__,
+                   lambda cfg: prepare(cfg.dataset, cfg.source or None, cfg.data_dir, cfg.tokenizer or None, cfg.seed),
+                   (DataError, OSError))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
