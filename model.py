@@ -54,10 +54,9 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far: per layer k and v (B, n_head, max_len, head_dim), preallocated
-    at the first write (a compiled step updates them in place), filled up to `pos` (GPT.forward advances it).
-    sinks > 0: make_room keeps the first `sinks` entries and shifts the rest left. `slot`, a (1,) tensor on the
-    device, is where decode_step writes its token."""
+    """Keys and values of the tokens seen so far: per layer k and v (B, n_head, max_len, head_dim), allocated at the
+    first write (a compiled step updates them in place), filled up to `pos` (GPT.forward advances it). sinks > 0:
+    make_room keeps the first `sinks` and shifts the rest left. `slot` (a tensor) is where decode_step writes."""
 
     def __init__(self, n_layer, max_len, sinks=0):
         self.n_layer, self.max_len, self.sinks = n_layer, max_len, sinks
@@ -74,7 +73,7 @@ class KVCache:
         self.pos -= drop
 
     def update(self, layer, k, v):
-        """Store k, v (B, n_head, T, head_dim) at `pos`, return those so far; with a slot, every slot."""
+        """Store k, v (B, nh, T, hs) at `pos`, return those so far; with a slot, store there, return every slot."""
         if self.k is None:
             shape = (k.size(0), k.size(1), self.max_len, k.size(3))
             self.k = [k.new_zeros(shape) for _ in range(self.n_layer)]
@@ -189,23 +188,19 @@ class CausalSelfAttention(nn.Module):
     def attend(self, q, k, v, mask):
         precision = torch.autocast(q.device.type, enabled=False) if self.attn_float32 else nullcontext()
         with precision:
-            if q.size(2) == 1 and torch.compiler.is_compiling():
-                return self.one_query_attention(q, k, v, mask)
-            dropout_p = self.dropout if self.training else 0.0
-            is_causal = mask is None and q.size(2) > 1
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
-                                                  scale=self.scale)
-
-    def one_query_attention(self, q, k, v, mask):
-        """Written out for the compiled decode step: inductor fuses it, where sdpa's CPU kernel costs more in fixed
-        overhead than in work for one query. Softmax in fp32, as sdpa's."""
-        scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, 1, keys)
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            scores = scores + mask
-        weights = scores.softmax(dim=-1, dtype=torch.float32)
-        return weights.to(v.dtype) @ v
+            if q.size(2) > 1 or not torch.compiler.is_compiling():
+                dropout_p = self.dropout if self.training else 0.0
+                is_causal = mask is None and q.size(2) > 1
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                      is_causal=is_causal, scale=self.scale)
+            # the compiled decode step's one query, written out: inductor fuses it, where sdpa's CPU kernel costs
+            # more in fixed overhead than in work. Softmax in fp32, as sdpa's.
+            scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, 1, keys)
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            else:
+                scores = scores + mask
+            return scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v
 
     def attention_mask(self, T, start, n_keys, device):
         """attn_mask of T queries at positions start.. over n_keys keys: None where is_causal (or a lone query) does
@@ -257,9 +252,11 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.max_positions = math.inf  # without a cache: only learned positions end, the others extrapolate
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         if config.pos == "learned":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
+            self.max_positions = config.block_size
         if config.pos in ("sinusoidal", "rope"):  # fixed tables: buffers rebuilt from the config, not saved
             dim = config.n_embd if config.pos == "sinusoidal" else config.n_embd // config.n_head
             self.table_base = config.rope_base if config.pos == "rope" else 10000.0
@@ -316,17 +313,12 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         """Logits (B, T, V) and the mean cross-entropy when targets are given (target -1 is ignored); else the last
-        position's logits (B, 1, V). Without a cache only learned positions stop at block_size; the others extrapolate."""
+        position's logits (B, 1, V), all generation needs."""
         B, T = idx.size()
         if cache is not None and cache.sinks:
             cache.make_room(T)
-        start = 0
-        limit = math.inf
-        if cache is not None:
-            start = cache.pos
-            limit = cache.max_len
-        elif self.config.pos == "learned":
-            limit = self.config.block_size
+        start = cache.pos if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.max_positions
         if start + T > limit:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's {limit}")
         x, rope = self.embed(idx, start)
@@ -341,7 +333,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def trunk(self, x, rope, cache):
-        """The blocks in turn; with unet_skips block i of the second half also gets block n_layer - 1 - i's output."""
+        """The blocks in turn; with unet_skips block i of the second half also adds block n_layer-1-i's output."""
         n_layer = self.config.n_layer
         half = n_layer // 2 if self.config.unet_skips else 0
         skips = []
@@ -381,8 +373,8 @@ class GPT(nn.Module):
         return logits, cache
 
     def decode_step(self, token, cache):
-        """Logits (B, 1, V) of token (B, 1) written at cache.slot, attending over every slot (the later ones
-        masked): all shapes fixed, so torch.compile takes the whole step (sample.py --compile)."""
+        """Logits (B, 1, V) of token (B, 1) at cache.slot over every slot (later ones masked): all shapes fixed, so
+        torch.compile takes the whole step (sample.py --compile)."""
         x, rope = self.embed(token, cache.slot)
         x = self.trunk(x, rope, cache)
         return self.lm_head(self.ln_f(x))
