@@ -38,7 +38,7 @@ class SampleConfig:
     chat: bool = False           # read questions from stdin, answer each as "Q: ...\nA:" prompts
     history: bool = True         # in --chat, earlier turns stay in the context (whole turns, oldest dropped first)
     sink_tokens: int = 0         # past the window keep the first N tokens + the latest (attention sinks; rope/alibi); 0 = slide
-    compile: bool = False        # compile a fixed-shape decode step: slow to start, then ~3x tokens/s; no sinks
+    compile: bool = False        # compile a fixed-shape decode step: slow to start, then faster per token; no sinks
 
     def __post_init__(self):
         must(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 is greedy)")

@@ -27,11 +27,11 @@ from model import GPT, GPTConfig
 from tinygpt.checkpoint import (check_resumable, checkpoint_to_resume, kept_message, load_checkpoint,
                                 restore_rng_states, save_training_state, training_state)
 from tinygpt.common import CheckpointError, ConfigError, DataError
-from tinygpt.data import TRAIN_STREAM, Batches, batch_rng, load_meta, picks_of_rank, prepare_if_missing
-from tinygpt.data import split_global_batch
+from tinygpt.data import (TRAIN_STREAM, Batches, batch_rng, load_meta, picks_of_rank, prepare_if_missing,
+                          split_global_batch)
 from tinygpt.device import (DTYPES, any_rank, autocast_context, broadcast_from_master, collectively,
                             compile_by_default, data_parallel, device_type, exit_process, grad_scaler, peak_flops,
-                            resolve_dtype, set_up_device, sum_over_ranks, torchrun_group, torchrun_rank)
+                            print0, resolve_dtype, set_up_device, sum_over_ranks, torchrun_group, torchrun_rank)
 from tinygpt.evaluation import estimate_loss, final_report
 from tinygpt.gpt2 import GPT2_NAMES, weights_to_fine_tune
 from tinygpt.optim import make_optimizers
@@ -227,20 +227,19 @@ def train(cfg, argv, dist) -> int:
     """Set up, run the loop, then the final evaluation, in this process: torchrun's rank dist.rank, or the only one."""
     # ---------------------------------------------------------------------------------- set-up
     device, master = dist.device, dist.is_master
-    say = print if master else (lambda *args, **kwargs: None)
     dtype = resolve_dtype(cfg.dtype, device)
     set_up_device(device, cfg.keep_freed_memory)
     ctx = autocast_context(device, dtype)
     out_dir = Path(cfg.out_dir)
     log = None
     try:
-        collectively(lambda: prepare_if_missing(cfg.dataset, cfg.data_dir, cfg.data_source), dist, "node")
+        collectively(dist, "node", prepare_if_missing, cfg.dataset, cfg.data_dir, cfg.data_source)
         folder = Path(cfg.data_dir) / cfg.dataset
         meta = load_meta(folder)
-        resume_from = broadcast_from_master(collectively(lambda: checkpoint_to_resume(cfg), dist, "master"), dist)
+        resume_from = broadcast_from_master(collectively(dist, "master", checkpoint_to_resume, cfg), dist)
         model_args, start_weights = model_args_of(cfg, meta["vocab_size"]), None
         if cfg.init_from not in ("auto", "resume", "scratch"):  # fine-tuning: the model's shape is the weights'
-            cfg, model_args, start_weights = collectively(lambda: weights_to_fine_tune(cfg, meta, resume_from), dist)
+            cfg, model_args, start_weights = collectively(dist, "all", weights_to_fine_tune, cfg, meta, resume_from)
         batches = Batches(folder, meta, cfg.block_size, device)
         if batches.task and cfg.block_size < batches.seq_len:
             raise ConfigError(f"block_size={cfg.block_size} is shorter than the {batches.seq_len} tokens "
@@ -249,8 +248,8 @@ def train(cfg, argv, dist) -> int:
             micro_steps, rows = split_global_batch(cfg.gradient_accumulation_steps, cfg.batch_size, dist.world_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        model, optimizers, scaler, resumed = collectively(
-            lambda: build_training_state(cfg, model_args, meta, device, dtype, resume_from, start_weights), dist)
+        model, optimizers, scaler, resumed = collectively(dist, "all", build_training_state, cfg, model_args, meta, device,
+                                                          dtype, resume_from, start_weights)
         resumed = resumed or {"step": 0, "best_val_loss": math.inf, "best_step": None}
         step = resumed["step"]  # optimizer steps done; the next one is step + 1
         best_val_loss, best_step = resumed["best_val_loss"], resumed["best_step"]  # best.pt holds best_step
@@ -260,19 +259,19 @@ def train(cfg, argv, dist) -> int:
         use_compile = compile_by_default(device) if cfg.compile is None else cfg.compile
         compiled = torch.compile(model) if use_compile else model
         train_model = data_parallel(compiled, dist)  # DDP over the compiled model
-        say(as_config_file(cfg))
-        log = collectively(lambda: RunLog(cfg, enabled=True), dist, "master") or RunLog(cfg, enabled=False)
+        print0(as_config_file(cfg))
+        log = collectively(dist, "master", RunLog, cfg, True) or RunLog(cfg, enabled=False)
         peak = peak_flops(device, dtype) if master else 0.0
         tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * batches.seq_len
-        say(f"device {device}, dtype {dtype}, compile {use_compile}, {dist.world_size} process(es), "
+        print0(f"device {device}, dtype {dtype}, compile {use_compile}, {dist.world_size} process(es), "
             f"{model.num_params() / 1e6:.2f}M parameters")
-        say(f"tokens per optimizer step: {tokens_per_step:,} = {cfg.gradient_accumulation_steps} micro-steps x "
+        print0(f"tokens per optimizer step: {tokens_per_step:,} = {cfg.gradient_accumulation_steps} micro-steps x "
             f"{cfg.batch_size} sequences x {batches.seq_len} tokens; each process: {micro_steps} x {rows}")
-        say(f"peak for MFU: {f'{peak:.4g} FLOP/s' if peak else 'unknown for this device (MFU n/a)'}")
+        print0(f"peak for MFU: {f'{peak:.4g} FLOP/s' if peak else 'unknown for this device (MFU n/a)'}")
         if resume_from:
-            say(f"resuming from {resume_from} at step {step} (best val loss {best_val_loss:.4f})")
+            print0(f"resuming from {resume_from} at step {step} (best val loss {best_val_loss:.4f})")
         elif start_weights is not None:
-            say(f"fine-tuning {cfg.init_from}: its weights and shape (block_size {cfg.block_size}), a fresh optimizer")
+            print0(f"fine-tuning {cfg.init_from}: its weights and shape (block_size {cfg.block_size}), a fresh optimizer")
             start_weights = None  # the model holds them now; drop the host copy
 
         # -------------------------------------------------------------------------------- the loop
@@ -296,7 +295,7 @@ def train(cfg, argv, dist) -> int:
                         state = training_state(model, optimizers, scaler, cfg, model_args, meta, step, best_val_loss,
                                                best_step)
                         reason = "val improved" if improved else "eval"
-                        collectively(lambda: save_training_state(out_dir, state, improved, reason), dist, "master")
+                        collectively(dist, "master", save_training_state, out_dir, state, improved, reason)
                         saved_step = step
                     timer = (time.perf_counter(), step)  # ms/step measures training, not evaluation
                 if step >= cfg.max_iters:
@@ -351,17 +350,17 @@ def train(cfg, argv, dist) -> int:
                     read_losses(pending_losses, step, dist, kept_message(out_dir, saved_step))
                     state = training_state(model, optimizers, scaler, cfg, model_args, meta, step, best_val_loss,
                                            best_step)
-                    collectively(lambda: save_training_state(out_dir, state, False, "interrupted"), dist, "master")
+                    collectively(dist, "master", save_training_state, out_dir, state, False, "interrupted")
                     argv = [a for a in argv if not a.startswith("--init_from=")]
                     launcher = "torchrun <your torchrun options> train.py" if dist.enabled else "python train.py"
-                    say(f"interrupted at step {step}; resume with: {launcher} {shlex.join(argv)}", flush=True)
+                    print0(f"interrupted at step {step}; resume with: {launcher} {shlex.join(argv)}", flush=True)
                     return 0
 
         # ------------------------------------------------------------------ the final evaluation
         best_path = out_dir / "best.pt"
         if best_step not in (None, step) and best_path.is_file():  # judge what sample.py loads by default
-            model.load_state_dict(collectively(lambda: load_checkpoint(best_path), dist)["model"])
-            say(f"final evaluation of {best_path}: step {best_step}, the best val loss of the run")
+            model.load_state_dict(collectively(dist, "all", load_checkpoint, best_path)["model"])
+            print0(f"final evaluation of {best_path}: step {best_step}, the best val loss of the run")
         for record in final_report(model, batches, ctx, cfg.batch_size, cfg.val_loss_bar, cfg.exact_match_bar, dist):
             log.write("", {**record, "step": step})
         return 0

@@ -258,6 +258,12 @@ def exit_process(code, at_once=False):
     os._exit(code)
 
 
+def print0(*args, **kwargs):
+    """print, on rank 0 only: one process speaks for a torchrun job (every one of them computes)."""
+    if torchrun_rank() == 0:
+        print(*args, **kwargs)
+
+
 def restart_count() -> int:
     """How often torchrun has relaunched this job after a failure (0 on the first attempt)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -289,17 +295,17 @@ def broadcast_from_master(value, dist):
     return box[0]
 
 
-def collectively(work, dist, runs_on="all"):
-    """Every process calls this; work() runs on all of them, or only on rank 0 ('master') or on local
-    rank 0 of each node ('node'), the others waiting. Then every process raises the first exception
-    any of them met, so an error on one rank (a full disk, a missing file) stops the whole job
-    instead of leaving the others stuck in their next collective. Returns work()'s result (None
+def collectively(dist, runs_on, work, *args):
+    """Every process calls this; work(*args) runs on all of them ('all'), or only on rank 0 ('master') or
+    on local rank 0 of each node ('node'), the others waiting. Then every process raises the first
+    exception any of them met, so an error on one rank (a full disk, a missing file) stops the whole
+    job instead of leaving the others stuck in their next collective. Returns work's result (None
     where it did not run)."""
     chosen = {"all": True, "master": dist.rank == 0, "node": dist.local_rank == 0}[runs_on]
     result, error = None, None
     if chosen:
         try:
-            result = work()
+            result = work(*args)
         except Exception as e:  # passed to the other ranks, then raised everywhere
             error = e
     if dist.enabled:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tinygpt.data import EVAL_STREAM, batch_rng
-from tinygpt.device import Dist, sum_over_ranks
+from tinygpt.device import Dist, print0, sum_over_ranks
 from tinygpt.tokenizer import qa_pairs, qa_prompt, tokenizer_from_meta
 
 
@@ -153,7 +153,7 @@ def answer_scores(answers, references, known_words) -> tuple:
     return real, overlap
 
 
-def qa_report(model, batches, ctx, say) -> dict:
+def qa_report(model, batches, ctx) -> dict:
     """Score greedy answers to the held-out test questions (real words, content overlap, overall and per
     level) and print every answer next to its reference."""
     pairs = qa_pairs((batches.folder / batches.meta["test_file"]).read_text(encoding="utf-8"))
@@ -163,7 +163,7 @@ def qa_report(model, batches, ctx, say) -> dict:
     references = [reference for _, reference in pairs]
     known = set(words(tokenizer.decode(batches.tokens("train"))))
     real, overlap = answer_scores(answers, references, known)
-    say(f"held-out test answers: loss {loss:.4f} over {len(pairs)} pairs; greedy answers: {100 * real:.1f}% of "
+    print0(f"held-out test answers: loss {loss:.4f} over {len(pairs)} pairs; greedy answers: {100 * real:.1f}% of "
         f"their words are real words (in the training text), {100 * overlap:.1f}% share a content word with "
         "the reference (3+ letters, not a stop word)")
     levels = [level_of(question) for question, _ in pairs]
@@ -171,24 +171,23 @@ def qa_report(model, batches, ctx, say) -> dict:
         picked = [i for i, level in enumerate(levels) if level == name]
         if picked:
             r, o = answer_scores([answers[i] for i in picked], [references[i] for i in picked], known)
-            say(f"  {name:24} {len(picked):3} answers: {100 * r:5.1f}% real words, {100 * o:5.1f}% overlap")
+            print0(f"  {name:24} {len(picked):3} answers: {100 * r:5.1f}% real words, {100 * o:5.1f}% overlap")
     for (question, reference), answer, level in zip(pairs, answers, levels):
-        say(f"  [{level.split()[0]}] Q: {question}\n     model: {answer}\n     reference: {reference}")
+        print0(f"  [{level.split()[0]}] Q: {question}\n     model: {answer}\n     reference: {reference}")
     return {"kind": "test", "qa_answer_loss": loss, "real_words": real, "answer_overlap": overlap}
 
 
 def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_bar=0.0, dist=Dist()) -> list:
     """Print the final scores (rank 0 prints; every process computes its share); return the records."""
-    say = print if dist.is_master else (lambda *a, **k: None)
     loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
-    say(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}{verdict_text(loss, val_loss_bar)}", flush=True)
+    print0(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}{verdict_text(loss, val_loss_bar)}", flush=True)
     records = [{"kind": "final", "val_loss_full": loss, "val_tokens": tokens}]
     if not math.isfinite(loss):
         return records
     if batches.task:
         accuracy = exact_match_accuracy(model, batches.examples("val"), batches.prompt_len, device=batches.device, dist=dist)
-        say(f"test exact match: {100 * accuracy:.1f}%{verdict_text(100 * accuracy, 100 * exact_match_bar, True, '%')}")
+        print0(f"test exact match: {100 * accuracy:.1f}%{verdict_text(100 * accuracy, 100 * exact_match_bar, True, '%')}")
         records.append({"kind": "test", "exact_match": accuracy})
     if batches.meta.get("qa") and batches.meta.get("test_file") and dist.is_master:
-        records.append(qa_report(model, batches, ctx, say))
+        records.append(qa_report(model, batches, ctx))
     return records
