@@ -393,9 +393,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **options):
         """idx (B, T) with max_new_tokens tokens appended, sampled as generate_stream's options say."""
-        for next_token in self.generate_stream(idx, max_new_tokens, **options):
-            idx = torch.cat((idx, next_token[:, None]), dim=1)
-        return idx
+        new_tokens = [token[:, None] for token in self.generate_stream(idx, max_new_tokens, **options)]
+        return torch.cat([idx, *new_tokens], dim=1)
 
     def num_params(self, non_embedding=True):
         """Parameter count; non_embedding leaves out tables that do no matmul work per token."""

@@ -69,7 +69,7 @@ def median_seconds(fn, repeats, warmup=1):
 
 def bench_matmul(cfg):
     for dtype in (torch.float32, torch.bfloat16):
-        print(f"matmul peak {str(dtype):15s} {measured_matmul_flops(dtype) / 1e9:8.1f} GFLOP/s (1024x1024, best of 5)")
+        print(f"matmul peak {str(dtype):15s} {measured_matmul_flops(dtype) / 1e9:8.1f} GFLOP/s (the best of 3 runs at 2 sizes)")
 
 
 def bench_train(cfg):
