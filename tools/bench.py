@@ -29,7 +29,7 @@ import torch
 
 from model import GPT, GPTConfig
 from tinygpt.common import ConfigError
-from tinygpt.device import compiled_decode_step, measured_matmul_flops, resolve_dtype
+from tinygpt.device import DTYPES, compiled_decode_step, measured_matmul_flops, resolve_dtype
 from tinygpt.options import must, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ class BenchConfig:
     def __post_init__(self):
         must(self.only in ("", *SECTIONS), f"only={self.only!r}: use one of {', '.join(SECTIONS)}")
         must(self.steps >= 2, f"steps={self.steps} must be at least 2 (the figures come from the second half)")
-        must(self.gen_dtype in ("auto", "float32", "bfloat16"), f"gen_dtype={self.gen_dtype!r}: use auto, float32 or bfloat16")
+        must(self.gen_dtype in DTYPES, f"gen_dtype={self.gen_dtype!r}: use one of {', '.join(DTYPES)}")
         must(not self.nanogpt or (Path(self.nanogpt) / "model.py").is_file(),
              f"nanogpt={self.nanogpt!r}: no model.py there; give the folder of a nanoGPT checkout")
         must(self.only != "recipe" or self.nanogpt, "only=recipe compares with nanoGPT: give --nanogpt=PATH")
