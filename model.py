@@ -37,6 +37,8 @@ class GPTConfig:
     attn_float32: bool = False  # attention in fp32 under autocast: a CPU's bf16 attention backward is slow
 
     def __post_init__(self):
+        if self.n_head < 1:
+            raise ValueError(f"n_head={self.n_head} must be at least 1")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.pos not in POSITIONS:

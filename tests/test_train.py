@@ -499,6 +499,8 @@ def test_config_parser_converts_and_checks_types(tmp_path):
     with pytest.raises(ConfigError, match="n_embd=48 must be divisible by n_head=5"):  # checked once, at the end
         parse_options(TrainConfig, ["--n_head=5", "--n_embd=48"])
     assert parse_options(TrainConfig, ["--n_head=5", "--n_embd=40"]).n_head == 5
+    with pytest.raises(ConfigError, match="n_head=0 must be at least 1"):  # not a ZeroDivisionError's traceback
+        parse_options(TrainConfig, ["--n_head=0"])
 
 
 def test_help_lists_every_option_with_its_default_and_comment(tmp_path):
