@@ -189,6 +189,8 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q, k, v, mask):
         precision = torch.autocast(q.device.type, enabled=False) if self.attn_float32 else nullcontext()
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)  # ALiBi's bias follows cast weights, q may be fp32 (attn_float32): sdpa wants one dtype
         with precision:
             if q.size(2) > 1 or not torch.compiler.is_compiling():
                 dropout_p = self.dropout if self.training else 0.0

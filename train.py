@@ -34,7 +34,7 @@ from tinygpt.device import (DTYPES, any_rank, autocast_context, broadcast_from_m
                             print0, resolve_dtype, set_up_device, sum_over_ranks, torchrun_group, torchrun_rank)
 from tinygpt.evaluation import estimate_loss, final_report
 from tinygpt.gpt2 import GPT2_NAMES, weights_to_fine_tune
-from tinygpt.optim import make_optimizers
+from tinygpt.optim import clip_and_step, load_optimizer_state, make_optimizers
 from tinygpt.options import as_config_file, help_text, must, parse_options, wants_help
 
 
@@ -190,20 +190,18 @@ def build_training_state(cfg, model_args, meta, device, dtype, resume_from=None,
         model = GPT(GPTConfig(**model_args))
     optimizers = make_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type(device),
                                  muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
-    requested = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers]
+    for group in (g for optimizer in optimizers for g in optimizer.param_groups):
+        group["peak_lr"] = group["lr"]  # the schedule scales each group's own peak
     scaler = grad_scaler(device, dtype)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         for optimizer, state in zip(optimizers, [checkpoint["optimizer"], checkpoint.get("muon")]):
-            optimizer.load_state_dict(state)
+            load_optimizer_state(optimizer, state)  # this run's lr, betas, decay and kernel, not the checkpoint's
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         restore_rng_states(checkpoint["rng"])
     elif start_weights is not None:  # fine-tuning: these weights, with a fresh optimizer and schedule from step 0
         model.load_state_dict(start_weights)
-    for optimizer, settings in zip(optimizers, requested):  # this run's lr, betas, decay, not the checkpoint's
-        for group, setting in zip(optimizer.param_groups, settings):
-            group.update(setting, peak_lr=setting["lr"])  # the schedule scales each group's own peak
     resumed = checkpoint and {"step": checkpoint["step"], "best_val_loss": checkpoint.get("best_val_loss", math.inf),
                               "best_step": checkpoint.get("best_step")}
     return model, optimizers, scaler, resumed
@@ -319,15 +317,7 @@ def train(cfg, argv, dist) -> int:
                         x, y = batches.batch("train", picks[micro + 1])  # loads while the device computes
                     scaler.scale(loss).backward()
                     step_loss += loss.detach()
-                if cfg.grad_clip:
-                    for optimizer in optimizers:
-                        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                for optimizer in optimizers:
-                    scaler.step(optimizer)
-                scaler.update()
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
+                clip_and_step(optimizers, scaler, model.parameters(), cfg.grad_clip)
                 step += 1
                 pending_losses.append(step_loss)
 

@@ -30,6 +30,34 @@ def make_optimizers(model, weight_decay, learning_rate, betas, device_type, muon
     return optimizers
 
 
+def clip_and_step(optimizers, scaler, parameters, grad_clip):
+    """One optimizer step of every optimizer on the accumulated gradients: unscaled (fp16), clipped to grad_clip
+    (0: not clipped), stepped, then zeroed. GradScaler skips each optimizer whose own gradients overflowed; the
+    clip therefore never scales with a non-finite norm, which would zero (inf) or poison (nan) the gradients of
+    the other optimizer, whose step GradScaler lets through."""
+    if grad_clip:
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        parameters = [p for p in parameters if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        finite_norm = torch.where(norm.isfinite(), norm, 0.0)  # 0: the clip factor clamps to 1, nothing scaled
+        torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip, finite_norm)
+    for optimizer in optimizers:
+        scaler.step(optimizer)
+    scaler.update()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+
+
+def load_optimizer_state(optimizer, saved):
+    """saved's moments and step counts, under this optimizer's own settings: its lr, betas and decay, and its
+    kernel. The saved kernel flags decide where torch puts the step counts: a CPU run's (fused=False) would
+    leave them on the host, and a fused CUDA kernel rejects them."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    groups = [{**old, **new} for old, new in zip(saved["param_groups"], settings)]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
+
+
 class BatchedMuon(torch.optim.Muon):
     """torch.optim.Muon (torch >= 2.9): Nesterov momentum, bf16 Newton-Schulz on the wide orientation, the lr scaled
     by sqrt(max(1, rows / cols)) ("original"), decoupled weight decay; same-shape matrices orthogonalized as one."""
