@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig
-from tinygpt.checkpoint import (check_resumable, checkpoint_to_resume, kept_message, load_checkpoint,
-                                restore_rng_states, save_training_state, training_state)
+from tinygpt.checkpoint import (check_resumable, check_visible, checkpoint_to_resume, kept_message, load_checkpoint,
+                                load_weights_from_master, restore_rng_states, save_training_state, training_state)
 from tinygpt.common import CheckpointError, ConfigError, DataError
 from tinygpt.data import (TRAIN_STREAM, Batches, batch_rng, load_meta, picks_of_rank, prepare_if_missing,
                           split_global_batch)
@@ -182,7 +182,7 @@ def build_training_state(cfg, model_args, meta, device, dtype, resume_from=None,
     The checkpoint is loaded to the CPU: load_state_dict copies weights and optimizer moments to
     the parameters' device, the RNG states stay on the host where they are used, and the host copy
     is dropped when this returns."""
-    checkpoint = load_checkpoint(resume_from) if resume_from else None
+    checkpoint = load_checkpoint(resume_from, mmap=True) if resume_from else None  # processes share the pages
     if checkpoint:
         check_resumable(checkpoint, model_args, meta, cfg.muon_lr > 0, resume_from)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
@@ -235,6 +235,7 @@ def train(cfg, argv, dist) -> int:
         folder = Path(cfg.data_dir) / cfg.dataset
         meta = load_meta(folder)
         resume_from = broadcast_from_master(collectively(dist, "master", checkpoint_to_resume, cfg), dist)
+        collectively(dist, "all", check_visible, resume_from)  # every process reads it (on every node)
         model_args, start_weights = model_args_of(cfg, meta["vocab_size"]), None
         if cfg.init_from not in ("auto", "resume", "scratch"):  # fine-tuning: the model's shape is the weights'
             cfg, model_args, start_weights = collectively(dist, "all", weights_to_fine_tune, cfg, meta, resume_from)
@@ -347,9 +348,9 @@ def train(cfg, argv, dist) -> int:
                     return 0
 
         # ------------------------------------------------------------------ the final evaluation
-        best_path = out_dir / "best.pt"
-        if best_step not in (None, step) and best_path.is_file():  # judge what sample.py loads by default
-            model.load_state_dict(collectively(dist, "all", load_checkpoint, best_path)["model"])
+        best_path = out_dir / "best.pt"  # judge what sample.py loads by default; rank 0's file decides
+        if best_step not in (None, step) and broadcast_from_master(best_path.is_file(), dist):
+            load_weights_from_master(model, best_path, dist)
             print0(f"final evaluation of {best_path}: step {best_step}, the best val loss of the run")
         for record in final_report(model, batches, ctx, cfg.batch_size, cfg.val_loss_bar, cfg.exact_match_bar, dist):
             log.write("", {**record, "step": step})

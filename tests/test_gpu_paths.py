@@ -3,11 +3,13 @@ with two optimizers, resuming another device's optimizer state, file decisions u
 copies, and the MFU peak table. Each test failed on the code before its fix."""
 import copy
 import math
+import socket
+import subprocess
 
 import pytest
 import torch
 
-from conftest import REPO, run_script, tiny_model
+from conftest import ENV, REPO, TINY, records, run_train, tiny_model
 from model import GPT, GPTConfig
 from tinygpt.checkpoint import save_checkpoint
 from tinygpt.optim import clip_and_step, load_optimizer_state, make_optimizers
@@ -93,3 +95,58 @@ def test_resumed_optimizer_state_takes_this_runs_kernel_whatever_the_checkpoint_
                         assert value.device == (torch.device("cpu") if host_step else p.device), (name, saved_fused)
                         assert value.dtype == torch.float32
         assert gpu_optimizers[0].param_groups[0]["fused"] is True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_nodes(tmp_path, args, timeout=120) -> list:
+    """train.py as two one-process torchrun agents (two 'nodes' meeting at a c10d rendezvous on 127.0.0.1),
+    each in its own folder, so that a relative out_dir is a different folder on each node: the set-up of a
+    multi-node job without shared storage. Returns both finished processes."""
+    port = free_port()
+    launcher = ["torchrun", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test{port}"]
+    nodes = []
+    for name in ("node_a", "node_b"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        command = [*launcher, str(REPO / "train.py"), *args]
+        nodes.append(subprocess.Popen(command, cwd=tmp_path / name, env=ENV, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        for node in nodes:
+            node.stdout_text, node.stderr_text = node.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            node.kill()
+        raise AssertionError(f"the two nodes hung for {timeout} s (mismatched collectives?)") from None
+    return nodes
+
+
+def test_two_nodes_without_a_shared_out_dir_judge_the_best_checkpoint_and_refuse_to_resume_it(tmp_path, data_dir):
+    # The lr jumps from warmup to 20 after step 4: val improves at step 4 and explodes by step 8, so the final
+    # evaluation must reload best.pt (step 4), which exists on rank 0's node only.
+    args = [*TINY, f"--data_dir={data_dir}", "--dataset=tiny", "--out_dir=out", "--max_iters=8", "--eval_interval=4",
+            "--warmup_iters=4", "--lr_decay_iters=4", "--learning_rate=0.05", "--min_lr=20"]
+    run_train(args, cwd=tmp_path)  # one process, for reference
+    [reference] = records(tmp_path / "out", "final")
+    evals = records(tmp_path / "out", "eval")
+    assert min(evals, key=lambda r: r["val"])["step"] == 4 != evals[-1]["step"]  # the premise
+
+    nodes = run_two_nodes(tmp_path, args)
+    assert [node.returncode for node in nodes] == [0, 0], [node.stderr_text[-2000:] for node in nodes]
+    [rank0_out] = [tmp_path / name / "out" for name in ("node_a", "node_b") if (tmp_path / name / "out" / "best.pt").exists()]
+    [final] = records(rank0_out, "final")
+    assert final["val_loss_full"] == pytest.approx(reference["val_loss_full"], rel=1e-4)  # judged best.pt, as one process
+    saved = (rank0_out / "ckpt.pt").read_bytes()
+
+    nodes = run_two_nodes(tmp_path, args)  # a rerun: rank 0 resumes its ckpt.pt, which the other node lacks
+    assert [node.returncode for node in nodes] == [1, 1]
+    errors = "".join(node.stderr_text for node in nodes)
+    lines = [line for line in errors.splitlines() if line.startswith("error: ")]  # torchrun adds its own report
+    assert len(lines) == 1 and "does not see" in lines[0] and "shares" in lines[0], errors[-2000:]
+    assert 'train.py", line' not in errors  # a one-line error, not a traceback of ours
+    assert (rank0_out / "ckpt.pt").read_bytes() == saved  # nothing lost

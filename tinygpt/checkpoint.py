@@ -15,7 +15,8 @@ import torch
 
 from model import GPT, GPTConfig
 from tinygpt.common import CheckpointError, atomic_write, keep_as
-from tinygpt.device import resolve_device, resolve_dtype, restart_count
+from tinygpt.device import (broadcast_tensors_from_master, collectively, resolve_device, resolve_dtype,
+                            restart_count)
 from tinygpt.tokenizer import tokenizer_from_meta
 
 RETIRED_FIELDS = ("fast_dropout", "loss_chunk")  # model_args of earlier versions that changed no weights
@@ -39,6 +40,13 @@ def checkpoint_to_resume(cfg) -> Path | None:
     if init_from != "scratch" and ckpt.is_file():
         return ckpt
     return None
+
+
+def check_visible(resume_from):
+    """A one-line CheckpointError when rank 0 resumes a checkpoint that this process cannot read."""
+    if resume_from is not None and not Path(resume_from).is_file():
+        raise CheckpointError(f"rank 0 resumes {resume_from}, which this node does not see: a multi-node run "
+                              "resumes only with out_dir on storage that every node shares")
 
 
 def training_state(model, optimizers, scaler, cfg, model_args, meta, step, best_val_loss, best_step) -> dict:
@@ -92,6 +100,15 @@ def load_checkpoint(path, mmap=False) -> dict:
         raise CheckpointError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)})")
     checkpoint["model_args"] = {k: v for k, v in checkpoint["model_args"].items() if k not in RETIRED_FIELDS}
     return checkpoint
+
+
+def load_weights_from_master(model, path, dist):
+    """The weights of the checkpoint at path in model on every process, read by rank 0 alone and sent to the
+    others: on another node out_dir may be another folder, without the file."""
+    checkpoint = collectively(dist, "master", load_checkpoint, path, True)  # mapped: the optimizer state stays on disk
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    broadcast_tensors_from_master([p.detach() for p in model.parameters()], dist)
 
 
 def checkpoint_path(out_dir, name="") -> Path:

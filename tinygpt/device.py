@@ -295,6 +295,13 @@ def broadcast_from_master(value, dist):
     return box[0]
 
 
+def broadcast_tensors_from_master(tensors, dist):
+    """Copy rank 0's values into every process's tensors (on dist.device), in place."""
+    if dist.enabled:
+        for tensor in tensors:
+            tdist.broadcast(tensor, src=0)
+
+
 def collectively(dist, runs_on, work, *args):
     """Every process calls this; work(*args) runs on all of them ('all'), or only on rank 0 ('master') or
     on local rank 0 of each node ('node'), the others waiting. Then every process raises the first
