@@ -6,12 +6,15 @@ import math
 import socket
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import ENV, REPO, TINY, records, run_train, tiny_model
 from model import GPT, GPTConfig
 from tinygpt.checkpoint import save_checkpoint
+from tinygpt.data import Batches, load_meta
+from tinygpt.device import gpu_peak_flops
 from tinygpt.optim import clip_and_step, load_optimizer_state, make_optimizers
 
 import sample
@@ -150,3 +153,28 @@ def test_two_nodes_without_a_shared_out_dir_judge_the_best_checkpoint_and_refuse
     assert len(lines) == 1 and "does not see" in lines[0] and "shares" in lines[0], errors[-2000:]
     assert 'train.py", line' not in errors  # a one-line error, not a traceback of ours
     assert (rank0_out / "ckpt.pt").read_bytes() == saved  # nothing lost
+
+
+@pytest.mark.parametrize("name, bf16_peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA B200", 2250e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100-PCIE-40GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA A10", 125e12), ("NVIDIA A40", 149.7e12), ("Tesla V100-SXM2-16GB", 125e12), ("Tesla T4", 65e12),
+    ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA RTX A6000", 154.8e12),
+    ("NVIDIA A10G", 0.0), ("NVIDIA RTX A4000", 0.0), ("NVIDIA GeForce GTX 1080 Ti", 0.0)])  # 0: unknown, MFU n/a
+def test_mfu_peak_of_a_gpu_is_its_own_datasheet_figure_not_a_namesakes(name, bf16_peak):
+    # The datasheets' dense bf16 figures; a substring lookup gave an L40S the L4's and every H100 the SXM's.
+    assert gpu_peak_flops(name, "bfloat16") == bf16_peak
+    assert gpu_peak_flops(name, "float16") == bf16_peak
+    assert (gpu_peak_flops(name, "float32") < bf16_peak) or bf16_peak == 0.0  # tf32 is slower
+
+
+def test_batches_are_contiguous_so_that_pinned_copies_can_be_asynchronous(data_dir):
+    # a non-contiguous host tensor is copied to a GPU through a pageable staging copy, synchronously
+    for dataset in ("tiny", "reverse"):
+        meta = load_meta(data_dir / dataset)
+        batches = Batches(data_dir / dataset, meta, 16, "cpu")
+        x, y = batches.batch("train", np.arange(4))
+        assert x.is_contiguous() and y.is_contiguous()
+        rows = batches.rows("train", np.arange(4))
+        assert torch.equal(x, torch.from_numpy(rows[:, :-1]))  # the same values as before

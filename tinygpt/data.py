@@ -110,7 +110,7 @@ class Batches:
     def batch(self, split, picks):
         """(x, y) on the device for the given window offsets / example indices."""
         rows = torch.from_numpy(self.rows(split, np.asarray(picks)))
-        x, y = rows[:, :-1], rows[:, 1:].clone()
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].clone()  # contiguous: else a pinned copy is not asynchronous
         if self.task:
             y[:, :self.prompt_len - 1] = -1  # no loss on predicting the prompt
         if self.device.startswith("cuda"):  # pinned host memory lets the copy overlap with compute

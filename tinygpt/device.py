@@ -9,6 +9,7 @@ import ctypes
 import datetime
 import inspect
 import os
+import re
 import sys
 import time
 import traceback
@@ -126,9 +127,24 @@ def compiled_decode_step(model):
                          mode="max-autotune-no-cudagraphs" if cpu else None)
 
 
-# Dense tensor-core peaks from the vendors' datasheets: (bf16/fp16, tf32) FLOP/s.
-GPU_PEAK_FLOPS = {"H100": (989e12, 494e12), "A100": (312e12, 156e12), "L4": (121e12, 60e12),
-                  "V100": (125e12, 15.7e12), "T4": (65e12, 8.1e12)}
+# Dense (no sparsity) tensor-core peaks from the vendors' datasheets, (bf16/fp16, tf32) FLOP/s, for the words of
+# a device name. Most specific first: 'H100 PCIe' before 'H100'. A10G has its own, unpublished figure: unknown.
+GPU_PEAK_FLOPS = [(("b200",), 2250e12, 1100e12), (("gh200",), 989e12, 494e12), (("h200", "nvl"), 836e12, 418e12),
+                  (("h200",), 989e12, 494e12), (("h100", "nvl"), 835e12, 418e12), (("h100", "pcie"), 756e12, 378e12),
+                  (("h100",), 989e12, 494e12), (("a100",), 312e12, 156e12), (("a10g",), 0.0, 0.0),
+                  (("a10",), 125e12, 62.5e12), (("a30",), 165e12, 82e12), (("a40",), 149.7e12, 74.8e12),
+                  (("l40s",), 362e12, 183e12), (("l40",), 181e12, 90.5e12), (("l4",), 121e12, 60e12),
+                  (("v100",), 125e12, 15.7e12), (("t4",), 65e12, 8.1e12), (("rtx", "a6000"), 154.8e12, 77.4e12),
+                  (("rtx", "4090"), 165.2e12, 82.6e12), (("rtx", "3090"), 71e12, 35.6e12)]
+
+
+def gpu_peak_flops(name, dtype) -> float:
+    """The peak of the GPU called name (as torch.cuda.get_device_name gives it) in dtype; 0.0 when unknown."""
+    words = set(re.split(r"[^a-z0-9]+", name.lower()))  # whole words: 'L4' is not in 'L40S', nor 'A40' in 'A4000'
+    for pattern, half, tf32 in GPU_PEAK_FLOPS:
+        if words.issuperset(pattern):
+            return tf32 if dtype == "float32" else half
+    return 0.0
 
 
 def measured_matmul_flops(dtype) -> float:
@@ -156,10 +172,7 @@ def peak_flops(device, dtype) -> float:
     if kind == "cpu":
         return measured_matmul_flops(getattr(torch, dtype))
     if kind == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, (half, tf32) in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return tf32 if dtype == "float32" else half
+        return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
     return 0.0
 
 
