@@ -26,7 +26,7 @@ import torch
 from model import GPT, GPTConfig
 from tinygpt.checkpoint import (check_resumable, check_visible, checkpoint_to_resume, kept_message, load_checkpoint,
                                 load_weights_from_master, restore_rng_states, save_training_state, training_state)
-from tinygpt.common import CheckpointError, ConfigError, DataError
+from tinygpt.common import EVERY_PROCESS_ERRORS, ConfigError, NonFiniteLossError
 from tinygpt.data import (TRAIN_STREAM, Batches, batch_rng, load_meta, picks_of_rank, prepare_if_missing,
                           split_global_batch)
 from tinygpt.device import (DTYPES, any_rank, autocast_context, broadcast_from_master, collectively,
@@ -36,10 +36,6 @@ from tinygpt.evaluation import estimate_loss, final_report
 from tinygpt.gpt2 import GPT2_NAMES, weights_to_fine_tune
 from tinygpt.optim import clip_and_step, load_optimizer_state, make_optimizers
 from tinygpt.options import as_config_file, help_text, must, parse_options, wants_help
-
-
-class NonFiniteLossError(Exception):
-    """Training produced a nan/inf loss; the run stops before it can save bad weights."""
 
 
 @dataclass
@@ -225,7 +221,7 @@ def train(cfg, argv, dist) -> int:
     """Set up, run the loop, then the final evaluation, in this process: torchrun's rank dist.rank, or the only one."""
     # ---------------------------------------------------------------------------------- set-up
     device, master = dist.device, dist.is_master
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, fp16_safe=cfg.mlp != "relu2")
     set_up_device(device, cfg.keep_freed_memory)
     ctx = autocast_context(device, dtype)
     out_dir = Path(cfg.out_dir)
@@ -234,7 +230,7 @@ def train(cfg, argv, dist) -> int:
         collectively(dist, "node", prepare_if_missing, cfg.dataset, cfg.data_dir, cfg.data_source)
         folder = Path(cfg.data_dir) / cfg.dataset
         meta = load_meta(folder)
-        resume_from = broadcast_from_master(collectively(dist, "master", checkpoint_to_resume, cfg), dist)
+        resume_from = broadcast_from_master(collectively(dist, "master", checkpoint_to_resume, cfg, dist.attempt), dist)
         collectively(dist, "all", check_visible, resume_from)  # every process reads it (on every node)
         model_args, start_weights = model_args_of(cfg, meta["vocab_size"]), None
         if cfg.init_from not in ("auto", "resume", "scratch"):  # fine-tuning: the model's shape is the weights'
@@ -256,7 +252,7 @@ def train(cfg, argv, dist) -> int:
         if dist.rank > 0:  # dropout must differ between processes; the checkpoint holds rank 0's stream
             torch.manual_seed(int(np.random.SeedSequence((cfg.seed, dist.rank, step)).generate_state(1)[0]))
         use_compile = compile_by_default(device) if cfg.compile is None else cfg.compile
-        compiled = torch.compile(model) if use_compile else model
+        compiled = torch.compile(model, dynamic=False) if use_compile else model  # eval and train shapes: static graphs
         train_model = data_parallel(compiled, dist)  # DDP over the compiled model
         print0(as_config_file(cfg))
         log = collectively(dist, "master", RunLog, cfg, True) or RunLog(cfg, enabled=False)
@@ -279,7 +275,7 @@ def train(cfg, argv, dist) -> int:
         with StopSignal(announce=master) as stop:
             while True:
                 if step % cfg.eval_interval == 0 or step == cfg.max_iters:  # evaluate (every process its share)
-                    losses = estimate_loss(compiled, batches, cfg.eval_iters, cfg.batch_size, cfg.seed, step, ctx, dist)
+                    losses = estimate_loss(compiled, batches, cfg.eval_iters, cfg.batch_size, cfg.seed, step, ctx, dist, rows)
                     if not all(map(math.isfinite, losses.values())):
                         raise NonFiniteLossError(f"non-finite val loss ({losses['val']}) at step {step}; "
                                                  f"{kept_message(out_dir, saved_step)}")
@@ -352,7 +348,7 @@ def train(cfg, argv, dist) -> int:
         if best_step not in (None, step) and broadcast_from_master(best_path.is_file(), dist):
             load_weights_from_master(model, best_path, dist)
             print0(f"final evaluation of {best_path}: step {best_step}, the best val loss of the run")
-        for record in final_report(model, batches, ctx, cfg.batch_size, cfg.val_loss_bar, cfg.exact_match_bar, dist):
+        for record in final_report(model, batches, ctx, rows, cfg.val_loss_bar, cfg.exact_match_bar, dist):
             log.write("", {**record, "step": step})
         return 0
     finally:
@@ -375,7 +371,7 @@ def main(argv) -> int:
         if cfg.fast_exit:  # the log and checkpoints are closed: skip the interpreter's slow teardown
             exit_process(code, at_once=True)
         return code
-    except (ConfigError, CheckpointError, DataError, NonFiniteLossError) as e:
+    except EVERY_PROCESS_ERRORS as e:
         if torchrun_rank() == 0:  # every process raises the same error; one prints it
             print(f"error: {e}", file=sys.stderr)
         return 1

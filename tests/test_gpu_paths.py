@@ -5,6 +5,7 @@ import copy
 import math
 import socket
 import subprocess
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from model import GPT, GPTConfig
 from tinygpt.checkpoint import save_checkpoint
 from tinygpt.data import Batches, load_meta
 from tinygpt.device import gpu_peak_flops
+from tinygpt.evaluation import estimate_loss, final_report, full_split_loss
 from tinygpt.optim import clip_and_step, load_optimizer_state, make_optimizers
 
 import sample
@@ -178,3 +180,23 @@ def test_batches_are_contiguous_so_that_pinned_copies_can_be_asynchronous(data_d
         assert x.is_contiguous() and y.is_contiguous()
         rows = batches.rows("train", np.arange(4))
         assert torch.equal(x, torch.from_numpy(rows[:, :-1]))  # the same values as before
+
+
+def test_evaluation_feeds_the_model_at_most_the_per_process_batch_and_scores_the_same(data_dir):
+    # Under torchrun a process trains on batch_size / world_size sequences; evaluating the whole global batch at
+    # once could run out of memory at step 0. Pieces of `rows` must give the same losses as whole batches.
+    meta = load_meta(data_dir / "reverse")  # a task: the loss falls on the answers only
+    batches = Batches(data_dir / "reverse", meta, 16, "cpu")
+    model = tiny_model(vocab_size=meta["vocab_size"])
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].size(0)))
+    whole = estimate_loss(model, batches, 3, 8, 0, 0, nullcontext())
+    assert set(seen) == {8}
+    seen.clear()
+    in_pieces = estimate_loss(model, batches, 3, 8, 0, 0, nullcontext(), rows=3)
+    assert max(seen) == 3 and sum(seen) == 2 * 3 * 8  # every sequence of both splits, 3 at a time
+    assert in_pieces == pytest.approx(whole, rel=1e-6)
+    seen.clear()
+    [final, *_] = final_report(model, batches, nullcontext(), 3)
+    assert max(seen) <= 512 and final["val_loss_full"] == pytest.approx(full_split_loss(model, batches, "val", 64,
+                                                                                             nullcontext())[0])

@@ -15,20 +15,19 @@ import torch
 
 from model import GPT, GPTConfig
 from tinygpt.common import CheckpointError, atomic_write, keep_as
-from tinygpt.device import (broadcast_tensors_from_master, collectively, resolve_device, resolve_dtype,
-                            restart_count)
+from tinygpt.device import broadcast_tensors_from_master, collectively, resolve_device, resolve_dtype
 from tinygpt.tokenizer import tokenizer_from_meta
 
 RETIRED_FIELDS = ("fast_dropout", "loss_chunk")  # model_args of earlier versions that changed no weights
 
 
-def checkpoint_to_resume(cfg) -> Path | None:
+def checkpoint_to_resume(cfg, attempt=0) -> Path | None:
     """out_dir/ckpt.pt when this run continues it, else None. Nothing is ever started on top of a
     trained model: init_from='scratch' refuses an out_dir that holds one, and a fine-tuning run continues
     its out_dir's own ckpt.pt (as 'auto'), not the weights it names. A torchrun relaunch after a failure
-    continues whatever the command line says."""
+    (attempt > 0) continues whatever the command line says."""
     out_dir = Path(cfg.out_dir)
-    init_from = "auto" if restart_count() else cfg.init_from
+    init_from = "auto" if attempt else cfg.init_from
     ckpt = out_dir / "ckpt.pt"
     existing = [p.name for p in (ckpt, out_dir / "best.pt") if p.exists()]
     if init_from == "resume" and not ckpt.is_file():
@@ -155,7 +154,8 @@ def ready_for_inference(checkpoint, device="auto", dtype="auto"):
     """(model in eval mode with weights cast to dtype, its tokenizer, device) of a dict with the
     model, model_args and meta of a checkpoint (or of GPT-2's weights, gpt2.load_weights)."""
     device = resolve_device(device)
-    model = model_from_checkpoint(checkpoint, device).to(getattr(torch, resolve_dtype(dtype, device)))
+    fp16_safe = checkpoint["model_args"].get("mlp") != "relu2"  # ReLU^2 overflows float16
+    model = model_from_checkpoint(checkpoint, device).to(getattr(torch, resolve_dtype(dtype, device, fp16_safe)))
     tokenizer = tokenizer_from_meta(checkpoint["meta"])
     if tokenizer.vocab_size > model.config.vocab_size:  # e.g. a small random model in GPT-2's format
         raise CheckpointError(f"the model has {model.config.vocab_size} token embeddings, fewer than its "

@@ -18,6 +18,15 @@ class CheckpointError(Exception):
     """A checkpoint is missing, unreadable or does not fit the requested model."""
 
 
+class NonFiniteLossError(Exception):
+    """Training produced a nan/inf loss; the run stops before it can save bad weights."""
+
+
+# Under torchrun every process raises these together (from values all of them share, or through
+# device.collectively): the job can leave its process group in order. Any other error is one process's own.
+EVERY_PROCESS_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
+
+
 def atomic_write(path, write):
     """Call write(f) on a temporary file beside path, fsync it, then rename it over path.
 

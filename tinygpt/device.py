@@ -22,7 +22,7 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tinygpt.common import ConfigError
+from tinygpt.common import EVERY_PROCESS_ERRORS, ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # every script's --dtype choices
 
@@ -46,6 +46,8 @@ def resolve_device(name="auto") -> str:
         raise ConfigError(f"device={name!r}, but there are only {torch.cuda.device_count()} CUDA device(s)")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device={name!r}, but MPS is not available here; use --device=cpu")
+    if kind == "cuda" and index:
+        torch.cuda.set_device(name)  # the current device: its bf16 check, its RNG state, its kernels
     return name
 
 
@@ -59,13 +61,17 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(name, device) -> str:
-    """'float32', 'bfloat16' or 'float16' for dtype=name; 'auto' picks the fastest safe one."""
+def resolve_dtype(name, device, fp16_safe=True) -> str:
+    """'float32', 'bfloat16' or 'float16' for dtype=name; 'auto' picks the fastest safe one. fp16_safe=False
+    for a model whose activations overflow float16 (ReLU^2 past 256: an inf in the forward, which GradScaler
+    cannot skip)."""
     if name != "auto":
         return name
     kind = device_type(device)
     if kind == "cuda":  # emulated bf16 (T4, V100) is slow and has no flash kernels: fp16 + GradScaler there
-        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bfloat16"
+        return "float16" if fp16_safe else "float32"
     if kind == "cpu" and cpu_has_fast_bf16():
         return "bfloat16"
     return "float32"
@@ -106,8 +112,9 @@ def keep_freed_host_memory() -> bool:
 
 
 def compile_by_default(device) -> bool:
-    """torch.compile pays on CUDA; on a CPU its compile time outweighs the gain of a short run (docs/results.md)."""
-    return device.startswith("cuda")
+    """torch.compile pays on CUDA (inductor's Triton kernels need compute capability 7.0); on a CPU its compile time
+    outweighs the gain of a short run (docs/results.md)."""
+    return device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (7, 0)
 
 
 def compiled_decode_step(model):
@@ -186,6 +193,7 @@ class Dist:
     world_size: int = 1
     enabled: bool = False
     device: str = "cpu"
+    attempt: int = 0  # how often torchrun has relaunched the job after a failure
 
     @property
     def is_master(self) -> bool:
@@ -206,12 +214,14 @@ def start_distributed(device_name) -> Dist:
     timeout = datetime.timedelta(minutes=30)
     # torchrun keeps one key-value store across restarts; a relaunched group that reused the old keys
     # could read the addresses its dead predecessor published (pytorch issue 135712), so every
-    # attempt gets its own prefix.
+    # attempt gets its own prefix. Its number is counted in the store, which every node shares:
+    # each agent's TORCHELASTIC_RESTART_COUNT counts only its own node's failures.
     store, _, _ = next(tdist.rendezvous("env://", rank, world, timeout=timeout))
-    store = tdist.PrefixStore(f"attempt{restart_count()}", store)
+    attempt = (store.add("tinygpt/joined", 1) - 1) // world  # every process of an attempt joins before the next's
+    store = tdist.PrefixStore(f"attempt{attempt}", store)
     tdist.init_process_group(backend="nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
                              timeout=timeout, device_id=torch.device(device) if cuda else None)
-    return Dist(rank, local_rank, world, True, device)
+    return Dist(rank, local_rank, world, True, device, attempt)
 
 
 def stop_distributed(dist, finished=False):
@@ -231,6 +241,7 @@ def data_parallel(model, dist):
         return model
     renamed = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
     return DDP(model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None,
+               gradient_as_bucket_view=True,  # the gradients live in DDP's buckets: no second copy of them
                **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
 
 
@@ -252,9 +263,14 @@ def torchrun_group(device_name):
     dist = start_distributed(device_name)
     try:
         yield dist
-    except BaseException as e:
+    except (KeyboardInterrupt, *EVERY_PROCESS_ERRORS) as e:  # torchrun relays a Ctrl-C to every process
         traceback.clear_frames(e.__traceback__)
         stop_distributed(dist)
+        raise
+    except BaseException:
+        if dist.enabled:  # this process's own error: the others may wait in a collective, where NCCL's orderly
+            traceback.print_exc()  # leaving would wait with them; exit now, and torchrun stops the others
+            exit_process(1, at_once=True)
         raise
     stop_distributed(dist, finished=True)
 
@@ -275,11 +291,6 @@ def print0(*args, **kwargs):
     """print, on rank 0 only: one process speaks for a torchrun job (every one of them computes)."""
     if torchrun_rank() == 0:
         print(*args, **kwargs)
-
-
-def restart_count() -> int:
-    """How often torchrun has relaunched this job after a failure (0 on the first attempt)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def any_rank(flag, dist) -> bool:

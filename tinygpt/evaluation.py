@@ -18,23 +18,34 @@ from tinygpt.tokenizer import qa_pairs, qa_prompt, tokenizer_from_meta
 
 
 @torch.no_grad()
-def estimate_loss(model, batches, eval_iters, batch_size, seed, step, ctx, dist=Dist()) -> dict:
-    """Mean loss over eval_iters random batches of each split, drawn from the eval stream of `step`;
-    every process scores every world_size-th batch."""
+def estimate_loss(model, batches, eval_iters, batch_size, seed, step, ctx, dist=Dist(), rows=None) -> dict:
+    """Mean loss over eval_iters random batches of batch_size sequences of each split, drawn from the eval stream
+    of `step`; every process scores every world_size-th batch, in pieces of `rows` sequences (the size it
+    trains on: a batch the size of the global one may not fit on one GPU)."""
     model.eval()
     losses = {}
     for part, split in enumerate(("train", "val")):
         picks = batches.random_picks(split, batch_rng(seed, EVAL_STREAM, step, part), (eval_iters, batch_size))
-        total = torch.zeros(2, device=batches.device)  # (sum of batch losses, batches)
+        total = torch.zeros(2, dtype=torch.float64, device=batches.device)  # (sum of batch losses, batches)
         for row in picks[dist.rank::dist.world_size]:
-            x, y = batches.batch(split, row)
-            with ctx:
-                total[0] += model(x, y)[1].float()
+            total[0] += token_mean_loss(model, batches, split, row, rows or batch_size, ctx)
             total[1] += 1
         loss_sum, count = sum_over_ranks(total, dist).tolist()
         losses[split] = loss_sum / count
     model.train()
     return losses
+
+
+def token_mean_loss(model, batches, split, picks, rows, ctx):
+    """The loss of one batch (mean over its scored tokens), computed in pieces of `rows` sequences."""
+    loss_sum, scored = 0.0, 0
+    for start in range(0, len(picks), rows):
+        x, y = batches.batch(split, picks[start:start + rows])
+        with ctx:
+            loss = model(x, y)[1].double()
+        n = (y != -1).sum()
+        loss_sum, scored = loss_sum + loss * n, scored + n
+    return loss_sum / scored
 
 
 @torch.inference_mode()  # no_grad, and no version counters to bump either: faster on a CPU
