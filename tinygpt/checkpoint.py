@@ -130,14 +130,16 @@ def clean_state_dict(state_dict) -> dict:
 
 
 def model_from_checkpoint(checkpoint, device="cpu") -> GPT:
-    """The checkpoint's GPT on device, in eval mode."""
+    """The checkpoint's GPT on device, in eval mode. Built on the device itself: for GPT-2 XL a model built on
+    the host beside the checkpoint's tensors would be a second 6 GB copy there."""
     try:
-        model = GPT(GPTConfig(**checkpoint["model_args"]))
+        with torch.device(device):
+            model = GPT(GPTConfig(**checkpoint["model_args"]))
         model.load_state_dict(clean_state_dict(checkpoint["model"]))
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"the checkpoint's weights do not fit its model_args "
                               f"({str(e).strip().splitlines()[0][:160]})") from None
-    return model.to(device).eval()
+    return model.eval()
 
 
 def load_for_inference(out_dir, name="", device="auto", dtype="auto"):
@@ -147,7 +149,7 @@ def load_for_inference(out_dir, name="", device="auto", dtype="auto"):
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}; train one first, e.g. "
                               f"python train.py configs/speedrun_cpu.py --out_dir={out_dir}")
-    return ready_for_inference(load_checkpoint(path), device, dtype)
+    return ready_for_inference(load_checkpoint(path, mmap=True), device, dtype)  # mapped: the optimizer state stays on disk
 
 
 def ready_for_inference(checkpoint, device="auto", dtype="auto"):

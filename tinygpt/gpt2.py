@@ -116,7 +116,7 @@ def load_weights(source) -> dict:
     elif (path / "config.json").is_file() or (path / "model.safetensors").is_file():
         return load_hf(path)
     if path.is_file():
-        return load_checkpoint(path)
+        return load_checkpoint(path, mmap=True)  # mapped: its optimizer state is never read
     what = "no such file or folder" if not path.exists() else "a folder with no model in it"
     raise CheckpointError(f"--init_from={source}: {what}; give a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hugging "
                           "Face GPT-2 folder (config.json + model.safetensors), or a checkpoint of this repo (a .pt or "

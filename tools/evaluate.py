@@ -58,7 +58,7 @@ class EvaluateConfig:
 
 def evaluate(cfg):
     path = checkpoint_path(cfg.out_dir, cfg.ckpt)
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, mmap=True)
     device = resolve_device(cfg.device)
     trained = checkpoint["config"]
     folder = Path(cfg.data_dir or trained["data_dir"]) / trained["dataset"]
