@@ -3,9 +3,12 @@ with two optimizers, resuming another device's optimizer state, file decisions u
 copies, and the MFU peak table. Each test failed on the code before its fix."""
 import copy
 import math
+import os
+import signal
 import socket
 import subprocess
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ import torch
 
 from conftest import ENV, REPO, TINY, records, run_train, tiny_model
 from model import GPT, GPTConfig
-from tinygpt.checkpoint import save_checkpoint
+from tinygpt.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.data import Batches, load_meta
 from tinygpt.device import gpu_peak_flops
 from tinygpt.evaluation import estimate_loss, final_report, full_split_loss
@@ -200,3 +203,31 @@ def test_evaluation_feeds_the_model_at_most_the_per_process_batch_and_scores_the
     [final, *_] = final_report(model, batches, nullcontext(), 3)
     assert max(seen) <= 512 and final["val_loss_full"] == pytest.approx(full_split_loss(model, batches, "val", 64,
                                                                                              nullcontext())[0])
+
+
+def worker_of(agent_pid) -> int:
+    return int(Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()[0])
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_relaunch_a_killed_worker_and_resume_together(tmp_path, data_dir):
+    # Each agent counts its own node's failures; the store prefix the relaunched processes meet under must
+    # not depend on that count, or the two nodes would wait for each other under different prefixes.
+    port = free_port()
+    launcher = ["torchrun", "--nnodes=2", "--nproc_per_node=1", "--max-restarts=1", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test{port}"]
+    args = [*TINY, f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={tmp_path / 'out'}", "--max_iters=40",
+            "--lr_decay_iters=40", "--eval_interval=10", "--init_from=scratch"]
+    agents = [subprocess.Popen([*launcher, str(REPO / "train.py"), *args], env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    output = []
+    for line in agents[0].stdout:  # rank 0 prints, under either agent: read both
+        output.append(line)
+        if line.startswith("step 25 |"):
+            os.kill(worker_of(agents[1].pid), signal.SIGKILL)
+            break
+    output += agents[0].communicate(timeout=240)[0]
+    output += agents[1].communicate(timeout=240)[0]
+    text = "".join(output)
+    assert [agent.returncode for agent in agents] == [0, 0], text[-3000:]
+    assert "resuming from" in text and load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 40
