@@ -27,6 +27,7 @@ class GPTConfig:
     mlp: str = "gelu"           # 'gelu', 'gelu_tanh' (GPT-2's tanh approximation) or 'relu2' (ReLU squared)
     tie_weights: bool = True    # LM head shares the token embedding matrix
     attention: bool = True      # False is an ablation: every token attends only to itself
+    attn_dropout: bool = True   # False: dropout on the residual branches only; the attention weights' mask is most of its CPU cost
     # speedrun levers (configs/speedrun_cpu.py; docs/results.md measures each)
     qk_norm: bool = False       # RMS-normalise queries and keys before attention
     zero_init_proj: bool = False  # residual output projections start at zero
@@ -137,7 +138,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout
+        self.dropout = config.dropout if config.attn_dropout else 0.0  # sdpa's dropout on the attention weights
         self.attention = config.attention
         self.qk_norm = config.qk_norm
         self.attn_float32 = config.attn_float32

@@ -5,6 +5,7 @@
     python prepare.py tinytalks                           # TinyTalks Q&A pairs by character
     python prepare.py shakespeare_byte                    # TinyShakespeare, TinyTalks as UTF-8 bytes: one
     python prepare.py tinytalks_byte                      #   shared vocabulary, to pretrain on one, tune on the other
+    python prepare.py tinytalks_chat                      # TinyTalks bytes as whole Q/A pairs, loss on the answers
     python prepare.py mybook --source=my.txt              # any text file [--tokenizer=byte|gpt2]
     python prepare.py reverse                             # the attention tasks: reverse, copy, mixed [--seed=N]
 

@@ -17,7 +17,7 @@ from tinygpt.common import CheckpointError, DataError
 from tinygpt.device import DTYPES, compiled_decode_step
 from tinygpt.gpt2 import load_weights
 from tinygpt.options import must, run_cli
-from tinygpt.tokenizer import qa_prompt
+from tinygpt.tokenizer import answer_room, chat_prompt_ids, qa_prompt
 
 
 @dataclass
@@ -139,25 +139,6 @@ def run_samples(model, tokenizer, device, cfg, step=None):
     for text in texts[1:]:
         print_now("\n---------------\n" + prompt + text)
     print_now("\n")
-
-
-def chat_prompt_ids(tokenizer, turns, question, budget) -> list:
-    """Token ids of the earlier (question, answer) turns and the new question, framed as the Q&A data
-    is (an answer is the text the model wrote after "A:"); the oldest whole turns are dropped until it
-    fits in budget tokens, never part of a turn."""
-    ids = tokenizer.encode(qa_prompt(question))
-    for q, a in reversed(turns):
-        turn = tokenizer.encode(f"{qa_prompt(q)}{a}\n\n")
-        if len(turn) + len(ids) > budget:
-            break
-        ids = turn + ids
-    return ids
-
-
-def answer_room(block_size) -> int:
-    """Tokens an answer may take in chat: a quarter of the window, but 64 (TinyTalks' longest answer is 63
-    characters) when half the window allows; the conversation so far gets the rest."""
-    return max(block_size // 4, min(64, block_size // 2))
 
 
 def run_chat(model, tokenizer, device, cfg, step=None):

@@ -24,7 +24,7 @@ mlp = 'relu2'
 qk_norm = True
 zero_init_proj = True
 
-max_iters = 600
+max_iters = 500
 learning_rate = 3e-3  # AdamW: embeddings, head, norm gains
 muon_lr = 0.01        # Muon: the 2-D weights inside the blocks
 muon_momentum = 0.9
@@ -32,6 +32,6 @@ weight_decay = 0.1
 beta2 = 0.99
 lr_schedule = 'linear'
 warmup_iters = 30
-lr_decay_iters = 600
+lr_decay_iters = 500
 min_lr = 0.0
 dtype = 'auto'

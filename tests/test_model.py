@@ -509,3 +509,15 @@ def test_cached_generation_equals_recomputed_with_speedrun_options(overrides):
     model(idx[:, :7], cache=cache)
     steps = torch.cat([model(idx[:, t:t + 1], cache=cache)[0] for t in range(7, 24)], dim=1)
     torch.testing.assert_close(steps, full[:, 7:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_dropout", [True, False])
+def test_attn_dropout_false_leaves_the_attention_weights_undropped(attn_dropout):
+    model = conftest.tiny_model(dropout=0.5, attn_dropout=attn_dropout)
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = attn(x)  # eval mode: no dropout anywhere
+    attn.train()
+    attn.resid_dropout.eval()  # only the attention weights' own dropout is left to differ
+    torch.manual_seed(0)
+    assert torch.equal(attn(x), expected) != attn_dropout

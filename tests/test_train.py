@@ -614,7 +614,7 @@ def test_every_shipped_config_runs_under_torchrun_with_two_processes_as_written(
     sources = {"shakespeare_char": SHARED_DATA / "tinyshakespeare" / "input.txt",
                "shakespeare": SHARED_DATA / "tinyshakespeare" / "input.txt", "tinytalks": SHARED_DATA / "tinytalks",
                "shakespeare_byte": SHARED_DATA / "tinyshakespeare" / "input.txt",
-               "tinytalks_byte": SHARED_DATA / "tinytalks"}
+               "tinytalks_byte": SHARED_DATA / "tinytalks", "tinytalks_chat": SHARED_DATA / "tinytalks"}
     text = (REPO / "configs" / config).read_text()
     source = ["--init_from=scratch"] if "init_from = 'out-" in text else []  # fine-tunes a run that is not here
     cfg = parse_options(TrainConfig, [str(REPO / "configs" / config), *source], config_files=True)

@@ -61,7 +61,7 @@ def split_global_batch(accumulation_steps, batch_size, world_size) -> tuple:
 
 def picks_of_rank(global_picks, rank, world_size) -> np.ndarray:
     """This process's (micro-steps, sequences) share of the global (micro-steps, sequences) picks."""
-    steps, rows = split_global_batch(*global_picks.shape, world_size)
+    steps, rows = split_global_batch(*global_picks.shape[:2], world_size)
     if steps < global_picks.shape[0]:
         return global_picks[rank * steps:(rank + 1) * steps]
     return global_picks[:, rank * rows:(rank + 1) * rows]
@@ -72,24 +72,48 @@ class Batches:
 
     Text: windows of block_size tokens, targets shifted by one. Task data sets (meta has "task"):
     whole examples of example_len tokens, x = ex[:-1], y = ex[1:], with the targets of the prompt
-    set to -1 so the loss falls on the answer only.
+    set to -1 so the loss falls on the answer only. Q&A data sets with "answer_loss" (tinytalks_chat):
+    conversations of whole Q/A pairs, the first one at the window's start, the targets of everything
+    but the answers set to -1 (see pairs_of); whole_text=True reads them as plain text instead.
     """
 
-    def __init__(self, folder, meta, block_size, device):
+    def __init__(self, folder, meta, block_size, device, whole_text=False):
         self.folder, self.meta, self.device = Path(folder), meta, device
         self.task = meta.get("task")
+        self.answer_loss = bool(meta.get("answer_loss")) and not whole_text
         self.example_len = meta.get("example_len", 0)
         self.prompt_len = meta.get("prompt_len", 0)
         self.seq_len = self.example_len - 1 if self.task else block_size
+        self.pairs = {}
         for split in ("train", "val"):
             self.check_size(split)
+            if self.answer_loss:
+                self.pairs[split] = self.pairs_of(split)
+
+    def whole_text(self):
+        """The same data read as plain text windows: the loss on every token."""
+        return Batches(self.folder, self.meta, self.seq_len, self.device, whole_text=True)
+
+    def pairs_of(self, split) -> np.ndarray:
+        """(n, 4) token offsets of the split's Q/A pairs: question start, answer start, answer end (the
+        answer is " <answer>\\n"), and the end of the pair with its blank line (the next pair's start)."""
+        path = self.folder / self.meta["pairs_files"][split]
+        if not path.is_file():
+            raise DataError(f"{path} not found; prepare the data set again: python prepare.py {self.folder.name}")
+        rows = np.fromfile(path, dtype="<u4").reshape(-1, 3).astype(np.int64)
+        ends = np.append(rows[1:, 0], len(self.tokens(split)))
+        if not len(rows) or (np.diff(rows, axis=1) < 0).any() or (ends < rows[:, 2]).any():
+            raise DataError(f"{path} does not index {split}.bin's pairs; prepare the data set again")
+        return np.column_stack([rows, ends])
 
     def tokens(self, split):
         # a fresh memmap per batch: a long-lived one keeps every page it touched in memory
         return np.memmap(self.folder / f"{split}.bin", dtype=np.dtype(self.meta["dtype"]).newbyteorder("<"), mode="r")
 
     def count(self, split) -> int:
-        """How many different rows the split offers: windows or examples."""
+        """How many different rows the split offers: windows, examples, or first pairs of a conversation."""
+        if self.answer_loss:
+            return len(self.pairs[split])
         n = len(self.tokens(split))
         return n // self.example_len if self.task else n - self.seq_len
 
@@ -97,7 +121,7 @@ class Batches:
         path, n = self.folder / f"{split}.bin", len(self.tokens(split))
         if self.task and n % self.example_len:
             raise DataError(f"{path} holds {n} tokens, not whole {self.example_len}-token examples; prepare it again")
-        if self.count(split) < 1:
+        if not self.answer_loss and self.count(split) < 1:
             raise DataError(f"{path} has {n} tokens, too few for block_size={self.seq_len}; lower block_size")
 
     def rows(self, split, picks) -> np.ndarray:
@@ -107,24 +131,73 @@ class Batches:
             return data.reshape(-1, self.example_len)[picks].astype(np.int64)
         return data[picks[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)
 
+    def conversations(self, split, picks) -> tuple:
+        """(ids, scored), both (len(picks), seq_len + 1): row i holds the pairs picks[i] (-1 = none) one after
+        the other from its start, the last one cut at the window's end, then zeros; scored marks answer tokens."""
+        data, pairs = np.asarray(self.tokens(split), dtype=np.int64), self.pairs[split]
+        ids = np.zeros((len(picks), self.seq_len + 1), dtype=np.int64)
+        scored = np.zeros(ids.shape, dtype=bool)
+        for row, chosen in enumerate(picks):
+            at = 0
+            for question, answer, answer_end, end in pairs[chosen[chosen >= 0]]:
+                n = min(end - question, ids.shape[1] - at)
+                if n <= 0:
+                    break
+                ids[row, at:at + n] = data[question:question + n]
+                scored[row, at + answer - question:min(at + answer_end - question, at + n)] = True
+                at += n
+        return ids, scored
+
     def batch(self, split, picks):
-        """(x, y) on the device for the given window offsets / example indices."""
-        rows = torch.from_numpy(self.rows(split, np.asarray(picks)))
+        """(x, y) on the device for the given window offsets / example indices / conversations' pairs."""
+        if self.answer_loss:
+            ids, scored = self.conversations(split, np.asarray(picks))
+            rows = torch.from_numpy(ids)
+        else:
+            rows = torch.from_numpy(self.rows(split, np.asarray(picks)))
         x, y = rows[:, :-1].contiguous(), rows[:, 1:].clone()  # contiguous: else a pinned copy is not asynchronous
+        if self.answer_loss:
+            y[~torch.from_numpy(scored[:, 1:])] = -1  # the loss falls on the answers only
         if self.task:
             y[:, :self.prompt_len - 1] = -1  # no loss on predicting the prompt
         if self.device.startswith("cuda"):  # pinned host memory lets the copy overlap with compute
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
+    def pairs_per_window(self, split) -> int:
+        """Enough pairs to fill a window even with the split's shortest ones."""
+        shortest = int((self.pairs[split][:, 3] - self.pairs[split][:, 0]).min())
+        return -(-(self.seq_len + 1) // shortest)
+
     def random_picks(self, split, rng, shape):
+        """Random window offsets or examples; with answer_loss, a random conversation (pairs drawn with
+        replacement) per row, so no pair always follows the same one and earlier turns are context, not a cue."""
+        if self.answer_loss:
+            return rng.integers(0, self.count(split), size=(*shape, self.pairs_per_window(split)))
         return rng.integers(0, self.count(split), size=shape)
 
     def full_split_picks(self, split) -> np.ndarray:
-        """Every example of a task split, or the starts of non-overlapping windows of text."""
+        """Every example of a task split, or the starts of non-overlapping windows of text; with answer_loss the
+        pairs in order, as many whole pairs per row as fit (-1 pads), so each answer is scored once."""
+        if self.answer_loss:
+            return self.packed_pairs(split)
         if self.task:
             return np.arange(self.count(split))
         return np.arange(0, len(self.tokens(split)) - self.seq_len, self.seq_len)
+
+    def packed_pairs(self, split) -> np.ndarray:
+        pairs, rows, row, used = self.pairs[split], [], [], 0
+        for i, (question, _, answer_end, end) in enumerate(pairs):
+            if row and used + answer_end - question > self.seq_len + 1:
+                rows.append(row)
+                row, used = [], 0
+            row.append(i)
+            used += end - question
+        rows.append(row)
+        picks = np.full((len(rows), max(map(len, rows))), -1, dtype=np.int64)
+        for r, chosen in enumerate(rows):
+            picks[r, :len(chosen)] = chosen
+        return picks
 
     def examples(self, split) -> np.ndarray:
         """All examples of a task split, (n, example_len)."""

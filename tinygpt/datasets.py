@@ -17,7 +17,7 @@ import numpy as np
 import requests
 
 from tinygpt.common import DataError, atomic_write
-from tinygpt.tokenizer import make_tokenizer
+from tinygpt.tokenizer import make_tokenizer, qa_pairs, qa_prompt
 
 
 class Pin(NamedTuple):
@@ -42,9 +42,11 @@ TINYTALKS = (
         "4a44d204594c7f0a31202758de75af7fc8a1d17565423004ce8dd9d28bea99cb"),
 )
 PINNED = {"shakespeare_char": TINYSHAKESPEARE, "shakespeare": TINYSHAKESPEARE, "tinytalks": TINYTALKS,
-          "shakespeare_byte": TINYSHAKESPEARE, "tinytalks_byte": TINYTALKS}
+          "shakespeare_byte": TINYSHAKESPEARE, "tinytalks_byte": TINYTALKS, "tinytalks_chat": TINYTALKS}
 OWN_TOKENIZER = {"shakespeare_char": "char", "shakespeare": "gpt2", "tinytalks": "char",
-                 "shakespeare_byte": "byte", "tinytalks_byte": "byte"}
+                 "shakespeare_byte": "byte", "tinytalks_byte": "byte", "tinytalks_chat": "byte"}
+# Q&A data sets trained on their answers only: whole pairs, loss on the answer tokens (data.Batches)
+ANSWER_LOSS = {"tinytalks_chat"}
 
 # Attention-proof tasks: (train, test) example counts. Every example is 6 letters, '=', the answer;
 # mixed puts a task token first: lowercase 'r' ([R], reverse) or 'c' ([C], copy).
@@ -229,6 +231,31 @@ def tinytalks_texts(files, kind):
     return tok, train, val, extra, {"test.txt": test}
 
 
+def pair_index(tok, text) -> tuple:
+    """(text rebuilt from its pairs, (n, 3) uint32 token offsets of each pair: question start, answer start,
+    answer end). The answer is " <answer>\n", what follows "A:" up to and with the newline that ends it,
+    so a model trained on it learns where to stop; the pair's blank line after it is not scored."""
+    rows, pieces, at = [], [], 0
+    for question, answer in qa_pairs(text):
+        prompt, reply = tok.encode(qa_prompt(question)), tok.encode(f" {answer}\n")
+        rows.append((at, at + len(prompt), at + len(prompt) + len(reply)))
+        pieces.append(f"{qa_prompt(question)} {answer}\n\n")
+        at = rows[-1][2] + len(tok.encode("\n"))
+    rebuilt = "".join(pieces)
+    if not rows or len(tok.encode(rebuilt)) != at:  # a tokenizer that merges across the pieces (BPE) would
+        raise DataError("no Q/A pairs found, or the tokenizer does not split them at their edges")
+    return rebuilt, np.array(rows, dtype="<u4")
+
+
+def chat_texts(files, kind):
+    """tinytalks_chat: TinyTalks' splits rebuilt pair by pair, with pair_index's offsets in
+    {train,val}_pairs.bin, so batches are whole pairs with the loss on their answers."""
+    tok, train, val, extra, texts = tinytalks_texts(files, kind)
+    (train, train_pairs), (val, val_pairs) = pair_index(tok, train), pair_index(tok, val)
+    extra = {**extra, "answer_loss": True, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "pairs_files": {"train": "train_pairs.bin", "val": "val_pairs.bin"}}
+    return tok, train, val, extra, {**texts, "train_pairs.bin": train_pairs.tobytes(), "val_pairs.bin": val_pairs.tobytes()}
+
+
 def distinct_words(count, rng) -> list:
     """count different random 6-letter words; drawing them all at once keeps test prompts out of train."""
     words, seen = [], set()
@@ -278,8 +305,8 @@ def write_dataset(out_dir, tok, train, val, meta, files) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bytes(out_dir / "train.bin", train_ids.tobytes())
     write_bytes(out_dir / "val.bin", val_ids.tobytes())
-    for name, text in files.items():
-        write_bytes(out_dir / name, text.encode("utf-8"))
+    for name, content in files.items():
+        write_bytes(out_dir / name, content if isinstance(content, bytes) else content.encode("utf-8"))
     meta = {"tokenizer": tok.kind, **({"vocab": tok.vocab} if tok.kind == "char" else {}),
             "vocab_size": tok.vocab_size, "dtype": dtype,
             "train_tokens": len(train_ids), "val_tokens": len(val_ids), **meta}
@@ -294,7 +321,8 @@ def prepared_meta(out_dir, inputs):
         itemsize = np.dtype(meta["dtype"]).itemsize
         complete = all((out_dir / f).stat().st_size == meta[k] * itemsize
                        for f, k in (("train.bin", "train_tokens"), ("val.bin", "val_tokens")))
-        complete = complete and all((out_dir / f).is_file() for f in [meta.get("test_file")] if f)
+        extra_files = [meta.get("test_file"), *meta.get("pairs_files", {}).values()]
+        complete = complete and all((out_dir / f).is_file() for f in extra_files if f)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return meta if complete and meta.get("inputs") == inputs else None
@@ -305,6 +333,8 @@ def summary(out_dir, meta) -> str:
              f"val {meta['val_tokens']:,} tokens"]
     if "chars" in meta:
         parts.insert(0, f"{meta['chars']:,} characters")
+    if meta.get("answer_loss"):
+        parts.append(f"{meta['train_pairs']} train / {meta['val_pairs']} val Q/A pairs, loss on the answers")
     if "task" in meta:
         parts.insert(0, f"{meta['train_examples']} train / {meta['val_examples']} test examples of "
                         f"{meta['example_len']} tokens (prompt {meta['prompt_len']})")
@@ -364,6 +394,8 @@ def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None) -> Pa
 
     if name in TASKS:
         tok, train, val, extra, files = task_texts(name, seed)
+    elif name in ANSWER_LOSS:
+        tok, train, val, extra, files = chat_texts(pinned_files(name, source, out_dir, fetch=True), kind)
     elif PINNED.get(name) == TINYTALKS:
         tok, train, val, extra, files = tinytalks_texts(pinned_files(name, source, out_dir, fetch=True), kind)
     else:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from tinygpt.data import EVAL_STREAM, batch_rng
 from tinygpt.device import Dist, print0, sum_over_ranks
-from tinygpt.tokenizer import qa_pairs, qa_prompt, tokenizer_from_meta
+from tinygpt.tokenizer import answer_room, chat_prompt_ids, qa_pairs, qa_prompt, tokenizer_from_meta
 
 
 @torch.no_grad()
@@ -98,17 +98,41 @@ def qa_answer_loss(model, tokenizer, pairs, ctx, device) -> float:
 
 
 @torch.no_grad()
-def greedy_answer(model, tokenizer, question, device) -> str:
-    """The model's greedy answer to a question, up to the newline that ends answers in the data, and
-    at most half a window long (as sample.py --chat allows)."""
-    idx = torch.tensor([tokenizer.encode(qa_prompt(question))], device=device)
+def greedy_answer(model, tokenizer, question, device, turns=()) -> str:
+    """The model's greedy answer to a question, after the earlier (question, answer) turns as sample.py --chat
+    puts them in front, up to the newline that ends answers in the data, and at most answer_room tokens long."""
+    room = answer_room(model.config.block_size)
+    ids = chat_prompt_ids(tokenizer, [(q, f" {a}") for q, a in turns], question, model.config.block_size - room)
     answer = []
-    for token in model.generate_stream(idx, model.config.block_size // 2, temperature=0):
+    for token in model.generate_stream(torch.tensor([ids], device=device), room, temperature=0):
         text = tokenizer.decode([token.item()])
         if text == "\n":
             break
         answer.append(text)
     return "".join(answer).strip()
+
+
+@torch.no_grad()
+def greedy_matches(model, tokenizer, pairs, device, batch_size=64) -> list:
+    """For each (question, answer) pair, whether the greedy answer is exactly the reference, from one forward
+    pass per batch instead of generation: greedy decoding writes " <answer>\\n" exactly when each of those
+    tokens is the top choice after the question and the tokens before it."""
+    model.eval()
+    matches = []
+    for start in range(0, len(pairs), batch_size):
+        prompts = [tokenizer.encode(qa_prompt(q)) for q, _ in pairs[start:start + batch_size]]
+        replies = [tokenizer.encode(f" {a}\n") for _, a in pairs[start:start + batch_size]]
+        width = max(len(p) + len(r) for p, r in zip(prompts, replies))
+        if width > model.config.block_size:
+            raise ValueError(f"a Q/A pair of {width} tokens does not fit the model's {model.config.block_size}")
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, (p, r) in enumerate(zip(prompts, replies)):
+            ids[row, :len(p) + len(r)] = torch.tensor(p + r)
+        ids = ids.to(device)
+        top = model(ids, ids)[0].argmax(dim=-1)  # any targets: they ask for every position's logits
+        for row, (p, r) in enumerate(zip(prompts, replies)):
+            matches.append(top[row, len(p) - 1:len(p) + len(r) - 1].tolist() == r)
+    return matches
 
 
 @torch.no_grad()
@@ -152,47 +176,99 @@ def words(text) -> list:
     return re.findall(r"[a-z]+(?:'[a-z]+)?", text.lower())
 
 
-def answer_scores(answers, references, known_words) -> tuple:
-    """(share of the answers' words that are real words, i.e. occur in known_words; share of answers
-    that share a content word, one of 3+ letters outside STOP_WORDS, with their reference)."""
-    said = [w for answer in answers for w in words(answer)]
-    real = sum(w in known_words for w in said) / max(1, len(said))
+def content_words(text) -> set:
+    """Words of 3+ letters outside STOP_WORDS: what an answer must share with a text to be about it."""
+    return {w for w in words(text) if len(w) >= 3 and w not in STOP_WORDS}
 
-    def content(text):
-        return {w for w in words(text) if len(w) >= 3 and w not in STOP_WORDS}
-    overlap = sum(bool(content(a) & content(r)) for a, r in zip(answers, references)) / max(1, len(answers))
-    return real, overlap
+
+def answer_scores(answers, references, known_words, questions=None) -> dict:
+    """Shares of hand-comparable facts about answers: real_words, of the answers' words that occur in
+    known_words; overlap, of answers sharing a content word with their reference; topic, of answers sharing
+    one with their question (when questions are given)."""
+    said = [w for answer in answers for w in words(answer)]
+    n = max(1, len(answers))
+    scores = {"real_words": sum(w in known_words for w in said) / max(1, len(said)),
+              "overlap": sum(bool(content_words(a) & content_words(r)) for a, r in zip(answers, references)) / n}
+    if questions is not None:
+        scores["topic"] = sum(bool(content_words(a) & content_words(q)) for a, q in zip(answers, questions)) / n
+    return scores
+
+
+def repeated_share(chats) -> float:
+    """Share of the answers, after a chat's first, that equal the answer just before them."""
+    follow_ups = [(before, after) for answers in chats for before, after in zip(answers, answers[1:])]
+    return sum(before == after for before, after in follow_ups) / max(1, len(follow_ups))
+
+
+CHAT_TURNS = 5
+
+
+def chat_answers(model, tokenizer, questions, device) -> list:
+    """The greedy answers of one conversation: each question asked after the earlier turns."""
+    turns = []
+    for question in questions:
+        turns.append((question, greedy_answer(model, tokenizer, question, device, turns)))
+    return [answer for _, answer in turns]
+
+
+def percent(share) -> str:
+    return f"{100 * share:5.1f}%"
 
 
 def qa_report(model, batches, ctx) -> dict:
-    """Score greedy answers to the held-out test questions (real words, content overlap, overall and per
-    level) and print every answer next to its reference."""
-    pairs = qa_pairs((batches.folder / batches.meta["test_file"]).read_text(encoding="utf-8"))
+    """Score the model as a chat model, overall and per level, printing every test answer beside its reference:
+    exact match of the greedy answers to the train questions (what it was taught); for the held-out test
+    questions real words, overlap with the reference and naming the question's topic; and in 5-turn chats of
+    test questions, the share of answers that repeat the previous one."""
     tokenizer = tokenizer_from_meta(batches.meta)
+    taught = qa_pairs(tokenizer.decode(batches.tokens("train")))
+    pairs = qa_pairs((batches.folder / batches.meta["test_file"]).read_text(encoding="utf-8"))
     loss = qa_answer_loss(model, tokenizer, pairs, ctx, batches.device)
-    answers = [greedy_answer(model, tokenizer, question, batches.device) for question, _ in pairs]
+    matches = greedy_matches(model, tokenizer, taught, batches.device)
+    questions = [question for question, _ in pairs]
+    answers = [greedy_answer(model, tokenizer, question, batches.device) for question in questions]
     references = [reference for _, reference in pairs]
+    chats = [chat_answers(model, tokenizer, questions[i:i + CHAT_TURNS], batches.device)
+             for i in range(0, len(questions) - CHAT_TURNS + 1, CHAT_TURNS)]
     known = set(words(tokenizer.decode(batches.tokens("train"))))
-    real, overlap = answer_scores(answers, references, known)
-    print0(f"held-out test answers: loss {loss:.4f} over {len(pairs)} pairs; greedy answers: {100 * real:.1f}% of "
-        f"their words are real words (in the training text), {100 * overlap:.1f}% share a content word with "
-        "the reference (3+ letters, not a stop word)")
-    levels = [level_of(question) for question, _ in pairs]
-    for name, _ in LEVEL_RULES:
-        picked = [i for i, level in enumerate(levels) if level == name]
-        if picked:
-            r, o = answer_scores([answers[i] for i in picked], [references[i] for i in picked], known)
-            print0(f"  {name:24} {len(picked):3} answers: {100 * r:5.1f}% real words, {100 * o:5.1f}% overlap")
+    scores = {"exact_match_train": sum(matches) / max(1, len(matches)),
+              **answer_scores(answers, references, known, questions), "repeated_in_chat": repeated_share(chats)}
+    print0(f"held-out test answers: loss {loss:.4f} over {len(pairs)} pairs")
+    print0(f"{'level (rule)':24} {'train':>5} {'exact':>6} | {'test':>4} {'real w.':>7} {'overlap':>7} {'topic':>6}")
+    taught_levels = [level_of(q) for q, _ in taught]
+    levels = [level_of(q) for q in questions]
+    for name in [name for name, _ in LEVEL_RULES] + ["all"]:
+        mine = [m for m, level in zip(matches, taught_levels) if name in (level, "all")]
+        picked = [i for i, level in enumerate(levels) if name in (level, "all")]
+        s = answer_scores([answers[i] for i in picked], [references[i] for i in picked], known,
+                          [questions[i] for i in picked])
+        print0(f"{name:24} {len(mine):5} {percent(sum(mine) / max(1, len(mine)))} | {len(picked):4} "
+               f"{percent(s['real_words']):>7} {percent(s['overlap']):>7} {percent(s['topic']):>6}")
+    easy = [m for m, level in zip(matches, taught_levels) if level.startswith(("L1", "L2"))]
+    scores["exact_match_train_l1_l2"] = sum(easy) / max(1, len(easy))
+    print0(f"train questions, exact match of the greedy answer: {percent(scores['exact_match_train'])} of "
+           f"{len(matches)}; levels 1-2 (L1 and L2/L4 rules): {percent(scores['exact_match_train_l1_l2'])} of {len(easy)}")
+    print0(f"5-turn chats of test questions: {percent(scores['repeated_in_chat'])} of the answers repeat the "
+           f"previous one ({len(chats)} chats)")
     for (question, reference), answer, level in zip(pairs, answers, levels):
         print0(f"  [{level.split()[0]}] Q: {question}\n     model: {answer}\n     reference: {reference}")
-    return {"kind": "test", "qa_answer_loss": loss, "real_words": real, "answer_overlap": overlap}
+    for number, chat in enumerate(chats, 1):
+        print0(f"  chat {number}: " + " | ".join(f"Q: {q} A: {a}" for q, a in
+                                              zip(questions[(number - 1) * CHAT_TURNS:], chat)))
+    return {"kind": "test", "qa_answer_loss": loss, **scores}
 
 
 def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_bar=0.0, dist=Dist()) -> list:
     """Print the final scores (rank 0 prints; every process computes its share); return the records."""
+    records = []
+    if batches.answer_loss:  # what it trains on first; the bar judges the whole text, as for plain training
+        loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
+        print0(f"final val loss on the answers (full split, {tokens:,} answer tokens): {loss:.4f}", flush=True)
+        records.append({"kind": "final", "val_loss_answers": loss, "val_answer_tokens": tokens})
+        batches = batches.whole_text()
     loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
     print0(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}{verdict_text(loss, val_loss_bar)}", flush=True)
-    records = [{"kind": "final", "val_loss_full": loss, "val_tokens": tokens}]
+    records.append({"kind": "final", "val_loss_full": loss, "val_tokens": tokens})
     if not math.isfinite(loss):
         return records
     if batches.task:

@@ -125,18 +125,19 @@ def load_weights(source) -> dict:
 
 def weights_to_fine_tune(cfg, meta, resume_from=None) -> tuple:
     """(cfg, model_args, state_dict) of a run that fine-tunes the weights cfg.init_from names on the data
-    set of meta. The model's shape is the weights' (they replace cfg's model fields), with cfg's dropout,
+    set of meta. The model's shape is the weights' (they replace cfg's model fields), with cfg's dropout (and attn_dropout),
     and block_size cropped to cfg's if it asks for less (as nanoGPT's crop_block_size). A run that resumes
     its own checkpoint (a rerun of the same command) takes the shape from it and no tensors (None): they
     come with the resume. A one-line CheckpointError when the weights' vocabulary cannot read this data
     set, or their positions cannot hold one of its examples."""
     if resume_from:
         weights = load_checkpoint(resume_from, mmap=True)  # mapped, not read: only its model_args and meta are used
-        model_args, state = {**weights["model_args"], "dropout": cfg.dropout}, None  # the run's dropout
+        model_args, state = {**weights["model_args"], "dropout": cfg.dropout, "attn_dropout": cfg.attn_dropout}, None
     else:
         weights = load_weights(cfg.init_from)
         block_size = min(cfg.block_size, weights["model_args"]["block_size"])
-        model_args = {**weights["model_args"], "block_size": block_size, "dropout": cfg.dropout}
+        model_args = {**weights["model_args"], "block_size": block_size, "dropout": cfg.dropout,
+                      "attn_dropout": cfg.attn_dropout}  # the run's dropout, not the weights'
         state = clean_state_dict(weights["model"])
         if "wpe.weight" in state:
             state["wpe.weight"] = state["wpe.weight"][:block_size]  # the first positions, as trained
