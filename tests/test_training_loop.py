@@ -34,7 +34,8 @@ def scheduled_lr(step, peak, warmup, decay_iters, min_lr):
 
 def train_by_hand(data_dir, steps, *, accumulation, batch_size, block_size, lr, warmup, decay_iters, min_lr,
                   weight_decay, grad_clip, dtype="float32", betas=(0.9, 0.99), **model):
-    """(state_dict, per-step losses, gradient norms) of `steps` optimizer steps as the spec describes them."""
+    """(state_dict, per-step losses, gradient norms, GradScaler state) of `steps` optimizer steps as the spec
+    describes them."""
     meta = load_meta_json(data_dir / "tiny")
     tokens = np.fromfile(data_dir / "tiny" / "train.bin", dtype=np.dtype(meta["dtype"]).newbyteorder("<"))
     tokens = torch.from_numpy(tokens.astype(np.int64))
@@ -72,7 +73,7 @@ def train_by_hand(data_dir, steps, *, accumulation, batch_size, block_size, lr, 
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
-    return net.state_dict(), losses, norms
+    return net.state_dict(), losses, norms, scaler.state_dict()
 
 
 STEPS = 6
@@ -101,14 +102,20 @@ def fp16_or_skip():
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_train_py_takes_the_steps_a_second_implementation_takes(tmp_path, data_dir, dtype):
-    """float16 adds the GradScaler: the clip must see the unscaled gradients (unscale_ first)."""
+    """float16 adds the GradScaler: the clip must see the unscaled gradients (unscale_ first), and a run
+    stopped halfway and resumed must carry on with the scaler's state (its scale and its count of good
+    steps, which decides when the scale grows) as one that never stopped."""
     if dtype == "float16":
         fp16_or_skip()
     clip = CLIP[dtype]
-    expected, expected_losses, norms = train_by_hand(data_dir, STEPS, grad_clip=clip, dtype=dtype, **RUN)
+    expected, expected_losses, norms, expected_scaler = train_by_hand(data_dir, STEPS, grad_clip=clip, dtype=dtype,
+                                                                      **RUN)
     assert min(norms) < clip < max(norms), f"pick a clip between the gradient norms {norms}"
     out = tmp_path / "out"
+    if dtype == "float16":
+        run_train(tiny_args(data_dir, out, *run_args(dtype, clip), f"--max_iters={STEPS // 2}"), cwd=tmp_path)
     run_train(tiny_args(data_dir, out, *run_args(dtype, clip)), cwd=tmp_path)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["scaler"] == expected_scaler
     tolerance = dict(rtol=0, atol=2e-6) if dtype == "float32" else dict(rtol=0, atol=2e-4)
     assert train_losses(out) == pytest.approx(dict(enumerate(expected_losses, 1)), rel=1e-5 if dtype == "float32" else 1e-3)
     got = weights(out)
