@@ -23,6 +23,7 @@ if (SHARED_DATA / "tiktoken_cache").is_dir():  # GPT-2 BPE without a network (CI
 # One thread per process: the same arithmetic in every run (bitwise comparisons rely on it), and
 # several test processes can share two cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+torch.set_num_threads(1)  # the tests run in this process too: tiny models gain nothing from a second thread
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8", "--dtype=float32",
         "--eval_iters=2", "--log_interval=1", "--device=cpu", "--warmup_iters=5", "--learning_rate=3e-3"]
 
@@ -79,6 +80,21 @@ def run_script(script, args, cwd=REPO, check=True, timeout=300, stdin=None, laun
 
 def run_train(args, cwd=REPO, check=True, timeout=300):
     return run_script("train.py", args, cwd, check, timeout)
+
+
+def train_refusing(args, capsys, cwd):
+    """train.py's main(args) in this process, for a command that must stop before training (an option, a data
+    set or a checkpoint it refuses): what it printed and its exit code, as run_train returns them, without
+    the second or two a fresh process spends importing torch."""
+    import train
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code = train.main([str(a) for a in args])
+    finally:
+        os.chdir(previous)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def torchrun(nproc, *extra):

@@ -1,11 +1,9 @@
 """The milestone scorers: PASS/FAIL against a published loss bar, and the held-out Q&A report."""
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, run_train
 from model import GPT, GPTConfig
 from tinygpt.optim import make_optimizers
 from tinygpt.datasets import prepare
@@ -52,12 +50,9 @@ def test_answer_loss_is_low_for_a_model_that_learned_the_answers_and_high_otherw
 @pytest.mark.skipif(not TINYTALKS.is_dir(), reason="needs ../shared/data/tinytalks")
 def test_tinytalks_run_reports_held_out_answers_next_to_references(tmp_path):
     prepare("tinytalks", source=str(TINYTALKS), data_dir=str(tmp_path / "data"))
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), str(REPO / "configs" / "tinytalks.py"), f"--data_dir={tmp_path / 'data'}",
-         f"--out_dir={tmp_path / 'out'}", "--max_iters=20", "--eval_interval=20", "--eval_iters=2",
-         "--n_layer=1", "--n_embd=32", "--block_size=64", "--device=cpu", "--dtype=float32"],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stderr
+    result = run_train([REPO / "configs" / "tinytalks.py", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
+                        "--max_iters=20", "--eval_interval=20", "--eval_iters=2", "--n_layer=1", "--n_embd=32",
+                        "--block_size=64", "--device=cpu", "--dtype=float32"])  # one thread, as every run here
     assert "(bar 1.5): FAIL" in result.stdout  # 20 steps cannot reach the bar
     assert "held-out test answers: loss" in result.stdout
     first_question, first_answer = qa_pairs((tmp_path / "data" / "tinytalks" / "test.txt").read_text())[0]

@@ -23,7 +23,7 @@ import torch
 from tinygpt.checkpoint import load_checkpoint, load_for_inference, model_from_checkpoint, save_checkpoint
 from tinygpt.common import CheckpointError, ConfigError
 from conftest import (ENV, REPO, TINY, assert_one_line_error, assert_same_weights, records, run_script, run_train, tiny_args,
-                      tiny_text, torchrun, train_losses, weights)
+                      tiny_text, torchrun, train_losses, train_refusing, weights)
 from model import GPT, GPTConfig
 from tinygpt.data import Batches, picks_of_rank, split_global_batch
 from tinygpt.device import resolve_dtype
@@ -166,7 +166,7 @@ def test_best_pt_keeps_the_best_val_state_when_a_newer_ckpt_pt_is_not_better(tmp
     assert_same_weights(kept["model"], best["model"])
 
 
-def test_rerunning_a_command_resumes_and_never_starts_over_on_a_trained_model(tmp_path, data_dir, short_run):
+def test_rerunning_a_command_resumes_and_never_starts_over_on_a_trained_model(tmp_path, data_dir, short_run, capsys):
     out = tmp_path / "out"
     out.mkdir()
     for name in ("ckpt.pt", "best.pt"):
@@ -174,10 +174,10 @@ def test_rerunning_a_command_resumes_and_never_starts_over_on_a_trained_model(tm
     digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.pt")}
     again = run_train(tiny_args(data_dir, out, f"--max_iters={SHORT_STEPS}", "--eval_interval=1000"), cwd=tmp_path)
     assert f"resuming from {out / 'ckpt.pt'} at step {SHORT_STEPS}" in again.stdout
-    refused = run_train(tiny_args(data_dir, out, "--init_from=scratch", "--max_iters=3"), cwd=tmp_path, check=False)
+    refused = train_refusing(tiny_args(data_dir, out, "--init_from=scratch", "--max_iters=3"), capsys, tmp_path)
     assert_one_line_error(refused, "already holds ckpt.pt and best.pt", "drop --init_from=scratch")
     (out / "ckpt.pt").rename(tmp_path / "moved.pt")  # best.pt alone must not be overwritten either
-    refused = run_train(tiny_args(data_dir, out, "--max_iters=3"), cwd=tmp_path, check=False)
+    refused = train_refusing(tiny_args(data_dir, out, "--max_iters=3"), capsys, tmp_path)
     assert_one_line_error(refused, "already holds best.pt", "another --out_dir")
     (tmp_path / "moved.pt").rename(out / "ckpt.pt")
     assert digests == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.pt")}
@@ -417,60 +417,60 @@ def test_auto_dtype_on_this_cpu_is_bf16_only_where_the_cpu_has_bf16_instructions
 
 # ------------------------------------------------------------------------------------ errors
 
-def test_unknown_key_on_the_command_line_suggests_the_nearest(tmp_path):
-    result = run_train(["--learning_rat=0.1"], cwd=tmp_path, check=False)
+def test_unknown_key_on_the_command_line_suggests_the_nearest(tmp_path, capsys):
+    result = train_refusing(["--learning_rat=0.1"], capsys, tmp_path)
     assert_one_line_error(result, "learning_rat", "learning_rate")
 
 
-def test_unknown_key_in_a_config_file_names_file_and_line(tmp_path):
+def test_unknown_key_in_a_config_file_names_file_and_line(tmp_path, capsys):
     config = tmp_path / "bad.py"
     config.write_text("batch_size = 4\nn_layers = 2\n")
-    result = run_train([config], cwd=tmp_path, check=False)
+    result = train_refusing([config], capsys, tmp_path)
     assert_one_line_error(result, f"{config} line 2", "n_layers", "n_layer")
 
 
-def test_wrong_type_names_field_value_and_expected_type(tmp_path):
-    result = run_train(["--max_iters=ten"], cwd=tmp_path, check=False)
+def test_wrong_type_names_field_value_and_expected_type(tmp_path, capsys):
+    result = train_refusing(["--max_iters=ten"], capsys, tmp_path)
     assert_one_line_error(result, "max_iters", "'ten'", "int")
 
 
-def test_config_file_line_that_is_not_a_plain_assignment_is_refused_not_run(tmp_path):
+def test_config_file_line_that_is_not_a_plain_assignment_is_refused_not_run(tmp_path, capsys):
     marker = tmp_path / "ran"
     config = tmp_path / "evil.py"
     config.write_text(f"batch_size = 4\nimport os; os.mkdir({str(marker)!r})\n")
-    result = run_train([config], cwd=tmp_path, check=False)
+    result = train_refusing([config], capsys, tmp_path)
     assert_one_line_error(result, f"{config} line 2")
     assert not marker.exists()
 
 
-def test_missing_data_that_cannot_be_prepared_prints_the_command(tmp_path):
-    result = run_train(["--dataset=mybook", f"--data_dir={tmp_path / 'data'}", "--max_iters=1"], cwd=tmp_path,
-                       check=False)
+def test_missing_data_that_cannot_be_prepared_prints_the_command(tmp_path, capsys):
+    result = train_refusing(["--dataset=mybook", f"--data_dir={tmp_path / 'data'}", "--max_iters=1"], capsys,
+                            tmp_path)
     assert_one_line_error(result, "could not prepare mybook", "python prepare.py mybook --source=")
 
 
 @pytest.mark.parametrize("content, message", [(b"PK\x03\x04 this is not a checkpoint", "not a readable checkpoint"),
                                               (None, "no checkpoint at")])
-def test_corrupt_or_missing_checkpoint_is_a_one_line_error(tmp_path, data_dir, content, message):
+def test_corrupt_or_missing_checkpoint_is_a_one_line_error(tmp_path, data_dir, content, message, capsys):
     out = tmp_path / "out"
     out.mkdir()
     if content is not None:
         (out / "ckpt.pt").write_bytes(content)
-    result = run_train(tiny_args(data_dir, out, "--init_from=resume", "--max_iters=2"), cwd=tmp_path, check=False)
+    result = train_refusing(tiny_args(data_dir, out, "--init_from=resume", "--max_iters=2"), capsys, tmp_path)
     assert_one_line_error(result, "ckpt.pt", message)
 
 
-def test_resuming_with_another_model_shape_is_a_one_line_error(tmp_path, data_dir, short_run):
+def test_resuming_with_another_model_shape_is_a_one_line_error(tmp_path, data_dir, short_run, capsys):
     out = copy_of_run(short_run, tmp_path)
-    result = run_train(tiny_args(data_dir, out, "--init_from=resume", "--max_iters=20", "--n_embd=48"), cwd=tmp_path,
-                       check=False)
+    result = train_refusing(tiny_args(data_dir, out, "--init_from=resume", "--max_iters=20", "--n_embd=48"), capsys,
+                            tmp_path)
     assert_one_line_error(result, "does not match", "n_embd 32 in the checkpoint vs 48")
 
 
-def test_resuming_on_another_vocabulary_is_a_one_line_error(tmp_path, data_dir, short_run):
+def test_resuming_on_another_vocabulary_is_a_one_line_error(tmp_path, data_dir, short_run, capsys):
     out = copy_of_run(short_run, tmp_path)
-    result = run_train([*tiny_args(data_dir, out, "--init_from=resume", "--max_iters=20"), "--dataset=reverse"],
-                       cwd=tmp_path, check=False)
+    result = train_refusing([*tiny_args(data_dir, out, "--init_from=resume", "--max_iters=20"), "--dataset=reverse"],
+                            capsys, tmp_path)
     assert_one_line_error(result, "vocab")
 
 
@@ -516,16 +516,16 @@ def test_help_lists_every_option_with_its_default_and_comment(tmp_path):
     assert "resume out_dir/ckpt.pt: 'auto' if any" in result.stdout  # the field's comment
 
 
-def test_a_device_this_machine_lacks_is_a_one_line_error(tmp_path, data_dir):
+def test_a_device_this_machine_lacks_is_a_one_line_error(tmp_path, data_dir, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = run_train(tiny_args(data_dir, tmp_path / "out", "--device=cuda"), cwd=tmp_path, check=False)
+    result = train_refusing(tiny_args(data_dir, tmp_path / "out", "--device=cuda"), capsys, tmp_path)
     assert_one_line_error(result, "device='cuda'", "no CUDA GPU", "--device=cpu")
 
 
-def test_switching_muon_on_at_resume_is_a_one_line_error(tmp_path, data_dir, short_run):
+def test_switching_muon_on_at_resume_is_a_one_line_error(tmp_path, data_dir, short_run, capsys):
     out = copy_of_run(short_run, tmp_path)
-    result = run_train(tiny_args(data_dir, out, "--max_iters=20", "--muon_lr=0.01"), cwd=tmp_path, check=False)
+    result = train_refusing(tiny_args(data_dir, out, "--max_iters=20", "--muon_lr=0.01"), capsys, tmp_path)
     assert_one_line_error(result, "trained without Muon")
 
 
