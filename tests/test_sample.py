@@ -55,41 +55,51 @@ def sample(out_dir, *options, stdin=None):
                stdin=stdin)
 
 
+@pytest.fixture
+def sampled(capsys):
+    """sample.py's main() in this process, for tests about what it generates rather than about the process
+    (those run the command): (stdout, stderr) of a successful run."""
+    def run_main(out_dir, *options):
+        assert sample_main([f"--out_dir={out_dir}", "--device=cpu", "--dtype=float32", *options]) == 0
+        return capsys.readouterr()
+    return run_main
+
+
 def trained_model(out_dir):
     checkpoint = load_checkpoint(out_dir / "ckpt.pt")
     return model_from_checkpoint(checkpoint), tokenizer_from_meta(checkpoint["meta"])
 
 
-def test_samples_of_one_batch_are_independent_draws_that_continue_the_prompt(trained):
+def test_samples_of_one_batch_are_independent_draws_that_continue_the_prompt(trained, sampled):
     """Three samples at temperature 1 differ from each other; with top_k=1 each of them is the greedy text,
     worked out here by a full forward pass per token."""
     out_dir, vocab = trained
-    result = sample(out_dir, "--start=Q:", "--max_new_tokens=60", "--num_samples=3", "--temperature=1.0")
-    samples = result.stdout.removesuffix("\n").split("\n---------------\n")
+    samples = sampled(out_dir, "--start=Q:", "--max_new_tokens=60", "--num_samples=3", "--temperature=1.0").out
+    samples = samples.removesuffix("\n").split("\n---------------\n")
     assert len(samples) == 3 and len(set(samples)) == 3
     assert all(text.startswith("Q:") and len(text) == len("Q:") + 60 and set(text) <= vocab for text in samples)
     model, tokenizer = trained_model(out_dir)
     greedy = tokenizer.decode(greedy_by_hand(model, torch.tensor([tokenizer.encode("Q:")]), 60)[0].tolist())
-    result = sample(out_dir, "--start=Q:", "--max_new_tokens=60", "--num_samples=3", "--top_k=1")
-    assert result.stdout.removesuffix("\n").split("\n---------------\n") == [greedy] * 3
+    result = sampled(out_dir, "--start=Q:", "--max_new_tokens=60", "--num_samples=3", "--top_k=1")
+    assert result.out.removesuffix("\n").split("\n---------------\n") == [greedy] * 3
 
 
-def test_same_seed_same_text_and_other_seed_other_text(trained):
+def test_same_seed_same_text_and_other_seed_other_text(trained, sampled):
     out_dir, _ = trained
-    first, again, other = (sample(out_dir, "--max_new_tokens=80", "--temperature=1.0", f"--seed={s}").stdout
+    first, again, other = (sampled(out_dir, "--max_new_tokens=80", "--temperature=1.0", f"--seed={s}").out
                            for s in (1, 1, 2))
     assert first == again
     assert first != other
 
 
-def test_temperature_zero_is_greedy_whatever_the_seed(trained):
+def test_temperature_zero_is_greedy_whatever_the_seed(trained, sampled):
     """Past the 32-token window: the greedy text of full forward passes over the sliding window."""
     out_dir, _ = trained
-    result = sample(out_dir, "--start=Q: what is", "--max_new_tokens=60", "--temperature=0", "--seed=5")
+    result = sampled(out_dir, "--start=Q: what is", "--max_new_tokens=60", "--temperature=0", "--seed=5").out
     model, tokenizer = trained_model(out_dir)
     expected = tokenizer.decode(greedy_by_hand(model, torch.tensor([tokenizer.encode("Q: what is")]), 60)[0].tolist())
-    assert result.stdout == expected + "\n"
-    assert sample(out_dir, "--start=Q: what is", "--max_new_tokens=60", "--temperature=0", "--seed=6").stdout == result.stdout
+    assert result == expected + "\n"
+    assert sampled(out_dir, "--start=Q: what is", "--max_new_tokens=60", "--temperature=0", "--seed=6").out == result
 
 
 def test_compiled_decode_step_samples_the_same_text_quietly(trained):

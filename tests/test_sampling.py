@@ -6,8 +6,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import greedy_by_hand, run_script, tiny_model
+from conftest import greedy_by_hand, tiny_model
 from model import sample_next
+from sample import main as sample_main
 from tinygpt.checkpoint import save_checkpoint
 
 DRAWS = 40_000  # frequency within 0.01 of a probability: 4 standard deviations at most
@@ -67,10 +68,14 @@ def random_checkpoints(tmp_path_factory):
     return folders
 
 
-def sample_text(folder, *options):
-    result = run_script("sample.py", [f"--out_dir={folder}", "--device=cpu", "--dtype=float32", "--start=abc",
-                                      *options])
-    return result.stdout.removesuffix("\n")
+@pytest.fixture
+def sample_text(capsys):
+    """The text sample.py prints for a checkpoint folder and options: its main() in this process (the
+    command itself runs as a process in test_sample.py), the trailing newline taken off."""
+    def run(folder, *options):
+        assert sample_main([f"--out_dir={folder}", "--device=cpu", "--dtype=float32", "--start=abc", *options]) == 0
+        return capsys.readouterr().out.removesuffix("\n")
+    return run
 
 
 def greedy_text(model, prompt, steps, sinks=0):
@@ -78,7 +83,7 @@ def greedy_text(model, prompt, steps, sinks=0):
     return "".join(VOCAB[i] for i in greedy_by_hand(model, idx, steps, sinks)[0].tolist())
 
 
-def test_sample_py_passes_temperature_top_k_and_top_p_to_generation(random_checkpoints):
+def test_sample_py_passes_temperature_top_k_and_top_p_to_generation(random_checkpoints, sample_text):
     """Each option in a setting that must give greedy decoding: top_k=1, a temperature near 0 (dividing by it
     sharpens; multiplying would flatten), a top_p below any token's share. The plain sample differs."""
     folder, model = random_checkpoints["learned"]
@@ -92,7 +97,7 @@ def test_sample_py_passes_temperature_top_k_and_top_p_to_generation(random_check
     assert sample_text(folder, n, "--temperature=1.0", "--top_p=1.0", "--seed=3") != greedy  # the premise
 
 
-def test_sample_py_keeps_the_sink_tokens_past_the_window(random_checkpoints):
+def test_sample_py_keeps_the_sink_tokens_past_the_window(random_checkpoints, sample_text):
     folder, model = random_checkpoints["alibi"]
     steps = 40
     with_sinks = greedy_text(model, "abc", steps, sinks=4)

@@ -144,31 +144,25 @@ def estimated_loss_by_hand(model, data_dir, split, part, step, eval_iters=2, bat
 
 
 def test_the_optimizer_runs_at_the_scheduled_lr_not_the_peak(tmp_path, data_dir):
-    """The learning rate the optimizer holds after each run length is the schedule's, computed here by
-    hand; and AdamW's first step moves each weight by the lr itself (m/sqrt(v) = g/|g|), so the size of
-    the first update shows the lr the weights really got (the log alone could show a schedule never applied)."""
+    """The learning rate the optimizers hold after the first step is the schedule's, worked out by hand, for
+    AdamW and for Muon from its own peak; and AdamW's first step moves each weight by the lr itself
+    (m / sqrt(v) = g / |g|), so the size of that step shows the lr the weights really got (a log could
+    show a schedule the optimizer never saw). Later steps: the second implementation above."""
     out = tmp_path / "one"
-    peak, warmup = 1e-2, 4
+    peak, warmup, muon_peak = 1e-2, 4, 0.02
     run_train(tiny_args(data_dir, out, "--max_iters=1", f"--learning_rate={peak}", f"--warmup_iters={warmup}",
-                        "--weight_decay=0", "--grad_clip=0", "--eval_interval=1000"), cwd=tmp_path)
+                        f"--muon_lr={muon_peak}", "--weight_decay=0", "--grad_clip=0", "--eval_interval=1000"),
+              cwd=tmp_path)
     first = peak / (warmup + 1)  # the first warmup step: a fifth of the peak
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
     assert all(g["lr"] == pytest.approx(first) for g in checkpoint["optimizer"]["param_groups"])
+    assert all(g["lr"] == pytest.approx(muon_peak / (warmup + 1)) for g in checkpoint["muon"]["param_groups"])
     torch.manual_seed(SEED)
     initial = GPT(GPTConfig(**checkpoint["model_args"])).state_dict()
-    moved = (checkpoint["model"]["blocks.0.mlp.c_fc.weight"] - initial["blocks.0.mlp.c_fc.weight"]).abs()
+    moved = (checkpoint["model"]["wpe.weight"] - initial["wpe.weight"]).abs()  # an AdamW matrix (Muon takes the blocks')
+    moved = moved[moved > 0]  # the positions a batch of 16 tokens reaches: all of them
     assert moved.max().item() == pytest.approx(first, rel=1e-3)  # not the peak, 5x larger
     assert moved.median().item() == pytest.approx(first, rel=0.05)
-    # later in the schedule: the muon group follows the same curve from its own peak
-    out = tmp_path / "later"
-    run_train(tiny_args(data_dir, out, "--max_iters=7", f"--learning_rate={peak}", "--warmup_iters=2",
-                        "--lr_decay_iters=10", "--min_lr=1e-3", "--muon_lr=0.02", "--eval_interval=1000"), cwd=tmp_path)
-    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
-    factor = 0.5 * (1 + math.cos(math.pi * (6 - 2) / (10 - 2)))  # step 6 of a cosine from step 2 to 10: 0.5
-    expected = 1e-3 + factor * (peak - 1e-3)
-    assert all(g["lr"] == pytest.approx(expected) for g in checkpoint["optimizer"]["param_groups"])
-    assert all(g["lr"] == pytest.approx(0.02 * expected / peak) for g in checkpoint["muon"]["param_groups"])
-    assert [r["lr"] for r in records(out, "train")][-1] == pytest.approx(expected)
 
 
 # ------------------------------------------------------------------ best.pt across a resume, and the final evaluation
