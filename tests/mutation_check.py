@@ -124,6 +124,11 @@ MUTATIONS = [
     ("qa_loss_on_the_last_question_token", "tinygpt/evaluation.py", "y[:len(prompt) - 1] = -1", "y[:len(prompt) - 2] = -1",
      ["tests/test_milestones.py"]),
     ("grad_scaler_never_updated", "train.py", "scaler.update()", "pass", [TL]),
+    ("tools_load_ckpt_pt_by_default", "tinygpt/checkpoint.py", "return best if best.is_file() else out_dir / \"ckpt.pt\"",
+     "return out_dir / \"ckpt.pt\"", [TL]),
+    ("full_split_windows_overlap", "tinygpt/data.py", "np.arange(0, len(self.tokens(split)) - self.seq_len, self.seq_len)",
+     "np.arange(0, len(self.tokens(split)) - self.seq_len, self.seq_len // 2)", [TL]),
+    ("sample_ignores_top_p", "sample.py", "cfg.top_p if cfg.top_p < 1.0 else None", "None", [SAMPLING]),
 ]
 
 

@@ -8,6 +8,7 @@ that never reaches the optimizer, clipping skipped or done on scaled gradients, 
 divisor, shifted targets, decay on the wrong parameters, a missing zero_grad, and more (docs/testing.md).
 """
 import math
+import re
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from conftest import (full_split_loss_by_hand, load_meta_json, records, run_train, split_tokens, tiny_args, train_losses,
                       weights)
 from model import GPT, GPTConfig
+from tools.evaluate import main as evaluate_main
 
 SEED = 1337  # train.py's default seed: the initial weights and the batches follow from it
 
@@ -167,7 +169,7 @@ def test_the_optimizer_runs_at_the_scheduled_lr_not_the_peak(tmp_path, data_dir)
 
 # ------------------------------------------------------------------ best.pt across a resume, and the final evaluation
 
-def test_a_resumed_run_keeps_best_pt_when_its_evaluations_are_worse_and_reports_on_best_pt(tmp_path, data_dir):
+def test_a_resumed_run_keeps_best_pt_when_its_evaluations_are_worse_and_reports_on_best_pt(tmp_path, data_dir, capsys):
     """The best val loss and its step come back with a resume: evaluations after it that are worse than
     the step-20 one (a learning rate far too high) leave best.pt alone, and the run's final evaluation
     is of best.pt, the weights sample.py and the tools load by default, not of the last ones."""
@@ -192,3 +194,7 @@ def test_a_resumed_run_keeps_best_pt_when_its_evaluations_are_worse_and_reports_
     last_model = GPT(GPTConfig(**newest["model_args"]))
     last_model.load_state_dict(newest["model"])
     assert full_split_loss_by_hand(last_model, data_dir / "tiny")[0] > loss + 0.01  # the weights it must not judge
+    # the tools load best.pt by default too: evaluate reports best.pt's loss
+    assert evaluate_main([f"--out_dir={out}", "--device=cpu"]) == 0
+    reported = re.search(r"final val loss \(full split, [\d,]+ tokens\): ([\d.]+)", capsys.readouterr().out)
+    assert float(reported.group(1)) == pytest.approx(loss, abs=1.5e-4)
