@@ -82,6 +82,20 @@ def run_train(args, cwd=REPO, check=True, timeout=300):
     return run_script("train.py", args, cwd, check, timeout)
 
 
+def train_here(args, cwd):
+    """A training run through train.py's main() in this process (no second or two importing torch in a new
+    one), for tests that read what it wrote; stdout and stderr are pytest's to capture. The command itself
+    runs as a process in test_train.py, and under torchrun in test_distributed.py."""
+    import train
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code = train.main([str(a) for a in args])
+    finally:
+        os.chdir(previous)
+    assert code == 0, f"train.py {' '.join(map(str, args))} exited with {code}"
+
+
 def train_refusing(args, capsys, cwd):
     """train.py's main(args) in this process, for a command that must stop before training (an option, a data
     set or a checkpoint it refuses): what it printed and its exit code, as run_train returns them, without

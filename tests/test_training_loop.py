@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (full_split_loss_by_hand, load_meta_json, records, run_train, split_tokens, tiny_args, train_losses,
+from conftest import (full_split_loss_by_hand, load_meta_json, records, split_tokens, tiny_args, train_here, train_losses,
                       weights)
 from model import GPT, GPTConfig
 from tools.evaluate import main as evaluate_main
@@ -115,8 +115,8 @@ def test_train_py_takes_the_steps_a_second_implementation_takes(tmp_path, data_d
     assert min(norms) < clip < max(norms), f"pick a clip between the gradient norms {norms}"
     out = tmp_path / "out"
     if dtype == "float16":
-        run_train(tiny_args(data_dir, out, *run_args(dtype, clip), f"--max_iters={STEPS // 2}"), cwd=tmp_path)
-    run_train(tiny_args(data_dir, out, *run_args(dtype, clip)), cwd=tmp_path)
+        train_here(tiny_args(data_dir, out, *run_args(dtype, clip), f"--max_iters={STEPS // 2}"), cwd=tmp_path)
+    train_here(tiny_args(data_dir, out, *run_args(dtype, clip)), cwd=tmp_path)
     assert torch.load(out / "ckpt.pt", weights_only=True)["scaler"] == expected_scaler
     tolerance = dict(rtol=0, atol=2e-6) if dtype == "float32" else dict(rtol=0, atol=2e-4)
     assert train_losses(out) == pytest.approx(dict(enumerate(expected_losses, 1)), rel=1e-5 if dtype == "float32" else 1e-3)
@@ -152,7 +152,7 @@ def test_the_optimizer_runs_at_the_scheduled_lr_not_the_peak(tmp_path, data_dir)
     show a schedule the optimizer never saw). Later steps: the second implementation above."""
     out = tmp_path / "one"
     peak, warmup, muon_peak = 1e-2, 4, 0.02
-    run_train(tiny_args(data_dir, out, "--max_iters=1", f"--learning_rate={peak}", f"--warmup_iters={warmup}",
+    train_here(tiny_args(data_dir, out, "--max_iters=1", f"--learning_rate={peak}", f"--warmup_iters={warmup}",
                         f"--muon_lr={muon_peak}", "--weight_decay=0", "--grad_clip=0", "--eval_interval=1000"),
               cwd=tmp_path)
     first = peak / (warmup + 1)  # the first warmup step: a fifth of the peak
@@ -174,11 +174,11 @@ def test_a_resumed_run_keeps_best_pt_when_its_evaluations_are_worse_and_reports_
     the step-20 one (a learning rate far too high) leave best.pt alone, and the run's final evaluation
     is of best.pt, the weights sample.py and the tools load by default, not of the last ones."""
     out = tmp_path / "out"
-    run_train(tiny_args(data_dir, out, "--max_iters=20", "--eval_interval=10"), cwd=tmp_path)
+    train_here(tiny_args(data_dir, out, "--max_iters=20", "--eval_interval=10"), cwd=tmp_path)
     best_before = (out / "best.pt").read_bytes()
     assert torch.load(out / "best.pt", weights_only=True)["step"] == 20
     # evaluations at 21 and 22, none at 20 where the run resumes: only the restored best val loss can tell
-    run_train(tiny_args(data_dir, out, "--max_iters=22", "--eval_interval=3", "--learning_rate=0.1",
+    train_here(tiny_args(data_dir, out, "--max_iters=22", "--eval_interval=3", "--learning_rate=0.1",
                         "--decay_lr=False"), cwd=tmp_path)
     evals = {r["step"]: r["val"] for r in records(out, "eval")}
     assert sorted(evals) == [0, 10, 20, 21, 22] and min(evals[21], evals[22]) > evals[20]  # the premise: both later evaluations are worse
@@ -195,6 +195,7 @@ def test_a_resumed_run_keeps_best_pt_when_its_evaluations_are_worse_and_reports_
     last_model.load_state_dict(newest["model"])
     assert full_split_loss_by_hand(last_model, data_dir / "tiny")[0] > loss + 0.01  # the weights it must not judge
     # the tools load best.pt by default too: evaluate reports best.pt's loss
+    capsys.readouterr()  # what the training runs printed
     assert evaluate_main([f"--out_dir={out}", "--device=cpu"]) == 0
     reported = re.search(r"final val loss \(full split, [\d,]+ tokens\): ([\d.]+)", capsys.readouterr().out)
     assert float(reported.group(1)) == pytest.approx(loss, abs=1.5e-4)
