@@ -1,4 +1,5 @@
-"""sample.py end to end: a tiny model is trained once by train.py, then sampled by real processes."""
+"""sample.py end to end: a tiny model is trained once by train.py, then sampled by real processes where the
+process matters (stdin, streaming, files, --compile) and through sample.py's main() where only the text does."""
 import random
 import subprocess
 import sys
