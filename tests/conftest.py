@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -22,6 +23,7 @@ if (SHARED_DATA / "tiktoken_cache").is_dir():  # GPT-2 BPE without a network (CI
 # One thread per process: the same arithmetic in every run (bitwise comparisons rely on it), and
 # several test processes can share two cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+torch.set_num_threads(1)  # the tests run in this process too: tiny models gain nothing from a second thread
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8", "--dtype=float32",
         "--eval_iters=2", "--log_interval=1", "--device=cpu", "--warmup_iters=5", "--learning_rate=3e-3"]
 
@@ -80,6 +82,35 @@ def run_train(args, cwd=REPO, check=True, timeout=300):
     return run_script("train.py", args, cwd, check, timeout)
 
 
+def train_here(args, cwd):
+    """A training run through train.py's main() in this process (no second or two importing torch in a new
+    one), for tests that read what it wrote; stdout and stderr are pytest's to capture. The command itself
+    runs as a process in test_train.py, and under torchrun in test_distributed.py."""
+    import train
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code = train.main([str(a) for a in args])
+    finally:
+        os.chdir(previous)
+    assert code == 0, f"train.py {' '.join(map(str, args))} exited with {code}"
+
+
+def train_refusing(args, capsys, cwd):
+    """train.py's main(args) in this process, for a command that must stop before training (an option, a data
+    set or a checkpoint it refuses): what it printed and its exit code, as run_train returns them, without
+    the second or two a fresh process spends importing torch."""
+    import train
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code = train.main([str(a) for a in args])
+    finally:
+        os.chdir(previous)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def torchrun(nproc, *extra):
     return ["torchrun", "--standalone", f"--nproc_per_node={nproc}", *extra]
 
@@ -116,3 +147,85 @@ def assert_one_line_error(result, *fragments):
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+# ------------------------------------------------------------------ references computed by hand
+# Second implementations of what the scripts report, written from the spec and reading the data files
+# directly: tests compare the scripts' numbers with these, never with the functions the scripts call.
+
+def load_meta_json(folder) -> dict:
+    return json.loads((Path(folder) / "meta.json").read_text())
+
+
+def split_tokens(folder, split) -> torch.Tensor:
+    """A split's token ids (1-D int64) as prepare.py wrote them: a flat little-endian stream."""
+    import numpy as np
+    meta = load_meta_json(folder)
+    ids = np.fromfile(Path(folder) / f"{split}.bin", dtype=np.dtype(meta["dtype"]).newbyteorder("<"))
+    return torch.from_numpy(ids.astype(np.int64))
+
+
+@torch.no_grad()
+def full_split_loss_by_hand(model, folder, split="val", block_size=None):
+    """(mean cross-entropy per scored token, tokens scored) over a whole split: for text, windows of
+    block_size tokens side by side from the start (a last window without a next token is left out); for a
+    task, every example with the loss on its answer (the tokens after prompt_len) only."""
+    model.eval()
+    meta, tokens = load_meta_json(folder), split_tokens(folder, split)
+    if meta.get("task"):
+        examples = tokens.view(-1, meta["example_len"])
+        logits = model(examples[:, :-1], examples[:, 1:])[0]
+        answer_logits = logits[:, meta["prompt_len"] - 1:]  # position t predicts token t + 1
+        answers = examples[:, meta["prompt_len"]:]
+        losses = F.cross_entropy(answer_logits.flatten(0, 1).float(), answers.flatten(), reduction="none")
+        return losses.mean().item(), losses.numel()
+    block = block_size or model.config.block_size
+    n_windows = (len(tokens) - 1) // block
+    x = tokens[:n_windows * block].view(n_windows, block)
+    y = tokens[1:n_windows * block + 1].view(n_windows, block)
+    losses = torch.cat([F.cross_entropy(model(xb, yb)[0].flatten(0, 1).float(), yb.flatten(), reduction="none")
+                        for xb, yb in zip(x.split(64), y.split(64))])
+    return losses.mean().item(), losses.numel()
+
+
+@torch.no_grad()
+def exact_match_by_hand(model, folder, split="val"):
+    """Share of a task split's examples whose answer greedy decoding (a full forward pass per token, no
+    cache) writes exactly."""
+    model.eval()
+    meta = load_meta_json(folder)
+    examples = split_tokens(folder, split).view(-1, meta["example_len"])
+    seq = examples[:, :meta["prompt_len"]]
+    while seq.size(1) < examples.size(1):
+        logits = model(seq, torch.zeros_like(seq))[0][:, -1]
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    return (seq == examples).all(dim=1).float().mean().item()
+
+
+@torch.no_grad()
+def greedy_by_hand(model, idx, steps, sinks=0):
+    """Greedy decoding by a full forward pass for every token, over the window generation documents: the
+    last block_size tokens at first; once full, with sinks=0 the window restarts from the last
+    block_size // 2 tokens and slides on from there; with sinks=N it is the first N tokens and the
+    latest block_size - N."""
+    block = model.config.block_size
+    start = max(0, idx.size(1) - block)
+    for _ in range(steps):
+        if sinks:
+            window = idx if idx.size(1) <= block else torch.cat([idx[:, :sinks], idx[:, idx.size(1) - block + sinks:]], 1)
+        else:
+            if idx.size(1) - start > block:
+                start = idx.size(1) - block // 2
+            window = idx[:, start:]
+        logits = model(window, torch.zeros_like(window))[0][:, -1]
+        idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.fixture(scope="session")
+def reverse_run(data_dir, tmp_path_factory):
+    """(out_dir, stdout) of configs/reverse.py as written (300 steps), trained once for every test that needs a
+    model that solves a task; copy its files before changing anything."""
+    out = tmp_path_factory.mktemp("reverse")
+    result = run_train(["configs/reverse.py", f"--data_dir={data_dir}", f"--out_dir={out}"])
+    return out, result.stdout

@@ -3,14 +3,19 @@ checkpoint exactly as the end of its training run did."""
 import json
 import re
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_one_line_error, records, run_script, run_train, tiny_args, tiny_model
+from conftest import (assert_one_line_error, exact_match_by_hand, full_split_loss_by_hand, records, run_script,
+                      split_tokens, tiny_model)
+from model import GPT, GPTConfig
+from tinygpt.checkpoint import save_checkpoint
 from tinygpt.data import Batches, load_meta
 from tinygpt.evaluation import full_split_loss, streaming_losses
+from tools.evaluate import main as evaluate_main
 
 
 def naive_token_mean(model, batches, split):
@@ -40,10 +45,10 @@ def test_full_split_loss_weights_every_scored_token_equally(data_dir, dataset, b
         assert tokens == 200 * 6  # six answer letters per held-out example
 
 
-def test_evaluate_scores_a_checkpoint_as_its_training_run_did(tmp_path, data_dir):
-    out = tmp_path / "out"
-    run_train(["configs/reverse.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=40",
-               "--eval_interval=20", "--device=cpu"])
+def test_evaluate_scores_a_checkpoint_as_its_training_run_did(reverse_run, data_dir):
+    """python -m tools.evaluate on a finished run prints the final scores its training run logged, and both are
+    what a forward pass over the held-out examples gives, worked out here on best.pt (what both load)."""
+    out, _ = reverse_run
     final = records(out, "final")[-1]
     test = [r for r in records(out, "test") if "exact_match" in r][-1]
     result = run_script("tools/evaluate.py", [f"--out_dir={out}", "--device=cpu"])
@@ -51,6 +56,11 @@ def test_evaluate_scores_a_checkpoint_as_its_training_run_did(tmp_path, data_dir
     accuracy = float(re.search(r"test exact match: ([\d.]+)%", result.stdout).group(1))
     assert loss == pytest.approx(final["val_loss_full"], abs=1e-4)
     assert accuracy == pytest.approx(100 * test["exact_match"], abs=0.05)
+    best = torch.load(out / "best.pt", weights_only=True)
+    model = GPT(GPTConfig(**best["model_args"]))
+    model.load_state_dict(best["model"])
+    assert final["val_loss_full"] == pytest.approx(full_split_loss_by_hand(model, data_dir / "reverse")[0], rel=1e-5)
+    assert abs(test["exact_match"] - exact_match_by_hand(model, data_dir / "reverse")) <= 1 / 200
     assert json.loads((out / "config.json").read_text())["exact_match_bar"] == 0.95
     assert "(bar 95%)" in result.stdout
 
@@ -81,13 +91,62 @@ def test_streaming_losses_inside_the_window_are_the_full_forward_pass_losses(use
     torch.testing.assert_close(losses[:16], expected, rtol=0, atol=1e-5)  # every way sees the whole prefix
 
 
-def test_evaluate_reads_past_the_window_where_positions_allow_and_says_so_where_not(tmp_path, data_dir):
-    for pos in ("alibi", "learned"):
-        run_train(tiny_args(data_dir, tmp_path / pos, f"--pos={pos}", "--max_iters=2"))
-    longer = run_script("tools/evaluate.py", [f"--out_dir={tmp_path / 'alibi'}", "--block_size=32"])
-    assert "windows of 32 tokens (2x the trained 16)" in longer.stdout and "final val loss" in longer.stdout
-    stream = run_script("tools/evaluate.py", [f"--out_dir={tmp_path / 'alibi'}", "--stream=40", "--sink_tokens=2"])
-    assert re.findall(r"(sliding window|2 sinks|full recompute).* loss [\d.]+ +[\d.]+ tokens/s", stream.stdout) == [
-        "sliding window", "2 sinks", "full recompute"]
-    refused = run_script("tools/evaluate.py", [f"--out_dir={tmp_path / 'learned'}", "--block_size=32"], check=False)
-    assert_one_line_error(refused, "pos='learned' has positions for 16 tokens only")
+def save_random_run(folder, data_dir, **overrides):
+    """A checkpoint of a random model (scaled up, so that the context matters) as a run on the 'tiny' data would
+    leave it; the model too."""
+    meta = load_meta(data_dir / "tiny")
+    model = tiny_model(vocab_size=meta["vocab_size"], block_size=16, **overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)
+    folder.mkdir()
+    save_checkpoint(folder / "ckpt.pt", {"model": model.state_dict(), "model_args": asdict(model.config), "step": 2,
+                                         "config": {"data_dir": str(data_dir), "dataset": "tiny"}, "meta": meta})
+    return model
+
+
+def streamed_loss_by_hand(model, tokens, way, sinks=2):
+    """Mean loss on the tokens past the window when they arrive one at a time and the context is kept as
+    generation keeps it: 'slide' restarts a full window from its last half, 'sinks' keeps the first tokens
+    and the latest, 'recompute' reads the last block_size tokens."""
+    block, start, losses = model.config.block_size, 0, []
+    for t in range(1, len(tokens)):
+        if way == "slide" and t - start > block:
+            start = t - block // 2
+        if way == "slide":
+            window = tokens[start:t]
+        elif way == "sinks" and t > block:
+            window = torch.cat([tokens[:sinks], tokens[t - block + sinks:t]])
+        else:
+            window = tokens[max(0, t - block):t]
+        logits = model(window[None], window[None])[0][0, -1]
+        losses.append(F.cross_entropy(logits, tokens[t]).item())
+    return sum(losses[block:]) / len(losses[block:])
+
+
+def test_evaluate_reads_past_the_window_where_positions_allow_and_says_so_where_not(tmp_path, data_dir, capsys):
+    """In-process (the CLI itself is run by the test above). One ALiBi layer, so that a sink cache holds
+    exactly what a forward pass over the sinks and the latest tokens computes: every number evaluate
+    prints is worked out here from the data file."""
+    model = save_random_run(tmp_path / "alibi", data_dir, pos="alibi", n_layer=1)
+    assert evaluate_main([f"--out_dir={tmp_path / 'alibi'}", "--block_size=32", "--device=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "windows of 32 tokens (2x the trained 16)" in out
+    loss, tokens = full_split_loss_by_hand(model, data_dir / "tiny", block_size=32)
+    reported = re.search(r"final val loss \(full split, ([\d,]+) tokens\): ([\d.]+)", out)
+    assert int(reported.group(1).replace(",", "")) == tokens and float(reported.group(2)) == pytest.approx(loss, abs=1.5e-4)
+
+    assert evaluate_main([f"--out_dir={tmp_path / 'alibi'}", "--stream=40", "--sink_tokens=2", "--device=cpu"]) == 0
+    out = capsys.readouterr().out
+    printed = dict(re.findall(r"(sliding window|2 sinks|full recompute).* loss ([\d.]+) +[\d.]+ tokens/s", out))
+    val = split_tokens(data_dir / "tiny", "val")[:40]
+    expected = {"sliding window": streamed_loss_by_hand(model, val, "slide"),
+                "2 sinks": streamed_loss_by_hand(model, val, "sinks"),
+                "full recompute": streamed_loss_by_hand(model, val, "recompute")}
+    assert len(set(round(v, 3) for v in expected.values())) == 3  # the premise: the three ways differ here
+    assert {k: float(v) for k, v in printed.items()} == pytest.approx(expected, abs=1.5e-4)
+
+    save_random_run(tmp_path / "learned", data_dir)
+    assert evaluate_main([f"--out_dir={tmp_path / 'learned'}", "--block_size=32", "--device=cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pos='learned' has positions for 16 tokens only" in err

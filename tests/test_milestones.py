@@ -1,11 +1,9 @@
 """The milestone scorers: PASS/FAIL against a published loss bar, and the held-out Q&A report."""
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, run_train
 from model import GPT, GPTConfig
 from tinygpt.optim import make_optimizers
 from tinygpt.datasets import prepare
@@ -52,13 +50,31 @@ def test_answer_loss_is_low_for_a_model_that_learned_the_answers_and_high_otherw
 @pytest.mark.skipif(not TINYTALKS.is_dir(), reason="needs ../shared/data/tinytalks")
 def test_tinytalks_run_reports_held_out_answers_next_to_references(tmp_path):
     prepare("tinytalks", source=str(TINYTALKS), data_dir=str(tmp_path / "data"))
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), str(REPO / "configs" / "tinytalks.py"), f"--data_dir={tmp_path / 'data'}",
-         f"--out_dir={tmp_path / 'out'}", "--max_iters=20", "--eval_interval=20", "--eval_iters=2",
-         "--n_layer=1", "--n_embd=32", "--block_size=64", "--device=cpu", "--dtype=float32"],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stderr
+    result = run_train([REPO / "configs" / "tinytalks.py", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
+                        "--max_iters=20", "--eval_interval=20", "--eval_iters=2", "--n_layer=1", "--n_embd=32",
+                        "--block_size=64", "--device=cpu", "--dtype=float32"])  # one thread, as every run here
     assert "(bar 1.5): FAIL" in result.stdout  # 20 steps cannot reach the bar
     assert "held-out test answers: loss" in result.stdout
     first_question, first_answer = qa_pairs((tmp_path / "data" / "tinytalks" / "test.txt").read_text())[0]
     assert f"Q: {first_question}" in result.stdout and f"reference: {first_answer}" in result.stdout
+
+
+def test_answer_loss_is_the_mean_over_the_answer_tokens_given_the_question():
+    """Worked out by hand on a random model: each pair read whole, " answer\\n" scored token by token after the
+    question's "Q: ...\\nA:", every answer token weighing the same whatever its pair's length."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    tok = CharTokenizer(sorted(set(QA_TEXT)))
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5)  # far from uniform: which tokens are scored shows in the loss
+    losses = []
+    for question, answer in PAIRS:
+        prompt, reply = tok.encode(f"Q: {question}\nA:"), tok.encode(f" {answer}\n")
+        ids = torch.tensor([prompt + reply])
+        logits = model(ids, ids)[0][0]
+        for i, token in enumerate(reply):  # the reply's i-th token is predicted at position len(prompt) + i - 1
+            losses.append(F.cross_entropy(logits[len(prompt) + i - 1], torch.tensor(token)).item())
+    expected = sum(losses) / len(losses)
+    assert qa_answer_loss(model, tok, PAIRS, torch.no_grad(), "cpu") == pytest.approx(expected, rel=1e-5)

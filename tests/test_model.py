@@ -185,11 +185,17 @@ def test_sequences_past_block_size_extend_the_positions_of_shorter_ones(pos):
     torch.testing.assert_close(all_logits(model, idx)[:, :20], short, rtol=0, atol=1e-5)
 
 
-def test_streaming_yields_the_same_tokens_as_generate():
-    model = tiny_model()
+def test_streaming_yields_each_token_as_it_is_decided():
+    """generate_stream is lazy: one step of the generator, one token per sequence, the greedy one of a full
+    forward pass (worked out by hand); the rest follow one at a time, the same as greedy decoding."""
+    model = scaled_up(tiny_model())
     prompt = random_tokens(2, 4)
-    streamed = torch.stack(list(model.generate_stream(prompt, 10, temperature=0)), dim=1)
-    assert torch.equal(streamed, model.generate(prompt, 10, temperature=0)[:, 4:])
+    expected = conftest.greedy_by_hand(model, prompt, 10)[:, 4:]
+    stream = model.generate_stream(prompt, 10, temperature=0)
+    first = next(stream)
+    assert first.shape == (2,) and torch.equal(first, expected[:, 0])
+    rest = list(stream)
+    assert len(rest) == 9 and torch.equal(torch.stack(rest, dim=1), expected[:, 1:])
 
 
 def test_loss_at_init_is_close_to_uniform():
@@ -247,10 +253,15 @@ def test_tied_weights_share_storage_and_untied_do_not():
 
 
 @pytest.mark.parametrize("pos", POSITIONS)
-def test_state_dict_round_trip_with_weights_only_load(pos):
+def test_state_dict_holds_the_weights_only_and_the_fixed_tables_come_from_the_config(pos):
+    """A checkpoint stores learned weights; the sin/cos tables and ALiBi's slopes are rebuilt from the config
+    (so a checkpoint does not freeze them), and a model of another seed loaded with weights_only computes
+    the same logits."""
     model = tiny_model(pos=pos)
+    state = model.state_dict()
+    assert set(state) == {name for name, _ in model.named_parameters(remove_duplicate=False)}
     buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
+    torch.save(state, buffer)
     buffer.seek(0)
     restored = tiny_model(seed=99, pos=pos)
     restored.load_state_dict(torch.load(buffer, weights_only=True))

@@ -1,4 +1,5 @@
-"""sample.py end to end: a tiny model is trained once by train.py, then sampled by real processes."""
+"""sample.py end to end: a tiny model is trained once by train.py, then sampled by real processes where the
+process matters (stdin, streaming, files, --compile) and through sample.py's main() where only the text does."""
 import random
 import subprocess
 import sys
@@ -8,8 +9,9 @@ import torch
 
 from dataclasses import asdict
 
-from conftest import REPO, tiny_model
+from conftest import ENV, REPO, greedy_by_hand, tiny_model
 from sample import TextStream
+from sample import main as sample_main
 from tinygpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from tinygpt.datasets import prepare
 from tinygpt.tokenizer import GPT2Tokenizer, tokenizer_from_meta
@@ -43,7 +45,7 @@ def trained(tmp_path_factory):
 
 def run(args, stdin=None, check=False):
     result = subprocess.run([sys.executable, *map(str, args)], input=stdin, capture_output=True,
-                            text=True, cwd=REPO, timeout=300)
+                            text=True, cwd=REPO, timeout=300, env=ENV)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -54,34 +56,51 @@ def sample(out_dir, *options, stdin=None):
                stdin=stdin)
 
 
-def test_samples_are_text_in_the_vocabulary(trained):
+@pytest.fixture
+def sampled(capsys):
+    """sample.py's main() in this process, for tests about what it generates rather than about the process
+    (those run the command): (stdout, stderr) of a successful run."""
+    def run_main(out_dir, *options):
+        assert sample_main([f"--out_dir={out_dir}", "--device=cpu", "--dtype=float32", *options]) == 0
+        return capsys.readouterr()
+    return run_main
+
+
+def trained_model(out_dir):
+    checkpoint = load_checkpoint(out_dir / "ckpt.pt")
+    return model_from_checkpoint(checkpoint), tokenizer_from_meta(checkpoint["meta"])
+
+
+def test_samples_of_one_batch_are_independent_draws_that_continue_the_prompt(trained, sampled):
+    """Three samples at temperature 1 differ from each other; with top_k=1 each of them is the greedy text,
+    worked out here by a full forward pass per token."""
     out_dir, vocab = trained
-    result = sample(out_dir, "--start=Q:", "--max_new_tokens=120", "--num_samples=3")
-    assert result.returncode == 0, result.stderr
-    samples = result.stdout.split("\n---------------\n")
-    assert len(samples) == 3
-    for text in samples:
-        assert text.startswith("Q:") and len(text.rstrip("\n")) >= 100
-        assert set(text) <= vocab
+    samples = sampled(out_dir, "--start=Q:", "--max_new_tokens=60", "--num_samples=3", "--temperature=1.0").out
+    samples = samples.removesuffix("\n").split("\n---------------\n")
+    assert len(samples) == 3 and len(set(samples)) == 3
+    assert all(text.startswith("Q:") and len(text) == len("Q:") + 60 and set(text) <= vocab for text in samples)
+    model, tokenizer = trained_model(out_dir)
+    greedy = tokenizer.decode(greedy_by_hand(model, torch.tensor([tokenizer.encode("Q:")]), 60)[0].tolist())
+    result = sampled(out_dir, "--start=Q:", "--max_new_tokens=60", "--num_samples=3", "--top_k=1")
+    assert result.out.removesuffix("\n").split("\n---------------\n") == [greedy] * 3
 
 
-def test_same_seed_same_text_and_other_seed_other_text(trained):
+def test_same_seed_same_text_and_other_seed_other_text(trained, sampled):
     out_dir, _ = trained
-    first, again, other = (sample(out_dir, "--max_new_tokens=80", "--temperature=1.0", f"--seed={s}").stdout
+    first, again, other = (sampled(out_dir, "--max_new_tokens=80", "--temperature=1.0", f"--seed={s}").out
                            for s in (1, 1, 2))
     assert first == again
     assert first != other
 
 
-def test_temperature_zero_equals_the_models_greedy_generate(trained):
+def test_temperature_zero_is_greedy_whatever_the_seed(trained, sampled):
+    """Past the 32-token window: the greedy text of full forward passes over the sliding window."""
     out_dir, _ = trained
-    result = sample(out_dir, "--start=Q: what is", "--max_new_tokens=60", "--temperature=0", "--seed=5")
-    checkpoint = load_checkpoint(out_dir / "ckpt.pt")
-    model, tokenizer = model_from_checkpoint(checkpoint), tokenizer_from_meta(checkpoint["meta"])
-    prompt = torch.tensor([tokenizer.encode("Q: what is")])
-    expected = tokenizer.decode(model.generate(prompt, 60, temperature=0)[0].tolist())
-    assert result.stdout == expected + "\n"
-    assert sample(out_dir, "--start=Q: what is", "--max_new_tokens=60", "--temperature=0", "--seed=6").stdout == result.stdout
+    result = sampled(out_dir, "--start=Q: what is", "--max_new_tokens=60", "--temperature=0", "--seed=5").out
+    model, tokenizer = trained_model(out_dir)
+    expected = tokenizer.decode(greedy_by_hand(model, torch.tensor([tokenizer.encode("Q: what is")]), 60)[0].tolist())
+    assert result == expected + "\n"
+    assert sampled(out_dir, "--start=Q: what is", "--max_new_tokens=60", "--temperature=0", "--seed=6").out == result
 
 
 def test_compiled_decode_step_samples_the_same_text_quietly(trained):
@@ -123,7 +142,7 @@ def test_chat_reports_a_bad_question_and_goes_on(trained):
 def test_first_sample_streams_before_generation_ends(trained):
     out_dir, _ = trained
     proc = subprocess.Popen([sys.executable, str(REPO / "sample.py"), f"--out_dir={out_dir}", "--device=cpu",
-                             "--max_new_tokens=100000", "--start=Q:"], stdout=subprocess.PIPE, cwd=REPO)
+                             "--max_new_tokens=100000", "--start=Q:"], stdout=subprocess.PIPE, cwd=REPO, env=ENV)
     try:
         first = proc.stdout.read(40)
         still_running = proc.poll() is None
@@ -157,12 +176,13 @@ def test_prompt_from_file_and_long_prompt_note(trained, tmp_path):
     (["--sink_tokens=4"], "needs a model with pos='rope' or 'alibi' (this one has 'learned')"),
     (["--sink_tokens=-1"], "sink_tokens=-1 must be >= 0"),
 ])
-def test_bad_requests_fail_with_one_line(trained, options, expected):
+def test_bad_requests_fail_with_one_line(trained, options, expected, capsys):
+    """In-process, for speed (sample.py's main, as the command runs it): the other tests run the command."""
     out_dir, _ = trained
-    result = sample(out_dir, *options)
-    assert result.returncode == 1
-    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert result.stdout == ""
+    assert sample_main([f"--out_dir={out_dir}", "--device=cpu", "--dtype=float32", *options]) == 1
+    out, err = capsys.readouterr()
+    assert expected in err and len(err.strip().splitlines()) == 1, err
+    assert out == ""
 
 
 def test_help_lists_the_options_and_exits_0():
@@ -220,7 +240,7 @@ def test_gpt2_bpe_checkpoint_samples_what_greedy_generation_gives(tmp_path):
                                            "config": {}, "step": 0, "meta": meta})
     result = sample(tmp_path, "--start=ROMEO:", "--max_new_tokens=12", "--temperature=0")
     assert result.returncode == 0, result.stderr
-    expected = model.generate(torch.tensor([tok.encode("ROMEO:")]), 12, temperature=0)[0].tolist()
+    expected = greedy_by_hand(model, torch.tensor([tok.encode("ROMEO:")]), 12)[0].tolist()
     assert result.stdout == tok.decode(expected) + "\n"
 
 
@@ -269,16 +289,3 @@ def test_chat_answers_with_the_conversation_so_far_in_the_context(tmp_path):
 def test_chat_answers_get_a_quarter_of_the_window_and_at_least_64_tokens_while_half_allows():
     from sample import answer_room
     assert [answer_room(b) for b in (32, 128, 256, 1024)] == [16, 64, 64, 256]
-
-
-def test_sample_with_attention_sinks_generates_past_the_window(tmp_path):
-    source = tmp_path / "qa.txt"
-    source.write_text(qa_text())
-    prepare("qa", source=str(source), data_dir=str(tmp_path / "data"))
-    run([REPO / "train.py", "--dataset=qa", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
-         "--pos=alibi", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
-         "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--device=cpu", "--dtype=float32"], check=True)
-    texts = [sample(tmp_path / "out", "--temperature=0", "--max_new_tokens=60", *sinks).stdout
-             for sinks in ([], ["--sink_tokens=4"])]
-    assert all(len(text) == len("\n") + 60 + len("\n") for text in texts)  # 60 one-character tokens each
-    assert texts[0][:16] == texts[1][:16]  # identical until the window fills
