@@ -107,6 +107,8 @@ def test_exact_match_agrees_with_greedy_decoding_on_a_model_that_learned_its_ans
     assert [greedy_answer(model, tok, q, "cpu") for q, _ in pairs] == [a for _, a in pairs]
     changed = [(q, a.replace(".", "!")) for q, a in pairs]
     assert greedy_matches(model, tok, pairs + changed, "cpu", batch_size=4) == [True] * 3 + [False] * 3
+    too_long = [("Hi? " + "x" * 64, "Hello.")]  # beyond the window: not an answer greedy decoding can give
+    assert greedy_matches(model, tok, pairs + too_long, "cpu") == [True] * 3 + [False]
 
 
 def test_answer_scores_on_hand_made_answers():

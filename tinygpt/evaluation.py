@@ -119,19 +119,21 @@ def greedy_matches(model, tokenizer, pairs, device, batch_size=64) -> list:
     tokens is the top choice after the question and the tokens before it."""
     model.eval()
     matches = []
+    room = answer_room(model.config.block_size)
     for start in range(0, len(pairs), batch_size):
         prompts = [tokenizer.encode(qa_prompt(q)) for q, _ in pairs[start:start + batch_size]]
         replies = [tokenizer.encode(f" {a}\n") for _, a in pairs[start:start + batch_size]]
-        width = max(len(p) + len(r) for p, r in zip(prompts, replies))
-        if width > model.config.block_size:
-            raise ValueError(f"a Q/A pair of {width} tokens does not fit the model's {model.config.block_size}")
+        # an answer longer than the chat's room, or a pair beyond the window, is one greedy decoding cannot write
+        fits = [len(p) + len(r) <= model.config.block_size and len(r) <= room for p, r in zip(prompts, replies)]
+        width = max([len(p) + len(r) for p, r, fit in zip(prompts, replies, fits) if fit], default=1)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        for row, (p, r) in enumerate(zip(prompts, replies)):
-            ids[row, :len(p) + len(r)] = torch.tensor(p + r)
+        for row, (p, r, fit) in enumerate(zip(prompts, replies, fits)):
+            if fit:
+                ids[row, :len(p) + len(r)] = torch.tensor(p + r)
         ids = ids.to(device)
         top = model(ids, ids)[0].argmax(dim=-1)  # any targets: they ask for every position's logits
-        for row, (p, r) in enumerate(zip(prompts, replies)):
-            matches.append(top[row, len(p) - 1:len(p) + len(r) - 1].tolist() == r)
+        for row, (p, r, fit) in enumerate(zip(prompts, replies, fits)):
+            matches.append(fit and top[row, len(p) - 1:len(p) + len(r) - 1].tolist() == r)
     return matches
 
 
