@@ -82,17 +82,22 @@ def run_train(args, cwd=REPO, check=True, timeout=300):
     return run_script("train.py", args, cwd, check, timeout)
 
 
-def train_here(args, cwd):
-    """A training run through train.py's main() in this process (no second or two importing torch in a new
-    one), for tests that read what it wrote; stdout and stderr are pytest's to capture. The command itself
-    runs as a process in test_train.py, and under torchrun in test_distributed.py."""
+def train_main_in(cwd, args) -> int:
+    """train.py's main(args), run in this process from the folder cwd."""
     import train
     previous = os.getcwd()
     os.chdir(cwd)
     try:
-        code = train.main([str(a) for a in args])
+        return train.main([str(a) for a in args])
     finally:
         os.chdir(previous)
+
+
+def train_here(args, cwd):
+    """A training run through train.py's main() in this process (no second or two importing torch in a new
+    one), for tests that read what it wrote; stdout and stderr are pytest's to capture. The command itself
+    runs as a process in test_train.py, and under torchrun in test_distributed.py."""
+    code = train_main_in(cwd, args)
     assert code == 0, f"train.py {' '.join(map(str, args))} exited with {code}"
 
 
@@ -100,13 +105,7 @@ def train_refusing(args, capsys, cwd):
     """train.py's main(args) in this process, for a command that must stop before training (an option, a data
     set or a checkpoint it refuses): what it printed and its exit code, as run_train returns them, without
     the second or two a fresh process spends importing torch."""
-    import train
-    previous = os.getcwd()
-    os.chdir(cwd)
-    try:
-        code = train.main([str(a) for a in args])
-    finally:
-        os.chdir(previous)
+    code = train_main_in(cwd, args)
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)
 
