@@ -223,7 +223,8 @@ def qa_report(model, batches, ctx) -> dict:
     questions real words, overlap with the reference and naming the question's topic; and in 5-turn chats of
     test questions, the share of answers that repeat the previous one."""
     tokenizer = tokenizer_from_meta(batches.meta)
-    taught = qa_pairs(tokenizer.decode(batches.tokens("train")))
+    train_text = tokenizer.decode(batches.tokens("train"))
+    taught = qa_pairs(train_text)
     pairs = qa_pairs((batches.folder / batches.meta["test_file"]).read_text(encoding="utf-8"))
     loss = qa_answer_loss(model, tokenizer, pairs, ctx, batches.device)
     matches = greedy_matches(model, tokenizer, taught, batches.device)
@@ -232,7 +233,7 @@ def qa_report(model, batches, ctx) -> dict:
     references = [reference for _, reference in pairs]
     chats = [chat_answers(model, tokenizer, questions[i:i + CHAT_TURNS], batches.device)
              for i in range(0, len(questions) - CHAT_TURNS + 1, CHAT_TURNS)]
-    known = set(words(tokenizer.decode(batches.tokens("train"))))
+    known = set(words(train_text))
     scores = {"exact_match_train": sum(matches) / max(1, len(matches)),
               **answer_scores(answers, references, known, questions), "repeated_in_chat": repeated_share(chats)}
     print0(f"held-out test answers: loss {loss:.4f} over {len(pairs)} pairs")
