@@ -24,14 +24,15 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig
-from tinygpt.checkpoint import (check_resumable, check_visible, checkpoint_to_resume, kept_message, load_checkpoint,
-                                load_weights_from_master, restore_rng_states, save_training_state, training_state)
+from tinygpt.checkpoint import (check_free_space, check_resumable, check_visible, checkpoint_bytes, checkpoint_to_resume,
+                                kept_message, load_checkpoint, load_weights_from_master, restore_rng_states,
+                                save_training_state, training_state)
 from tinygpt.common import EVERY_PROCESS_ERRORS, ConfigError, NonFiniteLossError
 from tinygpt.data import (TRAIN_STREAM, Batches, batch_rng, load_meta, picks_of_rank, prepare_if_missing,
                           split_global_batch)
 from tinygpt.device import (DTYPES, any_rank, autocast_context, broadcast_from_master, collectively,
-                            compile_by_default, data_parallel, device_type, exit_process, grad_scaler, peak_flops,
-                            print0, resolve_dtype, set_up_device, sum_over_ranks, torchrun_group, torchrun_rank)
+                            compile_by_default, data_parallel, device_type, exit_process, grad_scaler, model_dtype,
+                            peak_flops, print0, set_up_device, sum_over_ranks, torchrun_group, torchrun_rank)
 from tinygpt.evaluation import estimate_loss, final_report
 from tinygpt.gpt2 import GPT2_NAMES, weights_to_fine_tune
 from tinygpt.optim import clip_and_step, load_optimizer_state, make_optimizers
@@ -87,9 +88,6 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
         must(self.vocab_size == 0, f"vocab_size={self.vocab_size}: it comes from the data set's meta.json; leave it out")
         for name, allowed in {"lr_schedule": ("cosine", "linear"), "dtype": DTYPES}.items():
             must(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        must(self.init_from in ("auto", "resume", "scratch", *GPT2_NAMES) or Path(self.init_from).exists(),
-             f"init_from={self.init_from!r}: no such file or folder (train that run first?); use auto, resume, "
-             f"scratch, {', '.join(GPT2_NAMES)} or the path of weights to fine-tune")
         for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
                      "block_size", "n_layer", "n_head", "n_embd"):
             must(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
@@ -99,6 +97,15 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
         must(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
         must(self.muon_lr == 0 or hasattr(torch.optim, "Muon"),
              f"muon_lr={self.muon_lr} needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
+
+
+def check_init_from(init_from, dist):
+    """Every process checks, once the job's group is joined (collectively): a node without the weights to
+    fine-tune then stops the whole job with one line, instead of leaving its peers waiting for it."""
+    where = f" on rank {dist.rank}'s node (every node needs them)" if dist.enabled else ""
+    must(init_from in ("auto", "resume", "scratch", *GPT2_NAMES) or Path(init_from).exists(),
+         f"init_from={init_from!r}: no such file or folder{where} (train that run first?); use auto, resume, "
+         f"scratch, {', '.join(GPT2_NAMES)} or the path of weights to fine-tune")
 
 
 def model_args_of(cfg, vocab_size) -> dict:
@@ -221,12 +228,11 @@ def train(cfg, argv, dist) -> int:
     """Set up, run the loop, then the final evaluation, in this process: torchrun's rank dist.rank, or the only one."""
     # ---------------------------------------------------------------------------------- set-up
     device, master = dist.device, dist.is_master
-    dtype = resolve_dtype(cfg.dtype, device, fp16_safe=cfg.mlp != "relu2")
     set_up_device(device, cfg.keep_freed_memory)
-    ctx = autocast_context(device, dtype)
     out_dir = Path(cfg.out_dir)
     log = None
     try:
+        collectively(dist, "all", check_init_from, cfg.init_from, dist)  # on every node
         collectively(dist, "node", prepare_if_missing, cfg.dataset, cfg.data_dir, cfg.data_source)
         folder = Path(cfg.data_dir) / cfg.dataset
         meta = load_meta(folder)
@@ -235,6 +241,8 @@ def train(cfg, argv, dist) -> int:
         model_args, start_weights = model_args_of(cfg, meta["vocab_size"]), None
         if cfg.init_from not in ("auto", "resume", "scratch"):  # fine-tuning: the model's shape is the weights'
             cfg, model_args, start_weights = collectively(dist, "all", weights_to_fine_tune, cfg, meta, resume_from)
+        dtype = model_dtype(cfg.dtype, device, model_args)  # the model's own config: a fine-tune's is its weights'
+        ctx = autocast_context(device, dtype)
         batches = Batches(folder, meta, cfg.block_size, device)
         if batches.task and cfg.block_size < batches.seq_len:
             raise ConfigError(f"block_size={cfg.block_size} is shorter than the {batches.seq_len} tokens "
@@ -245,6 +253,7 @@ def train(cfg, argv, dist) -> int:
             raise ConfigError(str(e)) from None
         model, optimizers, scaler, resumed = collectively(dist, "all", build_training_state, cfg, model_args, meta, device,
                                                           dtype, resume_from, start_weights)
+        collectively(dist, "master", check_free_space, out_dir, checkpoint_bytes(model))  # before anything is written
         resumed = resumed or {"step": 0, "best_val_loss": math.inf, "best_step": None}
         step = resumed["step"]  # optimizer steps done; the next one is step + 1
         best_val_loss, best_step = resumed["best_val_loss"], resumed["best_step"]  # best.pt holds best_step
@@ -314,7 +323,7 @@ def train(cfg, argv, dist) -> int:
                         x, y = batches.batch("train", picks[micro + 1])  # loads while the device computes
                     scaler.scale(loss).backward()
                     step_loss += loss.detach()
-                clip_and_step(optimizers, scaler, model.parameters(), cfg.grad_clip)
+                clip_and_step(optimizers, scaler, model.parameters(), cfg.grad_clip, keep_grads=dist.enabled)
                 step += 1
                 pending_losses.append(step_loss)
 

@@ -26,7 +26,7 @@ from conftest import (ENV, REPO, TINY, assert_one_line_error, assert_same_weight
                       tiny_text, torchrun, train_losses, train_refusing, weights)
 from model import GPT, GPTConfig
 from tinygpt.data import Batches, picks_of_rank, split_global_batch
-from tinygpt.device import resolve_dtype
+from tinygpt.device import model_dtype
 from tinygpt.evaluation import exact_match_accuracy
 from tinygpt.options import parse_options
 from train import TrainConfig, build_training_state, learning_rate_at, model_args_of
@@ -404,8 +404,8 @@ def test_auto_dtype_on_this_cpu_is_bf16_only_where_the_cpu_has_bf16_instructions
     if "Flags" not in flags:
         pytest.skip("lscpu cannot tell this CPU's flags")
     native = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
-    assert resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
-    assert resolve_dtype("float16", "cpu") == "float16"  # a named dtype is taken as it is
+    assert model_dtype("auto", "cpu", {}) == ("bfloat16" if native else "float32")
+    assert model_dtype("float16", "cpu", {}) == "float16"  # a named dtype is taken as it is
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -481,7 +481,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
 
 # ------------------------------------------------------------------------------ config parser
 
-def test_config_parser_converts_and_checks_types(tmp_path):
+def test_config_parser_converts_and_checks_types(tmp_path, capsys):
     config = tmp_path / "c.py"
     config.write_text("learning_rate = 1\nout_dir = 'from-file'\ncompile = False\n")
     cfg = parse_options(TrainConfig, [str(config), "--out_dir=bare-string", "--wandb_run_name=123", "--dropout=0.1"],
@@ -493,8 +493,8 @@ def test_config_parser_converts_and_checks_types(tmp_path):
         parse_options(TrainConfig, ["--max_iters=True"])  # a bool is not an int
     with pytest.raises(ConfigError, match="--key=value"):
         parse_options(TrainConfig, ["max_iters=3"])
-    with pytest.raises(ConfigError, match="init_from"):
-        parse_options(TrainConfig, ["--init_from=resum"])
+    result = train_refusing(["--init_from=resum", "--device=cpu"], capsys, tmp_path)  # a path: checked on every node
+    assert_one_line_error(result, "init_from='resum': no such file or folder")
     with pytest.raises(ConfigError, match="n_embd=48 must be divisible by n_head=5"):  # checked once, at the end
         parse_options(TrainConfig, ["--n_head=5", "--n_embd=48"])
     assert parse_options(TrainConfig, ["--n_head=5", "--n_embd=40"]).n_head == 5

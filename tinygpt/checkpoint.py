@@ -7,6 +7,7 @@ the best val loss so far (what sample.py and the tools load by default). No run 
 checkpoint it did not start from.
 """
 import random
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from model import GPT, GPTConfig
 from tinygpt.common import CheckpointError, atomic_write, keep_as
-from tinygpt.device import broadcast_tensors_from_master, collectively, resolve_device, resolve_dtype
+from tinygpt.device import broadcast_tensors_from_master, collectively, model_dtype, resolve_device
 from tinygpt.tokenizer import tokenizer_from_meta
 
 RETIRED_FIELDS = ("fast_dropout", "loss_chunk")  # model_args of earlier versions that changed no weights
@@ -64,6 +65,27 @@ def save_training_state(out_dir, state, is_best, reason):
         keep_as(ckpt_path, Path(out_dir) / "best.pt")
     also = " and best.pt" if is_best else ""
     print(f"saved {ckpt_path}{also} at step {state['step']} ({reason})", flush=True)
+
+
+def checkpoint_bytes(model) -> int:
+    """About the size of a checkpoint of model: float32 weights and two AdamW moments per weight (Muon keeps
+    one: less); the rest (config, meta, RNG states) is a few kB. GPT-2 XL: 1.56e9 x 12 bytes, 18.7 GB."""
+    return 12 * sum(p.numel() for p in model.parameters())
+
+
+def check_free_space(out_dir, checkpoint_size):
+    """A one-line CheckpointError before a run writes anything when out_dir's disk cannot hold its checkpoints:
+    up to three at once (best.pt of an earlier step, ckpt.pt, the next ckpt.pt being written), less the space
+    out_dir's checkpoints take already (the run replaces them)."""
+    out_dir = Path(out_dir)
+    folder = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    held = {(s.st_dev, s.st_ino): s.st_size for s in (p.stat() for p in (out_dir / "ckpt.pt", out_dir / "best.pt")
+                                                      if p.is_file())}  # a hard-linked best.pt counts once
+    needed, free = 3 * checkpoint_size - sum(held.values()), shutil.disk_usage(folder).free
+    if needed > free:
+        raise CheckpointError(f"{folder} has {free / 1e9:.1f} GB free, but this run needs up to {needed / 1e9:.1f} GB "
+                              f"more for its checkpoints (3 files of ~{checkpoint_size / 1e9:.1f} GB: best.pt, ckpt.pt "
+                              "and the next one being written); free some space or use another --out_dir")
 
 
 def kept_message(out_dir, saved_step) -> str:
@@ -156,8 +178,8 @@ def ready_for_inference(checkpoint, device="auto", dtype="auto"):
     """(model in eval mode with weights cast to dtype, its tokenizer, device) of a dict with the
     model, model_args and meta of a checkpoint (or of GPT-2's weights, gpt2.load_weights)."""
     device = resolve_device(device)
-    fp16_safe = checkpoint["model_args"].get("mlp") != "relu2"  # ReLU^2 overflows float16
-    model = model_from_checkpoint(checkpoint, device).to(getattr(torch, resolve_dtype(dtype, device, fp16_safe)))
+    dtype = model_dtype(dtype, device, checkpoint["model_args"])
+    model = model_from_checkpoint(checkpoint, device).to(getattr(torch, dtype))
     tokenizer = tokenizer_from_meta(checkpoint["meta"])
     if tokenizer.vocab_size > model.config.vocab_size:  # e.g. a small random model in GPT-2's format
         raise CheckpointError(f"the model has {model.config.vocab_size} token embeddings, fewer than its "

@@ -32,8 +32,9 @@ def device_type(device) -> str:
     return device.split(":")[0]
 
 
-def resolve_device(name="auto") -> str:
-    """'cuda', 'mps' or 'cpu' for 'auto'; a named device is checked, with a one-line error if absent."""
+def resolve_device(name="auto", make_current=True) -> str:
+    """'cuda', 'mps' or 'cpu' for 'auto'; a named device is checked, with a one-line error if absent. A named GPU
+    (cuda:N) becomes the current one unless make_current=False (under torchrun the local rank decides)."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     kind, _, index = name.partition(":")
@@ -46,7 +47,7 @@ def resolve_device(name="auto") -> str:
         raise ConfigError(f"device={name!r}, but there are only {torch.cuda.device_count()} CUDA device(s)")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device={name!r}, but MPS is not available here; use --device=cpu")
-    if kind == "cuda" and index:
+    if kind == "cuda" and index and make_current:
         torch.cuda.set_device(name)  # the current device: its bf16 check, its RNG state, its kernels
     return name
 
@@ -61,20 +62,40 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(name, device, fp16_safe=True) -> str:
-    """'float32', 'bfloat16' or 'float16' for dtype=name; 'auto' picks the fastest safe one. fp16_safe=False
-    for a model whose activations overflow float16 (ReLU^2 past 256: an inf in the forward, which GradScaler
-    cannot skip)."""
+@dataclass(frozen=True)
+class Capabilities:
+    """What a device offers, as far as the decisions below need it. They all read it from capabilities(), the one
+    place that asks the hardware, so a test can run the real code under the rules of a device absent here by
+    substituting that one function (tests/test_devices.py)."""
+    bf16: bool     # bf16 in hardware; emulated bf16 (T4, V100) is slow and has no flash kernels
+    fp16: bool     # fp16 tensor cores: fp16 + GradScaler pays where bf16 is missing
+    compile: bool  # torch.compile pays, and its kernels exist (Triton: CUDA compute capability 7.0)
+
+
+def capabilities(device) -> Capabilities:
+    """The capabilities of device ('cuda:1', 'mps', 'cpu'). An Apple GPU (MPS) also has no float64, which no code
+    puts on a device; only CUDA's batches are pinned and only CUDA's AdamW is fused."""
+    kind = device_type(device)
+    if kind == "cuda":
+        return Capabilities(bf16=torch.cuda.is_bf16_supported(including_emulation=False), fp16=True,
+                            compile=torch.cuda.get_device_capability(device) >= (7, 0))
+    if kind == "cpu":
+        return Capabilities(bf16=cpu_has_fast_bf16(), fp16=False, compile=False)  # compile: docs/results.md
+    return Capabilities(bf16=False, fp16=False, compile=False)
+
+
+def model_dtype(name, device, model_args) -> str:
+    """The one decision of a model's compute dtype on device, from the model's own config (model_args: GPTConfig's
+    fields as a dict; a fine-tune's are its weights'): 'float32', 'bfloat16' or 'float16' for dtype=name.
+    'auto' picks the fastest safe one: bf16 where the hardware has it, else fp16 + GradScaler where fp16 pays,
+    except for ReLU^2 models, whose activations overflow float16 past 256 (an inf in the forward that
+    GradScaler cannot skip): float32 for them."""
     if name != "auto":
         return name
-    kind = device_type(device)
-    if kind == "cuda":  # emulated bf16 (T4, V100) is slow and has no flash kernels: fp16 + GradScaler there
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return "bfloat16"
-        return "float16" if fp16_safe else "float32"
-    if kind == "cpu" and cpu_has_fast_bf16():
+    can = capabilities(device)
+    if can.bf16:
         return "bfloat16"
-    return "float32"
+    return "float16" if can.fp16 and model_args.get("mlp") != "relu2" else "float32"
 
 
 def autocast_context(device, dtype):
@@ -114,7 +135,7 @@ def keep_freed_host_memory() -> bool:
 def compile_by_default(device) -> bool:
     """torch.compile pays on CUDA (inductor's Triton kernels need compute capability 7.0); on a CPU its compile time
     outweighs the gain of a short run (docs/results.md)."""
-    return device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (7, 0)
+    return capabilities(device).compile
 
 
 def compiled_decode_step(model):
@@ -203,7 +224,7 @@ class Dist:
 def start_distributed(device_name) -> Dist:
     """Join the torchrun job if RANK is set (NCCL on CUDA, gloo on CPU) and pick this process's
     device: cuda:LOCAL_RANK, made current before the process group starts."""
-    device = resolve_device(device_name)
+    device = resolve_device(device_name, make_current="RANK" not in os.environ)  # torchrun: the local rank's GPU
     if "RANK" not in os.environ:
         return Dist(device=device)
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -308,6 +329,14 @@ def sum_over_ranks(values, dist):
         values = values.clone()
         tdist.all_reduce(values, op=tdist.ReduceOp.SUM)
     return values
+
+
+def sum_floats_over_ranks(values, dist) -> list:
+    """Python floats summed over all processes, in float64 on the process group's device (CUDA or a CPU; MPS, which
+    has no float64, runs no process group)."""
+    if not dist.enabled:
+        return list(values)
+    return sum_over_ranks(torch.tensor(values, dtype=torch.float64, device=dist.device), dist).tolist()
 
 
 def broadcast_from_master(value, dist):

@@ -4,6 +4,7 @@ train.py prints at the end of a run and tools/evaluate.py prints for any checkpo
 
 Under torchrun every process scores its share of the batches and the sums are all-reduced.
 """
+import itertools
 import math
 import re
 import time
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tinygpt.data import EVAL_STREAM, batch_rng
-from tinygpt.device import Dist, print0, sum_over_ranks
+from tinygpt.device import Dist, print0, sum_floats_over_ranks, sum_over_ranks
 from tinygpt.tokenizer import answer_room, chat_prompt_ids, qa_pairs, qa_prompt, tokenizer_from_meta
 
 
@@ -26,26 +27,39 @@ def estimate_loss(model, batches, eval_iters, batch_size, seed, step, ctx, dist=
     losses = {}
     for part, split in enumerate(("train", "val")):
         picks = batches.random_picks(split, batch_rng(seed, EVAL_STREAM, step, part), (eval_iters, batch_size))
-        total = torch.zeros(2, dtype=torch.float64, device=batches.device)  # (sum of batch losses, batches)
-        for row in picks[dist.rank::dist.world_size]:
-            total[0] += token_mean_loss(model, batches, split, row, rows or batch_size, ctx)
-            total[1] += 1
-        loss_sum, count = sum_over_ranks(total, dist).tolist()
+        mine = picks[dist.rank::dist.world_size]
+        pieces = [piece_losses(model, batches, split, row, rows or batch_size, ctx) for row in mine]
+        values = iter(on_host([piece for batch in pieces for piece in batch]))  # one host sync per split
+        batch_means = []
+        for batch in pieces:  # each batch's mean over its scored tokens, in float64 on the host
+            loss_sum, scored = 0.0, 0
+            for loss, n in itertools.islice(values, len(batch)):
+                loss_sum, scored = loss_sum + loss * n, scored + n
+            batch_means.append(loss_sum / scored)
+        loss_sum, count = sum_floats_over_ranks([sum(batch_means), len(batch_means)], dist)
         losses[split] = loss_sum / count
     model.train()
     return losses
 
 
-def token_mean_loss(model, batches, split, picks, rows, ctx):
-    """The loss of one batch (mean over its scored tokens), computed in pieces of `rows` sequences."""
-    loss_sum, scored = 0.0, 0
+def piece_losses(model, batches, split, picks, rows, ctx) -> list:
+    """[(mean loss, tokens scored)] of one batch computed in pieces of `rows` sequences, left on the device."""
+    losses = []
     for start in range(0, len(picks), rows):
         x, y = batches.batch(split, picks[start:start + rows])
         with ctx:
-            loss = model(x, y)[1].double()
-        n = (y != -1).sum()
-        loss_sum, scored = loss_sum + loss * n, scored + n
-    return loss_sum / scored
+            losses.append((model(x, y)[1], (y != -1).sum()))
+    return losses
+
+
+def on_host(pairs) -> list:
+    """[(loss, count)] of (loss, count) tensors on the device, as Python floats and ints, in one transfer. The
+    sums over them are made on the host in float64: MPS has no float64, and a float32 sum of many batches would
+    round the losses the tests compare by hand."""
+    if not pairs:
+        return []
+    values = torch.stack([torch.stack([loss.float(), count.float()]) for loss, count in pairs]).tolist()
+    return [(loss, int(count)) for loss, count in values]  # counts below 2**24 per piece: exact in float32
 
 
 @torch.inference_mode()  # no_grad, and no version counters to bump either: faster on a CPU
@@ -54,14 +68,15 @@ def full_split_loss(model, batches, split, batch_size, ctx, dist=Dist()):
     or non-overlapping windows of text (the last partial window is left out)."""
     model.eval()
     picks = batches.full_split_picks(split)
-    total = torch.zeros(2, dtype=torch.float64, device=batches.device)  # (sum of token losses, tokens)
+    pairs = []
     for start in range(dist.rank * batch_size, len(picks), batch_size * dist.world_size):
         x, y = batches.batch(split, picks[start:start + batch_size])
         with ctx:
-            loss = model(x, y)[1]
-        scored = (y != -1).sum()
-        total += torch.stack([loss.double() * scored, scored.double()])
-    loss_sum, scored = sum_over_ranks(total, dist).tolist()
+            pairs.append((model(x, y)[1], (y != -1).sum()))
+    loss_sum, scored = 0.0, 0
+    for loss, n in on_host(pairs):
+        loss_sum, scored = loss_sum + loss * n, scored + n
+    loss_sum, scored = sum_floats_over_ranks([loss_sum, scored], dist)
     return loss_sum / scored, int(scored)
 
 

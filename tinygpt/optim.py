@@ -30,23 +30,33 @@ def make_optimizers(model, weight_decay, learning_rate, betas, device_type, muon
     return optimizers
 
 
-def clip_and_step(optimizers, scaler, parameters, grad_clip):
+def clip_and_step(optimizers, scaler, parameters, grad_clip, keep_grads=False):
     """One optimizer step of every optimizer on the accumulated gradients: unscaled (fp16), clipped to grad_clip
-    (0: not clipped), stepped, then zeroed. GradScaler skips each optimizer whose own gradients overflowed; the
-    clip therefore never scales with a non-finite norm, which would zero (inf) or poison (nan) the gradients of
-    the other optimizer, whose step GradScaler lets through."""
+    (0: not clipped), stepped, then zeroed: set to None, or with keep_grads zeroed in place (under DDP they are
+    views of its buckets, gradient_as_bucket_view: fresh ones would be a second copy, copied into the buckets).
+    GradScaler skips each optimizer whose own gradients overflowed; the clip then uses the norm of the others'
+    gradients, the ones that step: an inf in the norm would zero them, a nan poison them, and leaving them
+    unclipped would let a spike through on the very step where the loss scale was too high."""
     if grad_clip:
         for optimizer in optimizers:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         parameters = [p for p in parameters if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-        finite_norm = torch.where(norm.isfinite(), norm, 0.0)  # 0: the clip factor clamps to 1, nothing scaled
-        torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip, finite_norm)
+        if scaler.is_enabled():  # fp16: one optimizer's gradients may be inf or nan, the other's not
+            norms = torch.stack([torch.nn.utils.get_total_norm(grads_of(optimizer)) for optimizer in optimizers])
+            norm = torch.linalg.vector_norm(torch.where(norms.isfinite(), norms, 0.0))
+        else:  # a non-finite norm here means a nan loss, which stops the run at its next log step
+            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+            norm = torch.where(norm.isfinite(), norm, 0.0)  # 0: the clip factor clamps to 1, nothing scaled
+        torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip, norm)
     for optimizer in optimizers:
         scaler.step(optimizer)
     scaler.update()
     for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not keep_grads)
+
+
+def grads_of(optimizer) -> list:
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
 def load_optimizer_state(optimizer, saved):

@@ -22,14 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from model import GPT, GPTConfig
 from tinygpt.common import ConfigError
-from tinygpt.device import DTYPES, compiled_decode_step, measured_matmul_flops, resolve_dtype
+from tinygpt.device import DTYPES, compiled_decode_step, measured_matmul_flops, model_dtype
 from tinygpt.options import must, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,8 +109,9 @@ def generation_tokens_per_second(model, new_tokens, batch=1, repeats=3, **option
 
 
 def bench_generate(cfg, new_tokens=500, rounds=3):
-    dtype = getattr(torch, resolve_dtype(cfg.gen_dtype, "cpu"))
-    model = generation_model().to(dtype)
+    model = generation_model()
+    dtype = getattr(torch, model_dtype(cfg.gen_dtype, "cpu", asdict(model.config)))
+    model = model.to(dtype)
     print(f"generation: 6L/6H/384, block 256, vocab 65, random init, {dtype} weights, {new_tokens} new tokens")
     start = time.perf_counter()
     compiled = compiled_decode_step(model)

@@ -16,7 +16,7 @@ from model import SINK_POSITIONS
 from tinygpt.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from tinygpt.common import CheckpointError, ConfigError, DataError
 from tinygpt.data import Batches, load_meta
-from tinygpt.device import DTYPES, autocast_context, resolve_device, resolve_dtype
+from tinygpt.device import DTYPES, autocast_context, model_dtype, resolve_device
 from tinygpt.evaluation import final_report, streaming_losses
 from tinygpt.options import must, run_cli
 
@@ -76,7 +76,7 @@ def evaluate(cfg):
         return stream_report(model, torch.from_numpy(batches.tokens("val")[:cfg.stream].astype("int64")).to(device),
                              cfg.sink_tokens)
     print(f"windows of {block} tokens ({block / trained_block:g}x the trained {trained_block})")
-    ctx = autocast_context(device, resolve_dtype(cfg.dtype, device))
+    ctx = autocast_context(device, model_dtype(cfg.dtype, device, checkpoint["model_args"]))
     final_report(model, batches, ctx, cfg.batch_size, trained.get("val_loss_bar", 0.0),
                  trained.get("exact_match_bar", 0.0))
 
