@@ -18,6 +18,7 @@ from conftest import ENV, REPO, TINY, records, run_train, tiny_model
 from model import GPT, GPTConfig
 from tinygpt.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.data import Batches, load_meta
+import tinygpt.device as device_module
 from tinygpt.device import gpu_peak_flops
 from tinygpt.evaluation import estimate_loss, final_report, full_split_loss
 from tinygpt.optim import clip_and_step, load_optimizer_state, make_optimizers
@@ -158,6 +159,46 @@ def test_two_nodes_without_a_shared_out_dir_judge_the_best_checkpoint_and_refuse
     assert len(lines) == 1 and "does not see" in lines[0] and "shares" in lines[0], errors[-2000:]
     assert 'train.py", line' not in errors  # a one-line error, not a traceback of ours
     assert (rank0_out / "ckpt.pt").read_bytes() == saved  # nothing lost
+
+
+@pytest.mark.slow
+def test_two_nodes_one_without_the_weights_to_fine_tune_stop_together_with_one_line(tmp_path, data_dir):
+    # The path was checked while parsing the options, before the process group existed: the node without it
+    # exited (printing only if it was rank 0) while the other waited in init_process_group for 30 minutes.
+    args = [*TINY, f"--data_dir={data_dir}", "--dataset=tiny", "--max_iters=2"]
+    (tmp_path / "node_a").mkdir()
+    run_train([*args, "--out_dir=weights"], cwd=tmp_path / "node_a")
+    nodes = run_two_nodes(tmp_path, [*args, "--out_dir=out", "--init_from=weights"])  # node_b has no ./weights
+    assert [node.returncode for node in nodes] == [1, 1], [node.stderr_text[-2000:] for node in nodes]
+    errors = "".join(node.stderr_text for node in nodes)
+    lines = [line for line in errors.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "init_from='weights': no such file or folder on rank" in lines[0], errors[-2000:]
+    assert not any((tmp_path / name / "out").exists() for name in ("node_a", "node_b"))  # nothing half-written
+
+
+class Stop(Exception):
+    pass
+
+
+def stop(*args, **kwargs):
+    raise Stop
+
+
+def test_under_torchrun_cuda_n_makes_only_the_local_ranks_gpu_current(monkeypatch):
+    # --device=cuda:3 under torchrun: each process computes on cuda:LOCAL_RANK; making GPU 3 current first
+    # created a CUDA context there (~0.5 GB) from every process. No GPU here: torch.cuda's answers are a fake.
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(device_module.tdist, "rendezvous", stop)
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(Stop):  # NCCL's process group cannot start here
+        device_module.start_distributed("cuda:3")
+    assert made_current == ["cuda:1"]
+    monkeypatch.delenv("RANK")
+    assert device_module.start_distributed("cuda:3").device == "cuda:3" and made_current[-1] == "cuda:3"  # plain run
 
 
 @pytest.mark.parametrize("name, bf16_peak", [
