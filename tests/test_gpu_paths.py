@@ -164,7 +164,8 @@ def test_two_nodes_without_a_shared_out_dir_judge_the_best_checkpoint_and_refuse
 @pytest.mark.slow
 def test_two_nodes_one_without_the_weights_to_fine_tune_stop_together_with_one_line(tmp_path, data_dir):
     # The path was checked while parsing the options, before the process group existed: the node without it
-    # exited (printing only if it was rank 0) while the other waited in init_process_group for 30 minutes.
+    # exited, printing only if it was rank 0, while the other waited in init_process_group (for up to 30 minutes
+    # where the rendezvous store outlives the failed node; here both ended with torchrun's tracebacks only).
     args = [*TINY, f"--data_dir={data_dir}", "--dataset=tiny", "--max_iters=2"]
     (tmp_path / "node_a").mkdir()
     run_train([*args, "--out_dir=weights"], cwd=tmp_path / "node_a")
