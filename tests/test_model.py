@@ -8,7 +8,7 @@ import torch
 
 import conftest
 from model import GPTConfig, KVCache, apply_rope, sample_next, sincos_tables
-from tinygpt.optim import BatchedMuon, make_optimizers
+from tinygpt.optim import BatchedMuon, make_optimizers, newton_schulz
 from tools.interpret import attention_weights
 
 VOCAB = 37
@@ -309,7 +309,7 @@ def test_batched_muon_steps_as_torch_muon_does_and_shares_its_state(weight_decay
     with torch.no_grad():
         for p, q in zip(ours, theirs):
             p.copy_(q)
-    batched = BatchedMuon(ours, **options)
+    batched = BatchedMuon(ours, ns_dtype=torch.bfloat16, **options)  # torch's precision, on any CPU
     batched.load_state_dict(copy.deepcopy(torch_muon.state_dict()))  # a copy, as from a checkpoint
     for _ in range(3):
         grads = [torch.randn(s, generator=generator) for s in shapes]
@@ -318,6 +318,16 @@ def test_batched_muon_steps_as_torch_muon_does_and_shares_its_state(weight_decay
         for p, q in zip(ours, theirs):  # the bf16 norm may round differently in its last bit: 2e-4 << a step's ~4e-3
             torch.testing.assert_close(p, q, rtol=0, atol=2e-4)
     assert batched.state_dict()["state"].keys() == torch_muon.state_dict()["state"].keys()
+
+
+def test_newton_schulz_in_fp32_orthogonalizes_as_bf16_does():
+    """The fp32 iterations (a CPU without bf16 hardware) give torch's bf16 result to bf16's precision."""
+    stack = torch.randn(3, 16, 48, generator=torch.Generator().manual_seed(0))
+    coefficients = torch.optim.Muon([torch.zeros(2, 2)]).param_groups[0]["ns_coefficients"]
+    in_bf16, in_fp32 = (newton_schulz(stack, coefficients, 5, 1e-7, dtype) for dtype in (torch.bfloat16, torch.float32))
+    assert in_fp32.dtype == torch.float32
+    torch.testing.assert_close(in_fp32, in_bf16.float(), rtol=0, atol=0.03)
+    assert not torch.allclose(stack / stack.norm(dim=(-2, -1), keepdim=True), in_fp32, atol=0.03)  # it did change
 
 
 def test_attention_ablation_sees_no_other_token():
