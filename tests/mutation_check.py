@@ -56,7 +56,7 @@ MUTATIONS = [
     ("final_eval_not_on_best_pt", "train.py",
      "if best_step not in (None, step) and broadcast_from_master(best_path.is_file(), dist):", "if False:",
      ["tests/test_training_loop.py"]),
-    ("retired_fields_not_dropped", "tinygpt/checkpoint.py", 'RETIRED_FIELDS = ("fast_dropout", "loss_chunk")',
+    ("retired_fields_not_dropped", "tinygpt/checkpoint.py", 'RETIRED_FIELDS = ("fast_dropout", "loss_chunk", "zero_init_head")',
      "RETIRED_FIELDS = ()", ["tests/test_interpret.py"]),
     # --- further mutations across train, sample, evaluate, checkpoint and the model
     ("windows_start_one_later", "tinygpt/data.py", "data[picks[:, None] + np.arange(self.seq_len + 1)]",
@@ -108,7 +108,7 @@ MUTATIONS = [
     ("causal_mask_one_ahead", "model.py", "return distance >= 0", "return distance >= -1", [MODEL]),
     ("cache_advances_one_per_call", "model.py", "cache.pos += T", "cache.pos += 1", [MODEL]),
     ("learned_positions_ignore_the_cache", "model.py", "self.wpe(start + torch.arange(", "self.wpe(torch.arange(", [MODEL]),
-    ("decode_slot_advances_two", "model.py", "cache.slot.add_(1)", "cache.slot.add_(2)", [MODEL]),
+    ("lone_query_unscaled", "model.py", "scores = (q * self.scale) @ k", "scores = q @ k", [MODEL]),
     ("head_not_tied", "model.py", "self.lm_head.weight = self.wte.weight", "pass", [MODEL]),
     ("residual_init_not_scaled", "model.py", "std=0.02 / math.sqrt(2 * config.n_layer)", "std=0.02", [BY_HAND]),
     ("sinusoidal_unscaled", "model.py", "x = x + 0.02 * math.sqrt(2) * table", "x = x + table", [BY_HAND]),
