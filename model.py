@@ -31,7 +31,6 @@ class GPTConfig:
     # speedrun levers (configs/speedrun_cpu.py; docs/results.md measures each)
     qk_norm: bool = False       # RMS-normalise queries and keys before attention
     zero_init_proj: bool = False  # residual output projections start at zero
-    attn_scale: float = 0.0     # scale of q.k; 0 = 1/sqrt(head_dim). With qk_norm |q.k| <= head_dim, so it sets the sharpness
     attn_float32: bool = False  # attention in fp32 under autocast: a CPU's bf16 attention backward is slow
 
     def __post_init__(self):
@@ -45,8 +44,6 @@ class GPTConfig:
             raise ValueError(f"pos={self.pos!r} needs an even n_embd and head size: sin and cos come in pairs")
         if self.mlp not in ("gelu", "gelu_tanh", "relu2"):
             raise ValueError(f"mlp={self.mlp!r}: use 'gelu', 'gelu_tanh' or 'relu2'")
-        if self.attn_scale < 0:
-            raise ValueError(f"attn_scale={self.attn_scale} must be >= 0 (0 means 1/sqrt(head_dim))")
 
 
 class KVCache:
@@ -130,7 +127,7 @@ class CausalSelfAttention(nn.Module):
         self.attention = config.attention
         self.qk_norm = config.qk_norm
         self.attn_float32 = config.attn_float32
-        self.scale = config.attn_scale or 1 / math.sqrt(self.head_dim)
+        self.scale = 1 / math.sqrt(self.head_dim)
         slopes = 2.0 ** (-8.0 * torch.arange(1, config.n_head + 1) / config.n_head)  # ALiBi: 2^(-8/n) .. 2^-8, one a head
         self.register_buffer("alibi_slopes", slopes if config.pos == "alibi" else None, persistent=False)
 

@@ -3,7 +3,7 @@ possible on a 2-core CPU, against nanoGPT's CPU recipe (1.898 on the full split;
 
 Same 4-layer, 128-wide shape and block 64 as that recipe; what changes (each lever's effect is
 measured in docs/results.md): Muon for the matrices inside the blocks, rotary positions, ReLU^2 MLP,
-QK-norm with attention scale 0.25, zero-initialised output projections, an untied head, bf16
+QK-norm, zero-initialised output projections, an untied head, bf16
 autocast where the CPU has bf16 hardware, with the attention in fp32 (the CPU's bf16 attention
 backward is slower), a short linear schedule to zero with no warmup at a high AdamW lr, batch 16, no
 evaluation until the one full-split evaluation at the end, and no interpreter teardown after it.
@@ -31,7 +31,6 @@ qk_norm = True
 zero_init_proj = True
 tie_weights = False
 attn_float32 = True
-attn_scale = 0.25     # 1.41 / sqrt(head_dim): q.k of normed q and k reaches +-8 instead of +-5.7
 
 max_iters = 190
 learning_rate = 1e-2  # AdamW: embeddings, head, norm gains

@@ -371,33 +371,17 @@ def test_bad_configs_are_rejected_with_a_reason():
         tiny_model()(random_tokens(1, 25))
 
 
-def test_a_negative_attention_scale_is_rejected_by_name():
-    with pytest.raises(ValueError, match="attn_scale=-0.1 must be >= 0"):
-        GPTConfig(attn_scale=-0.1)
-
-
 # ------------------------------------------------------------------ speedrun options (off by default)
 
-SPEEDRUN_OPTIONS = [{"attn_float32": True}, {"attn_scale": 0.9}, {"qk_norm": True}]
+SPEEDRUN_OPTIONS = [{"attn_float32": True}, {"qk_norm": True}]
 
 
 def test_speedrun_options_are_off_by_default_and_add_no_parameters():
     config = GPTConfig()
-    assert (config.attn_float32, config.attn_scale, config.zero_init_proj, config.qk_norm) == (False, 0, False, False)
+    assert (config.attn_float32, config.zero_init_proj, config.qk_norm) == (False, False, False)
     names = {name for name, _ in tiny_model(n_layer=4).named_parameters()}
     for overrides in [*SPEEDRUN_OPTIONS, {"zero_init_proj": True}]:
         assert {name for name, _ in tiny_model(n_layer=4, **overrides).named_parameters()} == names
-
-
-def test_attn_scale_zero_is_one_over_sqrt_head_dim_and_a_larger_one_sharpens_attention():
-    idx = random_tokens(2, 20)
-    default = scaled_up(tiny_model(pos="rope", qk_norm=True))
-    head_dim = default.config.n_embd // default.config.n_head
-    same = scaled_up(tiny_model(pos="rope", qk_norm=True, attn_scale=head_dim ** -0.5))
-    torch.testing.assert_close(all_logits(same, idx), all_logits(default, idx))
-    sharp = scaled_up(tiny_model(pos="rope", qk_norm=True, attn_scale=4 * head_dim ** -0.5))
-    entropy = [-(w * w.clamp_min(1e-12).log()).sum(-1).mean() for w in (attention_weights(m, idx)[0] for m in (default, sharp))]
-    assert entropy[1] < entropy[0]
 
 
 def test_attn_float32_changes_nothing_in_float32_and_stays_close_under_bf16_autocast():

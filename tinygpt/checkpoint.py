@@ -21,7 +21,9 @@ from tinygpt.tokenizer import tokenizer_from_meta
 RETIRED_FIELDS = ("fast_dropout", "loss_chunk", "zero_init_head")  # model_args of earlier versions: no weights changed
 # Retired speedrun levers that changed the weights or the forward pass: a checkpoint that held the value of today's
 # model loads; one that used the lever is refused, since this model.py cannot compute it (docs/results.md: the levers).
-RETIRED_LEVERS = {"unet_skips": (False, "U-net skips (skip_weights)"), "rope_base": (10000.0, "RoPE's base")}
+RETIRED_LEVERS = {"unet_skips": (False, "U-net skips and their skip_weights are gone"),
+                  "rope_base": (10000.0, "RoPE's base is 10000"),
+                  "attn_scale": (0.0, "attention scales q.k by 1/sqrt(head_dim)")}
 
 
 def checkpoint_to_resume(cfg, attempt=0) -> Path | None:
@@ -108,9 +110,8 @@ def without_retired_fields(model_args, path) -> dict:
     """model_args without the fields of earlier versions; a one-line CheckpointError for a retired lever in use."""
     for name, (kept, what) in RETIRED_LEVERS.items():
         if model_args.get(name, kept) != kept:
-            raise CheckpointError(f"{path} was trained with {name}={model_args[name]!r}, which was retired: {what} "
-                                  f"left model.py, so its forward pass cannot be computed; sample it with a checkout "
-                                  f"of commit b95277c")
+            raise CheckpointError(f"{path} was trained with {name}={model_args[name]!r}, which was retired ({what}), "
+                                  "so this model.py cannot compute its forward pass; use a checkout of commit b95277c")
     return {k: v for k, v in model_args.items() if k not in RETIRED_FIELDS and k not in RETIRED_LEVERS}
 
 
