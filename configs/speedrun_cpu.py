@@ -32,7 +32,7 @@ zero_init_proj = True
 tie_weights = False
 attn_float32 = True
 
-max_iters = 190
+max_iters = 220
 learning_rate = 1e-2  # AdamW: embeddings, head, norm gains
 muon_lr = 0.02        # Muon: the 2-D weights inside the blocks
 muon_momentum = 0.85
@@ -42,7 +42,7 @@ grad_clip = 1.0
 decay_lr = True
 lr_schedule = 'linear'
 warmup_iters = 0
-lr_decay_iters = 190
+lr_decay_iters = 220
 min_lr = 0.0
 
 device = 'cpu'
