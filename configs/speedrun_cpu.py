@@ -3,9 +3,8 @@ possible on a 2-core CPU, against nanoGPT's CPU recipe (1.898 on the full split;
 
 Same 4-layer, 128-wide shape and block 64 as that recipe; what changes (each lever's effect is
 measured in docs/results.md): Muon for the matrices inside the blocks, rotary positions, ReLU^2 MLP,
-QK-norm, zero-initialised output projections, an untied head, bf16
-autocast where the CPU has bf16 hardware, with the attention in fp32 (the CPU's bf16 attention
-backward is slower), a short linear schedule to zero with no warmup at a high AdamW lr, batch 16, no
+QK-norm, zero-initialised output projections, an untied head, bf16 autocast where the CPU has bf16
+hardware, with the attention in fp32 (the CPU's bf16 attention backward is slower), a short linear schedule to zero with no warmup at a high AdamW lr, batch 16, no
 evaluation until the one full-split evaluation at the end, and no interpreter teardown after it.
 
     python train.py configs/speedrun_cpu.py
@@ -32,7 +31,7 @@ zero_init_proj = True
 tie_weights = False
 attn_float32 = True
 
-max_iters = 220
+max_iters = 240
 learning_rate = 1e-2  # AdamW: embeddings, head, norm gains
 muon_lr = 0.02        # Muon: the 2-D weights inside the blocks
 muon_momentum = 0.85
@@ -42,7 +41,7 @@ grad_clip = 1.0
 decay_lr = True
 lr_schedule = 'linear'
 warmup_iters = 0
-lr_decay_iters = 220
+lr_decay_iters = 240
 min_lr = 0.0
 
 device = 'cpu'
