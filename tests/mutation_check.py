@@ -39,7 +39,7 @@ MUTATIONS = [
      'best_val_loss, best_step = math.inf, resumed["best_step"]', ["tests/test_training_loop.py"]),
     ("temperature_multiplies", "model.py", "logits = logits.float() / temperature", "logits = logits.float() * temperature",
      ["tests/test_sampling.py"]),
-    ("sample_ignores_sink_tokens", "sample.py", "sink_tokens=cfg.sink_tokens, step=step)", "sink_tokens=0, step=step)",
+    ("sample_ignores_sink_tokens", "sample.py", "sink_tokens=cfg.sink_tokens)", "sink_tokens=0)",
      ["tests/test_sampling.py"]),
     ("sample_ignores_top_k", "sample.py", "cfg.temperature, cfg.top_k,", "cfg.temperature, None,", ["tests/test_sampling.py"]),
     ("alibi_sign_flipped", "model.py", "bias = -self.alibi_slopes[:, None, None] * distance",
