@@ -31,10 +31,6 @@ class GPTConfig:
     # speedrun levers (configs/speedrun_cpu.py; docs/results.md measures each)
     qk_norm: bool = False       # RMS-normalise queries and keys before attention
     zero_init_proj: bool = False  # residual output projections start at zero
-    unet_skips: bool = False    # the first half's block outputs feed their mirror blocks in the second half
-    attn_scale: float = 0.0     # scale of q.k; 0 = 1/sqrt(head_dim). With qk_norm |q.k| <= head_dim, so it sets the sharpness
-    rope_base: float = 10000.0  # RoPE's angles: position x base^(-2i/head_dim); a smaller base turns faster
-    zero_init_head: bool = False  # an untied LM head starts at zero: the first prediction is uniform
     attn_float32: bool = False  # attention in fp32 under autocast: a CPU's bf16 attention backward is slow
 
     def __post_init__(self):
@@ -48,23 +44,16 @@ class GPTConfig:
             raise ValueError(f"pos={self.pos!r} needs an even n_embd and head size: sin and cos come in pairs")
         if self.mlp not in ("gelu", "gelu_tanh", "relu2"):
             raise ValueError(f"mlp={self.mlp!r}: use 'gelu', 'gelu_tanh' or 'relu2'")
-        if self.attn_scale < 0:
-            raise ValueError(f"attn_scale={self.attn_scale} must be >= 0 (0 means 1/sqrt(head_dim))")
-        if self.rope_base <= 1:
-            raise ValueError(f"rope_base={self.rope_base} must be > 1")
-        if self.zero_init_head and self.tie_weights:
-            raise ValueError("zero_init_head=True would zero the token embeddings too: set tie_weights=False")
 
 
 class KVCache:
     """Keys and values of the tokens seen so far: per layer k and v (B, n_head, max_len, head_dim), allocated at the
-    first write (a compiled step updates them in place), filled up to `pos` (GPT.forward advances it). sinks > 0:
-    make_room keeps the first `sinks` and shifts the rest left. `slot` (a tensor) is where decode_step writes."""
+    first write, filled up to `pos` (GPT.forward advances it). sinks > 0: make_room keeps the first `sinks` and
+    shifts the rest left."""
 
     def __init__(self, n_layer, max_len, sinks=0):
         self.n_layer, self.max_len, self.sinks = n_layer, max_len, sinks
-        self.pos, self.slot = 0, None
-        self.k = self.v = None  # lists of n_layer tensors
+        self.pos, self.k, self.v = 0, None, None  # k and v: lists of n_layer tensors
 
     def make_room(self, n):
         """Drop the oldest entries after the sinks so that n more tokens fit."""
@@ -76,15 +65,11 @@ class KVCache:
         self.pos -= drop
 
     def update(self, layer, k, v):
-        """Store k, v (B, nh, T, hs) at `pos`, return those so far; with a slot, store there, return every slot."""
+        """Store k, v (B, nh, T, hs) at `pos`, return those so far."""
         if self.k is None:
             shape = (k.size(0), k.size(1), self.max_len, k.size(3))
             self.k = [k.new_zeros(shape) for _ in range(self.n_layer)]
             self.v = [k.new_zeros(shape) for _ in range(self.n_layer)]
-        if self.slot is not None:
-            self.k[layer].index_copy_(2, self.slot, k)
-            self.v[layer].index_copy_(2, self.slot, v)
-            return self.k[layer], self.v[layer]
         end = self.pos + k.size(2)
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
@@ -116,9 +101,9 @@ def window(idx, keep, sinks):
     return torch.cat((idx[:, :sinks], idx[:, sinks - keep:]), dim=1)
 
 
-def sincos_tables(dim, length, device=None, base=10000.0):
-    """cos, sin of position x base^(-2i/dim), (length, dim // 2) each: side by side the sinusoidal table, or RoPE's angles."""
-    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=device).float() / dim)
+def sincos_tables(dim, length, device=None):
+    """cos, sin of position x 10000^(-2i/dim), (length, dim // 2) each: side by side the sinusoidal table, or RoPE's angles."""
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, dim, 2, device=device).float() / dim)
     angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -142,7 +127,7 @@ class CausalSelfAttention(nn.Module):
         self.attention = config.attention
         self.qk_norm = config.qk_norm
         self.attn_float32 = config.attn_float32
-        self.scale = config.attn_scale or 1 / math.sqrt(self.head_dim)
+        self.scale = 1 / math.sqrt(self.head_dim)
         slopes = 2.0 ** (-8.0 * torch.arange(1, config.n_head + 1) / config.n_head)  # ALiBi: 2^(-8/n) .. 2^-8, one a head
         self.register_buffer("alibi_slopes", slopes if config.pos == "alibi" else None, persistent=False)
 
@@ -165,8 +150,7 @@ class CausalSelfAttention(nn.Module):
                 q = apply_rope(qk[:, :, :1], cos, sin)
                 qk = torch.cat((q, qk[:, :, 1:]), dim=2)
         q, k = qk.unbind(2)  # (B, T, nh, hs) each
-        v = v.squeeze(2)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
 
     def forward(self, x, rope=None, cache=None):
         B, T, C = x.size()
@@ -177,7 +161,7 @@ class CausalSelfAttention(nn.Module):
         else:
             start = 0  # the position of the first query among the keys
             if cache is not None:
-                start = cache.pos if cache.slot is None else cache.slot
+                start = cache.pos
                 k, v = cache.update(self.layer, k, v)  # (B, nh, keys, hs): the cached ones, then these
             if keys_by_slot:  # a sink cache moves keys between slots, so it holds them unrotated: rotate by slot now
                 k = apply_rope(k, *rope)
@@ -193,25 +177,22 @@ class CausalSelfAttention(nn.Module):
         if mask is not None and mask.is_floating_point():
             mask = mask.to(q.dtype)  # ALiBi's bias follows cast weights, q may be fp32 (attn_float32): sdpa wants one dtype
         with precision:
-            if q.size(2) > 1 or not torch.compiler.is_compiling():
+            if q.size(2) > 1 or self.training:
                 dropout_p = self.dropout if self.training else 0.0
-                is_causal = mask is None and q.size(2) > 1
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                                      is_causal=is_causal, scale=self.scale)
-            # the compiled decode step's one query, written out: inductor fuses it, where sdpa's CPU kernel costs
-            # more in fixed overhead than in work. Softmax in fp32, as sdpa's.
+                                                      is_causal=mask is None, scale=self.scale)
+            # generation's one query, written out: sdpa's CPU kernel costs more in fixed overhead than in work.
+            # Softmax in fp32, as sdpa's.
             scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, 1, keys)
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            else:
+            if mask is not None:  # ALiBi's bias: a lone query needs no causal mask (attention_mask gives None)
                 scores = scores + mask
             return scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v
 
     def attention_mask(self, T, start, n_keys, device):
         """attn_mask of T queries at positions start.. over n_keys keys: None where is_causal (or a lone query) does
-        it; else True where a query may read a key (the causal diagonal shifted by `start`: an int, or decode_step's
-        slot tensor, whose later slots are empty); for ALiBi the -slope x distance bias, -inf ahead."""
-        if self.alibi_slopes is None and not torch.is_tensor(start) and (start == 0 or T == 1):
+        it; else True where a query may read a key (the causal diagonal shifted by `start`); for ALiBi the
+        -slope x distance bias, -inf ahead."""
+        if self.alibi_slopes is None and (start == 0 or T == 1):
             return None
         query_positions = start + torch.arange(T, device=device)
         distance = query_positions[:, None] - torch.arange(n_keys, device=device)  # (T, keys): how far back a key is
@@ -233,8 +214,7 @@ class MLP(nn.Module):
     def forward(self, x):
         x = self.c_fc(x)
         x = F.relu(x).square() if self.relu2 else F.gelu(x, approximate=self.approximate)
-        x = self.c_proj(x)
-        return self.dropout(x)
+        return self.dropout(self.c_proj(x))
 
 
 class Block(nn.Module):
@@ -249,8 +229,7 @@ class Block(nn.Module):
 
     def forward(self, x, rope=None, cache=None):
         x = x + self.attn(self.ln_1(x), rope, cache)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
@@ -264,15 +243,12 @@ class GPT(nn.Module):
             self.max_positions = config.block_size
         if config.pos in ("sinusoidal", "rope"):  # fixed tables: buffers rebuilt from the config, not saved
             dim = config.n_embd if config.pos == "sinusoidal" else config.n_embd // config.n_head
-            self.table_base = config.rope_base if config.pos == "rope" else 10000.0
-            cos, sin = sincos_tables(dim, config.block_size, base=self.table_base)
+            cos, sin = sincos_tables(dim, config.block_size)
             self.register_buffer("pos_cos", cos, persistent=False)
             self.register_buffer("pos_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        if config.unet_skips and config.n_layer > 1:  # one block has no mirror: nothing to learn
-            self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and writes them out
@@ -288,21 +264,17 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
             if name.endswith("c_proj.weight") and config.zero_init_proj:
                 nn.init.zeros_(p)
-        if config.zero_init_head:
-            nn.init.zeros_(self.lm_head.weight)
 
     def sincos(self, start, end):
-        """Rows start..end-1 of the cos and sin tables (computed afresh past block_size), or row `start` of a tensor."""
-        if torch.is_tensor(start):
-            return self.pos_cos[start], self.pos_sin[start]
+        """Rows start..end-1 of the cos and sin tables (computed afresh past block_size)."""
         if end <= len(self.pos_cos):
             return self.pos_cos[start:end], self.pos_sin[start:end]
-        cos, sin = sincos_tables(2 * self.pos_cos.size(1), end, self.pos_cos.device, self.table_base)
+        cos, sin = sincos_tables(2 * self.pos_cos.size(1), end, self.pos_cos.device)
         return cos[start:], sin[start:]
 
     def embed(self, idx, start=0):
-        """(embeddings of idx (B, T) at positions start.., RoPE's (cos, sin) rows or None). RoPE's rows run from 0
-        (attention takes the last T; a sink cache rotates every key by slot), or are decode_step's slot row."""
+        """(embeddings of idx (B, T) at positions start.., RoPE's (cos, sin) rows or None). RoPE's rows run from 0:
+        attention takes the last T; a sink cache rotates every key by slot."""
         T = idx.size(1)
         x = self.wte(idx)  # (B, T, C)
         rope = None
@@ -312,8 +284,7 @@ class GPT(nn.Module):
             table = torch.cat(self.sincos(start, start + T), dim=-1)  # (T, C)
             x = x + 0.02 * math.sqrt(2) * table  # scaled to the embeddings' init (std 0.02): unscaled it drowns them
         elif self.config.pos == "rope":
-            first = start if torch.is_tensor(start) else 0
-            rope = self.sincos(first, start + T)
+            rope = self.sincos(0, start + T)
         return self.drop(x), rope
 
     def forward(self, idx, targets=None, cache=None):
@@ -327,70 +298,40 @@ class GPT(nn.Module):
         if start + T > limit:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's {limit}")
         x, rope = self.embed(idx, start)
-        x = self.trunk(x, rope, cache)
+        for block in self.blocks:
+            x = block(x, rope, cache)
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
+            return self.lm_head(x[:, -1:, :]), None
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def trunk(self, x, rope, cache):
-        """The blocks in turn; with unet_skips block i of the second half also adds block n_layer-1-i's output."""
-        n_layer = self.config.n_layer
-        half = n_layer // 2 if self.config.unet_skips else 0
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= n_layer - half:
-                x = x + self.skip_weights[n_layer - 1 - i] * skips.pop()
-            x = block(x, rope, cache)
-            if i < half:
-                skips.append(x)
-        return x
-
     @torch.no_grad()
-    def next_logits(self, idx, cache=None, use_cache=True, sink_tokens=0, step=None):
+    def next_logits(self, idx, cache=None, use_cache=True, sink_tokens=0):
         """(logits (B, 1, V) of the token after idx (B, T), the cache to pass back). The first call prefills a cache
-        with idx's last block_size tokens, later ones feed its last token, through `step` (decode_step) if given.
-        A full cache restarts from the last half window (the sliding window), or with sink_tokens=N keeps the first
-        N tokens and drops the oldest others (RoPE and ALiBi only). use_cache=False recomputes the window."""
+        with idx's last block_size tokens, later ones feed its last token; a full cache restarts from the last half
+        window, or with sink_tokens=N keeps the first N and drops the oldest others. use_cache=False recomputes."""
         block = self.config.block_size
-        if sink_tokens and (self.config.pos not in SINK_POSITIONS or not 0 < sink_tokens < block or step):
-            raise ValueError(f"sink_tokens={sink_tokens} needs pos='rope' or 'alibi', fewer than {block} sinks "
-                             "and no fixed-shape step")
+        if sink_tokens and (self.config.pos not in SINK_POSITIONS or not 0 < sink_tokens < block):
+            raise ValueError(f"sink_tokens={sink_tokens} needs pos='rope' or 'alibi' and fewer than {block} sinks")
         if not use_cache:
             return self(window(idx, block, sink_tokens))[0], None
         if cache is None or (cache.pos == block and not sink_tokens):
             keep = block if cache is None else block // 2
             cache = KVCache(self.config.n_layer, block, sink_tokens)
-            logits, _ = self(window(idx, keep, sink_tokens), cache=cache)
-            if step is not None:
-                cache.slot = torch.tensor([cache.pos], device=idx.device)  # where the step writes, on the device
-            return logits, cache
-        last = idx[:, -1:]
-        if step is None:
-            return self(last, cache=cache)[0], cache
-        logits = step(last.clone(memory_format=torch.contiguous_format), cache)  # fixed strides too: no recompile
-        cache.pos += 1
-        cache.slot.add_(1)  # moved on the device: no host sync
-        return logits, cache
-
-    def decode_step(self, token, cache):
-        """Logits (B, 1, V) of token (B, 1) at cache.slot over every slot (later ones masked): all shapes fixed, so
-        torch.compile takes the whole step (sample.py --compile)."""
-        x, rope = self.embed(token, cache.slot)
-        x = self.trunk(x, rope, cache)
-        return self.lm_head(self.ln_f(x))
+            return self(window(idx, keep, sink_tokens), cache=cache)[0], cache
+        return self(idx[:, -1:], cache=cache)[0], cache
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        use_cache=True, generator=None, sink_tokens=0, step=None):
+                        use_cache=True, generator=None, sink_tokens=0):
         """Yield the next token of every sequence, (B,), one step at a time (see next_logits)."""
         cache = None
         for _ in range(max_new_tokens):
-            logits, cache = self.next_logits(idx, cache, use_cache, sink_tokens, step)
+            logits, cache = self.next_logits(idx, cache, use_cache, sink_tokens)
             next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             idx = torch.cat((idx, next_token[:, None]), dim=1)
             yield next_token

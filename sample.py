@@ -14,7 +14,7 @@ import torch
 from model import SINK_POSITIONS
 from tinygpt.checkpoint import load_for_inference, ready_for_inference
 from tinygpt.common import CheckpointError, DataError
-from tinygpt.device import DTYPES, compiled_decode_step
+from tinygpt.device import DTYPES
 from tinygpt.gpt2 import load_weights
 from tinygpt.options import must, run_cli
 from tinygpt.tokenizer import answer_room, chat_prompt_ids, qa_prompt
@@ -38,7 +38,6 @@ class SampleConfig:
     chat: bool = False           # read questions from stdin, answer each as "Q: ...\nA:" prompts
     history: bool = True         # in --chat, earlier turns stay in the context (whole turns, oldest dropped first)
     sink_tokens: int = 0         # past the window keep the first N tokens + the latest (attention sinks; rope/alibi); 0 = slide
-    compile: bool = False        # compile a fixed-shape decode step: slow to start, then faster per token; no sinks
 
     def __post_init__(self):
         must(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 is greedy)")
@@ -47,7 +46,6 @@ class SampleConfig:
         must(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be at least 1")
         must(self.num_samples >= 1, f"num_samples={self.num_samples} must be at least 1")
         must(self.sink_tokens >= 0, f"sink_tokens={self.sink_tokens} must be >= 0 (0 = the sliding window)")
-        must(not (self.compile and self.sink_tokens), "compile=True needs a fixed-shape cache: drop --sink_tokens")
         must(self.dtype in DTYPES, f"dtype={self.dtype!r}: use one of {', '.join(DTYPES)}")
 
 
@@ -107,15 +105,14 @@ class TextStream:
         return 0
 
 
-def generate_texts(model, tokenizer, device, prompt_ids, cfg, stop, on_text=None, step=None):
-    """Sample cfg.num_samples continuations as one batch; stream sample 0 through on_text; `step` runs the
-    one-token steps (a compiled decode step)."""
+def generate_texts(model, tokenizer, device, prompt_ids, cfg, stop, on_text=None):
+    """Sample cfg.num_samples continuations as one batch; stream sample 0 through on_text."""
     idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     streams = [TextStream(tokenizer, stop) for _ in range(cfg.num_samples)]
     steps = model.generate_stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                   cfg.top_p if cfg.top_p < 1.0 else None, generator=generator,
-                                  sink_tokens=cfg.sink_tokens, step=step)
+                                  sink_tokens=cfg.sink_tokens)
     for tokens in steps:
         for stream, token in zip(streams, tokens.tolist()):
             new = stream.add(token)
@@ -131,17 +128,17 @@ def print_now(text):
     sys.stdout.flush()
 
 
-def run_samples(model, tokenizer, device, cfg, step=None):
+def run_samples(model, tokenizer, device, cfg):
     prompt = read_prompt(cfg.start)
     prompt_ids = encode_prompt(tokenizer, prompt, model.config.block_size)
     print_now(prompt)
-    texts = generate_texts(model, tokenizer, device, prompt_ids, cfg, cfg.stop, on_text=print_now, step=step)
+    texts = generate_texts(model, tokenizer, device, prompt_ids, cfg, cfg.stop, on_text=print_now)
     for text in texts[1:]:
         print_now("\n---------------\n" + prompt + text)
     print_now("\n")
 
 
-def run_chat(model, tokenizer, device, cfg, step=None):
+def run_chat(model, tokenizer, device, cfg):
     """Answer each stdin line as the training data frames it: 'Q: <line>\\nA:' up to the newline,
     with the earlier turns in front (cfg.history). A model that never ends its answer stops at
     answer_room tokens; the conversation gets the rest of the window."""
@@ -168,7 +165,7 @@ def run_chat(model, tokenizer, device, cfg, step=None):
             continue
         prompt_ids = chat_prompt_ids(tokenizer, turns if cfg.history else [], question, budget)
         print_now("A:")  # the model writes the space after "A:", as in the training data
-        [answer] = generate_texts(model, tokenizer, device, prompt_ids, cfg, cfg.stop or "\n", print_now, step)
+        [answer] = generate_texts(model, tokenizer, device, prompt_ids, cfg, cfg.stop or "\n", print_now)
         print_now("\n")
         turns.append((question, answer))
 
@@ -181,9 +178,8 @@ def sample(cfg):
     if cfg.sink_tokens and (model.config.pos not in SINK_POSITIONS or cfg.sink_tokens >= model.config.block_size):
         raise SampleError(f"--sink_tokens={cfg.sink_tokens} needs a model with pos='rope' or 'alibi' (this one has "
                           f"{model.config.pos!r}) and fewer sinks than its block_size {model.config.block_size}")
-    step = compiled_decode_step(model) if cfg.compile else None  # compiled at its first call
     with torch.inference_mode():
-        (run_chat if cfg.chat else run_samples)(model, tokenizer, device, cfg, step)
+        (run_chat if cfg.chat else run_samples)(model, tokenizer, device, cfg)
 
 
 def main(argv) -> int:

@@ -252,7 +252,9 @@ def check_command(words, comment, trained):
     caps = {"cuda": H100, "mps": MPS, "cpu": capabilities("cpu")}[said["device"]]
     for device_caps, named in ((caps, said["fast"]), (T4, said["t4"])):
         with pretending(device_caps):
-            compiled = device_module.compile_by_default(cfg.device) if cfg.compile is None else cfg.compile
+            compiled = getattr(cfg, "compile", False)  # sample.py always runs eager
+            if compiled is None:
+                compiled = device_module.compile_by_default(cfg.device)
             dtype = device_module.model_dtype(cfg.dtype, cfg.device, model_args)
         if device_caps is caps:
             assert compiled == (said["compile"] == "compiled"), f"{shlex.join(words)}: compile={compiled}"

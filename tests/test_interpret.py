@@ -13,7 +13,7 @@ from tools.interpret import (all_logits, attention_weights, draw_attention, logi
 
 
 @pytest.mark.parametrize("overrides", [{}, {"pos": "rope", "qk_norm": True}, {"pos": "alibi"}, {"pos": "sinusoidal"},
-                                       {"pos": "rope", "qk_norm": True, "attn_scale": 0.9, "attn_float32": True}])
+                                       {"pos": "rope", "qk_norm": True, "attn_float32": True}])
 def test_attention_maps_reproduce_the_models_attention_output(overrides):
     model = tiny_model(**overrides)
     idx = torch.randint(0, 20, (1, 12), generator=torch.Generator().manual_seed(1))

@@ -50,14 +50,14 @@ def test_alibi_slopes_for_a_head_count_that_is_not_eight():
         assert y[0, 2, 2 * h].item() == pytest.approx(weights[0] / sum(weights), abs=1e-6)
 
 
-def test_rope_tables_hold_position_times_base_to_the_minus_2i_over_d():
-    cos, sin = sincos_tables(dim=4, length=5, base=100.0)
+def test_rope_tables_hold_position_times_10000_to_the_minus_2i_over_d():
+    cos, sin = sincos_tables(dim=4, length=5)
     for m in range(5):
-        for i, theta in enumerate([1.0, 0.1]):  # 100^(-0/4), 100^(-2/4)
+        for i, theta in enumerate([1.0, 0.01]):  # 10000^(-0/4), 10000^(-2/4)
             assert cos[m, i].item() == pytest.approx(math.cos(m * theta), abs=1e-6)
             assert sin[m, i].item() == pytest.approx(math.sin(m * theta), abs=1e-6)
-    model = GPT(GPTConfig(pos="rope", n_embd=16, n_head=2, block_size=8, rope_base=100.0, vocab_size=5))
-    angles = torch.outer(torch.arange(8.0), 100.0 ** (-torch.arange(0, 8, 2) / 8))  # head_dim 8
+    model = GPT(GPTConfig(pos="rope", n_embd=16, n_head=2, block_size=8, vocab_size=5))
+    angles = torch.outer(torch.arange(8.0), 10000.0 ** (-torch.arange(0, 8, 2) / 8))  # head_dim 8
     torch.testing.assert_close(model.pos_cos, angles.cos())
     torch.testing.assert_close(model.pos_sin, angles.sin())
 

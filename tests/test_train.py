@@ -374,9 +374,11 @@ def test_a_new_learning_rate_given_on_resume_is_the_one_used(tmp_path, data_dir,
 
 
 def test_a_checkpoint_from_before_retired_options_still_resumes_and_samples(tmp_path, data_dir, short_run):
-    """Checkpoints written while GPTConfig had fast_dropout and loss_chunk carry them in model_args."""
+    """Checkpoints written while GPTConfig had fast_dropout, loss_chunk and the speedrun levers zero_init_head,
+    unet_skips, rope_base and attn_scale carry them in model_args; at values that change nothing today they load."""
     old = torch.load(short_run / "ckpt.pt", weights_only=True)
-    old["model_args"] |= {"fast_dropout": False, "loss_chunk": 0}
+    old["model_args"] |= {"fast_dropout": False, "loss_chunk": 0, "zero_init_head": True, "unet_skips": False,
+                          "rope_base": 10000.0, "attn_scale": 0.0}
     save_checkpoint(tmp_path / "ckpt.pt", old)
     cfg = parse_options(TrainConfig, tiny_args(data_dir, tmp_path, "--max_iters=20"))
     meta = json.loads((data_dir / "tiny" / "meta.json").read_text())
@@ -386,6 +388,23 @@ def test_a_checkpoint_from_before_retired_options_still_resumes_and_samples(tmp_
     assert_same_weights(model.state_dict(), old["model"])
     sampler, _, _ = load_for_inference(tmp_path, "ckpt.pt", device="cpu", dtype="float32")
     assert_same_weights(sampler.state_dict(), old["model"])
+
+
+@pytest.mark.parametrize("lever, extra_weights", [({"unet_skips": True}, {"skip_weights": torch.ones(1)}),
+                                                  ({"rope_base": 1000.0}, {}), ({"attn_scale": 0.25}, {})])
+def test_a_checkpoint_that_used_a_retired_lever_is_refused_in_one_line(tmp_path, short_run, lever, extra_weights,
+                                                                        capsys):
+    """U-net skips added weights and a term to the forward pass, RoPE's base changed its angles: this model.py cannot
+    compute such a checkpoint, so sample.py says which field is retired instead of sampling something else."""
+    old = torch.load(short_run / "ckpt.pt", weights_only=True)
+    old["model_args"] |= lever
+    old["model"] |= extra_weights
+    save_checkpoint(tmp_path / "ckpt.pt", old)
+    import sample
+    assert sample.main([f"--out_dir={tmp_path}", "--ckpt=ckpt.pt", "--max_new_tokens=2"]) == 1
+    name, value = next(iter(lever.items()))
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and all(part in line for part in (f"{name}={value!r}", "retired", "b95277c"))
 
 
 def test_muon_state_is_saved_and_resumed_bitwise(tmp_path, data_dir):

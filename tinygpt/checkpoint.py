@@ -19,7 +19,12 @@ from tinygpt.common import CheckpointError, atomic_write, keep_as
 from tinygpt.device import broadcast_tensors_from_master, collectively, model_dtype, resolve_device
 from tinygpt.tokenizer import tokenizer_from_meta
 
-RETIRED_FIELDS = ("fast_dropout", "loss_chunk")  # model_args of earlier versions that changed no weights
+RETIRED_FIELDS = ("fast_dropout", "loss_chunk", "zero_init_head")  # model_args of earlier versions: no weights changed
+# Retired speedrun levers that changed the weights or the forward pass: a checkpoint that held the value of today's
+# model loads; one that used the lever is refused, since this model.py cannot compute it (docs/results.md: the levers).
+RETIRED_LEVERS = {"unet_skips": (False, "U-net skips and their skip_weights are gone"),
+                  "rope_base": (10000.0, "RoPE's base is 10000"),
+                  "attn_scale": (0.0, "attention scales q.k by 1/sqrt(head_dim)")}
 
 
 def checkpoint_to_resume(cfg, attempt=0) -> Path | None:
@@ -119,8 +124,17 @@ def load_checkpoint(path, mmap=False) -> dict:
     missing = [k for k in ("model", "model_args", "config", "step") if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)})")
-    checkpoint["model_args"] = {k: v for k, v in checkpoint["model_args"].items() if k not in RETIRED_FIELDS}
+    checkpoint["model_args"] = without_retired_fields(checkpoint["model_args"], path)
     return checkpoint
+
+
+def without_retired_fields(model_args, path) -> dict:
+    """model_args without the fields of earlier versions; a one-line CheckpointError for a retired lever in use."""
+    for name, (kept, what) in RETIRED_LEVERS.items():
+        if model_args.get(name, kept) != kept:
+            raise CheckpointError(f"{path} was trained with {name}={model_args[name]!r}, which was retired ({what}), "
+                                  "so this model.py cannot compute its forward pass; use a checkout of commit b95277c")
+    return {k: v for k, v in model_args.items() if k not in RETIRED_FIELDS and k not in RETIRED_LEVERS}
 
 
 def load_weights_from_master(model, path, dist):

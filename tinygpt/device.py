@@ -13,7 +13,6 @@ import re
 import sys
 import time
 import traceback
-import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,23 +135,6 @@ def compile_by_default(device) -> bool:
     """torch.compile pays on CUDA (inductor's Triton kernels need compute capability 7.0); on a CPU its compile time
     outweighs the gain of a short run (docs/results.md)."""
     return capabilities(device).compile
-
-
-def compiled_decode_step(model):
-    """model.decode_step under torch.compile with the weights frozen in as constants (inference only), so inductor
-    can pre-pack them. On a CPU, max-autotune times inductor's own C++ GEMV kernels against oneDNN's for each
-    weight and keeps the faster; compiling takes a while once and serves every later token (docs/results.md).
-    On CUDA the default mode (CUDA graphs are not used: untested)."""
-    import torch._inductor.config as inductor  # set globally: compile(options=...) does not reach freezing
-    import torch._inductor.select_algorithm as autotune
-    inductor.freezing = True
-    autotune.PRINT_AUTOTUNE = False  # no timing tables on stderr, one per weight shape
-    if hasattr(inductor, "max_autotune_report_choices_stats"):
-        inductor.max_autotune_report_choices_stats = False
-    warnings.filterwarnings("ignore", "TypedStorage is deprecated", module="torch._inductor")  # its autotuner's
-    cpu = next(model.parameters()).device.type == "cpu"
-    return torch.compile(model.decode_step, fullgraph=True, dynamic=False,  # each batch size its own fixed shapes
-                         mode="max-autotune-no-cudagraphs" if cpu else None)
 
 
 # Dense (no sparsity) tensor-core peaks from the vendors' datasheets, (bf16/fp16, tf32) FLOP/s, for the words of

@@ -4,11 +4,15 @@ BatchedMuon is Muon as torch.optim.Muon computes it, with the Newton-Schulz iter
 matrices run together: Muon orthogonalizes each matrix's update with five Newton-Schulz steps, three
 matmuls each, on matrices as small as 128 x 128, and a CPU runs such products much faster per FLOP as
 one batched product than one at a time (docs/results.md). The arithmetic per matrix is torch's, and so
-is the state (a momentum buffer per matrix): checkpoints load in either.
+is the state (a momentum buffer per matrix): checkpoints load in either. One exception: a device without
+bf16 hardware (an AVX2-only CPU, a T4, a Mac) emulates bf16 matmuls or lacks them, so there the iterations
+run in fp32 (docs/results.md).
 """
 import math
 
 import torch
+
+from tinygpt.device import capabilities
 
 
 def make_optimizers(model, weight_decay, learning_rate, betas, device_type, muon_lr=0.0, muon_momentum=0.95,
@@ -72,8 +76,9 @@ class BatchedMuon(torch.optim.Muon):
     """torch.optim.Muon (torch >= 2.9): Nesterov momentum, bf16 Newton-Schulz on the wide orientation, the lr scaled
     by sqrt(max(1, rows / cols)) ("original"), decoupled weight decay; same-shape matrices orthogonalized as one."""
 
-    def __init__(self, params, **options):
+    def __init__(self, params, ns_dtype=None, **options):
         super().__init__(params, **options)
+        self.ns_dtype = ns_dtype or newton_schulz_dtype(self.param_groups[0]["params"][0].device)
         if any(group["adjust_lr_fn"] not in (None, "original") for group in self.param_groups):
             raise ValueError("BatchedMuon scales the lr as adjust_lr_fn='original' does, and no other way")
 
@@ -94,7 +99,7 @@ class BatchedMuon(torch.optim.Muon):
                 by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, momentum) if group["nesterov"] else buf))
             for (rows, cols), pairs in by_shape.items():
                 updates = newton_schulz(torch.stack([update for _, update in pairs]), group["ns_coefficients"],
-                                        group["ns_steps"], group["eps"])
+                                        group["ns_steps"], group["eps"], self.ns_dtype)
                 for (p, _), update in zip(pairs, updates):
                     if decay:
                         p.mul_(1 - lr * decay)
@@ -102,11 +107,17 @@ class BatchedMuon(torch.optim.Muon):
         return loss
 
 
-def newton_schulz(stack, coefficients, steps, eps):
-    """torch.optim.Muon's orthogonalization of each matrix in a stack (n, rows, cols): in bf16, on the wide orientation
-    (rows <= cols, so the Gram matrices are the small ones), each scaled to Frobenius norm 1 first."""
+def newton_schulz_dtype(device):
+    """bf16, as torch's Muon, where the device has it in hardware; else fp32, which is faster there (a CPU
+    without bf16 instructions, a T4 or V100 emulate bf16) and runs where bf16 may not (an older Mac)."""
+    return torch.bfloat16 if capabilities(str(device)).bf16 else torch.float32
+
+
+def newton_schulz(stack, coefficients, steps, eps, dtype=torch.bfloat16):
+    """torch.optim.Muon's orthogonalization of each matrix in a stack (n, rows, cols): in bf16 (or dtype), on the
+    wide orientation (rows <= cols, so the Gram matrices are the small ones), each scaled to Frobenius norm 1 first."""
     a, b, c = coefficients
-    x = stack.bfloat16()
+    x = stack.to(dtype)
     tall = stack.size(-2) > stack.size(-1)
     x = x.mT if tall else x
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)

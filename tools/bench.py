@@ -6,6 +6,7 @@
     python -m tools.bench --only=train --config=configs/shakespeare_char_cpu.py --dtype=bfloat16 --compile=True
     python -m tools.bench --nanogpt=../nanoGPT       # each figure next to nanoGPT's, measured in the same run
     python -m tools.bench --only=recipe --nanogpt=../nanoGPT   # whole-process wall time of the CPU recipe, both repos
+    python -m tools.bench --only=sample --nanogpt=../nanoGPT   # whole-process sample.py, 2000 tokens, both repos
 
 Training figures come from train.py's own loop (its log.jsonl), so they are what a run gets.
 Generation figures are medians over repeated runs after a warm-up. Nothing here is asserted.
@@ -29,7 +30,7 @@ import torch
 
 from model import GPT, GPTConfig
 from tinygpt.common import ConfigError
-from tinygpt.device import DTYPES, compiled_decode_step, measured_matmul_flops, model_dtype
+from tinygpt.device import DTYPES, measured_matmul_flops, model_dtype
 from tinygpt.options import must, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass
 class BenchConfig:
-    only: str = ""               # one section: 'train', 'matmul', 'generate' or 'recipe'; '' = all (recipe with --nanogpt)
+    only: str = ""               # one section: 'train', 'matmul', 'generate', 'recipe' or 'sample'; '' = all (the last two with --nanogpt)
     config: str = "configs/shakespeare_char_cpu.py"  # the training config the train section runs
     steps: int = 50              # training steps; the figures are the mean of the second half
     dtype: str = ""              # training dtype override ('' = the config's)
@@ -53,7 +54,8 @@ class BenchConfig:
         must(self.gen_dtype in DTYPES, f"gen_dtype={self.gen_dtype!r}: use one of {', '.join(DTYPES)}")
         must(not self.nanogpt or (Path(self.nanogpt) / "model.py").is_file(),
              f"nanogpt={self.nanogpt!r}: no model.py there; give the folder of a nanoGPT checkout")
-        must(self.only != "recipe" or self.nanogpt, "only=recipe compares with nanoGPT: give --nanogpt=PATH")
+        must(self.only not in ("recipe", "sample") or self.nanogpt,
+             f"only={self.only} compares with nanoGPT: give --nanogpt=PATH")
 
 
 def median_seconds(fn, repeats, warmup=1):
@@ -98,12 +100,17 @@ def generation_model():
     return GPT(config).eval()
 
 
+SAMPLE_PY_DEFAULTS = dict(temperature=0.8, top_p=0.95)  # what `python sample.py` samples with
+
+
 def generation_tokens_per_second(model, new_tokens, batch=1, repeats=3, **options):
-    """Generated tokens per second, over all `batch` sequences sampled together (generate's options)."""
+    """Generated tokens per second, over all `batch` sequences sampled together (generate's options), under
+    inference_mode as sample.py runs."""
     prompt = torch.zeros((batch, 1), dtype=torch.long)
 
+    @torch.inference_mode()
     def run():
-        model.generate(prompt, new_tokens, temperature=1.0, generator=torch.Generator().manual_seed(0), **options)
+        model.generate(prompt, new_tokens, generator=torch.Generator().manual_seed(0), **SAMPLE_PY_DEFAULTS, **options)
 
     return batch * new_tokens / median_seconds(run, repeats)
 
@@ -112,25 +119,20 @@ def bench_generate(cfg, new_tokens=500, rounds=3):
     model = generation_model()
     dtype = getattr(torch, model_dtype(cfg.gen_dtype, "cpu", asdict(model.config)))
     model = model.to(dtype)
-    print(f"generation: 6L/6H/384, block 256, vocab 65, random init, {dtype} weights, {new_tokens} new tokens")
-    start = time.perf_counter()
-    compiled = compiled_decode_step(model)
-    model.generate(torch.zeros((1, 1), dtype=torch.long), 2, step=compiled)
-    print(f"  (compiling the decode step took {time.perf_counter() - start:.1f} s, once)")
-    ways = {"full recompute": dict(use_cache=False), "KV cache": {},
-            "fixed-shape step": dict(step=model.decode_step), "compiled step": dict(step=compiled)}
+    print(f"generation: 6L/6H/384, block 256, vocab 65, random init, {dtype} weights, {new_tokens} new tokens, "
+          "sample.py's default temperature and top_p")
+    ways = {"full recompute": dict(use_cache=False), "KV cache": {}}
     ours = {}
     for name, options in ways.items():
         ours[name] = generation_tokens_per_second(model, new_tokens, **options)
         print(f"  {name:18s} 1 sequence {ours[name]:8.1f} tokens/s ({ours[name] / ours['full recompute']:.1f}x recompute)")
     for batch in (8, 32):  # sample.py --num_samples: one batch, one token of every sequence per step
-        for name in ("KV cache", "compiled step"):
-            print(f"  {name:18s} {batch:2d} sequences {generation_tokens_per_second(model, new_tokens, batch, **ways[name]):8.1f} tokens/s in all")
+        print(f"  {'KV cache':18s} {batch:2d} sequences {generation_tokens_per_second(model, new_tokens, batch):8.1f} tokens/s in all")
     if cfg.nanogpt:  # side by side: this VM's memory speed drifts, so each round times both, one after the other
         theirs_once = nanogpt_generation(cfg.nanogpt, new_tokens)
         print(f"  nanoGPT's generate (its model.py, same shape, fp32 as its sample.py runs on a CPU), then ours, "
               f"one sequence, {rounds} rounds:")
-        ratios = {"KV cache": [], "compiled step": []}
+        ratios = {"KV cache": []}
         for number in range(1, rounds + 1):
             theirs = new_tokens / median_seconds(theirs_once, repeats=1, warmup=0)
             row = f"  round {number}: nanoGPT {theirs:6.1f} tokens/s"
@@ -161,6 +163,38 @@ def nanogpt_generation(path, new_tokens):
 
     once(20)  # warm-up
     return once
+
+
+def save_same_shaped_checkpoints(folder, meta):
+    """folder/ours/ckpt.pt (this repo's format) and folder/nanogpt/ckpt.pt (nanoGPT's: its parameter names, its
+    dataset name for meta.pkl) holding the same random weights of the reference shape."""
+    model = generation_model()
+    model_args = {"block_size": 256, "vocab_size": 65, "n_layer": 6, "n_head": 6, "n_embd": 384, "bias": False}
+    theirs = {("transformer." + k.replace("blocks.", "h.") if k.split(".")[0] in ("wte", "wpe", "blocks", "ln_f") else k): v
+              for k, v in model.state_dict().items()}
+    for name, checkpoint in {"ours": {"model": model.state_dict(), "model_args": asdict(model.config), "meta": meta,
+                                      "config": {}, "step": 0},
+                             "nanogpt": {"model": theirs, "model_args": {**model_args, "dropout": 0.0},
+                                         "config": {"dataset": "shakespeare_char"}}}.items():
+        (Path(folder) / name).mkdir()
+        torch.save(checkpoint, Path(folder) / name / "ckpt.pt")
+
+
+def bench_sample(cfg, new_tokens=2000):
+    """Whole-process wall time of sample.py with its defaults and new_tokens, nanoGPT's then ours, on checkpoints of
+    the same shape and weights (6L/384, one sample, fp32 for nanoGPT on a CPU, ours at dtype=auto)."""
+    text = Path(cfg.nanogpt) / "data" / "shakespeare_char" / "input.txt"
+    must(text.is_file(), f"{text} not found: prepare nanoGPT's shakespeare_char data first")
+    vocab = sorted(set(text.read_text(encoding="utf-8")))  # what its prepare.py puts in meta.pkl
+    print(f"sample.py, whole process, {new_tokens} new tokens, one sample, same-shaped checkpoints (6L/384): nanoGPT's, then ours")
+    with tempfile.TemporaryDirectory() as folder:
+        save_same_shaped_checkpoints(folder, {"tokenizer": "char", "vocab": vocab, "vocab_size": len(vocab)})
+        theirs = wall_seconds([sys.executable, "sample.py", f"--out_dir={folder}/nanogpt", "--device=cpu",
+                               "--num_samples=1", f"--max_new_tokens={new_tokens}"], cfg.nanogpt)
+        ours = wall_seconds([sys.executable, "sample.py", f"--out_dir={folder}/ours", f"--max_new_tokens={new_tokens}"],
+                            REPO)
+    print(f"  nanoGPT: python sample.py --device=cpu --num_samples=1 --max_new_tokens={new_tokens}  {theirs:6.1f} s")
+    print(f"  ours:    python sample.py --max_new_tokens={new_tokens}  {ours:6.1f} s: {theirs / ours:.1f}x nanoGPT's speed")
 
 
 NANOGPT_CPU_RECIPE = ["train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
@@ -194,13 +228,14 @@ def bench_recipe(cfg, seeds=(1337, 1, 2)):
     print(f"  speedrun, median of {len(seeds)} seeds: {median:.1f} s, {median / theirs:.3f} of nanoGPT's time")
 
 
-SECTIONS = {"train": bench_train, "matmul": bench_matmul, "generate": bench_generate, "recipe": bench_recipe}
+SECTIONS = {"train": bench_train, "matmul": bench_matmul, "generate": bench_generate, "recipe": bench_recipe,
+            "sample": bench_sample}
 
 
 def bench(cfg):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, section in SECTIONS.items():
-        if cfg.only == name or (not cfg.only and (name != "recipe" or cfg.nanogpt)):
+        if cfg.only == name or (not cfg.only and (name not in ("recipe", "sample") or cfg.nanogpt)):
             section(cfg)
 
 
