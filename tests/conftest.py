@@ -20,6 +20,8 @@ from tinygpt.datasets import prepare  # noqa: E402
 SHARED_DATA = REPO.parent / "shared" / "data"
 if (SHARED_DATA / "tiktoken_cache").is_dir():  # GPT-2 BPE without a network (CI sets it too)
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
+# huggingface_hub's user-agent asks the Hub which AI agents exist (once a process): tests never touch the network
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # One thread per process: the same arithmetic in every run (bitwise comparisons rely on it), and
 # several test processes can share two cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
