@@ -374,7 +374,8 @@ def is_corpus(name, source) -> bool:
     """fineweb_edu, or your own name with a folder, a glob, or a .parquet/.jsonl file as its source."""
     if name in CORPORA or not source or name in DATASETS or is_url(source):
         return name in CORPORA
-    return Path(source).is_dir() or any(c in str(source) for c in "*?[") or Path(source).suffix in (".parquet", ".jsonl")
+    folder_or_glob = Path(source).is_dir() or any(c in str(source) for c in "*?[")
+    return folder_or_glob or Path(source).suffix in (".parquet", ".jsonl")
 
 
 def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None, shards=0, workers=0,
