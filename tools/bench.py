@@ -245,8 +245,15 @@ def tree_rss(pid) -> int:
     return sum(rss.get(p, 0) for p in family)
 
 
+def cpu_seconds(who) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_prepare(source, data_dir, workers, shard_tokens, sample_rss=False) -> tuple:
-    """(wall seconds, peak RSS of prepare.py and its workers together, meta.json) of one whole prepare.py process."""
+    """(wall seconds, peak RSS of prepare.py and its workers together, meta.json, their CPU seconds) of one whole
+    prepare.py process."""
+    cpu = cpu_seconds(resource.RUSAGE_CHILDREN)
     command = [sys.executable, str(REPO / "prepare.py"), "bench", f"--source={source}", f"--data_dir={data_dir}",
                f"--workers={workers}", f"--shard_tokens={shard_tokens}"]
     start, peak = time.perf_counter(), 0
@@ -257,7 +264,8 @@ def run_prepare(source, data_dir, workers, shard_tokens, sample_rss=False) -> tu
     seconds = time.perf_counter() - start
     if process.returncode != 0:
         raise ConfigError(f"prepare.py failed: {(process.stderr.read().strip().splitlines() or ['?'])[-1]}")
-    return seconds, peak, json.loads((Path(data_dir) / "bench" / "meta.json").read_text())
+    meta = json.loads((Path(data_dir) / "bench" / "meta.json").read_text())
+    return seconds, peak, meta, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
 
 
 def bench_prepare(cfg, text_mb=12):
@@ -270,15 +278,17 @@ def bench_prepare(cfg, text_mb=12):
         docs = write_corpus(folder, paragraphs(cfg), text_mb << 20, file_bytes=text_mb << 20)
         print(f"prepare.py on a {text_mb} MB corpus ({len(docs):,} documents in one parquet file), whole process:")
         encoding = tiktoken.get_encoding("gpt2")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF)
         tokens = sum(map(len, encoding.encode_ordinary_batch(docs, num_threads=1))) + len(docs)  # + end-of-text
-        baseline = tokens / (time.perf_counter() - start)
-        print(f"  tiktoken encode_ordinary_batch, num_threads=1, in memory: {baseline:12,.0f} tokens/s")
+        seconds, cpu = time.perf_counter() - start, cpu_seconds(resource.RUSAGE_SELF) - cpu
+        baseline = tokens / seconds
+        print(f"  tiktoken encode_ordinary_batch, num_threads=1, in memory: {baseline:12,.0f} tokens/s "
+              f"({seconds:.1f} s, {cpu:.1f} CPU s)")
         for workers in (1, 2):
-            seconds, _, meta = run_prepare(folder, Path(tmp) / f"data{workers}", workers, 1_000_000)
+            seconds, _, meta, cpu = run_prepare(folder, Path(tmp) / f"data{workers}", workers, 1_000_000)
             rate = (meta["train_tokens"] + meta["val_tokens"]) / seconds
             print(f"  python prepare.py --workers={workers}:            {rate:12,.0f} tokens/s "
-                  f"({rate / baseline:.2f}x tiktoken's, {seconds:.1f} s)", flush=True)
+                  f"({rate / baseline:.2f}x tiktoken's, {seconds:.1f} s, {cpu:.1f} CPU s)", flush=True)
 
 
 def bench_prepare_rss(cfg):
@@ -289,7 +299,8 @@ def bench_prepare_rss(cfg):
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "corpus").mkdir()
             write_corpus(Path(tmp) / "corpus", paragraphs(cfg), int(gb * 2**30))
-            seconds, peak, meta = run_prepare(Path(tmp) / "corpus", Path(tmp) / "data", 2, 100_000_000, sample_rss=True)
+            seconds, peak, meta, _ = run_prepare(Path(tmp) / "corpus", Path(tmp) / "data", 2, 100_000_000,
+                                                 sample_rss=True)
             tokens = meta["train_tokens"] + meta["val_tokens"]
             print(f"  {gb:g} GB of text, {tokens:,} tokens in {len(meta['shards']['train']) + 1} shards: peak "
                   f"{peak / 2**20:,.0f} MiB RSS, {seconds:.0f} s ({tokens / seconds:,.0f} tokens/s)", flush=True)
