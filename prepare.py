@@ -28,8 +28,8 @@ from tinygpt.tokenizer import TOKENIZERS
 
 @dataclass
 class PrepareConfig:
-    dataset: str = ""            # shakespeare_char, shakespeare, tinytalks, *_byte, reverse, copy, mixed, or your own
-    source: str = ""             # local file/folder or http(s) URL instead of the pinned download (required for your own)
+    dataset: str = ""            # shakespeare_char, shakespeare, tinytalks, *_byte, the tasks, fineweb_edu, or yours
+    source: str = ""             # local file/folder/glob or URL instead of the pinned download (required for your own)
     tokenizer: str = ""          # for your own text: 'char' (default), 'byte' or 'gpt2'
     seed: int | None = None      # for reverse/copy/mixed (default 1337)
     data_dir: str = "data"       # the data set goes to data_dir/dataset
