@@ -20,6 +20,8 @@ from tinygpt.datasets import prepare  # noqa: E402
 SHARED_DATA = REPO.parent / "shared" / "data"
 if (SHARED_DATA / "tiktoken_cache").is_dir():  # GPT-2 BPE without a network (CI sets it too)
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
+# huggingface_hub's user-agent asks the Hub which AI agents exist (once a process): tests never touch the network
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # One thread per process: the same arithmetic in every run (bitwise comparisons rely on it), and
 # several test processes can share two cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
@@ -37,12 +39,19 @@ def tiny_model(seed=0, **overrides) -> GPT:
 def tiny_hf_gpt2(folder, seed=0, **overrides):
     """A tiny random GPT-2 from transformers (a test-only dependency), saved to folder with save_pretrained.
     Its weights are drawn wider than GPT-2's init (std 0.3, not 0.02) so that every part of the network,
-    the GELU's curve included, moves the logits by more than the tolerance tests compare them to."""
+    the GELU's curve included, moves the logits by more than the tolerance tests compare them to; and every
+    tensor is random, biases and LayerNorm gains and biases (ln_f's too) included: at their defaults (0 and
+    1) a mapping that drops or swaps one of them would still give transformers' logits."""
     from transformers import GPT2Config, GPT2LMHeadModel  # slow to import: only the tests that use it
     torch.manual_seed(seed)
     config = GPT2Config(**{"vocab_size": 50, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 4,
                            "initializer_range": 0.3, **overrides})
     model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:  # the tensors GPT-2's init leaves at 0 or 1
+                tensor.add_(torch.randn_like(tensor) * 0.3)
+    assert all(t.std() > 0.1 for t in model.parameters()), "a tensor kept its default value"
     model.save_pretrained(folder)
     return model
 

@@ -69,6 +69,8 @@ def server():
     files = {"/small.txt": SMALL, "/blank": b"", "/input.txt": SHAKESPEARE.read_bytes}
     for split in ("train", "val", "test"):
         files[f"/tinytalks/splits/{split}.txt"] = (TINYTALKS / "splits" / f"{split}.txt").read_bytes
+        files[f"/tampered/tinytalks/splits/{split}.txt"] = lambda split=split: tampered(TINYTALKS / "splits" / f"{split}.txt")
+    files["/tampered/input.txt"] = lambda: tampered(SHAKESPEARE)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.files, httpd.hits = files, []
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -76,6 +78,13 @@ def server():
     yield httpd
     httpd.shutdown()
     httpd.server_close()
+
+
+def tampered(path) -> bytes:
+    """The file with one character changed in its middle: same size, another sha256."""
+    data = bytearray(Path(path).read_bytes())
+    data[len(data) // 2] ^= 1
+    return bytes(data)
 
 
 def files_under(folder):
@@ -129,6 +138,17 @@ def test_server_errors_are_retried_but_a_bad_checksum_is_not(server, tmp_path):
         with pytest.raises(DataError):
             P.download(f"{server.url}{path}", tmp_path / "x.txt", "0" * 64)
         assert server.hits == [path] * attempts
+
+
+@needs_shakespeare
+@needs_tinytalks
+@pytest.mark.parametrize("name, path", [("shakespeare_char", "/tampered/input.txt"), ("tinytalks", "/tampered/tinytalks")])
+def test_a_tampered_copy_of_a_pinned_file_is_refused_in_one_line_with_nothing_saved(server, tmp_path, capsys, name, path):
+    code = cli.main([name, f"--source={server.url}{path}", f"--data_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: sha256 mismatch"), err
+    assert f"{server.url}{path}" in err and "nothing was saved" in err
+    assert files_under(tmp_path) == []
 
 
 def test_connection_refused_names_the_url_and_the_source_way_out(tmp_path):

@@ -1,7 +1,8 @@
 """A prepared data set on disk and the batches drawn from it.
 
 data/<name>/ holds train.bin and val.bin (token ids, one flat little-endian stream) and meta.json
-(tokenizer, sizes, source), written by datasets.prepare (prepare.py). Batches are drawn from random
+(tokenizer, sizes, source), written by datasets.prepare (prepare.py); a corpus holds shards instead
+(train_000.bin, ..., val_000.bin, listed in meta.json's "shards"). Batches are drawn from random
 generators derived from (seed, stream, step), so a resumed run and any number of processes draw
 exactly the batches of one uninterrupted process.
 """
@@ -70,7 +71,10 @@ def picks_of_rank(global_picks, rank, world_size) -> np.ndarray:
 class Batches:
     """Batches of token ids from data/<name>/{train,val}.bin, as (x, y) on the device.
 
-    Text: windows of block_size tokens, targets shifted by one. Task data sets (meta has "task"):
+    Text: windows of block_size tokens, targets shifted by one. A window lies within one file: a split in
+    shards offers each shard's windows one after the other, numbered as one stream's (a pick p is window
+    p - first[s] of the shard s whose numbers hold it), so one file is the case of one shard and the
+    seeded picks mean the same for both. Task data sets (meta has "task"):
     whole examples of example_len tokens, x = ex[:-1], y = ex[1:], with the targets of the prompt
     set to -1 so the loss falls on the answer only. Q&A data sets with "answer_loss" (tinytalks_chat):
     conversations of whole Q/A pairs, the first one at the window's start, the targets of everything
@@ -84,8 +88,11 @@ class Batches:
         self.example_len = meta.get("example_len", 0)
         self.prompt_len = meta.get("prompt_len", 0)
         self.seq_len = self.example_len - 1 if self.task else block_size
-        self.pairs = {}
+        self.pairs, self.files, self.first = {}, {}, {}
         for split in ("train", "val"):
+            self.files[split] = self.files_of(split)
+            windows = [max(0, n - self.seq_len) for _, n in self.files[split]]
+            self.first[split] = np.cumsum([0, *windows])  # the number of each shard's first window, then the total
             self.check_size(split)
             if self.answer_loss:
                 self.pairs[split] = self.pairs_of(split)
@@ -106,19 +113,31 @@ class Batches:
             raise DataError(f"{path} does not index {split}.bin's pairs; prepare the data set again")
         return np.column_stack([rows, ends])
 
-    def tokens(self, split):
+    def files_of(self, split) -> list:
+        """[(path, tokens)] of the split: its shards, or the one {split}.bin."""
+        names = [name for name, _ in self.meta["shards"][split]] if "shards" in self.meta else [f"{split}.bin"]
+        itemsize = np.dtype(self.meta["dtype"]).itemsize
+        files = [(self.folder / name, (self.folder / name).stat().st_size // itemsize)
+                 for name in names if (self.folder / name).is_file()]
+        if len(files) < len(names) or not files:
+            raise DataError(f"{self.folder} lacks a file of its {split} split; prepare it again: "
+                            f"python prepare.py {self.folder.name}")
+        return files
+
+    def tokens(self, split, shard=0):
         # a fresh memmap per batch: a long-lived one keeps every page it touched in memory
-        return np.memmap(self.folder / f"{split}.bin", dtype=np.dtype(self.meta["dtype"]).newbyteorder("<"), mode="r")
+        return np.memmap(self.files[split][shard][0], dtype=np.dtype(self.meta["dtype"]).newbyteorder("<"), mode="r")
 
     def count(self, split) -> int:
         """How many different rows the split offers: windows, examples, or first pairs of a conversation."""
         if self.answer_loss:
             return len(self.pairs[split])
-        n = len(self.tokens(split))
-        return n // self.example_len if self.task else n - self.seq_len
+        if self.task:
+            return len(self.tokens(split)) // self.example_len
+        return int(self.first[split][-1])
 
     def check_size(self, split):
-        path, n = self.folder / f"{split}.bin", len(self.tokens(split))
+        path, n = self.files[split][0][0], sum(n for _, n in self.files[split])
         if self.task and n % self.example_len:
             raise DataError(f"{path} holds {n} tokens, not whole {self.example_len}-token examples; prepare it again")
         if not self.answer_loss and self.count(split) < 1:
@@ -126,10 +145,15 @@ class Batches:
 
     def rows(self, split, picks) -> np.ndarray:
         """(len(picks), seq_len + 1) token ids: the windows starting at picks, or the examples picks."""
-        data = self.tokens(split)
         if self.task:
-            return data.reshape(-1, self.example_len)[picks].astype(np.int64)
-        return data[picks[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)
+            return self.tokens(split).reshape(-1, self.example_len)[picks].astype(np.int64)
+        rows = np.empty((len(picks), self.seq_len + 1), dtype=np.int64)
+        shard_of = np.searchsorted(self.first[split], picks, side="right") - 1
+        for shard in np.unique(shard_of):  # one shard mapped at a time
+            chosen = shard_of == shard
+            starts = picks[chosen] - self.first[split][shard]
+            rows[chosen] = self.tokens(split, shard)[starts[:, None] + np.arange(self.seq_len + 1)]
+        return rows
 
     def conversations(self, split, picks) -> tuple:
         """(ids, scored), both (len(picks), seq_len + 1): row i holds the pairs picks[i] (-1 = none) one after
@@ -183,7 +207,8 @@ class Batches:
             return self.packed_pairs(split)
         if self.task:
             return np.arange(self.count(split))
-        return np.arange(0, len(self.tokens(split)) - self.seq_len, self.seq_len)
+        return np.concatenate([first + np.arange(0, n - self.seq_len, self.seq_len)
+                               for first, (_, n) in zip(self.first[split], self.files[split])])
 
     def packed_pairs(self, split) -> np.ndarray:
         pairs, rows, row, used = self.pairs[split], [], [], 0

@@ -3,7 +3,8 @@ its command line; train.py calls prepare() when a config's data set is missing).
 
 Real data comes from the URLs pinned here and must match their pinned sha256. A `source` (PATH_OR_URL) reads
 a local copy or another URL instead (for tinytalks: a folder holding splits/train.txt etc.); a name this
-module does not know is a text data set built from the file or URL `source`.
+module does not know is a text data set built from the file or URL `source`. Corpora (fineweb_edu, or
+a folder or glob of .parquet/.jsonl/.txt files) go to token shards: tinygpt/corpus.py.
 """
 import hashlib
 import json
@@ -17,6 +18,7 @@ import numpy as np
 import requests
 
 from tinygpt.common import DataError, atomic_write
+from tinygpt.corpus import CORPORA, SHARD_TOKENS, prepare_corpus
 from tinygpt.tokenizer import make_tokenizer, qa_pairs, qa_prompt
 
 
@@ -58,7 +60,7 @@ TASK_WORD_LEN = 6
 TASK_VOCAB = sorted(TASK_LETTERS + "=cr")
 DEFAULT_SEED = 1337
 
-DATASETS = [*PINNED, *TASKS]
+DATASETS = [*PINNED, *TASKS, *CORPORA]
 FORMAT_VERSION = 1            # bump when the output format changes, so old outputs get rebuilt
 RETRIES = 3                   # attempts per download
 BACKOFF_S = 0.5               # wait 0.5 s, then 1 s, between attempts
@@ -368,10 +370,27 @@ def check_arguments(name, source, tokenizer, seed):
         raise DataError(f"--seed only applies to the generated tasks ({', '.join(TASKS)}), not to {name}")
 
 
-def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None) -> Path:
+def is_corpus(name, source) -> bool:
+    """fineweb_edu, or your own name with a folder, a glob, or a .parquet/.jsonl file as its source."""
+    if name in CORPORA or not source or name in DATASETS or is_url(source):
+        return name in CORPORA
+    folder_or_glob = Path(source).is_dir() or any(c in str(source) for c in "*?[")
+    return folder_or_glob or Path(source).suffix in (".parquet", ".jsonl")
+
+
+def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None, shards=0, workers=0,
+            shard_tokens=0) -> Path:
     """Build data_dir/name/ and return that folder; a no-op when it is already built from the same
     inputs (data file hashes, tokenizer, seed). A name prepare.py does not know is a text data set
-    built from the file or URL `source`."""
+    built from the file or URL `source`, or a corpus (is_corpus) of shards: shards, workers and
+    shard_tokens are corpus.prepare_corpus's."""
+    if is_corpus(name, source):
+        if tokenizer not in (None, "gpt2") or seed is not None:
+            raise DataError(f"{name} is a corpus, always tokenized by gpt2; drop --tokenizer/--seed")
+        return prepare_corpus(name, source, Path(data_dir) / name, shards, workers, shard_tokens or SHARD_TOKENS)
+    if shards or workers or shard_tokens:
+        raise DataError("--shards, --workers and --shard_tokens are for corpora: fineweb_edu, or --source=FOLDER "
+                        "or a glob of .parquet/.jsonl/.txt files")
     check_arguments(name, source, tokenizer, seed)
     source = None if source is None else str(source)
     out_dir = Path(data_dir) / name

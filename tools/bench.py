@@ -7,8 +7,11 @@
     python -m tools.bench --nanogpt=../nanoGPT       # each figure next to nanoGPT's, measured in the same run
     python -m tools.bench --only=recipe --nanogpt=../nanoGPT   # whole-process wall time of the CPU recipe, both repos
     python -m tools.bench --only=sample --nanogpt=../nanoGPT   # whole-process sample.py, 2000 tokens, both repos
+    python -m tools.bench --only=prepare         # prepare.py's tokens/s, 1 and 2 workers, vs tiktoken in one thread
+    python -m tools.bench --only=prepare_rss     # prepare.py's peak memory on a 0.5 GB and a 2 GB corpus (slow)
 
-Training figures come from train.py's own loop (its log.jsonl), so they are what a run gets.
+The prepare sections generate corpora (shuffled paragraphs of --corpus_from, as parquet and jsonl files) in
+a temporary folder. Training figures come from train.py's own loop (its log.jsonl), so they are what a run gets.
 Generation figures are medians over repeated runs after a warm-up. Nothing here is asserted.
 --nanogpt=PATH (a nanoGPT checkout with data/shakespeare_char prepared) adds nanoGPT's own generation
 on the same model shape and its CPU recipe's wall time, run in turn with ours.
@@ -17,6 +20,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import random
 import resource
 import statistics
 import subprocess
@@ -38,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass
 class BenchConfig:
-    only: str = ""               # one section: 'train', 'matmul', 'generate', 'recipe' or 'sample'; '' = all (the last two with --nanogpt)
+    only: str = ""               # one section (train, matmul, generate, recipe, sample, prepare, prepare_rss); '' = all but prepare_rss, recipe and sample need --nanogpt
     config: str = "configs/shakespeare_char_cpu.py"  # the training config the train section runs
     steps: int = 50              # training steps; the figures are the mean of the second half
     dtype: str = ""              # training dtype override ('' = the config's)
@@ -47,6 +51,8 @@ class BenchConfig:
     device: str = ""             # training device override ('' = the config's)
     gen_dtype: str = "auto"      # weights dtype of the generation benchmark: 'auto' (sample.py's default), 'float32', 'bfloat16'
     nanogpt: str = ""            # a nanoGPT checkout: its figures are measured beside ours
+    corpus_from: str = "data/shakespeare_char/input.txt,data/tinytalks/train.txt"  # the prepare sections' paragraphs
+    corpus_gb: str = "0.5,2"     # the corpus sizes prepare_rss measures
 
     def __post_init__(self):
         must(self.only in ("", *SECTIONS), f"only={self.only!r}: use one of {', '.join(SECTIONS)}")
@@ -228,14 +234,121 @@ def bench_recipe(cfg, seeds=(1337, 1, 2)):
     print(f"  speedrun, median of {len(seeds)} seeds: {median:.1f} s, {median / theirs:.3f} of nanoGPT's time")
 
 
+# ---------------------------------------------------------------------------------- prepare.py
+
+def paragraphs(cfg) -> list:
+    files = [Path(f) for f in cfg.corpus_from.split(",")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ConfigError(f"corpus_from: {', '.join(missing)} not found; prepare shakespeare_char and tinytalks, "
+                          "or give --corpus_from=FILE,... (text files with blank lines between paragraphs)")
+    return [p for f in files for p in f.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+
+
+def write_corpus(folder, paragraphs, total_bytes, seed=0, file_bytes=64 << 20) -> list:
+    """Documents of 1 to 8 random paragraphs, ~total_bytes of text, in files of ~file_bytes alternately .parquet
+    (row groups of 4096 documents) and .jsonl; the documents of the first file are returned."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng, written, number, first = random.Random(seed), 0, 0, None
+    while written < total_bytes:
+        docs, size = [], 0
+        while size < min(file_bytes, total_bytes - written):
+            docs.append("\n\n".join(rng.choices(paragraphs, k=rng.randint(1, 8))))
+            size += len(docs[-1])
+        if number % 2 == 0:
+            pq.write_table(pa.table({"text": docs}), Path(folder) / f"{number:03d}.parquet", row_group_size=4096)
+        else:
+            (Path(folder) / f"{number:03d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        first, written, number = first or docs, written + size, number + 1
+    return first
+
+
+def tree_rss(pid) -> int:
+    """Bytes of resident memory of a process and all its descendants, from /proc (Linux)."""
+    parent, rss = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            fields = dict(line.split(":", 1) for line in stat.read_text().splitlines() if ":" in line)
+            pid_of = int(stat.parent.name)
+            parent[pid_of] = int(fields["PPid"])
+            rss[pid_of] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+    family = {pid}
+    for _ in range(4):  # prepare.py, its pool, the workers
+        family |= {p for p, pp in parent.items() if pp in family}
+    return sum(rss.get(p, 0) for p in family)
+
+
+def cpu_seconds(who) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_prepare(source, data_dir, workers, shard_tokens, sample_rss=False) -> tuple:
+    """(wall seconds, peak RSS of prepare.py and its workers together, meta.json, their CPU seconds) of one whole
+    prepare.py process."""
+    cpu = cpu_seconds(resource.RUSAGE_CHILDREN)
+    command = [sys.executable, str(REPO / "prepare.py"), "bench", f"--source={source}", f"--data_dir={data_dir}",
+               f"--workers={workers}", f"--shard_tokens={shard_tokens}"]
+    start, peak = time.perf_counter(), 0
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while process.poll() is None:
+        peak = max(peak, tree_rss(process.pid)) if sample_rss else 0
+        time.sleep(0.2 if sample_rss else 0.01)
+    seconds = time.perf_counter() - start
+    if process.returncode != 0:
+        raise ConfigError(f"prepare.py failed: {(process.stderr.read().strip().splitlines() or ['?'])[-1]}")
+    meta = json.loads((Path(data_dir) / "bench" / "meta.json").read_text())
+    return seconds, peak, meta, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
+
+
+def bench_prepare(cfg, text_mb=128):
+    """Tokens/s of prepare.py, whole process, with 1 and 2 workers, against tiktoken's encode_ordinary_batch in
+    one thread on the same documents (held in memory: no reading, no writing). The corpus is large enough
+    that the processes' start (a second or two of imports) is a small part of the time."""
+    import tiktoken
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "corpus"
+        folder.mkdir()
+        docs = write_corpus(folder, paragraphs(cfg), text_mb << 20, file_bytes=text_mb << 20)
+        print(f"prepare.py on a {text_mb} MB corpus ({len(docs):,} documents in one parquet file), whole process:")
+        encoding = tiktoken.get_encoding("gpt2")
+        start, cpu = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF)
+        tokens = sum(map(len, encoding.encode_ordinary_batch(docs, num_threads=1))) + len(docs)  # + end-of-text
+        seconds, cpu = time.perf_counter() - start, cpu_seconds(resource.RUSAGE_SELF) - cpu
+        baseline = tokens / seconds
+        print(f"  tiktoken encode_ordinary_batch, num_threads=1, in memory: {baseline:12,.0f} tokens/s "
+              f"({seconds:.1f} s, {cpu:.1f} CPU s)")
+        for workers in (1, 2):
+            seconds, _, meta, cpu = run_prepare(folder, Path(tmp) / f"data{workers}", workers, 1_000_000)
+            rate = (meta["train_tokens"] + meta["val_tokens"]) / seconds
+            print(f"  python prepare.py --workers={workers}:            {rate:12,.0f} tokens/s "
+                  f"({rate / baseline:.2f}x tiktoken's, {seconds:.1f} s, {cpu:.1f} CPU s)", flush=True)
+
+
+def bench_prepare_rss(cfg):
+    """Peak resident memory of prepare.py (2 workers, default shard size) and its workers, sampled every 0.2 s,
+    on generated corpora of each size in corpus_gb: flat memory means about the same figure for each."""
+    print("prepare.py --workers=2, peak RSS of the process and its workers together (sampled every 0.2 s):")
+    for gb in (float(x) for x in cfg.corpus_gb.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "corpus").mkdir()
+            write_corpus(Path(tmp) / "corpus", paragraphs(cfg), int(gb * 2**30))
+            seconds, peak, meta, _ = run_prepare(Path(tmp) / "corpus", Path(tmp) / "data", 2, 100_000_000,
+                                                 sample_rss=True)
+            tokens = meta["train_tokens"] + meta["val_tokens"]
+            print(f"  {gb:g} GB of text, {tokens:,} tokens in {len(meta['shards']['train']) + 1} shards: peak "
+                  f"{peak / 2**20:,.0f} MiB RSS, {seconds:.0f} s ({tokens / seconds:,.0f} tokens/s)", flush=True)
+
+
 SECTIONS = {"train": bench_train, "matmul": bench_matmul, "generate": bench_generate, "recipe": bench_recipe,
-            "sample": bench_sample}
+            "sample": bench_sample, "prepare": bench_prepare, "prepare_rss": bench_prepare_rss}
 
 
 def bench(cfg):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, section in SECTIONS.items():
-        if cfg.only == name or (not cfg.only and (name not in ("recipe", "sample") or cfg.nanogpt)):
+        if cfg.only == name or (not cfg.only and name != "prepare_rss" and (name not in ("recipe", "sample") or cfg.nanogpt)):
             section(cfg)
 
 

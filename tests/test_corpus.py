@@ -1,0 +1,340 @@
+"""Corpora as a specification: local .parquet/.jsonl/.txt files and FineWeb-Edu from a Hub (a real HTTP
+server on 127.0.0.1, never the network) become token shards that decode to the documents, whatever the
+number of workers; a killed prepare resumes to the same bytes; bad input is one line with nothing
+half-written counted; and training draws its windows from the shards."""
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ENV, REPO, SHARED_DATA, records, run_script, torchrun, train_here
+from test_prepare import Handler, closed_port, files_under
+
+import prepare as cli  # noqa: E402
+from tinygpt.corpus import FINEWEB_EDU  # noqa: E402
+from tinygpt.data import Batches, load_meta  # noqa: E402
+from tinygpt.datasets import prepare  # noqa: E402
+from tinygpt.tokenizer import GPT2Tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (SHARED_DATA / "tiktoken_cache").is_dir(), reason="no tiktoken cache folder")
+PARAGRAPHS = [p for p in (SHARED_DATA / "tinyshakespeare" / "input.txt").read_text().split("\n\n") if p.strip()]
+EOT = 50256
+
+
+def documents(n, seed):
+    rng = random.Random(seed)
+    return ["\n\n".join(rng.choice(PARAGRAPHS) for _ in range(rng.randint(1, 6))) for _ in range(n)]
+
+
+def make_corpus(folder, seed=0, n=(120, 80)) -> list:
+    """a.parquet (3 row groups, a text and an id column), b.jsonl, c.txt in folder; their documents in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parquet_docs, jsonl_docs, txt_doc = documents(n[0], seed), documents(n[1], seed + 1), documents(1, seed + 2)[0]
+    pq.write_table(pa.table({"id": range(len(parquet_docs)), "text": parquet_docs}), folder / "a.parquet",
+                   row_group_size=len(parquet_docs) // 3 + 1)
+    (folder / "b.jsonl").write_text("".join(json.dumps({"text": d, "n": i}) + "\n" for i, d in enumerate(jsonl_docs)))
+    (folder / "c.txt").write_text(txt_doc)
+    return [*parquet_docs, *jsonl_docs, txt_doc]
+
+
+def shard_bytes(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("*.bin"))}
+
+
+def shard_tokens(folder, split) -> np.ndarray:
+    meta = load_meta(folder)
+    return np.concatenate([np.fromfile(Path(folder) / name, dtype="<u2") for name, _ in meta["shards"][split]])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(source folder, its documents, the data folder built from it with one worker in shards of 4,000 tokens)."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = make_corpus(root / "src")
+    out = prepare("web", source=root / "src", data_dir=root / "data", workers=1, shard_tokens=4000)
+    return root / "src", docs, out
+
+
+# ------------------------------------------------------------------------------------ the shards
+
+def test_shards_decode_to_every_document_in_file_order_each_followed_by_end_of_text(corpus):
+    _, docs, out = corpus
+    meta = load_meta(out)
+    tokens = np.concatenate([shard_tokens(out, "val"), shard_tokens(out, "train")])
+    expected = [t for d in docs for t in [*GPT2Tokenizer().encoding.encode_ordinary(d), EOT]]
+    assert tokens.tolist() == expected
+    assert [n for n, _ in meta["shards"]["val"]] == ["val_000.bin"]  # the held-out split: the first whole shard
+    sizes = [t for _, t in meta["shards"]["val"] + meta["shards"]["train"]]
+    assert set(sizes[:-1]) == {4000} and 0 < sizes[-1] <= 4000
+    assert (meta["documents"], meta["skipped_documents"], meta["val_tokens"]) == (len(docs), 0, 4000)
+    assert meta["train_tokens"] == len(expected) - 4000 and not list(out.glob(".*tmp"))
+
+
+def test_two_workers_write_the_same_bytes_and_a_rerun_is_a_no_op(corpus, tmp_path, capsys):
+    source, _, out = corpus
+    two = prepare("web", source=source, data_dir=tmp_path, workers=2, shard_tokens=4000)
+    assert shard_bytes(two) == shard_bytes(out)
+    stamps = {p: p.stat().st_mtime_ns for p in two.iterdir()}
+    assert cli.main(["web", f"--source={source}", f"--data_dir={tmp_path}", "--workers=2", "--shard_tokens=4000"]) == 0
+    assert "already prepared" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in two.iterdir()} == stamps
+
+
+def test_a_glob_reads_only_the_files_it_matches(corpus, tmp_path):
+    source, docs, _ = corpus
+    out = prepare("web", source=f"{source}/*.jsonl", data_dir=tmp_path, workers=1, shard_tokens=1000)
+    assert load_meta(out)["documents"] == 80
+
+
+def test_a_killed_prepare_resumes_at_its_shard_and_writes_the_uninterrupted_bytes(tmp_path, capsys):
+    """SIGKILL a real prepare.py once some shards are whole (small ones: each is fsynced, so there are many
+    milliseconds to catch it in); the rerun says where it resumes."""
+    make_corpus(tmp_path / "src", seed=5, n=(300, 200))
+    reference = prepare("web", source=tmp_path / "src", data_dir=tmp_path / "ref", workers=1, shard_tokens=500)
+    args = ["web", f"--source={tmp_path / 'src'}", f"--data_dir={tmp_path / 'data'}", "--workers=1",
+            "--shard_tokens=500"]
+    out = tmp_path / "data" / "web"
+    process = subprocess.Popen([sys.executable, str(REPO / "prepare.py"), *args], cwd=REPO,
+                               env={**ENV, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)
+    while process.poll() is None and len(progress_shards(out)) < 3:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(progress_shards(out))
+    assert not (out / "meta.json").exists() and 3 <= done < len(load_meta(reference)["shards"]["train"]), done
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert f"resuming after {done} shard(s)" in capsys.readouterr().out
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert {k: v for k, v in load_meta(out).items() if k != "source_url"} == \
+        {k: v for k, v in load_meta(reference).items() if k != "source_url"}
+
+
+def progress_shards(out) -> list:
+    try:
+        return json.loads((out / "progress.json").read_text())["shards"]
+    except (OSError, ValueError):
+        return []
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+def one_line_error(capsys, args) -> str:
+    code = cli.main(args)
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+def broken_corpus(folder, what):
+    make_corpus(folder, n=(30, 20))
+    if what == "corrupt":
+        data = (folder / "a.parquet").read_bytes()
+        (folder / "a.parquet").write_bytes(data[:len(data) // 2])
+    elif what == "no text column":
+        pq.write_table(pa.table({"content": ["a document"]}), folder / "a.parquet")
+    elif what == "empty parquet":
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), folder / "a.parquet")
+    elif what == "empty file":
+        (folder / "b.jsonl").write_text("")
+    elif what == "not json":
+        (folder / "b.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    elif what == "empty folder":
+        for p in folder.iterdir():
+            p.unlink()
+
+
+@pytest.mark.parametrize("what, message", [
+    ("corrupt", "a.parquet is not a readable parquet file"),
+    ("no text column", "a.parquet has no `text` column (it has: content)"),
+    ("empty parquet", "a.parquet holds no documents"),
+    ("empty file", "b.jsonl is empty"),
+    ("not json", "b.jsonl:2 is not a JSON object with a `text` field"),
+    ("empty folder", "no .parquet, .jsonl, .txt files there"),
+])
+def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys, what, message):
+    broken_corpus(tmp_path / "src", what)
+    err = one_line_error(capsys, ["web", f"--source={tmp_path / 'src'}", f"--data_dir={tmp_path / 'data'}",
+                                  "--workers=1", "--shard_tokens=500"])
+    assert message in err
+    out = tmp_path / "data" / "web"
+    written = [f for f in files_under(tmp_path / "data")] if (tmp_path / "data").exists() else []
+    assert "web/meta.json" not in written and not [f for f in written if f.endswith(".tmp")]
+    assert [f"web/{f}" for f in written if f.endswith(".bin")] == [] or \
+        sorted(f"web/{name}" for name, _ in progress_shards(out)) == [f for f in written if f.endswith(".bin")]
+
+
+def test_a_document_that_is_not_utf8_is_skipped_and_counted(tmp_path):
+    docs = make_corpus(tmp_path / "src", n=(30, 20))
+    with open(tmp_path / "src" / "b.jsonl", "ab") as f:
+        f.write(b'{"text": "caf\xe9"}\n')  # latin-1, not UTF-8
+    (tmp_path / "src" / "d.txt").write_bytes("Ol\u00e9".encode("latin-1"))
+    out = prepare("web", source=tmp_path / "src", data_dir=tmp_path / "data", workers=1, shard_tokens=500)
+    meta = load_meta(out)
+    assert (meta["documents"], meta["skipped_documents"]) == (len(docs), 2)
+    tokens = np.concatenate([shard_tokens(out, "val"), shard_tokens(out, "train")])
+    assert GPT2Tokenizer().decode(tokens) == "".join(d + "<|endoftext|>" for d in docs)
+
+
+def test_a_disk_that_fills_up_is_one_line_leaves_no_half_shard_and_the_rerun_builds_it(tmp_path):
+    """A real EFBIG from the kernel: prepare.py's process may not grow a file past 30,000 bytes, less than a
+    shard of 20,000 tokens."""
+    make_corpus(tmp_path / "src", seed=3, n=(300, 100))
+    args = ["web", f"--source={tmp_path / 'src'}", f"--data_dir={tmp_path / 'data'}", "--workers=1",
+            "--shard_tokens=20000"]
+    limited = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (30000, 30000)); import prepare; "
+               f"sys.exit(prepare.main({args!r}))")
+    result = subprocess.run([sys.executable, "-c", limited], cwd=REPO, env={**ENV, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "File too large" in result.stderr and "run the same command again" in result.stderr
+    assert files_under(tmp_path / "data") == []  # no half shard, no temporary file, no meta.json
+    out = tmp_path / "data" / "web"
+    prepare("web", source=tmp_path / "src", data_dir=tmp_path / "ref", workers=1, shard_tokens=20000)
+    assert cli.main(args) == 0
+    assert shard_bytes(out) == shard_bytes(tmp_path / "ref" / "web")
+
+
+# ---------------------------------------------------------------------------- FineWeb-Edu from a Hub
+
+class HubHandler(Handler):
+    """The Hub's two routes this project uses: the tree listing (JSON, with each file's LFS sha256) and the
+    file downloads; /tree/ lists server.listing, /resolve/ serves server.files."""
+
+    def do_GET(self):
+        self.path = self.path.split("?")[0]
+        if "/tree/" in self.path and self.server.listing is not None:
+            self.server.files[self.path] = json.dumps(self.server.listing).encode()
+        Handler.do_GET(self)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """A Hub on 127.0.0.1 serving FineWeb-Edu's layout at the pinned revision: two small parquet files."""
+    import http.server
+    import threading
+    repo, rev, folder = FINEWEB_EDU["repo"], FINEWEB_EDU["revision"], FINEWEB_EDU["folder"]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
+    httpd.files, httpd.hits, httpd.listing = {}, [], []
+    for i in range(2):
+        table = pa.table({"text": documents(40, seed=10 + i), "score": [3.0] * 40})
+        pq.write_table(table, tmp_path / "f.parquet")
+        data, path = (tmp_path / "f.parquet").read_bytes(), f"{folder}/{i:03d}_00000.parquet"
+        (tmp_path / "f.parquet").unlink()
+        httpd.files[f"/datasets/{repo}/resolve/{rev}/{path}"] = data
+        httpd.listing.append({"type": "file", "oid": "0" * 40, "size": len(data), "path": path,
+                              "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}})
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_fineweb_edu_downloads_the_pinned_files_checks_them_and_builds_shards(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    assert cli.main(["fineweb_edu", "--shards=1", f"--data_dir={tmp_path}", "--workers=1", "--shard_tokens=2000"]) == 0
+    out, first = tmp_path / "fineweb_edu", hub.listing[0]
+    served = next(data for path, data in hub.files.items() if path.endswith(first["path"]))
+    assert (out / "download" / "000_00000.parquet").read_bytes() == served
+    assert not (out / "download" / "001_00000.parquet").exists()  # --shards=1: the first file only
+    meta = load_meta(out)
+    assert meta["inputs"]["files"] == {first["path"]: first["lfs"]["oid"]} and meta["documents"] == 40
+    assert FINEWEB_EDU["revision"] in meta["source_url"]
+
+
+def test_a_tampered_hub_file_is_refused_in_one_line_with_nothing_saved(hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    path = next(p for p in hub.files if p.endswith("001_00000.parquet"))
+    hub.files[path] = hub.files[path][:-1] + b"!"
+    err = one_line_error(capsys, ["fineweb_edu", "--shards=2", f"--data_dir={tmp_path}", "--shard_tokens=2000"])
+    assert err.startswith("error: sha256 mismatch") and "nothing was saved" in err
+    assert [f for f in files_under(tmp_path) if "001" in f or f.endswith((".bin", "meta.json"))] == []
+
+
+def test_a_hub_without_the_data_set_is_one_line_naming_the_local_way_out(hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    hub.listing = None  # the tree route then answers 404, as the Hub does for a repo or revision it lacks
+    err = one_line_error(capsys, ["fineweb_edu", f"--data_dir={tmp_path}"])
+    assert "could not list HuggingFaceFW/fineweb-edu" in err and "404" in err and "--source=FOLDER" in err
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.slow  # huggingface_hub retries a refused connection for ~23 s before it gives up
+def test_no_network_for_the_hub_is_one_line_naming_the_local_way_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    err = one_line_error(capsys, ["fineweb_edu", f"--data_dir={tmp_path}"])
+    assert "could not list HuggingFaceFW/fineweb-edu" in err and "--source=FOLDER" in err
+    assert files_under(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------- training on shards
+
+def test_windows_are_numbered_shard_after_shard_and_never_cross_a_shard(corpus):
+    _, _, out = corpus
+    meta, block = load_meta(out), 64
+    batches = Batches(out, meta, block, "cpu")
+    sizes = [t for _, t in meta["shards"]["train"]]
+    firsts = np.cumsum([0, *[max(0, n - block) for n in sizes]])
+    assert batches.count("train") == firsts[-1]
+    picks = np.random.default_rng(0).integers(0, firsts[-1], 64)
+    picks[:len(sizes)] = firsts[:-1]  # every shard's first window too
+    rows = batches.rows("train", picks)
+    for pick, row in zip(picks, rows):
+        shard = int(np.searchsorted(firsts, pick, side="right") - 1)
+        start = pick - firsts[shard]
+        tokens = np.fromfile(out / meta["shards"]["train"][shard][0], dtype="<u2")
+        assert row.tolist() == tokens[start:start + block + 1].tolist()
+
+
+def test_one_shard_draws_the_batches_a_flat_train_bin_draws(corpus, tmp_path):
+    _, _, out = corpus
+    meta = load_meta(out)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for split in ("train", "val"):
+        (flat / f"{split}.bin").write_bytes((out / meta["shards"][split][0][0]).read_bytes())
+    flat_meta = {k: v for k, v in meta.items() if k != "shards"}
+    one_shard = {**meta, "shards": {s: meta["shards"][s][:1] for s in ("train", "val")}}
+    a, b = Batches(flat, flat_meta, 32, "cpu"), Batches(out, one_shard, 32, "cpu")
+    rng_picks = a.random_picks("train", np.random.default_rng(1), (3, 4))
+    assert (b.random_picks("train", np.random.default_rng(1), (3, 4)) == rng_picks).all()
+    for x, y in zip(a.batch("train", rng_picks[0]), b.batch("train", rng_picks[0])):
+        assert x.equal(y)
+    assert (a.full_split_picks("val") == b.full_split_picks("val")).all()
+
+
+SHRUNK = ["configs/gpt2_124m.py", "--n_layer=2", "--n_head=2", "--n_embd=16", "--block_size=32", "--batch_size=4",
+          "--gradient_accumulation_steps=2", "--max_iters=3", "--eval_interval=3", "--eval_iters=2",
+          "--warmup_iters=1", "--log_interval=1", "--device=cpu", "--dtype=float32", "--compile=False"]
+
+
+def test_a_shrunk_gpt2_124m_run_trains_on_the_shards_and_scores_the_whole_val_shard(corpus, tmp_path):
+    _, _, out = corpus
+    train_here([*SHRUNK, f"--data_dir={out.parent}", "--dataset=web", f"--out_dir={tmp_path / 'run'}"], REPO)
+    final = records(tmp_path / "run", "final")[0]
+    val = [t for _, t in load_meta(out)["shards"]["val"]]
+    assert final["val_tokens"] == sum((n - 1) // 32 * 32 for n in val)
+    assert len(records(tmp_path / "run", "train")) == 3
+
+
+@pytest.mark.slow
+def test_a_shrunk_gpt2_124m_run_under_torchrun_takes_the_same_first_step(corpus, tmp_path):
+    _, _, out = corpus
+    common = [f"--data_dir={out.parent}", "--dataset=web"]
+    train_here([*SHRUNK, *common, f"--out_dir={tmp_path / 'one'}"], REPO)
+    run_script("train.py", [*SHRUNK, *common, f"--out_dir={tmp_path / 'two'}"], launcher=torchrun(2))
+    one, two = (records(tmp_path / d, "train") for d in ("one", "two"))
+    assert [r["step"] for r in two] == [1, 2, 3]
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
