@@ -82,8 +82,8 @@ def figure(runs):
                         ms=3, label=f"{run.name} val")
         lr.plot(run.steps, run.lrs, color=colour, label=f"{run.name} lr")
     losses = [x for run in runs for x in run.losses + run.eval_val]
-    for ax, xlabel in ((by_step, "step"), (by_tokens, "tokens trained on")):
-        ax.set(xlabel=xlabel, ylabel="loss (nats per token)", title=f"loss against {xlabel.split()[0]}s")
+    for ax, xlabel, what in ((by_step, "step", "steps"), (by_tokens, "tokens trained on", "tokens")):
+        ax.set(xlabel=xlabel, ylabel="loss (nats per token)", title=f"loss against {what}")
         if max(losses) > 10 * min(losses) > 0:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
