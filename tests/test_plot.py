@@ -31,7 +31,7 @@ def lines_by_label(ax) -> dict:
 
 def test_a_run_without_a_display_leaves_its_curves_png_in_out_dir(finished_run):
     picture = finished_run / "curves.png"
-    deadline = time.time() + 60  # drawn by a low-priority process after the run has exited
+    deadline = time.time() + 120  # drawn by a low-priority process after the run has exited
     while not picture.exists() and time.time() < deadline:
         time.sleep(0.2)
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

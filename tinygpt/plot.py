@@ -1,6 +1,6 @@
 """Pictures of training: the curves of one or more runs, drawn from their out_dir/log.jsonl with matplotlib.
 
-train.py calls draw_in_background(out_dir) as a run ends: a detached process at the lowest priority draws
+train.py calls draw_in_background(out_dir) as a run ends: a detached process at a low priority draws
 out_dir/curves.png, so the run pays neither matplotlib's import (about a second) nor the drawing
 (docs/training.md). `python -m tools.plot out-a out-b` draws several runs on one picture.
 
@@ -99,22 +99,22 @@ def save(fig, path):
 
 
 def draw_in_background(out_dir):
-    """Start a detached process that draws out_dir/curves.png at the lowest priority, and return at once.
+    """Start a detached process that draws out_dir/curves.png at a low priority, and return at once.
 
     Its output goes nowhere, so a caller reading this process's pipes does not wait for it; it has a session
     (or process group) of its own, so it outlives this process and a torchrun's or a terminal's signals.
     subprocess starts it with spawn/exec, never a bare os.fork of a process where torch runs threads."""
     if sys.platform == "win32":
         flags = {"creationflags": subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
-                 | subprocess.IDLE_PRIORITY_CLASS}
+                 | subprocess.BELOW_NORMAL_PRIORITY_CLASS}
     else:
         flags = {"start_new_session": True}
     subprocess.Popen([sys.executable, "-m", "tinygpt.plot", str(Path(out_dir).resolve())], cwd=REPO,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **flags)
 
 
-if __name__ == "__main__":  # the background process train.py starts: one run's picture, at the lowest priority
+if __name__ == "__main__":  # the background process train.py starts: one run's picture, at a low priority
     if hasattr(os, "nice"):
-        os.nice(19)
+        os.nice(10)  # a small share against busy processes; at 19 it can wait minutes for one (docs/training.md)
     run_dir = Path(sys.argv[1])
     save(figure([read_curves(run_dir)]), run_dir / PICTURE)
