@@ -37,6 +37,7 @@ from tinygpt.evaluation import estimate_loss, final_report
 from tinygpt.gpt2 import GPT2_NAMES, weights_to_fine_tune
 from tinygpt.optim import clip_and_step, load_optimizer_state, make_optimizers
 from tinygpt.options import as_config_file, help_text, must, parse_options, wants_help
+from tinygpt.plot import draw_in_background
 
 
 @dataclass
@@ -52,6 +53,7 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
     wandb_log: bool = False             # log to wandb too (WANDB_MODE=offline works without a network)
     wandb_project: str = "gpt"
     wandb_run_name: str = "run"
+    plot: bool = True                   # at the end, draw out_dir/curves.png in a detached low-priority process
     # data
     dataset: str = "shakespeare_char"   # data/<dataset>, built by prepare.py when missing
     data_dir: str = "data"
@@ -127,10 +129,11 @@ def learning_rate_at(step, cfg) -> float:
 
 
 class RunLog:
-    """Log lines to stdout, one JSON record per line to out_dir/log.jsonl, and to wandb if asked."""
+    """Log lines to stdout, one JSON record per line to out_dir/log.jsonl, and to wandb if asked; when
+    closed, the picture of the curves (tinygpt/plot.py)."""
 
     def __init__(self, cfg, enabled):
-        self.enabled = enabled
+        self.enabled, self.plot = enabled, cfg.plot
         self.path = Path(cfg.out_dir) / "log.jsonl"
         self.wandb = None
         if not enabled:
@@ -155,6 +158,8 @@ class RunLog:
     def close(self):
         if self.wandb is not None:
             self.wandb.finish()
+        if self.enabled and self.plot:
+            draw_in_background(self.path.parent)
 
 
 class StopSignal:

@@ -27,7 +27,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 torch.set_num_threads(1)  # the tests run in this process too: tiny models gain nothing from a second thread
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8", "--dtype=float32",
-        "--eval_iters=2", "--log_interval=1", "--device=cpu", "--warmup_iters=5", "--learning_rate=3e-3"]
+        "--eval_iters=2", "--log_interval=1", "--device=cpu", "--warmup_iters=5", "--learning_rate=3e-3",
+        "--plot=False"]  # no picture-drawing process behind each of the suite's runs (test_plot.py draws them)
 
 
 def tiny_model(seed=0, **overrides) -> GPT:

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 
 SCRIPTS = ["train.py", "sample.py", "prepare.py"]
-TOOLS = ["tools/evaluate.py", "tools/interpret.py", "tools/bench.py", "tools/export.py"]
+TOOLS = ["tools/evaluate.py", "tools/interpret.py", "tools/bench.py", "tools/export.py", "tools/plot.py"]
 
 
 def imported_modules(path) -> set:

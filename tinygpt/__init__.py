@@ -10,4 +10,5 @@
     evaluation  losses and scores, during training and for tools/evaluate.py
     optim       AdamW groups and Muon
     gpt2        OpenAI's GPT-2 weights in and out
+    plot        pictures of training curves, from a run's log.jsonl
 """
