@@ -135,6 +135,7 @@ def run_two_nodes(tmp_path, args, timeout=120) -> list:
     return nodes
 
 
+@pytest.mark.slow  # two torchrun agents, each a rendezvous: the longest test of the default suite
 def test_two_nodes_without_a_shared_out_dir_judge_the_best_checkpoint_and_refuse_to_resume_it(tmp_path, data_dir):
     # The lr jumps from warmup to 20 after step 4: val improves at step 4 and explodes by step 8, so the final
     # evaluation must reload best.pt (step 4), which exists on rank 0's node only.
