@@ -116,5 +116,8 @@ def draw_in_background(out_dir):
 if __name__ == "__main__":  # the background process train.py starts: one run's picture, at a low priority
     if hasattr(os, "nice"):
         os.nice(10)  # a small share against busy processes; at 19 it can wait minutes for one (docs/training.md)
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print("usage: python -m tinygpt.plot OUT_DIR   (draws OUT_DIR/curves.png; python -m tools.plot draws several runs)")
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     run_dir = Path(sys.argv[1])
     save(figure([read_curves(run_dir)]), run_dir / PICTURE)
