@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import torch
 
-from conftest import (TINY, exact_match_by_hand, full_split_loss_by_hand, records, run_script, run_train, torchrun,
+from conftest import (TINY, exact_match_by_hand, full_split_loss_by_hand, records, run_script, torchrun, train_here,
                       train_losses, weights)
 from model import GPT, GPTConfig
 
@@ -53,7 +53,7 @@ def test_torchrun_processes_draw_different_dropout(tmp_path):
     one_window_data_set(tmp_path / "data" / "one")
     args = [*TINY, f"--data_dir={tmp_path / 'data'}", "--dataset=one", "--dropout=0.5", "--max_iters=3",
             "--eval_interval=1000"]
-    run_train([*args, "--batch_size=4", f"--out_dir={tmp_path / 'single'}"], cwd=tmp_path)
+    train_here([*args, "--batch_size=4", f"--out_dir={tmp_path / 'single'}"], cwd=tmp_path)
     run_script("train.py", [*args, "--batch_size=8", f"--out_dir={tmp_path / 'two'}"], cwd=tmp_path,
                launcher=torchrun(2))
     single, two = weights(tmp_path / "single"), weights(tmp_path / "two")

@@ -23,7 +23,7 @@ import torch
 from tinygpt.checkpoint import load_checkpoint, load_for_inference, model_from_checkpoint, save_checkpoint
 from tinygpt.common import CheckpointError, ConfigError
 from conftest import (ENV, REPO, TINY, assert_one_line_error, assert_same_weights, records, run_script, run_train, tiny_args,
-                      tiny_text, torchrun, train_losses, train_refusing, weights)
+                      tiny_text, torchrun, train_here, train_losses, train_refusing, weights)
 from model import GPT, GPTConfig
 from tinygpt.data import Batches, picks_of_rank, split_global_batch
 from tinygpt.device import model_dtype
@@ -65,7 +65,7 @@ SHORT_STEPS = 10
 def short_run(data_dir, tmp_path_factory):
     """out_dir of a 10-step run (one eval, at the end); copy its ckpt.pt before changing anything."""
     out = tmp_path_factory.mktemp("short")
-    run_train(tiny_args(data_dir, out, f"--max_iters={SHORT_STEPS}", "--eval_interval=1000"), cwd=out)
+    train_here(tiny_args(data_dir, out, f"--max_iters={SHORT_STEPS}", "--eval_interval=1000"), cwd=out)
     return out
 
 
@@ -101,14 +101,14 @@ RESUME_ARGS = ["--dropout=0.1", "--gradient_accumulation_steps=2", f"--lr_decay_
 def straight_run(data_dir, tmp_path_factory):
     """An uninterrupted run of STRAIGHT_STEPS steps, with dropout and gradient accumulation."""
     out = tmp_path_factory.mktemp("straight")
-    run_train(tiny_args(data_dir, out, *RESUME_ARGS, f"--max_iters={STRAIGHT_STEPS}"), cwd=out)
+    train_here(tiny_args(data_dir, out, *RESUME_ARGS, f"--max_iters={STRAIGHT_STEPS}"), cwd=out)
     return out
 
 
 def test_resume_halfway_matches_uninterrupted_run_bitwise(tmp_path, data_dir, straight_run):
     out = tmp_path / "out"
     half = STRAIGHT_STEPS // 2 + 7  # not on an eval step
-    run_train(tiny_args(data_dir, out, *RESUME_ARGS, f"--max_iters={half}"), cwd=tmp_path)
+    train_here(tiny_args(data_dir, out, *RESUME_ARGS, f"--max_iters={half}"), cwd=tmp_path)  # the resume: a process
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == half
     result = run_train(tiny_args(data_dir, out, *RESUME_ARGS, f"--max_iters={STRAIGHT_STEPS}", "--init_from=resume"),
                        cwd=tmp_path)
@@ -153,7 +153,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run_bitwise(tmp_path, da
 
 def test_best_pt_keeps_the_best_val_state_when_a_newer_ckpt_pt_is_not_better(tmp_path, data_dir):
     out = tmp_path / "out"
-    run_train(tiny_args(data_dir, out, "--max_iters=20", "--eval_interval=10"), cwd=tmp_path)
+    train_here(tiny_args(data_dir, out, "--max_iters=20", "--eval_interval=10"), cwd=tmp_path)
     best = load_checkpoint(out / "best.pt")
     assert best["step"] == best["best_step"] == 20  # loss still falls fast at step 20: a new best
     assert_same_weights(best["model"], weights(out))
@@ -187,8 +187,7 @@ def test_evaluations_do_not_shift_the_training_batches(tmp_path, data_dir):
     runs = {}
     for interval in (3, 1000):
         out = tmp_path / f"eval{interval}"
-        run_train(tiny_args(data_dir, out, "--max_iters=20", f"--eval_interval={interval}", "--dropout=0.1",
-                            ), cwd=tmp_path)
+        train_here(tiny_args(data_dir, out, "--max_iters=20", f"--eval_interval={interval}", "--dropout=0.1"), tmp_path)
         runs[interval] = train_losses(out)
     assert runs[3] == runs[1000]
 
@@ -197,7 +196,7 @@ def test_evaluations_do_not_shift_the_training_batches(tmp_path, data_dir):
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, data_dir, accumulation):
     args = ["--max_iters=12", "--lr_decay_iters=12", f"--gradient_accumulation_steps={accumulation}", "--eval_interval=6"]
     one = tmp_path / "one"
-    run_train(tiny_args(data_dir, one, *args), cwd=tmp_path)
+    train_here(tiny_args(data_dir, one, *args), cwd=tmp_path)
     two = tmp_path / "two"
     result = run_script("train.py", tiny_args(data_dir, two, *args), cwd=tmp_path, launcher=torchrun(2))
     assert "2 process(es)" in result.stdout and "deprecated" not in result.stderr  # DDP's buffer switch: torch's name
@@ -263,7 +262,7 @@ def test_torchrun_restart_after_a_killed_rank_resumes_and_loses_no_step(tmp_path
     args = ["--max_iters=40", "--lr_decay_iters=40", "--eval_interval=10", "--log_interval=1", "--init_from=scratch",
             ]
     one = tmp_path / "one"
-    run_train(tiny_args(data_dir, one, *args), cwd=tmp_path)
+    train_here(tiny_args(data_dir, one, *args), cwd=tmp_path)
     out = tmp_path / "two"
     command = [*torchrun(2, "--max-restarts=1"), TRAIN, *tiny_args(data_dir, out, *args)]
     proc = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -410,8 +409,8 @@ def test_a_checkpoint_that_used_a_retired_lever_is_refused_in_one_line(tmp_path,
 def test_muon_state_is_saved_and_resumed_bitwise(tmp_path, data_dir):
     args = ["--muon_lr=0.02", "--lr_decay_iters=16", "--eval_interval=1000"]
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    run_train(tiny_args(data_dir, straight, *args, "--max_iters=16"), cwd=tmp_path)
-    run_train(tiny_args(data_dir, halves, *args, "--max_iters=8"), cwd=tmp_path)
+    train_here(tiny_args(data_dir, straight, *args, "--max_iters=16"), cwd=tmp_path)
+    train_here(tiny_args(data_dir, halves, *args, "--max_iters=8"), cwd=tmp_path)
     assert load_checkpoint(halves / "ckpt.pt")["muon"]["state"]  # momentum buffers are in the checkpoint
     run_train(tiny_args(data_dir, halves, *args, "--max_iters=16"), cwd=tmp_path)
     assert train_losses(halves) == train_losses(straight)

@@ -161,7 +161,8 @@ def measured_matmul_flops(dtype) -> float:
     """FLOP/s of this CPU's fastest square matmul in dtype: threads warmed up first, then the best of
     three runs at each of two sizes, so that it is a peak (one cold run reads low, and MFU over it
     then passes 100%)."""
-    sizes = (256, 512) if dtype == torch.float16 else (512, 1024)  # CPU float16 matmuls are emulated: slow
+    emulated = dtype == torch.float16 or (dtype == torch.bfloat16 and not cpu_has_fast_bf16())
+    sizes = (256, 512) if emulated else (512, 1024)  # an emulated 1024^2 bf16 matmul takes seconds on an AVX2 CPU
     gen = torch.Generator().manual_seed(0)  # its own generator: the global one drives dropout
     best = 0.0
     for n in sizes:
