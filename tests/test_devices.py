@@ -31,8 +31,8 @@ from sample import SampleConfig
 from train import TrainConfig
 
 MPS = capabilities("mps")  # the real function's answer for an Apple GPU: no bf16, no fp16 autocast, no compile
-T4 = Capabilities(bf16=False, fp16=True, compile=True)  # compute capability 7.5: fp16 tensor cores, bf16 emulated
-H100 = Capabilities(bf16=True, fp16=True, compile=True)
+T4 = Capabilities(bf16=False, fp16=True, compile=True, fused_adamw=True)  # compute capability 7.5: fp16 tensor cores, bf16 emulated
+H100 = Capabilities(bf16=True, fp16=True, compile=True, fused_adamw=True)
 
 
 @contextmanager

@@ -47,9 +47,9 @@ def test_sample_loads_an_alibi_model_trained_with_fp32_attention_in_half_precisi
         assert code == 0, capsys.readouterr().err
 
 
-def optimizers_of(model, device_type="cpu"):
+def optimizers_of(model, device_type="cpu", fused=None):
     return make_optimizers(model, weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.99), device_type=device_type,
-                           muon_lr=0.02)
+                           muon_lr=0.02, fused=fused)
 
 
 @pytest.mark.parametrize("bad", [(0, math.inf), (1, math.inf), (0, math.nan), (1, math.nan)],
@@ -83,7 +83,7 @@ def test_fp16_overflow_in_one_optimizer_skips_only_it_and_the_other_steps_on_its
 
 
 def test_resumed_optimizer_state_takes_this_runs_kernel_whatever_the_checkpoint_had():
-    # A CPU run saves AdamW with fused=False (step counts on the host); a CUDA run's fused kernel needs them on
+    # An unfused run (a Mac, an older checkpoint) saves AdamW with fused=False (step counts on the host); a CUDA run's fused kernel needs them on
     # the GPU. `meta` stands in for the GPU: no data, but devices are tracked as they would be on one.
     for saved_fused in (False, True):
         model = tiny_model(n_layer=1).train()
@@ -93,7 +93,7 @@ def test_resumed_optimizer_state_takes_this_runs_kernel_whatever_the_checkpoint_
             optimizer.step()
         with torch.device("meta"):
             gpu_model = tiny_model(n_layer=1)
-        gpu_optimizers = optimizers_of(gpu_model, device_type="cuda")  # fused, as on CUDA
+        gpu_optimizers = optimizers_of(gpu_model, device_type="cuda", fused=True)  # as CUDA's capabilities say
         for optimizer, optimizer_on_cpu in zip(gpu_optimizers, cpu_optimizers):
             load_optimizer_state(optimizer, optimizer_on_cpu.state_dict())
             for group in optimizer.param_groups:

@@ -69,18 +69,19 @@ class Capabilities:
     bf16: bool     # bf16 in hardware; emulated bf16 (T4, V100) is slow and has no flash kernels
     fp16: bool     # fp16 tensor cores: fp16 + GradScaler pays where bf16 is missing
     compile: bool  # torch.compile pays, and its kernels exist (Triton: CUDA compute capability 7.0)
+    fused_adamw: bool  # torch has a fused AdamW kernel there (CUDA, CPU; on a CPU 4x its loop: docs/results.md)
 
 
 def capabilities(device) -> Capabilities:
     """The capabilities of device ('cuda:1', 'mps', 'cpu'). An Apple GPU (MPS) also has no float64, which no code
-    puts on a device; only CUDA's batches are pinned and only CUDA's AdamW is fused."""
+    puts on a device; only CUDA's batches are pinned."""
     kind = device_type(device)
     if kind == "cuda":
         return Capabilities(bf16=torch.cuda.is_bf16_supported(including_emulation=False), fp16=True,
-                            compile=torch.cuda.get_device_capability(device) >= (7, 0))
+                            compile=torch.cuda.get_device_capability(device) >= (7, 0), fused_adamw=True)
     if kind == "cpu":
-        return Capabilities(bf16=cpu_has_fast_bf16(), fp16=False, compile=False)  # compile: docs/results.md
-    return Capabilities(bf16=False, fp16=False, compile=False)
+        return Capabilities(bf16=cpu_has_fast_bf16(), fp16=False, compile=False, fused_adamw=True)  # compile: docs/results.md
+    return Capabilities(bf16=False, fp16=False, compile=False, fused_adamw=False)
 
 
 def model_dtype(name, device, model_args) -> str:

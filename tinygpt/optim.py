@@ -12,21 +12,21 @@ import math
 
 import torch
 
-from tinygpt.device import capabilities
+import tinygpt.device
 
 
 def make_optimizers(model, weight_decay, learning_rate, betas, device_type, muon_lr=0.0, muon_momentum=0.95,
                     fused=None) -> list:
-    """[AdamW] with weight decay on matrices only (fused on CUDA by default); with muon_lr > 0 [AdamW, Muon]:
-    Muon (torch >= 2.9's, batched by shape) takes the blocks' 2-D weights; AdamW the embeddings, the head and
-    the gains."""
+    """[AdamW] with weight decay on matrices only, fused where the device has the kernel (unless fused is given);
+    with muon_lr > 0 [AdamW, Muon]: Muon (torch >= 2.9's, batched by shape) takes the blocks' 2-D weights; AdamW the
+    embeddings, the head and the gains."""
     named = dict(model.named_parameters())  # tied weights appear once
     hidden = [p for n, p in named.items() if muon_lr and n.startswith("blocks.") and p.dim() == 2]
     rest = [p for p in named.values() if all(p is not h for h in hidden)]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     if fused is None:
-        fused = device_type == "cuda"
+        fused = tinygpt.device.capabilities(device_type).fused_adamw
     optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
     if hidden:
         optimizers.append(BatchedMuon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=0.0,
@@ -65,7 +65,7 @@ def grads_of(optimizer) -> list:
 
 def load_optimizer_state(optimizer, saved):
     """saved's moments and step counts, under this optimizer's own settings: its lr, betas and decay, and its
-    kernel. The saved kernel flags decide where torch puts the step counts: a CPU run's (fused=False) would
+    kernel. The saved kernel flags decide where torch puts the step counts: an unfused run's (fused=False) would
     leave them on the host, and a fused CUDA kernel rejects them."""
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     groups = [{**old, **new} for old, new in zip(saved["param_groups"], settings)]
@@ -110,7 +110,7 @@ class BatchedMuon(torch.optim.Muon):
 def newton_schulz_dtype(device):
     """bf16, as torch's Muon, where the device has it in hardware; else fp32, which is faster there (a CPU
     without bf16 instructions, a T4 or V100 emulate bf16) and runs where bf16 may not (an older Mac)."""
-    return torch.bfloat16 if capabilities(str(device)).bf16 else torch.float32
+    return torch.bfloat16 if tinygpt.device.capabilities(str(device)).bf16 else torch.float32
 
 
 def newton_schulz(stack, coefficients, steps, eps, dtype=torch.bfloat16):
