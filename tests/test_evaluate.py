@@ -2,14 +2,18 @@
 checkpoint exactly as the end of its training run did."""
 import json
 import re
+import subprocess
+import sys
 from contextlib import nullcontext
 from dataclasses import asdict
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (assert_one_line_error, exact_match_by_hand, full_split_loss_by_hand, records, run_script,
+from conftest import (ENV, REPO, assert_one_line_error, exact_match_by_hand, full_split_loss_by_hand, records, run_script,
                       split_tokens, tiny_model)
 from model import GPT, GPTConfig
 from tinygpt.checkpoint import save_checkpoint
@@ -150,3 +154,57 @@ def test_evaluate_reads_past_the_window_where_positions_allow_and_says_so_where_
     assert evaluate_main([f"--out_dir={tmp_path / 'learned'}", "--block_size=32", "--device=cpu"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pos='learned' has positions for 16 tokens only" in err
+
+
+KEPT_MEMORY_CHILD = """
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+import numpy as np
+import torch
+from model import GPT, GPTConfig
+from tinygpt.data import Batches, load_meta
+from tinygpt.device import keep_freed_host_memory
+from tinygpt.evaluation import estimate_loss, full_split_loss
+from tinygpt.optim import make_optimizers
+
+assert keep_freed_host_memory()  # glibc's heap keeps what is freed, as configs/shakespeare.py asks
+folder, vocab = Path(sys.argv[1]), int(sys.argv[2])
+torch.manual_seed(0)
+model = GPT(GPTConfig(block_size=64, vocab_size=vocab, n_layer=1, n_head=2, n_embd=32))
+batches = Batches(folder, load_meta(folder), 64, "cpu")
+[optimizer] = make_optimizers(model, 0.1, 1e-3, (0.9, 0.99), "cpu")
+for step in range(2):  # a trained process: the freed logits and their gradients are in the heap
+    model(*batches.batch("train", np.arange(16) * 64))[1].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+def rss():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+logits_bytes = 16 * 64 * vocab * 4
+for name, evaluate in [("full split", lambda: full_split_loss(model, batches, "val", 16, nullcontext())),
+                       ("estimate", lambda: estimate_loss(model, batches, 20, 16, 0, 0, nullcontext()))]:
+    before = rss()
+    evaluate()
+    print(name, (rss() - before) / logits_bytes)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc for the resident memory")
+def test_evaluations_under_keep_freed_memory_do_not_grow_the_heap_batch_by_batch(tmp_path):
+    # Each batch's loss used to be kept as a tensor until the end: glibc carved it out of the memory the batch's
+    # logits had just freed, so the next batch's logits no longer fit there, and the heap grew by a batch's logits
+    # or more every batch (over 20 batches here; 12 GB in configs/shakespeare.py's final evaluation).
+    vocab = 4096
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20000), ("val", 64 * 16 * 20 + 1)):
+        rng.integers(0, vocab, n).astype("<u2").tofile(tmp_path / f"{split}.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab": [], "vocab_size": vocab,
+                                                    "dtype": "uint16"}))
+    result = subprocess.run([sys.executable, "-c", KEPT_MEMORY_CHILD, str(tmp_path), str(vocab)], cwd=REPO,
+                            env={**ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    growth = dict(line.rsplit(" ", 1) for line in result.stdout.splitlines())
+    assert set(growth) == {"full split", "estimate"}
+    assert all(float(batches) < 4 for batches in growth.values()), growth  # 20 batches each: a few logits at most

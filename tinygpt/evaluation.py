@@ -4,7 +4,6 @@ train.py prints at the end of a run and tools/evaluate.py prints for any checkpo
 
 Under torchrun every process scores its share of the batches and the sums are all-reduced.
 """
-import itertools
 import math
 import re
 import time
@@ -25,15 +24,18 @@ def estimate_loss(model, batches, eval_iters, batch_size, seed, step, ctx, dist=
     trains on: a batch the size of the global one may not fit on one GPU)."""
     model.eval()
     losses = {}
+    rows = rows or batch_size
     for part, split in enumerate(("train", "val")):
         picks = batches.random_picks(split, batch_rng(seed, EVAL_STREAM, step, part), (eval_iters, batch_size))
         mine = picks[dist.rank::dist.world_size]
-        pieces = [piece_losses(model, batches, split, row, rows or batch_size, ctx) for row in mine]
-        values = iter(on_host([piece for batch in pieces for piece in batch]))  # one host sync per split
+        sums = score_table((len(mine), -(-batch_size // rows)), batches.device)
+        for i, batch in enumerate(mine):
+            for j, start in enumerate(range(0, batch_size, rows)):
+                sums[i, j] = loss_and_tokens(model, batches, split, batch[start:start + rows], ctx)
         batch_means = []
-        for batch in pieces:  # each batch's mean over its scored tokens, in float64 on the host
+        for pieces in sums.tolist():  # one host sync per split; each batch's mean over its scored tokens, on the host
             loss_sum, scored = 0.0, 0
-            for loss, n in itertools.islice(values, len(batch)):
+            for loss, n in pieces:
                 loss_sum, scored = loss_sum + loss * n, scored + n
             batch_means.append(loss_sum / scored)
         loss_sum, count = sum_floats_over_ranks([sum(batch_means), len(batch_means)], dist)
@@ -42,24 +44,21 @@ def estimate_loss(model, batches, eval_iters, batch_size, seed, step, ctx, dist=
     return losses
 
 
-def piece_losses(model, batches, split, picks, rows, ctx) -> list:
-    """[(mean loss, tokens scored)] of one batch computed in pieces of `rows` sequences, left on the device."""
-    losses = []
-    for start in range(0, len(picks), rows):
-        x, y = batches.batch(split, picks[start:start + rows])
-        with ctx:
-            losses.append((model(x, y)[1], (y != -1).sum()))
-    return losses
+def score_table(shape, device):
+    """A (*shape, 2) table of (mean loss, tokens scored) that an evaluation fills in place, read back in one
+    transfer and summed on the host in float64 (MPS has no float64; a float32 sum of many batches would round the
+    losses the tests compare by hand). In place: a tensor kept per batch would be carved out of the memory that
+    batch's logits freed, and with keep_freed_memory glibc's heap then grew by a batch's logits every batch
+    (12 GB in configs/shakespeare.py's final evaluation: docs/results.md)."""
+    return torch.zeros((*shape, 2), device=device)  # counts below 2**24 per piece: exact in float32
 
 
-def on_host(pairs) -> list:
-    """[(loss, count)] of (loss, count) tensors on the device, as Python floats and ints, in one transfer. The
-    sums over them are made on the host in float64: MPS has no float64, and a float32 sum of many batches would
-    round the losses the tests compare by hand."""
-    if not pairs:
-        return []
-    values = torch.stack([torch.stack([loss.float(), count.float()]) for loss, count in pairs]).tolist()
-    return [(loss, int(count)) for loss, count in values]  # counts below 2**24 per piece: exact in float32
+def loss_and_tokens(model, batches, split, picks, ctx) -> torch.Tensor:
+    """(mean loss, tokens scored) of the sequences picks, on the device."""
+    x, y = batches.batch(split, picks)
+    with ctx:
+        loss = model(x, y)[1]
+    return torch.stack([loss.float(), (y != -1).sum().float()])
 
 
 @torch.inference_mode()  # no_grad, and no version counters to bump either: faster on a CPU
@@ -68,14 +67,13 @@ def full_split_loss(model, batches, split, batch_size, ctx, dist=Dist()):
     or non-overlapping windows of text (the last partial window is left out)."""
     model.eval()
     picks = batches.full_split_picks(split)
-    pairs = []
-    for start in range(dist.rank * batch_size, len(picks), batch_size * dist.world_size):
-        x, y = batches.batch(split, picks[start:start + batch_size])
-        with ctx:
-            pairs.append((model(x, y)[1], (y != -1).sum()))
+    starts = range(dist.rank * batch_size, len(picks), batch_size * dist.world_size)
+    sums = score_table((len(starts),), batches.device)
+    for i, start in enumerate(starts):
+        sums[i] = loss_and_tokens(model, batches, split, picks[start:start + batch_size], ctx)
     loss_sum, scored = 0.0, 0
-    for loss, n in on_host(pairs):
-        loss_sum, scored = loss_sum + loss * n, scored + n
+    for loss, n in sums.tolist():
+        loss_sum, scored = loss_sum + loss * n, scored + int(n)
     loss_sum, scored = sum_floats_over_ranks([loss_sum, scored], dist)
     return loss_sum / scored, int(scored)
 
