@@ -192,7 +192,9 @@ def test_evaluations_do_not_shift_the_training_batches(tmp_path, data_dir):
     assert runs[3] == runs[1000]
 
 
-@pytest.mark.parametrize("accumulation", [4, 1])  # split by micro-steps (4 / 2), or by sequences (8 / 2)
+# split by sequences (8 / 2), or by micro-steps (4 / 2: slow, as DDP's micro-steps are run in the default suite by
+# test_devices.py's gradient-storage test, and splitting them is checked by the share tests below)
+@pytest.mark.parametrize("accumulation", [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, data_dir, accumulation):
     args = ["--max_iters=12", "--lr_decay_iters=12", f"--gradient_accumulation_steps={accumulation}", "--eval_interval=6"]
     one = tmp_path / "one"
