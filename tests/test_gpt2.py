@@ -5,6 +5,7 @@ with it, saved with save_pretrained, and this repo's model must compute what tra
 from the same folder. Nothing here touches the network.
 """
 import json
+import subprocess
 from contextlib import nullcontext
 
 import pytest
@@ -15,7 +16,7 @@ from transformers import GPT2LMHeadModel
 from tinygpt.checkpoint import check_vocabulary, load_checkpoint, model_from_checkpoint, save_checkpoint
 from tinygpt.common import CheckpointError
 from conftest import (TINY, assert_one_line_error, records, run_script, run_train, tiny_args, tiny_hf_gpt2, tiny_model,
-                      tiny_text, train_losses)
+                      tiny_text, train_here, train_losses, train_refusing)
 from tinygpt.data import Batches, load_meta
 from tinygpt.evaluation import estimate_loss
 from tinygpt.gpt2 import export_hf, load_weights, weights_to_fine_tune
@@ -116,10 +117,13 @@ def edit_config(folder, **changes):
     (folder / "config.json").write_text(json.dumps({**config, **changes}))
 
 
-def test_a_missing_path_is_a_one_line_error_that_lists_what_init_from_takes(tmp_path, data_dir):
-    result = run_script("sample.py", [f"--init_from={tmp_path / 'nowhere'}"], check=False)
+def test_a_missing_path_is_a_one_line_error_that_lists_what_init_from_takes(tmp_path, data_dir, capsys):
+    import sample
+    args = [f"--init_from={tmp_path / 'nowhere'}"]
+    code = sample.main(args)
+    result = subprocess.CompletedProcess(args, code, *capsys.readouterr())
     assert_one_line_error(result, "no such file or folder", "gpt2-xl", "a Hugging Face GPT-2 folder", "a .pt")
-    result = run_train(tiny_args(data_dir, tmp_path / "out", f"--init_from={tmp_path / 'nowhere'}"), check=False)
+    result = train_refusing(tiny_args(data_dir, tmp_path / "out", *args), capsys, tmp_path)
     assert_one_line_error(result, "no such file or folder (train that run first?)", "gpt2-xl")
 
 
@@ -161,11 +165,13 @@ def test_gpt2_weights_survive_import_then_export_unchanged(tmp_path):
         export_hf(weights, tmp_path / "out")  # never over another model
 
 
-def test_export_refuses_what_gpt2_does_not_have_in_one_line(tmp_path):
+def test_export_refuses_what_gpt2_does_not_have_in_one_line(tmp_path, capsys):
+    import tools.export
     model = tiny_model(pos="rope", mlp="relu2", qk_norm=True, tie_weights=False)
     save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_args": vars(model.config),
                                            "config": {}, "step": 0, "meta": {}})
-    result = run_script("tools/export.py", [f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}"], check=False)
+    args = [f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}"]  # the command runs as a process in the test above
+    result = subprocess.CompletedProcess(args, tools.export.main(args), *capsys.readouterr())
     assert_one_line_error(result, "cannot be exported as GPT-2", "pos='rope'", "mlp='relu2'", "qk_norm=True",
                           "tie_weights=False")
     assert not (tmp_path / "hf").exists()
@@ -182,16 +188,17 @@ def bpe_data(tmp_path_factory):
     return root
 
 
-def test_fine_tuning_a_hugging_face_folder_starts_from_its_weights_in_its_shape(tmp_path, bpe_data):
+def test_fine_tuning_a_hugging_face_folder_starts_from_its_weights_in_its_shape(tmp_path, bpe_data, capsys):
     """The model takes the weights' shape, not the command line's, with block_size cropped to the one
     asked for and the run's dropout; its first evaluation is the loaded model's, and the loss falls."""
     tiny_hf_gpt2(tmp_path / "hf", vocab_size=GPT2_VOCAB, n_positions=64, n_layer=3, n_embd=48)
     out = tmp_path / "out"
     args = [*TINY, f"--data_dir={bpe_data}", "--dataset=tinybpe", f"--out_dir={out}", f"--init_from={tmp_path / 'hf'}",
             "--dropout=0.1", "--max_iters=12"]  # TINY asks for 2 layers of 32, block 16
-    result = run_train(args, cwd=tmp_path)
-    assert f"fine-tuning {tmp_path / 'hf'}: its weights and shape (block_size 16)" in result.stdout
-    assert "n_layer = 3" in result.stdout and "n_embd = 48" in result.stdout  # the effective config
+    train_here(args, cwd=tmp_path)
+    printed = capsys.readouterr().out
+    assert f"fine-tuning {tmp_path / 'hf'}: its weights and shape (block_size 16)" in printed
+    assert "n_layer = 3" in printed and "n_embd = 48" in printed  # the effective config
     shape = load_checkpoint(out / "ckpt.pt")["model_args"]
     assert {k: shape[k] for k in ("n_layer", "n_embd", "block_size", "vocab_size", "bias", "mlp", "dropout")} \
         == {"n_layer": 3, "n_embd": 48, "block_size": 16, "vocab_size": GPT2_VOCAB, "bias": True, "mlp": "gelu_tanh",
@@ -220,7 +227,8 @@ def pretrained_char_checkpoint(folder, meta, seed, **model_args):
     return model
 
 
-def test_fine_tuning_a_checkpoint_loads_its_weights_with_a_fresh_optimizer_and_a_rerun_resumes(tmp_path, data_dir):
+def test_fine_tuning_a_checkpoint_loads_its_weights_with_a_fresh_optimizer_and_a_rerun_resumes(tmp_path, data_dir,
+                                                                                                 capsys):
     """From an out_dir of this repo (its best.pt): the weights, step 0 and a fresh AdamW. A rerun of the
     same command into the same out_dir resumes that out_dir's own checkpoint, never the weights again."""
     meta = json.loads((data_dir / "tiny" / "meta.json").read_text())
@@ -228,8 +236,8 @@ def test_fine_tuning_a_checkpoint_loads_its_weights_with_a_fresh_optimizer_and_a
     out = tmp_path / "out"
     command = tiny_args(data_dir, out, f"--init_from={tmp_path / 'pretrained'}", "--learning_rate=1e-9",
                         "--decay_lr=False")
-    first = run_train([*command, "--max_iters=2"], cwd=tmp_path)
-    assert "fine-tuning" in first.stdout
+    train_here([*command, "--max_iters=2"], cwd=tmp_path)  # the rerun below is a process
+    assert "fine-tuning" in capsys.readouterr().out
     saved = load_checkpoint(out / "ckpt.pt")
     assert saved["step"] == 2 and saved["model_args"]["n_layer"] == 3  # not the pretrained run's 500 steps
     assert {s["step"].item() for s in saved["optimizer"]["state"].values()} == {2.0}  # a fresh AdamW
@@ -241,12 +249,12 @@ def test_fine_tuning_a_checkpoint_loads_its_weights_with_a_fresh_optimizer_and_a
     assert load_checkpoint(out / "ckpt.pt")["step"] == 4
 
 
-def test_fine_tuning_refuses_weights_whose_vocabulary_or_positions_cannot_fit(tmp_path, data_dir, bpe_data):
+def test_fine_tuning_refuses_weights_whose_vocabulary_or_positions_cannot_fit(tmp_path, data_dir, bpe_data, capsys):
     tiny_meta = json.loads((data_dir / "tiny" / "meta.json").read_text())
     reverse_meta = json.loads((data_dir / "reverse" / "meta.json").read_text())
     pretrained_char_checkpoint(tmp_path / "chars", tiny_meta, seed=1)
-    result = run_train(tiny_args(data_dir, tmp_path / "out", f"--init_from={tmp_path / 'chars' / 'best.pt'}",
-                                 "--dataset=reverse"), cwd=tmp_path, check=False)
+    result = train_refusing(tiny_args(data_dir, tmp_path / "out", f"--init_from={tmp_path / 'chars' / 'best.pt'}",
+                                      "--dataset=reverse"), capsys, tmp_path)
     assert_one_line_error(result, "best.pt was trained on another character vocabulary")
     assert not (tmp_path / "out" / "ckpt.pt").exists()
 
