@@ -1,5 +1,6 @@
-"""sample.py end to end: a tiny model is trained once by train.py, then sampled by real processes where the
+"""sample.py end to end: a tiny model is trained once by train.py's main(), then sampled by real processes where the
 process matters (stdin, streaming, files) and through sample.py's main() where only the text does."""
+import io
 import random
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import torch
 
 from dataclasses import asdict
 
-from conftest import ENV, REPO, greedy_by_hand, tiny_model
+from conftest import ENV, REPO, greedy_by_hand, tiny_model, train_here
 from sample import TextStream
 from sample import main as sample_main
 from tinygpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -35,10 +36,10 @@ def trained(tmp_path_factory):
     source.write_text(qa_text())
     prepare("qa", source=str(source), data_dir=str(root / "data"))
     out_dir = root / "out"
-    run([REPO / "train.py", "--dataset=qa", f"--data_dir={root / 'data'}", f"--out_dir={out_dir}",
-         "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=16",
-         "--max_iters=150", "--eval_interval=150", "--eval_iters=2", "--learning_rate=3e-3",
-         "--warmup_iters=10", "--lr_decay_iters=150", "--device=cpu", "--dtype=float32"], check=True)
+    train_here(["--dataset=qa", f"--data_dir={root / 'data'}", f"--out_dir={out_dir}",
+                "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=16",
+                "--max_iters=150", "--eval_interval=150", "--eval_iters=2", "--learning_rate=3e-3",
+                "--warmup_iters=10", "--lr_decay_iters=150", "--device=cpu", "--dtype=float32", "--plot=False"], root)
     vocab = set(tokenizer_from_meta(load_checkpoint(out_dir / "ckpt.pt")["meta"]).vocab)
     return out_dir, vocab
 
@@ -250,7 +251,7 @@ def test_chat_history_keeps_whole_recent_turns_that_fit():
         assert text == "".join(framed[len(framed) - kept:]) + "Q: last?\nA:"
 
 
-def test_chat_answers_with_the_conversation_so_far_in_the_context(tmp_path):
+def test_chat_answers_with_the_conversation_so_far_in_the_context(tmp_path, sampled, monkeypatch):
     vocab = sorted(set(qa_text()))
     model = tiny_model(vocab_size=len(vocab), block_size=128, n_embd=32)
     with torch.no_grad():  # a random model whose next token depends strongly on the context
@@ -260,11 +261,9 @@ def test_chat_answers_with_the_conversation_so_far_in_the_context(tmp_path):
                                            "config": {}, "step": 0, "meta": {"tokenizer": "char", "vocab": vocab}})
     questions = ["what is 2?", "what is 7?"]  # short: both turns fit in half the 128-token window
 
-    def chat(*options, asked=questions):
-        result = sample(tmp_path, "--chat", "--temperature=0", "--max_new_tokens=10", *options,
-                        stdin="\n".join(asked) + "\n")
-        assert result.returncode == 0, result.stderr
-        return result.stdout.splitlines()
+    def chat(*options, asked=questions):  # in this process: the pipe's own test runs the command
+        monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(asked) + "\n"))
+        return sampled(tmp_path, "--chat", "--temperature=0", "--max_new_tokens=10", *options).out.splitlines()
 
     with_history, without, alone = chat(), chat("--history=False"), chat(asked=questions[1:])
     assert without[1] == alone[0]  # no history: the second answer is the one the question gets alone
