@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA, run_train
+from conftest import REPO, SHARED_DATA, train_here
 from model import GPT, GPTConfig
 from tinygpt.optim import make_optimizers
 from tinygpt.datasets import prepare
@@ -48,15 +48,16 @@ def test_answer_loss_is_low_for_a_model_that_learned_the_answers_and_high_otherw
 
 
 @pytest.mark.skipif(not TINYTALKS.is_dir(), reason="needs ../shared/data/tinytalks")
-def test_tinytalks_run_reports_held_out_answers_next_to_references(tmp_path):
+def test_tinytalks_run_reports_held_out_answers_next_to_references(tmp_path, capsys):
     prepare("tinytalks", source=str(TINYTALKS), data_dir=str(tmp_path / "data"))
-    result = run_train([REPO / "configs" / "tinytalks.py", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
-                        "--max_iters=20", "--eval_interval=20", "--eval_iters=2", "--n_layer=1", "--n_embd=32",
-                        "--block_size=64", "--device=cpu", "--dtype=float32"])  # one thread, as every run here
-    assert "(bar 1.5): FAIL" in result.stdout  # 20 steps cannot reach the bar
-    assert "held-out test answers: loss" in result.stdout
+    train_here([REPO / "configs" / "tinytalks.py", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
+                "--max_iters=20", "--eval_interval=20", "--eval_iters=2", "--n_layer=1", "--n_embd=32",
+                "--block_size=64", "--device=cpu", "--dtype=float32", "--plot=False"], tmp_path)
+    printed = capsys.readouterr().out
+    assert "(bar 1.5): FAIL" in printed  # 20 steps cannot reach the bar
+    assert "held-out test answers: loss" in printed
     first_question, first_answer = qa_pairs((tmp_path / "data" / "tinytalks" / "test.txt").read_text())[0]
-    assert f"Q: {first_question}" in result.stdout and f"reference: {first_answer}" in result.stdout
+    assert f"Q: {first_question}" in printed and f"reference: {first_answer}" in printed
 
 
 def test_answer_loss_is_the_mean_over_the_answer_tokens_given_the_question():
