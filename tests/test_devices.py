@@ -209,6 +209,15 @@ def test_fp16_overflow_in_one_optimizer_clips_the_other_by_its_own_norm():
     assert not muon.state  # skipped: it overflowed
 
 
+@pytest.mark.parametrize("caps, fused", [(capabilities("cpu"), True), (T4, True), (H100, True), (MPS, False)],
+                         ids=["this-cpu", "t4", "h100", "mps"])
+def test_adamw_is_fused_where_the_device_has_the_kernel(caps, fused):
+    # On a CPU torch's default is its loop over the tensors: 4x the fused kernel's time (docs/results.md).
+    with pretending(caps):
+        [adamw] = make_optimizers(tiny_model(n_layer=1), 0.1, 1e-2, (0.9, 0.99), "cpu")
+    assert adamw.defaults["fused"] is fused
+
+
 def test_checkpoint_size_is_estimated_before_the_run_and_a_disk_too_small_is_one_line(tmp_path, data_dir):
     out = tmp_path / "out"
     train_here(tiny_args(data_dir, out, "--n_embd=64", "--max_iters=1"), tmp_path)
