@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import requests
 
 from tinygpt.common import DataError, atomic_write
 from tinygpt.corpus import CORPORA, SHARD_TOKENS, prepare_corpus
@@ -117,6 +116,7 @@ def fetch_once(url, dest, sha256):
 
 def stream_into(f, url):
     """(sha256, size) of the body written to f. Network trouble, 5xx and short bodies are retryable."""
+    import requests  # here, not at the top: only a download needs it, and every train.py and sample.py would import it
     digest, size = hashlib.sha256(), 0
     try:
         # identity encoding, so Content-Length counts the bytes we receive and exposes a truncated body
@@ -139,6 +139,7 @@ def stream_into(f, url):
 
 def short_reason(err) -> str:
     """'ConnectionError: [Errno 111] Connection refused' instead of requests' paragraph."""
+    import requests
     if isinstance(err, requests.exceptions.ChunkedEncodingError):  # urllib3 saw fewer bytes than promised
         return "truncated: the connection closed before the whole file arrived"
     errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(err))
