@@ -249,6 +249,22 @@ def test_fine_tuning_a_checkpoint_loads_its_weights_with_a_fresh_optimizer_and_a
     assert load_checkpoint(out / "ckpt.pt")["step"] == 4
 
 
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_weights_without_learned_positions_fine_tune_on_a_longer_window(tmp_path, data_dir, pos):
+    """TinyBot pretrains on 128-byte windows and fine-tunes on 256: weights whose positions are computed (rope,
+    alibi) take the run's block_size, and on the first positions the model is the one that was saved."""
+    meta = json.loads((data_dir / "tiny" / "meta.json").read_text())
+    source = pretrained_char_checkpoint(tmp_path / "short", meta, seed=3, block_size=16, pos=pos)
+    cfg = parse_options(TrainConfig, [f"--init_from={tmp_path / 'short'}", "--block_size=32", "--dropout=0.0"])
+    cfg, model_args, state = weights_to_fine_tune(cfg, meta)
+    assert cfg.block_size == model_args["block_size"] == 32
+    longer = GPT(GPTConfig(**model_args)).eval()
+    longer.load_state_dict(state)
+    x = ids(meta["vocab_size"], shape=(2, 32))
+    torch.testing.assert_close(our_logits(longer, x[:, :16]), our_logits(source, x[:, :16]))
+    assert our_logits(longer, x).shape[1] == 32  # the whole longer window runs
+
+
 def test_fine_tuning_refuses_weights_whose_vocabulary_or_positions_cannot_fit(tmp_path, data_dir, bpe_data, capsys):
     tiny_meta = json.loads((data_dir / "tiny" / "meta.json").read_text())
     reverse_meta = json.loads((data_dir / "reverse" / "meta.json").read_text())

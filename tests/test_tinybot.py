@@ -127,3 +127,19 @@ def test_repeats_count_answers_equal_to_the_one_just_before():
     chats = [["Hi!", "Hi!", "Blue.", "Hi!", "Hi!"], ["A.", "B.", "C.", "D.", "E."]]
     assert repeated_share(chats) == pytest.approx(2 / 8)  # two of the eight follow-ups repeat; 'Hi!' after 'Blue.' does not
     assert repeated_share([["only one"]]) == 0.0
+
+
+@needs_tinytalks
+def test_the_chat_report_judges_the_taught_level_1_2_share_against_exact_match_bar(chat_data, capsys):
+    """The fine-tune's bar is what the recipe is for (docs/tinybot.md): an untrained model fails it in one
+    verdict line; without a bar no verdict is printed."""
+    from contextlib import nullcontext
+    from tinygpt.evaluation import final_report
+    batches = Batches(chat_data, load_meta(chat_data), 64, "cpu")
+    model = tiny_model(vocab_size=256, block_size=64)
+    records = final_report(model, batches, nullcontext(), 16, exact_match_bar=0.8)
+    verdicts = [line for line in capsys.readouterr().out.splitlines() if "(bar 80%)" in line]
+    assert records[-1]["exact_match_train_l1_l2"] < 0.8
+    assert len(verdicts) == 1 and verdicts[0].startswith("train questions, exact match") and verdicts[0].endswith("FAIL")
+    final_report(model, batches, nullcontext(), 16)
+    assert "(bar" not in capsys.readouterr().out

@@ -230,11 +230,12 @@ def percent(share) -> str:
     return f"{100 * share:5.1f}%"
 
 
-def qa_report(model, batches, ctx) -> dict:
+def qa_report(model, batches, ctx, exact_match_bar=0.0) -> dict:
     """Score the model as a chat model, overall and per level, printing every test answer beside its reference:
-    exact match of the greedy answers to the train questions (what it was taught); for the held-out test
-    questions real words, overlap with the reference and naming the question's topic; and in 5-turn chats of
-    test questions, the share of answers that repeat the previous one."""
+    exact match of the greedy answers to the train questions (what it was taught; levels 1-2 judged PASS/FAIL
+    against exact_match_bar when given); for the held-out test questions real words, overlap with the reference
+    and naming the question's topic; and in 5-turn chats of test questions, the share of answers that repeat
+    the previous one."""
     tokenizer = tokenizer_from_meta(batches.meta)
     train_text = tokenizer.decode(batches.tokens("train"))
     taught = qa_pairs(train_text)
@@ -263,7 +264,8 @@ def qa_report(model, batches, ctx) -> dict:
     easy = [m for m, level in zip(matches, taught_levels) if level.startswith(("L1", "L2"))]
     scores["exact_match_train_l1_l2"] = sum(easy) / max(1, len(easy))
     print0(f"train questions, exact match of the greedy answer: {percent(scores['exact_match_train'])} of "
-           f"{len(matches)}; levels 1-2 (L1 and L2/L4 rules): {percent(scores['exact_match_train_l1_l2'])} of {len(easy)}")
+           f"{len(matches)}; levels 1-2 (L1 and L2/L4 rules): {percent(scores['exact_match_train_l1_l2'])} of {len(easy)}"
+           f"{verdict_text(100 * scores['exact_match_train_l1_l2'], 100 * exact_match_bar, True, '%')}")
     print0(f"5-turn chats of test questions: {percent(scores['repeated_in_chat'])} of the answers repeat the "
            f"previous one ({len(chats)} chats)")
     for (question, reference), answer, level in zip(pairs, answers, levels):
@@ -292,5 +294,5 @@ def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_
         print0(f"test exact match: {100 * accuracy:.1f}%{verdict_text(100 * accuracy, 100 * exact_match_bar, True, '%')}")
         records.append({"kind": "test", "exact_match": accuracy})
     if batches.meta.get("qa") and batches.meta.get("test_file") and dist.is_master:
-        records.append(qa_report(model, batches, ctx))
+        records.append(qa_report(model, batches, ctx, exact_match_bar))
     return records

@@ -126,7 +126,9 @@ def load_weights(source) -> dict:
 def weights_to_fine_tune(cfg, meta, resume_from=None) -> tuple:
     """(cfg, model_args, state_dict) of a run that fine-tunes the weights cfg.init_from names on the data
     set of meta. The model's shape is the weights' (they replace cfg's model fields), with cfg's dropout (and attn_dropout),
-    and block_size cropped to cfg's if it asks for less (as nanoGPT's crop_block_size). A run that resumes
+    and block_size cropped to cfg's if it asks for less (as nanoGPT's crop_block_size); weights without learned
+    positions (rope, alibi, sinusoidal: tables computed for any length) take cfg's block_size, longer or not, so a
+    model pretrained on short windows fine-tunes on long ones. A run that resumes
     its own checkpoint (a rerun of the same command) takes the shape from it and no tensors (None): they
     come with the resume. A one-line CheckpointError when the weights' vocabulary cannot read this data
     set, or their positions cannot hold one of its examples."""
@@ -135,14 +137,16 @@ def weights_to_fine_tune(cfg, meta, resume_from=None) -> tuple:
         model_args, state = {**weights["model_args"], "dropout": cfg.dropout, "attn_dropout": cfg.attn_dropout}, None
     else:
         weights = load_weights(cfg.init_from)
-        block_size = min(cfg.block_size, weights["model_args"]["block_size"])
+        state = clean_state_dict(weights["model"])
+        learned = "wpe.weight" in state
+        block_size = min(cfg.block_size, weights["model_args"]["block_size"]) if learned else cfg.block_size
         model_args = {**weights["model_args"], "block_size": block_size, "dropout": cfg.dropout,
                       "attn_dropout": cfg.attn_dropout}  # the run's dropout, not the weights'
-        state = clean_state_dict(weights["model"])
-        if "wpe.weight" in state:
+        if learned:
             state["wpe.weight"] = state["wpe.weight"][:block_size]  # the first positions, as trained
         check_shapes(state, model_args, cfg.init_from)
-    where, positions = resume_from or cfg.init_from, weights["model_args"]["block_size"]
+    where = resume_from or cfg.init_from
+    positions = weights["model_args"]["block_size"] if state is None or learned else block_size
     check_vocabulary(weights.get("meta") or {}, model_args["vocab_size"], meta, where)
     if meta.get("task") and positions < meta["example_len"] - 1:
         raise CheckpointError(f"{where} holds {positions} positions, fewer than the {meta['example_len'] - 1} tokens "
