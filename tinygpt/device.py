@@ -69,7 +69,7 @@ class Capabilities:
     bf16: bool     # bf16 in hardware; emulated bf16 (T4, V100) is slow and has no flash kernels
     fp16: bool     # fp16 tensor cores: fp16 + GradScaler pays where bf16 is missing
     compile: bool  # torch.compile pays, and its kernels exist (Triton: CUDA compute capability 7.0)
-    fused_adamw: bool  # torch has a fused AdamW kernel there (CUDA, CPU; on a CPU 4x its loop: docs/results.md)
+    fused_adamw: bool  # torch has a fused AdamW kernel there (CUDA, CPU: faster than its loop, docs/results.md)
 
 
 def capabilities(device) -> Capabilities:

@@ -49,7 +49,7 @@ def score_table(shape, device):
     transfer and summed on the host in float64 (MPS has no float64; a float32 sum of many batches would round the
     losses the tests compare by hand). In place: a tensor kept per batch would be carved out of the memory that
     batch's logits freed, and with keep_freed_memory glibc's heap then grew by a batch's logits every batch
-    (12 GB in configs/shakespeare.py's final evaluation: docs/results.md)."""
+    (docs/results.md measures it on configs/shakespeare.py's final evaluation)."""
     return torch.zeros((*shape, 2), device=device)  # counts below 2**24 per piece: exact in float32
 
 
