@@ -4,8 +4,9 @@ possible on a 2-core CPU, against nanoGPT's CPU recipe (1.898 on the full split;
 Same 4-layer, 128-wide shape and block 64 as that recipe; what changes (each lever's effect is
 measured in docs/results.md): Muon for the matrices inside the blocks, rotary positions, ReLU^2 MLP,
 QK-norm, zero-initialised output projections, an untied head, bf16 autocast where the CPU has bf16
-hardware, with the attention in fp32 (the CPU's bf16 attention backward is slower), a short linear schedule to zero with no warmup at a high AdamW lr, batch 16, no
-evaluation until the one full-split evaluation at the end, and no interpreter teardown after it.
+hardware, with the attention in fp32 (the CPU's bf16 attention backward is slower), a short linear
+schedule to zero with no warmup at a high AdamW lr, batch 16, no evaluation until the one full-split
+evaluation at the end, and no interpreter teardown after it.
 
     python train.py configs/speedrun_cpu.py
 """
