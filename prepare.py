@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from tinygpt.common import DataError
 from tinygpt.datasets import DATASETS, prepare
-from tinygpt.options import must, run_cli
+from tinygpt.common import must, run_cli
 from tinygpt.tokenizer import TOKENIZERS
 
 

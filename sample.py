@@ -12,11 +12,10 @@ from pathlib import Path
 import torch
 
 from model import SINK_POSITIONS
-from tinygpt.checkpoint import load_for_inference, ready_for_inference
+from tinygpt.checkpoint import load_for_inference, load_weights, ready_for_inference
 from tinygpt.common import CheckpointError, DataError
 from tinygpt.device import DTYPES
-from tinygpt.gpt2 import load_weights
-from tinygpt.options import must, run_cli
+from tinygpt.common import must, run_cli
 from tinygpt.tokenizer import answer_room, chat_prompt_ids, qa_prompt
 
 

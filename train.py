@@ -1,65 +1,61 @@
 """Train a GPT from a config file, on one device or many.
 
-    python train.py configs/speedrun_cpu.py                          # a CPU run that beats nanoGPT's
-    python train.py configs/shakespeare_char.py --max_iters=2000     # a config file, then overrides
+    python train.py configs/speedrun_cpu.py                        # a CPU run that beats nanoGPT's
+    python train.py configs/shakespeare_char.py --max_iters=2000   # a config file, then overrides
     torchrun --standalone --nproc_per_node=8 train.py configs/shakespeare_char.py
-    python train.py configs/finetune_shakespeare.py                  # fine-tune GPT-2 (--init_from=gpt2-xl)
+    python train.py configs/finetune_shakespeare.py                # fine-tune GPT-2 XL
 
-A run resumes out_dir/ckpt.pt when there is one (a rerun or a torchrun restart continues, it never
-starts over on top of a trained model). Reads top to bottom: the options, the learning-rate
-schedule, the log and the stop signal, the model's set-up, then train(): set-up, the loop, the
-final evaluation.
+A run resumes out_dir/ckpt.pt when there is one: a rerun or a torchrun restart continues, and
+never starts over on top of a trained model. The file reads top to bottom: the options, the
+learning-rate schedule and the optimizers, the log, the set-up, the training loop, and the final
+evaluation.
 """
 import json
 import math
 import os
 import shlex
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from model import GPT, GPTConfig
-from tinygpt.checkpoint import (check_free_space, check_resumable, check_visible, checkpoint_bytes, checkpoint_to_resume,
-                                kept_message, load_checkpoint, load_weights_from_master, restore_rng_states,
-                                save_training_state, training_state)
-from tinygpt.common import EVERY_PROCESS_ERRORS, ConfigError, NonFiniteLossError
-from tinygpt.data import (TRAIN_STREAM, Batches, batch_rng, load_meta, picks_of_rank, prepare_if_missing,
-                          split_global_batch)
-from tinygpt.device import (DTYPES, any_rank, autocast_context, broadcast_from_master, collectively,
-                            compile_by_default, data_parallel, device_type, exit_process, grad_scaler, model_dtype,
-                            peak_flops, print0, set_up_device, sum_over_ranks, torchrun_group, torchrun_rank)
-from tinygpt.evaluation import estimate_loss, final_report
-from tinygpt.gpt2 import GPT2_NAMES, weights_to_fine_tune
-from tinygpt.optim import clip_and_step, load_optimizer_state, make_optimizers
-from tinygpt.options import as_config_file, help_text, must, parse_options, wants_help
-from tinygpt.plot import draw_in_background
+from tinygpt.checkpoint import (check_free_space, check_init_from, check_resumable,
+                                check_visible, checkpoint_bytes, checkpoint_to_resume, kept_message,
+                                load_checkpoint, load_weights_from_master, restore_training_state,
+                                save_in_out_dir, training_checkpoint, weights_to_fine_tune)
+from tinygpt.common import (EVERY_PROCESS_ERRORS, ConfigError, NonFiniteLossError, as_config_file,
+                            help_text, must, parse_options, wants_help)
+from tinygpt.data import (TRAIN_STREAM, Batches, batch_rng, estimate_loss, final_report,
+                          load_meta, picks_of_rank, split_global_batch)
+from tinygpt.device import (DTYPES, StopSignal, autocast_context, capabilities, data_parallel,
+                            exit_process, grad_scaler, model_dtype, peak_flops, print0,
+                            set_up_device, torchrun_group, torchrun_rank)
 
 
 @dataclass
 class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTConfig
-    vocab_size: int = 0                 # taken from the data set's meta.json; leave at 0
+    vocab_size: int = 0                 # taken from the data set's meta.json; leave it at 0
     # I/O
-    out_dir: str = "out"                # ckpt.pt (newest state), best.pt (best val), log.jsonl, config.json
-    init_from: str = "auto"             # resume out_dir/ckpt.pt: 'auto' if any, 'resume' must, 'scratch' never; else weights to fine-tune
-    eval_interval: int = 250            # steps between evaluations; each one saves ckpt.pt (and best.pt if val improved)
+    out_dir: str = "out"                # ckpt.pt (newest), best.pt (best val), log.jsonl
+    init_from: str = "auto"             # auto: resume if any; resume; scratch; or weights to tune
+    eval_interval: int = 250            # steps between evaluations; each one saves ckpt.pt
     eval_iters: int = 200               # batches per split in each evaluation
-    log_interval: int = 10              # steps between log lines (the only host syncs of the loop)
+    log_interval: int = 10              # steps between log lines (the loop's only host syncs)
     # logging
-    wandb_log: bool = False             # log to wandb too (WANDB_MODE=offline works without a network)
+    wandb_log: bool = False             # log to wandb too (WANDB_MODE=offline needs no network)
     wandb_project: str = "gpt"
     wandb_run_name: str = "run"
-    plot: bool = True                   # at the end, draw out_dir/curves.png in a detached low-priority process
+    plot: bool = True                   # at the end, draw out_dir/curves.png in the background
     # data
     dataset: str = "shakespeare_char"   # data/<dataset>, built by prepare.py when missing
     data_dir: str = "data"
-    data_source: str = ""               # a local copy or URL for prepare.py (a text file for your own data set)
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, over all processes together
-    batch_size: int = 64                # sequences per micro-step, over all processes together
+    data_source: str = ""               # a local copy or URL for prepare.py (your own text file)
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, all processes together
+    batch_size: int = 64                # sequences per micro-step, all processes together
     # AdamW
     learning_rate: float = 1e-3         # peak learning rate
     max_iters: int = 5000               # optimizer steps in all
@@ -67,7 +63,7 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0              # clip the gradient norm to this; 0 = no clipping
-    muon_lr: float = 0.0                # > 0: Muon (torch >= 2.9) for the 2-D weights in the blocks, at this peak lr
+    muon_lr: float = 0.0                # > 0: Muon for the blocks' matrices, at this peak lr
     muon_momentum: float = 0.95
     # learning-rate schedule: linear warmup, then decay to min_lr at lr_decay_iters
     decay_lr: bool = True               # False: learning_rate throughout
@@ -77,41 +73,31 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
     min_lr: float = 1e-4
     # system
     device: str = "auto"                # 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'
-    dtype: str = "auto"                 # 'auto' (bf16 where fast, else fp16 on CUDA, else fp32), 'float32', 'bfloat16', 'float16'
-    compile: bool | None = None         # torch.compile the model; None = on for CUDA only
-    keep_freed_memory: bool = False     # glibc: reuse freed memory, no fresh pages per step (device.py)
-    fast_exit: bool = False             # end the process at once when done: no teardown of torch's modules
+    dtype: str = "auto"                 # 'auto' (the fastest safe one), or a dtype's name
+    compile: bool | None = None         # torch.compile the model; None = where it pays (CUDA)
+    keep_freed_memory: bool = False     # glibc keeps freed memory: no fresh pages every step
+    fast_exit: bool = False             # end the process at once when done, with no teardown
     seed: int = 1337
-    val_loss_bar: float = 0.0           # a published result: the final full-split val loss is judged PASS/FAIL against it
-    exact_match_bar: float = 0.0        # the exact-match share to reach: attention tasks' test, TinyTalks chat's taught L1-2
+    val_loss_bar: float = 0.0           # a published result: the final val loss is judged by it
+    exact_match_bar: float = 0.0        # the exact-match share a task or a chat model must reach
 
     def __post_init__(self):
         super().__post_init__()
-        must(self.vocab_size == 0, f"vocab_size={self.vocab_size}: it comes from the data set's meta.json; leave it out")
+        must(self.vocab_size == 0, f"vocab_size={self.vocab_size}: it comes from the data set's "
+                                   "meta.json; leave it out")
         for name, allowed in {"lr_schedule": ("cosine", "linear"), "dtype": DTYPES}.items():
-            must(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                     "block_size", "n_layer", "n_head", "n_embd"):
+            must(getattr(self, name) in allowed,
+                 f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
+                     "batch_size", "block_size", "n_layer", "n_head", "n_embd"):
             must(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
         for name in ("max_iters", "warmup_iters", "seed", "grad_clip", "muon_lr", "min_lr"):
             must(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must not be negative")
-        must(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be positive (the schedule scales from it)")
+        must(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be positive")
         must(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
         must(self.muon_lr == 0 or hasattr(torch.optim, "Muon"),
-             f"muon_lr={self.muon_lr} needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
-
-
-def check_init_from(init_from, dist):
-    """Every process checks, once the job's group is joined (collectively): a node without the weights to
-    fine-tune then stops the whole job with one line, instead of leaving its peers waiting for it."""
-    where = f" on rank {dist.rank}'s node (every node needs them)" if dist.enabled else ""
-    must(init_from in ("auto", "resume", "scratch", *GPT2_NAMES) or Path(init_from).exists(),
-         f"init_from={init_from!r}: no such file or folder{where} (train that run first?); use auto, resume, "
-         f"scratch, {', '.join(GPT2_NAMES)} or the path of weights to fine-tune")
-
-
-def model_args_of(cfg, vocab_size) -> dict:
-    return {f.name: getattr(cfg, f.name) for f in fields(GPTConfig)} | {"vocab_size": vocab_size}
+             f"muon_lr={self.muon_lr} needs torch.optim.Muon (torch >= 2.9); "
+             f"this is torch {torch.__version__}")
 
 
 def learning_rate_at(step, cfg) -> float:
@@ -128,9 +114,64 @@ def learning_rate_at(step, cfg) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def make_optimizers(model, weight_decay, learning_rate, betas, device_type, muon_lr=0.0,
+                    muon_momentum=0.95, fused=None) -> list:
+    """[AdamW], with weight decay on matrices only and fused where the device has the kernel
+    (unless fused is given); with muon_lr > 0, [AdamW, Muon]: Muon takes the blocks' matrices,
+    AdamW the embeddings, the head and the gains. Each group keeps its peak lr for the schedule."""
+    named = dict(model.named_parameters())  # tied weights appear once
+    hidden = [p for n, p in named.items() if muon_lr and n.startswith("blocks.") and p.dim() == 2]
+    rest = [p for p in named.values() if all(p is not h for h in hidden)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    if fused is None:
+        fused = capabilities(device_type).fused_adamw
+    optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+    if hidden:
+        from tinygpt.optim import BatchedMuon  # only Muon runs need it
+        optimizers.append(BatchedMuon(hidden, lr=muon_lr, momentum=muon_momentum,
+                                      weight_decay=0.0, adjust_lr_fn="original"))
+    for group in (g for optimizer in optimizers for g in optimizer.param_groups):
+        group["peak_lr"] = group["lr"]
+    return optimizers
+
+
+def clip_and_step(optimizers, scaler, parameters, grad_clip, keep_grads=False):
+    """One step of every optimizer on the accumulated gradients: unscaled (fp16), clipped to
+    grad_clip (0: not clipped), stepped, then zeroed. Under DDP (keep_grads) they are zeroed in
+    place: they are views of DDP's buckets, and fresh ones would be a second copy. GradScaler skips
+    an optimizer whose own gradients overflowed, so the clip uses the norm of the gradients that
+    do step: an inf in the norm would zero them, and a nan would poison them."""
+    if grad_clip:
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        parameters = [p for p in parameters if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip, finite_norm(optimizers, scaler))
+    for optimizer in optimizers:
+        scaler.step(optimizer)
+    scaler.update()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=not keep_grads)
+
+
+def finite_norm(optimizers, scaler):
+    """The gradient norm to clip with: of every gradient, or under fp16 of the optimizers whose
+    gradients are finite. A non-finite norm counts as 0, so the clip factor clamps to 1 (a nan
+    loss stops the run at its next log step)."""
+    if scaler.is_enabled():  # fp16: one optimizer's gradients may be inf or nan, the other's not
+        norms = torch.stack([torch.nn.utils.get_total_norm(grads_of(o)) for o in optimizers])
+        return torch.linalg.vector_norm(torch.where(norms.isfinite(), norms, 0.0))
+    norm = torch.nn.utils.get_total_norm([g for o in optimizers for g in grads_of(o)])
+    return torch.where(norm.isfinite(), norm, 0.0)
+
+
+def grads_of(optimizer) -> list:
+    return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+
 class RunLog:
-    """Log lines to stdout, one JSON record per line to out_dir/log.jsonl, and to wandb if asked; when
-    closed, the picture of the curves (tinygpt/plot.py)."""
+    """Log lines to stdout, one JSON record a line to out_dir/log.jsonl, and to wandb if asked.
+    When closed it starts the drawing of out_dir/curves.png in the background."""
 
     def __init__(self, cfg, enabled):
         self.enabled, self.plot = enabled, cfg.plot
@@ -139,11 +180,12 @@ class RunLog:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        (self.path.parent / "config.json").write_text(json.dumps(asdict(cfg), indent=1))  # this run's options
+        (self.path.parent / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
         if cfg.wandb_log:
             import wandb  # imported only when asked for: it is slow to import
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg),
-                                    dir=os.environ.get("WANDB_DIR", cfg.out_dir))
+            folder = os.environ.get("WANDB_DIR", cfg.out_dir)
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
+                                    config=asdict(cfg), dir=folder)
 
     def write(self, line, record):
         if not self.enabled:
@@ -153,221 +195,289 @@ class RunLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k not in ("kind", "step")}, step=record["step"])
+            values = {k: v for k, v in record.items() if k not in ("kind", "step")}
+            self.wandb.log(values, step=record["step"])
 
     def close(self):
         if self.wandb is not None:
             self.wandb.finish()
         if self.enabled and self.plot:
+            from tinygpt.plot import draw_in_background  # the picture is drawn after the run
             draw_in_background(self.path.parent)
 
 
-class StopSignal:
-    """SIGINT/SIGTERM set a flag instead of killing the process, so the loop can finish its step and save."""
+# ------------------------------------------------------------------------------------ set-up
 
-    def __init__(self, announce=True):
-        self.requested, self.previous, self.announce = False, {}, announce
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.announce and not self.requested:  # torchrun relays a Ctrl-C to every rank, more than once
-            print(f"{signal.Signals(signum).name} received: finishing this step, then saving", flush=True)
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+def prepared_data(cfg, dist) -> Path:
+    """data_dir/dataset, built first (as `python prepare.py` would) where its meta.json is
+    missing: once per node, the other processes waiting. A web corpus is never built here, since
+    its hours of work would end in the process group's timeout."""
+    folder = Path(cfg.data_dir) / cfg.dataset
+    if (folder / "meta.json").is_file():
+        return folder
+    from tinygpt.datasets import prepare_for_training  # only a first run builds its data
+    dist.on_each_node(prepare_for_training, cfg.dataset, cfg.data_dir, cfg.data_source)
+    return folder
 
 
-def build_training_state(cfg, model_args, meta, device, dtype, resume_from=None, start_weights=None):
-    """(model, optimizers, scaler, resumed) on device, restored from resume_from or holding start_weights (a state
-    dict to fine-tune) if given; resumed is the checkpoint's step, best_val_loss and best_step (None for a new run).
+def model_to_train(cfg, meta, resume_from, dist) -> tuple:
+    """(model_args, weights to start from or None): the config's shape, or the shape of the
+    weights that init_from names when this run fine-tunes them."""
+    if cfg.init_from in ("auto", "resume", "scratch"):
+        model_args = {f.name: getattr(cfg, f.name) for f in fields(GPTConfig)}
+        return {**model_args, "vocab_size": meta["vocab_size"]}, None
+    return dist.on_every_process(weights_to_fine_tune, cfg, meta, resume_from)
 
-    The checkpoint is loaded to the CPU: load_state_dict copies weights and optimizer moments to
-    the parameters' device, the RNG states stay on the host where they are used, and the host copy
-    is dropped when this returns."""
-    checkpoint = load_checkpoint(resume_from, mmap=True) if resume_from else None  # processes share the pages
-    if checkpoint:
-        check_resumable(checkpoint, model_args, meta, cfg.muon_lr > 0, resume_from)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    with torch.device(device):  # built in place: no copy, and tied weights stay tied
+
+def this_process_share(cfg, batches, block_size, dist) -> tuple:
+    """(micro-steps, sequences per micro-step) of this process: its share of the global batch,
+    which stays the same for any number of processes."""
+    if batches.task and block_size < batches.seq_len:
+        raise ConfigError(f"block_size={block_size} is shorter than the {batches.seq_len} "
+                          f"tokens a {batches.task} example feeds the model; set "
+                          f"block_size={batches.seq_len}")
+    try:
+        return split_global_batch(cfg.gradient_accumulation_steps, cfg.batch_size,
+                                  dist.world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def build_model(cfg, model_args, device, dtype, start_weights, resume_from, meta) -> tuple:
+    """(model, optimizers, scaler, progress) on device: a new model, the weights to fine-tune, or
+    the state of resume_from. progress holds the step and the best val loss so far. The model is
+    built on the device in place (no copy, and tied weights stay tied), with the same initial
+    weights on every process. A checkpoint is mapped, not read: processes share its pages."""
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
         model = GPT(GPTConfig(**model_args))
-    optimizers = make_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type(device),
-                                 muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
-    for group in (g for optimizer in optimizers for g in optimizer.param_groups):
-        group["peak_lr"] = group["lr"]  # the schedule scales each group's own peak
+    optimizers = make_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                 device, cfg.muon_lr, cfg.muon_momentum)
     scaler = grad_scaler(device, dtype)
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        for optimizer, state in zip(optimizers, [checkpoint["optimizer"], checkpoint.get("muon")]):
-            load_optimizer_state(optimizer, state)  # this run's lr, betas, decay and kernel, not the checkpoint's
-        if checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng_states(checkpoint["rng"])
-    elif start_weights is not None:  # fine-tuning: these weights, with a fresh optimizer and schedule from step 0
+    progress = {"step": 0, "best_val_loss": math.inf, "best_step": None}
+    if resume_from:
+        checkpoint = load_checkpoint(resume_from, mmap=True)
+        check_resumable(checkpoint, model_args, meta, cfg.muon_lr > 0, resume_from)
+        restore_training_state(checkpoint, model, optimizers, scaler)
+        progress = {k: checkpoint.get(k, progress[k]) for k in progress}
+    elif start_weights is not None:  # fine-tuning: a fresh optimizer and schedule from step 0
         model.load_state_dict(start_weights)
-    resumed = checkpoint and {"step": checkpoint["step"], "best_val_loss": checkpoint.get("best_val_loss", math.inf),
-                              "best_step": checkpoint.get("best_step")}
-    return model, optimizers, scaler, resumed
+    return model, optimizers, scaler, progress
 
 
-def read_losses(pending, step, dist, kept) -> list:
-    """The losses of the steps up to `step` kept on the device since the last read, as floats (mean
-    over processes): one host sync. A nan or inf stops the run, naming its step and what is kept."""
+@dataclass
+class Run:
+    """What the set-up hands the training loop and the final evaluation."""
+    model: GPT            # the weights, as saved
+    train_model: object   # the same model, compiled and wrapped in DDP as configured
+    compiled: object      # the model, compiled as configured: what evaluations call
+    optimizers: list
+    scaler: object
+    batches: Batches
+    ctx: object           # the autocast context of the forward passes
+    dtype: str            # the compute dtype that ctx autocasts to
+    log: RunLog
+    model_args: dict
+    micro_steps: int      # this process's micro-steps per optimizer step
+    rows: int             # this process's sequences per micro-step
+    peak: float | None    # the device's peak FLOP/s for MFU, once measured; 0 when unknown
+    step: int             # optimizer steps done
+    best_val_loss: float
+    best_step: int | None  # the step that best.pt holds
+    saved_step: int | None  # the step that ckpt.pt holds
+
+
+def set_up(cfg, dist) -> Run:
+    """Everything before the first step, in plain steps, each process building its own copy."""
+    set_up_device(dist.device, cfg.keep_freed_memory)
+    dist.on_every_process(check_init_from, cfg.init_from, dist)  # every node needs the weights
+    folder = prepared_data(cfg, dist)
+    meta = load_meta(folder)
+    to_resume = dist.on_master(checkpoint_to_resume, cfg.out_dir, cfg.init_from, dist.attempt)
+    resume_from = dist.from_master(to_resume)
+    dist.on_every_process(check_visible, resume_from)  # every process reads it
+    model_args, start_weights = model_to_train(cfg, meta, resume_from, dist)
+    dtype = model_dtype(cfg.dtype, dist.device, model_args)
+    batches = Batches(folder, meta, model_args["block_size"], dist.device)
+    micro_steps, rows = this_process_share(cfg, batches, model_args["block_size"], dist)
+    model, optimizers, scaler, progress = dist.on_every_process(
+        build_model, cfg, model_args, dist.device, dtype, start_weights, resume_from, meta)
+    dist.on_master(check_free_space, cfg.out_dir, checkpoint_bytes(model))  # before any write
+    if dist.rank > 0:  # dropout must differ between processes; checkpoints hold rank 0's stream
+        seed = (cfg.seed, dist.rank, progress["step"])
+        torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    use_compile = capabilities(dist.device).compile if cfg.compile is None else cfg.compile
+    compiled = torch.compile(model, dynamic=False) if use_compile else model
+    log = dist.on_master(RunLog, cfg, True) or RunLog(cfg, enabled=False)
+    shape = {k: v for k, v in model_args.items() if k != "vocab_size"}  # a fine-tune: the weights'
+    print0(as_config_file(replace(cfg, **shape)))
+    print0(f"device {dist.device}, dtype {dtype}, compile {use_compile}, {dist.world_size} "
+           f"process(es), {model.num_params() / 1e6:.2f}M parameters")
+    print0(f"tokens per optimizer step: {tokens_per_step(cfg, batches):,} = "
+           f"{cfg.gradient_accumulation_steps} micro-steps x {cfg.batch_size} sequences x "
+           f"{batches.seq_len} tokens; each process: {micro_steps} x {rows}")
+    if resume_from:
+        print0(f"resuming from {resume_from} at step {progress['step']} "
+               f"(best val loss {progress['best_val_loss']:.4f})")
+    elif start_weights is not None:
+        print0(f"fine-tuning {cfg.init_from}: its weights and shape (block_size "
+               f"{model_args['block_size']}), a fresh optimizer")
+    return Run(model, data_parallel(compiled, dist), compiled, optimizers, scaler, batches,
+               autocast_context(dist.device, dtype), dtype, log, model_args, micro_steps, rows, None,
+               saved_step=progress["step"] if resume_from else None, **progress)
+
+
+def tokens_per_step(cfg, batches) -> int:
+    return cfg.gradient_accumulation_steps * cfg.batch_size * batches.seq_len
+
+
+# ------------------------------------------------------------------------------------- train
+
+def train(cfg, run, dist, argv) -> bool:
+    """The training loop, from run.step to max_iters: evaluate (and save) every eval_interval
+    steps, then one optimizer step of micro-steps, gradients synced on the last one. False when a
+    signal stopped it early (the state is saved)."""
+    pending_losses = []  # per-step losses, read back at log steps only: reading syncs the device
+    first_step = run.step
+    timer = (time.perf_counter(), run.step)
+    with StopSignal(announce=dist.is_master) as stop:
+        while True:
+            synced = run.step % cfg.log_interval == 0 or run.step == first_step
+            if run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters:
+                evaluate_and_save(cfg, run, dist, pending_losses)
+                timer, synced = (time.perf_counter(), run.step), True  # time training only
+            if (synced or not dist.enabled) and dist.any(stop.requested):
+                save_when_stopped(cfg, run, dist, pending_losses, argv)
+                return False
+            if run.step >= cfg.max_iters:
+                return True
+
+            lr = learning_rate_at(run.step, cfg)
+            for group in (g for opt in run.optimizers for g in opt.param_groups):
+                group["lr"] = group["peak_lr"] * lr / cfg.learning_rate
+            global_picks = run.batches.random_picks(
+                "train", batch_rng(cfg.seed, TRAIN_STREAM, run.step),
+                (cfg.gradient_accumulation_steps, cfg.batch_size))
+            picks = picks_of_rank(global_picks, dist.rank, dist.world_size)
+            step_loss = torch.zeros((), device=dist.device)
+            x, y = run.batches.batch("train", picks[0])
+            for micro in range(run.micro_steps):
+                if dist.enabled:  # all-reduce the gradients once, after the last micro-step
+                    run.train_model.require_backward_grad_sync = micro == run.micro_steps - 1
+                with run.ctx:
+                    loss = run.train_model(x, y)[1] / run.micro_steps
+                if micro + 1 < run.micro_steps:  # the next batch loads while the device computes
+                    x, y = run.batches.batch("train", picks[micro + 1])
+                run.scaler.scale(loss).backward()
+                step_loss += loss.detach()
+            clip_and_step(run.optimizers, run.scaler, run.model.parameters(), cfg.grad_clip,
+                           keep_grads=dist.enabled)
+            run.step += 1
+            pending_losses.append(step_loss)
+
+            if run.step == 1 or run.step % cfg.log_interval == 0 or run.step == cfg.max_iters:
+                losses = read_losses(pending_losses, run, dist, cfg.out_dir)
+                timer = log_step(cfg, run, dist, lr, losses[-1], timer)
+
+
+def read_losses(pending, run, dist, out_dir) -> list:
+    """The losses kept on the device since the last read, as floats (the mean over processes):
+    one host sync. A nan or inf stops the run, naming its step and what is kept."""
     if not pending:
         return []
-    values = (sum_over_ranks(torch.stack(pending), dist) / dist.world_size).tolist()
-    first = step - len(pending) + 1
+    values = (dist.sum(torch.stack(pending)) / dist.world_size).tolist()
+    first = run.step - len(pending) + 1
     pending.clear()
     for i, value in enumerate(values):
         if not math.isfinite(value):
-            raise NonFiniteLossError(f"non-finite loss ({value}) at step {first + i}; {kept}")
+            raise NonFiniteLossError(f"non-finite loss ({value}) at step {first + i}; "
+                                     f"{kept_message(out_dir, run.saved_step)}")
     return values
 
 
-def train(cfg, argv, dist) -> int:
-    """Set up, run the loop, then the final evaluation, in this process: torchrun's rank dist.rank, or the only one."""
-    # ---------------------------------------------------------------------------------- set-up
-    device, master = dist.device, dist.is_master
-    set_up_device(device, cfg.keep_freed_memory)
-    out_dir = Path(cfg.out_dir)
-    log = None
-    try:
-        collectively(dist, "all", check_init_from, cfg.init_from, dist)  # on every node
-        collectively(dist, "node", prepare_if_missing, cfg.dataset, cfg.data_dir, cfg.data_source)
-        folder = Path(cfg.data_dir) / cfg.dataset
-        meta = load_meta(folder)
-        resume_from = broadcast_from_master(collectively(dist, "master", checkpoint_to_resume, cfg, dist.attempt), dist)
-        collectively(dist, "all", check_visible, resume_from)  # every process reads it (on every node)
-        model_args, start_weights = model_args_of(cfg, meta["vocab_size"]), None
-        if cfg.init_from not in ("auto", "resume", "scratch"):  # fine-tuning: the model's shape is the weights'
-            cfg, model_args, start_weights = collectively(dist, "all", weights_to_fine_tune, cfg, meta, resume_from)
-        dtype = model_dtype(cfg.dtype, device, model_args)  # the model's own config: a fine-tune's is its weights'
-        ctx = autocast_context(device, dtype)
-        batches = Batches(folder, meta, cfg.block_size, device)
-        if batches.task and cfg.block_size < batches.seq_len:
-            raise ConfigError(f"block_size={cfg.block_size} is shorter than the {batches.seq_len} tokens "
-                              f"a {batches.task} example feeds the model; set block_size={batches.seq_len}")
-        try:  # this process's share of the global batch, the same for any number of processes
-            micro_steps, rows = split_global_batch(cfg.gradient_accumulation_steps, cfg.batch_size, dist.world_size)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        model, optimizers, scaler, resumed = collectively(dist, "all", build_training_state, cfg, model_args, meta, device,
-                                                          dtype, resume_from, start_weights)
-        collectively(dist, "master", check_free_space, out_dir, checkpoint_bytes(model))  # before anything is written
-        resumed = resumed or {"step": 0, "best_val_loss": math.inf, "best_step": None}
-        step = resumed["step"]  # optimizer steps done; the next one is step + 1
-        best_val_loss, best_step = resumed["best_val_loss"], resumed["best_step"]  # best.pt holds best_step
-        saved_step = step if resume_from else None
-        if dist.rank > 0:  # dropout must differ between processes; the checkpoint holds rank 0's stream
-            torch.manual_seed(int(np.random.SeedSequence((cfg.seed, dist.rank, step)).generate_state(1)[0]))
-        use_compile = compile_by_default(device) if cfg.compile is None else cfg.compile
-        compiled = torch.compile(model, dynamic=False) if use_compile else model  # eval and train shapes: static graphs
-        train_model = data_parallel(compiled, dist)  # DDP over the compiled model
-        print0(as_config_file(cfg))
-        log = collectively(dist, "master", RunLog, cfg, True) or RunLog(cfg, enabled=False)
-        peak = peak_flops(device, dtype) if master else 0.0
-        tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * batches.seq_len
-        print0(f"device {device}, dtype {dtype}, compile {use_compile}, {dist.world_size} process(es), "
-            f"{model.num_params() / 1e6:.2f}M parameters")
-        print0(f"tokens per optimizer step: {tokens_per_step:,} = {cfg.gradient_accumulation_steps} micro-steps x "
-            f"{cfg.batch_size} sequences x {batches.seq_len} tokens; each process: {micro_steps} x {rows}")
-        print0(f"peak for MFU: {f'{peak:.4g} FLOP/s' if peak else 'unknown for this device (MFU n/a)'}")
-        if resume_from:
-            print0(f"resuming from {resume_from} at step {step} (best val loss {best_val_loss:.4f})")
-        elif start_weights is not None:
-            print0(f"fine-tuning {cfg.init_from}: its weights and shape (block_size {cfg.block_size}), a fresh optimizer")
-            start_weights = None  # the model holds them now; drop the host copy
+def log_step(cfg, run, dist, lr, loss, timer) -> tuple:
+    """Log the step's loss, speed and MFU since the last log line; return the new timer. The
+    device's peak is measured at the first log line, out of the timed steps."""
+    now, (since, since_step) = time.perf_counter(), timer
+    seconds_per_step = (now - since) / max(1, run.step - since_step)
+    if run.peak is None:
+        run.peak = peak_flops(dist.device, run.dtype) if dist.is_master else 0.0
+        print0(f"peak for MFU: {f'{run.peak:.4g} FLOP/s' if run.peak else 'unknown (no MFU)'}")
+    tokens_per_s = tokens_per_step(cfg, run.batches) / seconds_per_step
+    mfu = None
+    if run.peak:
+        flops = run.model.flops_per_token(run.batches.seq_len) * tokens_per_s
+        mfu = flops / (run.peak * dist.world_size)
+    mfu_text = "n/a" if mfu is None else f"{100 * mfu:.2f}%"
+    run.log.write(f"step {run.step} | loss {loss:.4f} | lr {lr:.2e} | ms/step "
+                  f"{1000 * seconds_per_step:.1f} | tok/s {tokens_per_s:,.0f} | mfu {mfu_text}",
+                  {"kind": "train", "step": run.step, "loss": loss, "lr": lr,
+                   "ms_per_step": 1000 * seconds_per_step, "tokens_per_s": tokens_per_s,
+                   "mfu": mfu})
+    return time.perf_counter(), run.step
 
-        # -------------------------------------------------------------------------------- the loop
-        pending_losses = []  # per-step loss tensors, read back at log steps only (reading syncs the device)
-        timer = (time.perf_counter(), step)
-        with StopSignal(announce=master) as stop:
-            while True:
-                if step % cfg.eval_interval == 0 or step == cfg.max_iters:  # evaluate (every process its share)
-                    losses = estimate_loss(compiled, batches, cfg.eval_iters, cfg.batch_size, cfg.seed, step, ctx, dist, rows)
-                    if not all(map(math.isfinite, losses.values())):
-                        raise NonFiniteLossError(f"non-finite val loss ({losses['val']}) at step {step}; "
-                                                 f"{kept_message(out_dir, saved_step)}")
-                    improved = losses["val"] < best_val_loss
-                    best_val_loss = min(best_val_loss, losses["val"])
-                    log.write(f"eval step {step} | train loss {losses['train']:.4f} | val loss {losses['val']:.4f} "
-                              f"| best val {best_val_loss:.4f}", {"kind": "eval", "step": step, **losses})
-                    if step > 0 and step != saved_step:  # never a bad state: check the steps not yet logged
-                        read_losses(pending_losses, step, dist, kept_message(out_dir, saved_step))
-                        if improved:
-                            best_step = step
-                        state = training_state(model, optimizers, scaler, cfg, model_args, meta, step, best_val_loss,
-                                               best_step)
-                        reason = "val improved" if improved else "eval"
-                        collectively(dist, "master", save_training_state, out_dir, state, improved, reason)
-                        saved_step = step
-                    timer = (time.perf_counter(), step)  # ms/step measures training, not evaluation
-                if step >= cfg.max_iters:
-                    break
 
-                # one optimizer step: micro-steps of this process's share, gradients synced on the last
-                lr = learning_rate_at(step, cfg)
-                for group in (g for opt in optimizers for g in opt.param_groups):
-                    group["lr"] = group["peak_lr"] * lr / cfg.learning_rate
-                global_picks = batches.random_picks("train", batch_rng(cfg.seed, TRAIN_STREAM, step),
-                                                    (cfg.gradient_accumulation_steps, cfg.batch_size))
-                picks = picks_of_rank(global_picks, dist.rank, dist.world_size)
-                step_loss = torch.zeros((), device=device)
-                x, y = batches.batch("train", picks[0])
-                for micro in range(micro_steps):
-                    if dist.enabled:  # all-reduce gradients once, after the last micro-step
-                        train_model.require_backward_grad_sync = micro == micro_steps - 1
-                    with ctx:
-                        loss = train_model(x, y)[1] / micro_steps
-                    if micro + 1 < micro_steps:
-                        x, y = batches.batch("train", picks[micro + 1])  # loads while the device computes
-                    scaler.scale(loss).backward()
-                    step_loss += loss.detach()
-                clip_and_step(optimizers, scaler, model.parameters(), cfg.grad_clip, keep_grads=dist.enabled)
-                step += 1
-                pending_losses.append(step_loss)
+def evaluate_and_save(cfg, run, dist, pending_losses):
+    """Estimate the train and val losses (every process scores its share), log them, and save
+    ckpt.pt (and best.pt when val improved) unless nothing was trained since the last save. The
+    steps not yet logged are checked for a nan first, so a bad state is never saved."""
+    losses = estimate_loss(run.compiled, run.batches, cfg.eval_iters, cfg.batch_size, cfg.seed,
+                           run.step, run.ctx, dist, run.rows)
+    if not all(map(math.isfinite, losses.values())):
+        raise NonFiniteLossError(f"non-finite val loss ({losses['val']}) at step {run.step}; "
+                                 f"{kept_message(cfg.out_dir, run.saved_step)}")
+    improved = losses["val"] < run.best_val_loss
+    run.best_val_loss = min(run.best_val_loss, losses["val"])
+    run.log.write(f"eval step {run.step} | train loss {losses['train']:.4f} | val loss "
+                  f"{losses['val']:.4f} | best val {run.best_val_loss:.4f}",
+                  {"kind": "eval", "step": run.step, **losses})
+    if run.step == 0 or run.step == run.saved_step:
+        return
+    read_losses(pending_losses, run, dist, cfg.out_dir)
+    if improved:
+        run.best_step = run.step
+    save(cfg, run, dist, improved, "val improved" if improved else "eval")
 
-                # log, and check for nan and for a stop signal, where the loop syncs anyway
-                synced = step == 1 or step % cfg.log_interval == 0 or step == cfg.max_iters
-                if synced:
-                    values = read_losses(pending_losses, step, dist, kept_message(out_dir, saved_step))
-                    now, (since, since_step) = time.perf_counter(), timer
-                    seconds_per_step, timer = (now - since) / max(1, step - since_step), (now, step)
-                    tokens_per_s = tokens_per_step / seconds_per_step
-                    mfu = None
-                    if peak:
-                        mfu = model.flops_per_token(batches.seq_len) * tokens_per_s / (peak * dist.world_size)
-                    mfu_text = "n/a" if mfu is None else f"{100 * mfu:.2f}%"
-                    log.write(f"step {step} | loss {values[-1]:.4f} | lr {lr:.2e} | ms/step {1000 * seconds_per_step:.1f} "
-                              f"| tok/s {tokens_per_s:,.0f} | mfu {mfu_text}",
-                              {"kind": "train", "step": step, "loss": values[-1], "lr": lr,
-                               "ms_per_step": 1000 * seconds_per_step, "tokens_per_s": tokens_per_s, "mfu": mfu})
-                if (synced or not dist.enabled) and any_rank(stop.requested, dist):
-                    read_losses(pending_losses, step, dist, kept_message(out_dir, saved_step))
-                    state = training_state(model, optimizers, scaler, cfg, model_args, meta, step, best_val_loss,
-                                           best_step)
-                    collectively(dist, "master", save_training_state, out_dir, state, False, "interrupted")
-                    argv = [a for a in argv if not a.startswith("--init_from=")]
-                    launcher = "torchrun <your torchrun options> train.py" if dist.enabled else "python train.py"
-                    print0(f"interrupted at step {step}; resume with: {launcher} {shlex.join(argv)}", flush=True)
-                    return 0
 
-        # ------------------------------------------------------------------ the final evaluation
-        best_path = out_dir / "best.pt"  # judge what sample.py loads by default; rank 0's file decides
-        if best_step not in (None, step) and broadcast_from_master(best_path.is_file(), dist):
-            load_weights_from_master(model, best_path, dist)
-            print0(f"final evaluation of {best_path}: step {best_step}, the best val loss of the run")
-        for record in final_report(model, batches, ctx, rows, cfg.val_loss_bar, cfg.exact_match_bar, dist):
-            log.write("", {**record, "step": step})
-        return 0
-    finally:
-        if log is not None:
-            log.close()
+def save(cfg, run, dist, is_best, reason):
+    checkpoint = training_checkpoint(run.model, run.optimizers, run.scaler, cfg, run.model_args,
+                                     run.batches.meta, run.step, run.best_val_loss, run.best_step)
+    dist.on_master(save_in_out_dir, cfg.out_dir, checkpoint, is_best, reason)
+    run.saved_step = run.step
+
+
+def save_when_stopped(cfg, run, dist, pending_losses, argv):
+    """After Ctrl-C, SIGTERM or SIGHUP: save what was trained since the last save, and print the
+    command that resumes it. --init_from stays in it (a fine-tune's rerun resumes its own
+    ckpt.pt), except 'scratch', which would refuse the checkpoint just written."""
+    read_losses(pending_losses, run, dist, cfg.out_dir)
+    if run.step != run.saved_step and run.step > 0:
+        save(cfg, run, dist, False, "interrupted")
+    argv = [a for a in argv if a != "--init_from=scratch"]
+    launcher = "torchrun <your torchrun options> train.py" if dist.enabled else "python train.py"
+    if run.saved_step is None:
+        print0("interrupted before the first step; nothing was saved", flush=True)
+    else:
+        print0(f"interrupted at step {run.step}; resume with: {launcher} {shlex.join(argv)}",
+               flush=True)
+
+
+def final_evaluation(cfg, run, dist):
+    """Judge what sample.py loads by default (best.pt, rank 0's file decides) on the full val
+    split, and a task's or a chat model's own scores."""
+    best_path = Path(cfg.out_dir) / "best.pt"
+    if run.best_step not in (None, run.step) and dist.from_master(best_path.is_file()):
+        load_weights_from_master(run.model, best_path, dist)
+        print0(f"final evaluation of {best_path}: step {run.best_step}, the best val loss")
+    records = final_report(run.model, run.batches, run.ctx, run.rows, cfg.val_loss_bar,
+                           cfg.exact_match_bar, dist)
+    meta = run.batches.meta
+    finite = math.isfinite(records[-1].get("val_loss_full", math.nan))
+    if meta.get("qa") and meta.get("test_file") and dist.is_master and finite:
+        from tinygpt.evaluation import qa_report  # only chat models are asked questions
+        records.append(qa_report(run.model, run.batches, run.ctx, cfg.exact_match_bar))
+    for record in records:
+        run.log.write("", {**record, "step": run.step})
 
 
 USAGE = """usage: python train.py [CONFIG_FILE ...] [--key=value ...]
@@ -376,15 +486,21 @@ USAGE = """usage: python train.py [CONFIG_FILE ...] [--key=value ...]
 
 def main(argv) -> int:
     if wants_help(argv):
-        print(help_text(TrainConfig, USAGE, "Config files are plain `name = value` lines; --key=value overrides them."))
+        print(help_text(TrainConfig, USAGE, "Config files are plain `name = value` lines; "
+                                            "--key=value overrides them."))
         return 0
     try:
         cfg = parse_options(TrainConfig, argv, config_files=True)
         with torchrun_group(cfg.device) as dist:  # a plain `python` run is rank 0 of 1
-            code = train(cfg, argv, dist)
-        if cfg.fast_exit:  # the log and checkpoints are closed: skip the interpreter's slow teardown
-            exit_process(code, at_once=True)
-        return code
+            run = set_up(cfg, dist)
+            try:
+                if train(cfg, run, dist, argv):
+                    final_evaluation(cfg, run, dist)
+            finally:
+                run.log.close()
+        if cfg.fast_exit:  # the log and checkpoints are closed: skip the slow teardown
+            exit_process(0, at_once=True)
+        return 0
     except EVERY_PROCESS_ERRORS as e:
         if torchrun_rank() == 0:  # every process raises the same error; one prints it
             print(f"error: {e}", file=sys.stderr)

@@ -18,7 +18,8 @@ from conftest import (ENV, REPO, assert_one_line_error, exact_match_by_hand, ful
 from model import GPT, GPTConfig
 from tinygpt.checkpoint import save_checkpoint
 from tinygpt.data import Batches, load_meta
-from tinygpt.evaluation import full_split_loss, streaming_losses
+from tinygpt.data import full_split_loss
+from tinygpt.evaluation import streaming_losses
 from tools.evaluate import main as evaluate_main
 
 
@@ -165,8 +166,8 @@ import torch
 from model import GPT, GPTConfig
 from tinygpt.data import Batches, load_meta
 from tinygpt.device import keep_freed_host_memory
-from tinygpt.evaluation import estimate_loss, full_split_loss
-from tinygpt.optim import make_optimizers
+from tinygpt.data import estimate_loss, full_split_loss
+from train import make_optimizers
 
 assert keep_freed_host_memory()  # glibc's heap keeps what is freed, as configs/shakespeare.py asks
 folder, vocab = Path(sys.argv[1]), int(sys.argv[2])

@@ -18,11 +18,12 @@ from tinygpt.common import CheckpointError
 from conftest import (TINY, assert_one_line_error, records, run_script, run_train, tiny_args, tiny_hf_gpt2, tiny_model,
                       tiny_text, train_here, train_losses, train_refusing)
 from tinygpt.data import Batches, load_meta
-from tinygpt.evaluation import estimate_loss
-from tinygpt.gpt2 import export_hf, load_weights, weights_to_fine_tune
+from tinygpt.data import estimate_loss
+from tinygpt.checkpoint import load_weights, weights_to_fine_tune
+from tinygpt.gpt2 import export_hf
 from model import GPT, GPTConfig
 from tinygpt.datasets import prepare
-from tinygpt.options import parse_options
+from tinygpt.common import parse_options
 from tinygpt.tokenizer import GPT2Tokenizer
 from train import TrainConfig
 
@@ -204,10 +205,11 @@ def test_fine_tuning_a_hugging_face_folder_starts_from_its_weights_in_its_shape(
         == {"n_layer": 3, "n_embd": 48, "block_size": 16, "vocab_size": GPT2_VOCAB, "bias": True, "mlp": "gelu_tanh",
             "dropout": 0.1}
 
-    cfg, model_args, state = weights_to_fine_tune(parse_options(TrainConfig, args), load_meta(bpe_data / "tinybpe"))
+    cfg = parse_options(TrainConfig, args)
+    model_args, state = weights_to_fine_tune(cfg, load_meta(bpe_data / "tinybpe"))
     loaded = GPT(GPTConfig(**model_args))
     loaded.load_state_dict(state)  # the folder's weights, cropped to 16 positions
-    batches = Batches(bpe_data / "tinybpe", load_meta(bpe_data / "tinybpe"), cfg.block_size, "cpu")
+    batches = Batches(bpe_data / "tinybpe", load_meta(bpe_data / "tinybpe"), model_args["block_size"], "cpu")
     expected = estimate_loss(loaded, batches, cfg.eval_iters, cfg.batch_size, cfg.seed, 0, nullcontext())
     assert records(out, "eval")[0]["val"] == pytest.approx(expected["val"], rel=1e-5)
     losses = train_losses(out)
@@ -256,8 +258,8 @@ def test_weights_without_learned_positions_fine_tune_on_a_longer_window(tmp_path
     meta = json.loads((data_dir / "tiny" / "meta.json").read_text())
     source = pretrained_char_checkpoint(tmp_path / "short", meta, seed=3, block_size=16, pos=pos)
     cfg = parse_options(TrainConfig, [f"--init_from={tmp_path / 'short'}", "--block_size=32", "--dropout=0.0"])
-    cfg, model_args, state = weights_to_fine_tune(cfg, meta)
-    assert cfg.block_size == model_args["block_size"] == 32
+    model_args, state = weights_to_fine_tune(cfg, meta)
+    assert model_args["block_size"] == 32
     longer = GPT(GPTConfig(**model_args)).eval()
     longer.load_state_dict(state)
     x = ids(meta["vocab_size"], shape=(2, 32))

@@ -20,8 +20,9 @@ from tinygpt.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.data import Batches, load_meta
 import tinygpt.device as device_module
 from tinygpt.device import gpu_peak_flops
-from tinygpt.evaluation import estimate_loss, final_report, full_split_loss
-from tinygpt.optim import clip_and_step, load_optimizer_state, make_optimizers
+from tinygpt.data import estimate_loss, final_report, full_split_loss
+from tinygpt.checkpoint import load_optimizer_state
+from train import clip_and_step, make_optimizers
 
 import sample
 

@@ -194,15 +194,13 @@ def test_cli_patching_errors_are_one_line(tmp_path, capsys, args, error):
     assert error in err and err.count("\n") == 1
 
 
-def test_patching_reads_a_checkpoint_saved_while_loss_chunk_existed(tmp_path, capsys):
-    """Audit finding: --corrupt crashed ('NoneType' object is not subscriptable) on a model trained with
-    loss_chunk > 0, whose forward returned no logits. loss_chunk is gone; a checkpoint that still carries it
-    (and fast_dropout) in its model_args and config must load and be patched like any other."""
+def test_patching_reads_a_checkpoint_of_the_first_format(tmp_path, capsys):
+    """A checkpoint written before checkpoints carried a format version (format 1: no "format"
+    key) whose model options this model.py still has loads and is patched like any other."""
     model = tiny_model(vocab_size=3, block_size=16)
-    retired = {"loss_chunk": 4, "fast_dropout": True}
     meta = {"tokenizer": "char", "vocab": list("abc"), "vocab_size": 3}
-    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_args": asdict(model.config) | retired,
-                                           "config": retired, "step": 0, "meta": meta})
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_args": asdict(model.config),
+                                           "config": {}, "step": 0, "meta": meta})
     assert main([f"--out_dir={tmp_path}", "--prompt=abcab", "--corrupt=abcaa", "--answer_tokens=3", "--png="]) == 0
     out = capsys.readouterr().out
     assert out.startswith("clean:     'abcab") and "residual stream, one position patched at a time" in out

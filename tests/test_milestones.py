@@ -5,9 +5,10 @@ import torch
 
 from conftest import REPO, SHARED_DATA, train_here
 from model import GPT, GPTConfig
-from tinygpt.optim import make_optimizers
+from train import make_optimizers
 from tinygpt.datasets import prepare
-from tinygpt.evaluation import qa_answer_loss, verdict_text
+from tinygpt.common import verdict_text
+from tinygpt.evaluation import qa_answer_loss
 from tinygpt.tokenizer import CharTokenizer, qa_pairs, qa_prompt
 
 TINYTALKS = SHARED_DATA / "tinytalks"

@@ -134,12 +134,12 @@ def test_the_chat_report_judges_the_taught_level_1_2_share_against_exact_match_b
     """The fine-tune's bar is what the recipe is for (docs/tinybot.md): an untrained model fails it in one
     verdict line; without a bar no verdict is printed."""
     from contextlib import nullcontext
-    from tinygpt.evaluation import final_report
+    from tinygpt.evaluation import qa_report
     batches = Batches(chat_data, load_meta(chat_data), 64, "cpu")
     model = tiny_model(vocab_size=256, block_size=64)
-    records = final_report(model, batches, nullcontext(), 16, exact_match_bar=0.8)
+    records = [qa_report(model, batches, nullcontext(), exact_match_bar=0.8)]
     verdicts = [line for line in capsys.readouterr().out.splitlines() if "(bar 80%)" in line]
     assert records[-1]["exact_match_train_l1_l2"] < 0.8
     assert len(verdicts) == 1 and verdicts[0].startswith("train questions, exact match") and verdicts[0].endswith("FAIL")
-    final_report(model, batches, nullcontext(), 16)
+    qa_report(model, batches, nullcontext())
     assert "(bar" not in capsys.readouterr().out

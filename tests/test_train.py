@@ -27,9 +27,10 @@ from conftest import (ENV, REPO, TINY, assert_one_line_error, assert_same_weight
 from model import GPT, GPTConfig
 from tinygpt.data import Batches, picks_of_rank, split_global_batch
 from tinygpt.device import model_dtype
-from tinygpt.evaluation import exact_match_accuracy
-from tinygpt.options import parse_options
-from train import TrainConfig, build_training_state, learning_rate_at, model_args_of
+from tinygpt.data import exact_match_accuracy
+from tinygpt.common import parse_options
+from tinygpt.device import Dist
+from train import TrainConfig, build_model, learning_rate_at, model_to_train
 
 TRAIN = str(REPO / "train.py")
 
@@ -294,9 +295,10 @@ def test_resume_on_another_device_moves_every_tensor_before_use(tmp_path, data_d
     .item()) on its tensors: every restored tensor must land on the device or stay on the host."""
     cfg = parse_options(TrainConfig, tiny_args(data_dir, tmp_path, "--max_iters=20"))
     meta = json.loads((data_dir / "tiny" / "meta.json").read_text())
-    args = model_args_of(cfg, meta["vocab_size"])
-    model, optimizers, scaler, resumed = build_training_state(cfg, args, meta, "meta", "float32", short_run / "ckpt.pt")
-    assert resumed["step"] == SHORT_STEPS
+    args, _ = model_to_train(cfg, meta, None, Dist())
+    model, optimizers, scaler, progress = build_model(cfg, args, "meta", "float32", None,
+                                                      short_run / "ckpt.pt", meta)
+    assert progress["step"] == SHORT_STEPS
     assert {p.device.type for p in model.parameters()} == {"meta"}
     moments = [t for state in optimizers[0].state.values() for t in state.values() if t.dim() > 0]
     assert moments and {t.device.type for t in moments} == {"meta"}
@@ -374,38 +376,24 @@ def test_a_new_learning_rate_given_on_resume_is_the_one_used(tmp_path, data_dir,
     assert records(out, "train")[-1]["lr"] == pytest.approx(expected)
 
 
-def test_a_checkpoint_from_before_retired_options_still_resumes_and_samples(tmp_path, data_dir, short_run):
-    """Checkpoints written while GPTConfig had fast_dropout, loss_chunk and the speedrun levers zero_init_head,
-    unet_skips, rope_base and attn_scale carry them in model_args; at values that change nothing today they load."""
+@pytest.mark.parametrize("change, named", [
+    ({"model_args": {"unet_skips": True, "rope_base": 1000.0}}, "rope_base, unet_skips"),
+    ({"format": 99}, "format 99")])
+def test_a_checkpoint_this_model_py_cannot_compute_is_refused_in_one_line(tmp_path, short_run,
+                                                                          change, named, capsys):
+    """A checkpoint whose model options model.py no longer has (an earlier format's speedrun
+    levers), or of a newer format than this checkout's, is refused by sample.py and by a resume
+    with one line that names what does not fit, instead of computing something else."""
     old = torch.load(short_run / "ckpt.pt", weights_only=True)
-    old["model_args"] |= {"fast_dropout": False, "loss_chunk": 0, "zero_init_head": True, "unet_skips": False,
-                          "rope_base": 10000.0, "attn_scale": 0.0}
-    save_checkpoint(tmp_path / "ckpt.pt", old)
-    cfg = parse_options(TrainConfig, tiny_args(data_dir, tmp_path, "--max_iters=20"))
-    meta = json.loads((data_dir / "tiny" / "meta.json").read_text())
-    model, _, _, resumed = build_training_state(cfg, model_args_of(cfg, meta["vocab_size"]), meta, "cpu", "float32",
-                                                tmp_path / "ckpt.pt")
-    assert resumed["step"] == SHORT_STEPS
-    assert_same_weights(model.state_dict(), old["model"])
-    sampler, _, _ = load_for_inference(tmp_path, "ckpt.pt", device="cpu", dtype="float32")
-    assert_same_weights(sampler.state_dict(), old["model"])
-
-
-@pytest.mark.parametrize("lever, extra_weights", [({"unet_skips": True}, {"skip_weights": torch.ones(1)}),
-                                                  ({"rope_base": 1000.0}, {}), ({"attn_scale": 0.25}, {})])
-def test_a_checkpoint_that_used_a_retired_lever_is_refused_in_one_line(tmp_path, short_run, lever, extra_weights,
-                                                                        capsys):
-    """U-net skips added weights and a term to the forward pass, RoPE's base changed its angles: this model.py cannot
-    compute such a checkpoint, so sample.py says which field is retired instead of sampling something else."""
-    old = torch.load(short_run / "ckpt.pt", weights_only=True)
-    old["model_args"] |= lever
-    old["model"] |= extra_weights
+    old["model_args"] |= change.get("model_args", {})
+    old |= {k: v for k, v in change.items() if k != "model_args"}
     save_checkpoint(tmp_path / "ckpt.pt", old)
     import sample
     assert sample.main([f"--out_dir={tmp_path}", "--ckpt=ckpt.pt", "--max_new_tokens=2"]) == 1
-    name, value = next(iter(lever.items()))
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("error: ") and all(part in line for part in (f"{name}={value!r}", "retired", "b95277c"))
+    assert line.startswith("error: ") and named in line and "format" in line
+    with pytest.raises(CheckpointError, match=named):
+        load_checkpoint(tmp_path / "ckpt.pt")
 
 
 def test_muon_state_is_saved_and_resumed_bitwise(tmp_path, data_dir):
@@ -526,7 +514,7 @@ def test_help_lists_every_option_with_its_default_and_comment(tmp_path):
     result = run_train(["--help"], cwd=tmp_path)
     for name in ("init_from='auto'", "gradient_accumulation_steps=1", "n_layer=6", "compile=None"):
         assert f"--{name}" in result.stdout
-    assert "resume out_dir/ckpt.pt: 'auto' if any" in result.stdout  # the field's comment
+    assert "auto: resume if any; resume; scratch" in result.stdout  # the field's comment
 
 
 def test_a_device_this_machine_lacks_is_a_one_line_error(tmp_path, data_dir, capsys):
@@ -629,7 +617,7 @@ def test_compiled_model_trains(tmp_path, data_dir):
 def test_every_shipped_config_runs_under_torchrun_with_two_processes_as_written(tmp_path, config):
     """Each config's own batch settings and data set, a tiny model, two optimizer steps, 2 gloo processes."""
     from conftest import SHARED_DATA, tiny_hf_gpt2
-    from tinygpt.gpt2 import GPT2_NAMES
+    from tinygpt.checkpoint import GPT2_NAMES
     data = tmp_path / "data"
     sources = {"shakespeare_char": SHARED_DATA / "tinyshakespeare" / "input.txt",
                "shakespeare": SHARED_DATA / "tinyshakespeare" / "input.txt", "tinytalks": SHARED_DATA / "tinytalks",

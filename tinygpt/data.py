@@ -1,10 +1,11 @@
-"""A prepared data set on disk and the batches drawn from it.
+"""A prepared data set on disk, the batches drawn from it, and the model's losses over them.
 
 data/<name>/ holds train.bin and val.bin (token ids, one flat little-endian stream) and meta.json
-(tokenizer, sizes, source), written by datasets.prepare (prepare.py); a corpus holds shards instead
-(train_000.bin, ..., val_000.bin, listed in meta.json's "shards"). Batches are drawn from random
-generators derived from (seed, stream, step), so a resumed run and any number of processes draw
-exactly the batches of one uninterrupted process.
+(tokenizer, sizes, source), written by prepare.py; a corpus holds shards instead (train_000.bin,
+..., val_000.bin, listed in meta.json's "shards"). Batches are drawn from random generators
+derived from (seed, stream, step), so a resumed run and any number of processes draw exactly the
+batches of one uninterrupted process. Under torchrun every process scores its share of an
+evaluation's batches, and the sums are added up over the processes.
 """
 import json
 from pathlib import Path
@@ -12,30 +13,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinygpt.common import DataError
-from tinygpt.datasets import prepare
+from tinygpt.common import DataError, verdict_text
+from tinygpt.device import Dist, print0
+
 
 def load_meta(dataset_dir) -> dict:
     path = Path(dataset_dir) / "meta.json"
     if not path.is_file():
-        raise DataError(f"{path} not found; build the data set first: python prepare.py {Path(dataset_dir).name}")
+        raise DataError(f"{path} not found; build the data set first: "
+                        f"python prepare.py {Path(dataset_dir).name}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); delete {path.parent} and prepare it again") from None
-
-
-def prepare_if_missing(dataset, data_dir, source) -> Path:
-    """data_dir/dataset, built first (as `python prepare.py` would) if its meta.json is missing."""
-    folder = Path(data_dir) / dataset
-    if (folder / "meta.json").is_file():
-        return folder
-    print(f"{folder} is not prepared yet; preparing it", flush=True)
-    try:
-        return prepare(dataset, source or None, data_dir)
-    except (DataError, OSError) as e:
-        hint = " (train.py hands --data_source=PATH_OR_URL to it as --source)" if "--source" in str(e) else ""
-        raise DataError(f"could not prepare {dataset}: {e}{hint}") from None
+        raise DataError(f"{path} is not valid JSON ({e}); delete {path.parent} "
+                        "and prepare it again") from None
 
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
@@ -227,3 +218,106 @@ class Batches:
     def examples(self, split) -> np.ndarray:
         """All examples of a task split, (n, example_len)."""
         return np.array(self.tokens(split)).reshape(-1, self.example_len).astype(np.int64)
+
+
+# ------------------------------------------------------------------------ losses and scores
+
+@torch.no_grad()
+def estimate_loss(model, batches, eval_iters, batch_size, seed, step, ctx, dist=Dist(),
+                  rows=None) -> dict:
+    """Mean loss over eval_iters random batches of batch_size sequences of each split, drawn from
+    the eval stream of `step`. Every process scores every world_size-th batch, in pieces of `rows`
+    sequences: the size it trains on, since a batch the size of the global one may not fit."""
+    model.eval()
+    losses = {}
+    rows = rows or batch_size
+    for part, split in enumerate(("train", "val")):
+        rng = batch_rng(seed, EVAL_STREAM, step, part)
+        picks = batches.random_picks(split, rng, (eval_iters, batch_size))
+        mine = picks[dist.rank::dist.world_size]
+        sums = score_table((len(mine), -(-batch_size // rows)), batches.device)
+        for i, batch in enumerate(mine):
+            for j, start in enumerate(range(0, batch_size, rows)):
+                sums[i, j] = loss_and_tokens(model, batches, split, batch[start:start + rows], ctx)
+        batch_means = []
+        for pieces in sums.tolist():  # one host sync per split; each batch's mean on the host
+            loss_sum = sum(loss * n for loss, n in pieces)
+            batch_means.append(loss_sum / sum(n for _, n in pieces))
+        loss_sum, count = dist.sum_floats([sum(batch_means), len(batch_means)])
+        losses[split] = loss_sum / count
+    model.train()
+    return losses
+
+
+def score_table(shape, device):
+    """A (*shape, 2) table of (mean loss, tokens scored) that an evaluation fills in place, read
+    back in one transfer and summed on the host in float64 (a float32 sum of many batches would
+    round the losses the tests compare by hand). In place, because a tensor kept per batch would
+    be carved out of the memory that batch's logits freed, and with keep_freed_memory glibc's heap
+    then grows by a batch's logits every batch (docs/results.md)."""
+    return torch.zeros((*shape, 2), device=device)  # counts below 2**24 a piece: exact in float32
+
+
+def loss_and_tokens(model, batches, split, picks, ctx) -> torch.Tensor:
+    """(mean loss, tokens scored) of the sequences picks, on the device."""
+    x, y = batches.batch(split, picks)
+    with ctx:
+        loss = model(x, y)[1]
+    return torch.stack([loss.float(), (y != -1).sum().float()])
+
+
+@torch.inference_mode()  # no_grad, and no version counters to bump either: faster on a CPU
+def full_split_loss(model, batches, split, batch_size, ctx, dist=Dist()):
+    """(mean loss per scored token, tokens scored) over the whole split: every example of a task,
+    or non-overlapping windows of text (the last partial window is left out)."""
+    model.eval()
+    picks = batches.full_split_picks(split)
+    starts = range(dist.rank * batch_size, len(picks), batch_size * dist.world_size)
+    sums = score_table((len(starts),), batches.device)
+    for i, start in enumerate(starts):
+        sums[i] = loss_and_tokens(model, batches, split, picks[start:start + batch_size], ctx)
+    pieces = sums.tolist()
+    loss_sum = sum(loss * n for loss, n in pieces)
+    scored = sum(int(n) for _, n in pieces)
+    loss_sum, scored = dist.sum_floats([loss_sum, scored])
+    return loss_sum / scored, int(scored)
+
+
+@torch.no_grad()
+def exact_match_accuracy(model, examples, prompt_len, batch_size=512, device="cpu",
+                         dist=Dist()) -> float:
+    """Fraction of examples (n, example_len) whose greedy continuation of the first prompt_len
+    tokens equals the rest of the example exactly; every process scores every world_size-th."""
+    model.eval()
+    examples = torch.as_tensor(np.asarray(examples), dtype=torch.long)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for chunk in examples[dist.rank::dist.world_size].split(batch_size):
+        chunk = chunk.to(device)
+        out = model.generate(chunk[:, :prompt_len], chunk.size(1) - prompt_len, temperature=0)
+        correct += (out[:, prompt_len:] == chunk[:, prompt_len:]).all(dim=1).sum()
+    return int(dist.sum(correct)) / len(examples)
+
+
+def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_bar=0.0,
+                 dist=Dist()) -> list:
+    """Print the final scores of a run: the full val split's loss, and a task's exact match
+    (rank 0 prints; every process computes its share). Returns the records for the log."""
+    records = []
+    if batches.answer_loss:  # what it trains on first; the bar judges the whole text
+        loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
+        print0(f"final val loss on the answers (full split, {tokens:,} answer tokens): "
+               f"{loss:.4f}", flush=True)
+        records.append({"kind": "final", "val_loss_answers": loss, "val_answer_tokens": tokens})
+        batches = batches.whole_text()
+    loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
+    print0(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}"
+           f"{verdict_text(loss, val_loss_bar)}", flush=True)
+    records.append({"kind": "final", "val_loss_full": loss, "val_tokens": tokens})
+    if batches.task and np.isfinite(loss):
+        examples = batches.examples("val")
+        accuracy = exact_match_accuracy(model, examples, batches.prompt_len,
+                                        device=batches.device, dist=dist)
+        verdict = verdict_text(100 * accuracy, 100 * exact_match_bar, True, "%")
+        print0(f"test exact match: {100 * accuracy:.1f}%{verdict}")
+        records.append({"kind": "test", "exact_match": accuracy})
+    return records

@@ -424,3 +424,19 @@ def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None, shard
     meta = {**source_meta(name, source, hashes, train + val), **extra, "inputs": inputs}
     print(summary(out_dir, write_dataset(out_dir, tok, train, val, meta, files)))
     return out_dir
+
+
+def prepare_for_training(name, data_dir, source) -> Path:
+    """data_dir/name built for train.py, which found its meta.json missing. A web corpus is
+    refused: its hours of work belong in a prepare.py run of its own, not in a training job whose
+    other processes wait for it with a timeout."""
+    folder = Path(data_dir) / name
+    if is_corpus(name, source or None):
+        raise DataError(f"{folder} is not prepared; a corpus is built by a run of its own first: "
+                        f"python prepare.py {name}" + (f" --source={source}" if source else ""))
+    print(f"{folder} is not prepared yet; preparing it", flush=True)
+    try:
+        return prepare(name, source or None, data_dir)
+    except (DataError, OSError) as e:
+        hint = " (train.py hands --data_source=PATH_OR_URL to it as --source)"
+        raise DataError(f"could not prepare {name}: {e}{hint if '--source' in str(e) else ''}") from None

@@ -1,15 +1,19 @@
-"""Where a run computes: the device, the precision, the torchrun process group, and how a process ends.
+"""Where a run computes: the device, the precision, the torchrun process group, and how a process
+ends.
 
 Every script asks here: no other file parses a device string, picks a dtype, or looks at
 torch.distributed or torchrun's environment variables (checkpoint.py saves the GPU's RNG state).
 Code elsewhere is device-agnostic: tensors are created on `device`, checkpoints load to the CPU,
-and host-only calls (`.item()`, `.tolist()`, `.numpy()`) happen only on values moved or reduced first.
+and host-only calls (`.item()`, `.tolist()`, `.numpy()`) happen only on values moved or reduced
+first.
 """
 import ctypes
 import datetime
+import importlib.util
 import inspect
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -32,28 +36,32 @@ def device_type(device) -> str:
 
 
 def resolve_device(name="auto", make_current=True) -> str:
-    """'cuda', 'mps' or 'cpu' for 'auto'; a named device is checked, with a one-line error if absent. A named GPU
-    (cuda:N) becomes the current one unless make_current=False (under torchrun the local rank decides)."""
+    """'cuda', 'mps' or 'cpu' for 'auto'; a named device is checked, with a one-line error if it is
+    absent. A named GPU (cuda:N) becomes the current one unless make_current=False (under torchrun
+    the local rank decides)."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
     kind, _, index = name.partition(":")
     if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
         raise ConfigError(f"device={name!r}: use auto, cpu, cuda, cuda:N or mps")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r}, but this torch ({torch.__version__}) sees no CUDA GPU; "
-                          "use --device=cpu, or install a CUDA build of torch")
+        raise ConfigError(f"device={name!r}, but this torch ({torch.__version__}) sees no CUDA "
+                          "GPU; use --device=cpu, or install a CUDA build of torch")
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
-        raise ConfigError(f"device={name!r}, but there are only {torch.cuda.device_count()} CUDA device(s)")
+        raise ConfigError(f"device={name!r}, but there are only {torch.cuda.device_count()} "
+                          "CUDA device(s)")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device={name!r}, but MPS is not available here; use --device=cpu")
     if kind == "cuda" and index and make_current:
-        torch.cuda.set_device(name)  # the current device: its bf16 check, its RNG state, its kernels
+        torch.cuda.set_device(name)  # the current device: its bf16 check, RNG state and kernels
     return name
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX). mkldnn's own check also says
-    yes on plain AVX-512, where bf16 is emulated and slower than float32, so read the CPU flags."""
+    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX). mkldnn's own check also
+    says yes on plain AVX-512, where bf16 is emulated and slower than float32, so read the flags."""
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
@@ -63,33 +71,50 @@ def cpu_has_fast_bf16() -> bool:
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a device offers, as far as the decisions below need it. They all read it from capabilities(), the one
-    place that asks the hardware, so a test can run the real code under the rules of a device absent here by
-    substituting that one function (tests/test_devices.py)."""
-    bf16: bool     # bf16 in hardware; emulated bf16 (T4, V100) is slow and has no flash kernels
-    fp16: bool     # fp16 tensor cores: fp16 + GradScaler pays where bf16 is missing
-    compile: bool  # torch.compile pays, and its kernels exist (Triton: CUDA compute capability 7.0)
-    fused_adamw: bool  # torch has a fused AdamW kernel there (CUDA, CPU: faster than its loop, docs/results.md)
+    """What a device offers, as far as the decisions below need it. They all read it from
+    capabilities(), the one place that asks the hardware, so a test can run the real code under
+    the rules of a device absent here by substituting that one function (tests/test_devices.py)."""
+    bf16: bool         # bf16 in hardware; emulated bf16 (T4, V100) is slow, with no flash kernels
+    fp16: bool         # fp16 tensor cores: fp16 + GradScaler pays where bf16 is missing
+    compile: bool      # torch.compile pays, and its kernels exist (Triton, compute capability 7.0)
+    fused_adamw: bool  # torch has a fused AdamW kernel for this kind of device
+
+
+def has_fused_adamw(kind) -> bool:
+    """Whether this torch ships a fused AdamW kernel for the device kind (CUDA, CPU, and MPS since
+    torch 2.4): it is much faster than AdamW's loop over the tensors."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    return kind in _get_fused_kernels_supported_devices()
+
+
+def has_triton() -> bool:
+    """Whether Triton is installed: inductor compiles GPU kernels with it, and without it (Windows
+    wheels, some clusters) torch.compile fails at the first forward."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def capabilities(device) -> Capabilities:
-    """The capabilities of device ('cuda:1', 'mps', 'cpu'). An Apple GPU (MPS) also has no float64, which no code
-    puts on a device; only CUDA's batches are pinned."""
+    """The capabilities of device ('cuda:1', 'mps', 'cpu'). An Apple GPU (MPS) also has no
+    float64, which no code puts on a device; only CUDA's batches are pinned. On a CPU compile is
+    off: its compile time outweighs its gain on a short run (docs/results.md)."""
     kind = device_type(device)
+    fused = has_fused_adamw(kind)
     if kind == "cuda":
-        return Capabilities(bf16=torch.cuda.is_bf16_supported(including_emulation=False), fp16=True,
-                            compile=torch.cuda.get_device_capability(device) >= (7, 0), fused_adamw=True)
+        tensor_cores = torch.cuda.get_device_capability(device) >= (7, 0)  # Volta and later
+        return Capabilities(bf16=torch.cuda.is_bf16_supported(including_emulation=False),
+                            fp16=tensor_cores, compile=tensor_cores and has_triton(),
+                            fused_adamw=fused)
     if kind == "cpu":
-        return Capabilities(bf16=cpu_has_fast_bf16(), fp16=False, compile=False, fused_adamw=True)  # compile: docs/results.md
-    return Capabilities(bf16=False, fp16=False, compile=False, fused_adamw=False)
+        return Capabilities(bf16=cpu_has_fast_bf16(), fp16=False, compile=False, fused_adamw=fused)
+    return Capabilities(bf16=False, fp16=False, compile=False, fused_adamw=fused)
 
 
 def model_dtype(name, device, model_args) -> str:
-    """The one decision of a model's compute dtype on device, from the model's own config (model_args: GPTConfig's
-    fields as a dict; a fine-tune's are its weights'): 'float32', 'bfloat16' or 'float16' for dtype=name.
-    'auto' picks the fastest safe one: bf16 where the hardware has it, else fp16 + GradScaler where fp16 pays,
-    except for ReLU^2 models, whose activations overflow float16 past 256 (an inf in the forward that
-    GradScaler cannot skip): float32 for them."""
+    """The one decision of a model's compute dtype on device: 'float32', 'bfloat16' or 'float16'
+    for dtype=name, from the model's own config (model_args: GPTConfig's fields as a dict).
+    'auto' picks the fastest safe one: bf16 where the hardware has it, else fp16 + GradScaler where
+    fp16 pays, except for ReLU^2 models, whose activations overflow float16 past 256 (an inf in
+    the forward that GradScaler cannot skip): float32 for them."""
     if name != "auto":
         return name
     can = capabilities(device)
@@ -121,9 +146,10 @@ def set_up_device(device, keep_freed_memory=False):
 
 def keep_freed_host_memory() -> bool:
     """Tell glibc's malloc to serve big blocks from its heap and keep freed memory, as
-    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=... would. By default each block
-    over 32 MB is mmap-ed and returned when freed, so tensors allocated afresh every step (the logits
-    of a 50,257-way head) fault in new pages every step: kernel time. False where there is no glibc."""
+    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=... would. By default each
+    block over 32 MB is mmap-ed and returned when freed, so tensors allocated afresh every step
+    (the logits of a 50,257-way head) fault in new pages every step: kernel time. False where
+    there is no glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -132,26 +158,26 @@ def keep_freed_host_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def compile_by_default(device) -> bool:
-    """torch.compile pays on CUDA (inductor's Triton kernels need compute capability 7.0); on a CPU its compile time
-    outweighs the gain of a short run (docs/results.md)."""
-    return capabilities(device).compile
-
-
-# Dense (no sparsity) tensor-core peaks from the vendors' datasheets, (bf16/fp16, tf32) FLOP/s, for the words of
-# a device name. Most specific first: 'H100 PCIe' before 'H100'. A10G has its own, unpublished figure: unknown.
-GPU_PEAK_FLOPS = [(("b200",), 2250e12, 1100e12), (("gh200",), 989e12, 494e12), (("h200", "nvl"), 836e12, 418e12),
-                  (("h200",), 989e12, 494e12), (("h100", "nvl"), 835e12, 418e12), (("h100", "pcie"), 756e12, 378e12),
-                  (("h100",), 989e12, 494e12), (("a100",), 312e12, 156e12), (("a10g",), 0.0, 0.0),
-                  (("a10",), 125e12, 62.5e12), (("a30",), 165e12, 82e12), (("a40",), 149.7e12, 74.8e12),
-                  (("l40s",), 362e12, 183e12), (("l40",), 181e12, 90.5e12), (("l4",), 121e12, 60e12),
-                  (("v100",), 125e12, 15.7e12), (("t4",), 65e12, 8.1e12), (("rtx", "a6000"), 154.8e12, 77.4e12),
-                  (("rtx", "4090"), 165.2e12, 82.6e12), (("rtx", "3090"), 71e12, 35.6e12)]
+# Dense (no sparsity) tensor-core peaks from the vendors' datasheets, (bf16/fp16, tf32) FLOP/s,
+# for the words of a device name. Most specific first: 'H100 PCIe' before 'H100'. The A10G has
+# its own, unpublished figure: unknown.
+GPU_PEAK_FLOPS = [
+    (("b200",), 2250e12, 1100e12), (("gh200",), 989e12, 494e12),
+    (("h200", "nvl"), 836e12, 418e12), (("h200",), 989e12, 494e12),
+    (("h100", "nvl"), 835e12, 418e12), (("h100", "pcie"), 756e12, 378e12),
+    (("h100",), 989e12, 494e12), (("a100",), 312e12, 156e12), (("a10g",), 0.0, 0.0),
+    (("a10",), 125e12, 62.5e12), (("a30",), 165e12, 82e12), (("a40",), 149.7e12, 74.8e12),
+    (("l40s",), 362e12, 183e12), (("l40",), 181e12, 90.5e12), (("l4",), 121e12, 60e12),
+    (("v100",), 125e12, 15.7e12), (("t4",), 65e12, 8.1e12),
+    (("rtx", "a6000"), 154.8e12, 77.4e12), (("rtx", "4090"), 165.2e12, 82.6e12),
+    (("rtx", "3090"), 71e12, 35.6e12)]
 
 
 def gpu_peak_flops(name, dtype) -> float:
-    """The peak of the GPU called name (as torch.cuda.get_device_name gives it) in dtype; 0.0 when unknown."""
-    words = set(re.split(r"[^a-z0-9]+", name.lower()))  # whole words: 'L4' is not in 'L40S', nor 'A40' in 'A4000'
+    """The peak of the GPU called name (as torch.cuda.get_device_name gives it) in dtype; 0.0 when
+    unknown."""
+    # Whole words, so that 'L4' is not found in 'L40S', nor 'A40' in 'A4000'.
+    words = set(re.split(r"[^a-z0-9]+", name.lower()))
     for pattern, half, tf32 in GPU_PEAK_FLOPS:
         if words.issuperset(pattern):
             return tf32 if dtype == "float32" else half
@@ -159,11 +185,11 @@ def gpu_peak_flops(name, dtype) -> float:
 
 
 def measured_matmul_flops(dtype) -> float:
-    """FLOP/s of this CPU's fastest square matmul in dtype: threads warmed up first, then the best of
-    three runs at each of two sizes, so that it is a peak (one cold run reads low, and MFU over it
-    then passes 100%)."""
+    """FLOP/s of this CPU's fastest square matmul in dtype: threads warmed up first, then the best
+    of three runs at each of two sizes, so that it is a peak (one cold run reads low, and MFU over
+    it then passes 100%). Emulated half types get small sizes, which take seconds less."""
     emulated = dtype == torch.float16 or (dtype == torch.bfloat16 and not cpu_has_fast_bf16())
-    sizes = (256, 512) if emulated else (512, 1024)  # an emulated 1024^2 bf16 matmul takes seconds on an AVX2 CPU
+    sizes = (256, 512) if emulated else (512, 1024)
     gen = torch.Generator().manual_seed(0)  # its own generator: the global one drives dropout
     best = 0.0
     for n in sizes:
@@ -179,7 +205,7 @@ def measured_matmul_flops(dtype) -> float:
 
 
 def peak_flops(device, dtype) -> float:
-    """Peak FLOP/s of one device for MFU: measured on CPU, looked up on known GPUs, else 0 (unknown)."""
+    """Peak FLOP/s of one device for MFU: measured on a CPU, looked up for known GPUs, else 0."""
     kind = device_type(device)
     if kind == "cpu":
         return measured_matmul_flops(getattr(torch, dtype))
@@ -192,7 +218,11 @@ def peak_flops(device, dtype) -> float:
 
 @dataclass(frozen=True)
 class Dist:
-    """Where this process sits in a torchrun job; a plain `python` run is rank 0 of 1."""
+    """Where this process sits in a torchrun job; a plain `python` run is rank 0 of 1.
+
+    Every method below is a collective: each process of the job calls it at the same point. An
+    error in work run by one process is raised on all of them, so a full disk or a missing file on
+    one rank stops the whole job instead of leaving the others waiting in their next collective."""
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -204,11 +234,75 @@ class Dist:
     def is_master(self) -> bool:
         return self.rank == 0
 
+    def on_master(self, work, *args):
+        """work(*args) on rank 0 while the others wait; its result there, None elsewhere."""
+        return self._run(self.rank == 0, work, args)
+
+    def on_each_node(self, work, *args):
+        """work(*args) on local rank 0 of every node while the others wait."""
+        return self._run(self.local_rank == 0, work, args)
+
+    def on_every_process(self, work, *args):
+        """work(*args) on every process; then any process's error is raised on all of them."""
+        return self._run(True, work, args)
+
+    def _run(self, chosen, work, args):
+        result, error = None, None
+        if chosen:
+            try:
+                result = work(*args)
+            except Exception as e:  # handed to the other ranks, then raised everywhere
+                error = e
+        if self.enabled:
+            errors = [None] * self.world_size
+            tdist.all_gather_object(errors, error)
+            error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            raise error
+        return result
+
+    def from_master(self, value):
+        """Rank 0's value (any picklable object) on every process."""
+        if not self.enabled:
+            return value
+        box = [value]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def copy_from_master(self, tensors):
+        """Copy rank 0's values into every process's tensors (on this device), in place."""
+        if self.enabled:
+            for tensor in tensors:
+                tdist.broadcast(tensor, src=0)
+
+    def any(self, flag) -> bool:
+        """True when flag is true on any process."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def sum(self, values):
+        """values (a tensor on this device) summed over all processes. gloo has no average, so
+        callers divide."""
+        if self.enabled:
+            values = values.clone()
+            tdist.all_reduce(values, op=tdist.ReduceOp.SUM)
+        return values
+
+    def sum_floats(self, values) -> list:
+        """Python floats summed over all processes, in float64 (MPS has no float64, but it never
+        runs a process group)."""
+        if not self.enabled:
+            return list(values)
+        return self.sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+
 
 def start_distributed(device_name) -> Dist:
     """Join the torchrun job if RANK is set (NCCL on CUDA, gloo on CPU) and pick this process's
     device: cuda:LOCAL_RANK, made current before the process group starts."""
-    device = resolve_device(device_name, make_current="RANK" not in os.environ)  # torchrun: the local rank's GPU
+    device = resolve_device(device_name, make_current="RANK" not in os.environ)
     if "RANK" not in os.environ:
         return Dist(device=device)
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -217,21 +311,22 @@ def start_distributed(device_name) -> Dist:
         torch.cuda.set_device(device)
     cuda = device.startswith("cuda")
     timeout = datetime.timedelta(minutes=30)
-    # torchrun keeps one key-value store across restarts; a relaunched group that reused the old keys
-    # could read the addresses its dead predecessor published (pytorch issue 135712), so every
-    # attempt gets its own prefix. Its number is counted in the store, which every node shares:
-    # each agent's TORCHELASTIC_RESTART_COUNT counts only its own node's failures.
+    # torchrun keeps one key-value store across restarts. A relaunched group that reused the old
+    # keys could read the addresses its dead predecessor published (pytorch issue 135712), so
+    # every attempt gets its own prefix. The attempt is counted in the store, which every node
+    # shares: each agent's TORCHELASTIC_RESTART_COUNT counts only its own node's failures.
     store, _, _ = next(tdist.rendezvous("env://", rank, world, timeout=timeout))
-    attempt = (store.add("tinygpt/joined", 1) - 1) // world  # every process of an attempt joins before the next's
+    attempt = (store.add("tinygpt/joined", 1) - 1) // world  # an attempt's processes all join first
     store = tdist.PrefixStore(f"attempt{attempt}", store)
-    tdist.init_process_group(backend="nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
-                             timeout=timeout, device_id=torch.device(device) if cuda else None)
+    tdist.init_process_group(backend="nccl" if cuda else "gloo", store=store, rank=rank,
+                             world_size=world, timeout=timeout,
+                             device_id=torch.device(device) if cuda else None)
     return Dist(rank, local_rank, world, True, device, attempt)
 
 
 def stop_distributed(dist, finished=False):
-    """Leave the process group; after a finished run, first wait for every process to get here
-    (one may still be evaluating, and gloo aborts a peer that leaves mid-conversation)."""
+    """Leave the process group. After a finished run, first wait for every process to get here:
+    one may still be evaluating, and gloo aborts a peer that leaves mid-conversation."""
     if dist.enabled and tdist.is_initialized():
         if finished:
             tdist.barrier()
@@ -239,15 +334,16 @@ def stop_distributed(dist, finished=False):
 
 
 def data_parallel(model, dist):
-    """model wrapped in DDP when this is a torchrun job (else model itself). Its buffers (the rope and
-    ALiBi tables) are constants, the same on every process: DDP must not broadcast them at every
-    forward. Newer torch renamed that switch (the new one still syncs once at start: harmless)."""
+    """model wrapped in DDP when this is a torchrun job (else model itself). Its buffers (the rope
+    and ALiBi tables) are constants, the same on every process, so DDP must not broadcast them at
+    every forward. Newer torch renamed that switch."""
     if not dist.enabled:
         return model
     renamed = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
-    return DDP(model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None,
-               gradient_as_bucket_view=True,  # the gradients live in DDP's buckets: no second copy of them
-               **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
+    no_buffer_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+    device_ids = [dist.local_rank] if dist.device.startswith("cuda") else None
+    # gradient_as_bucket_view: the gradients live in DDP's buckets, with no second copy of them
+    return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True, **no_buffer_sync)
 
 
 def in_torchrun() -> bool:
@@ -256,35 +352,37 @@ def in_torchrun() -> bool:
 
 
 def torchrun_rank() -> int:
-    """This process's rank in its torchrun job, read before (or without) joining it; 0 outside torchrun."""
+    """This process's rank in its torchrun job, read before (or without) joining it; 0 outside."""
     return int(os.environ.get("RANK", "0"))
 
 
 @contextmanager
 def torchrun_group(device_name):
-    """The with-block runs in torchrun's process group (a plain `python` run: rank 0 of 1, no group).
+    """The with-block runs in torchrun's process group (a plain `python` run: rank 0 of 1).
     After a finished block every process waits for the others, then leaves the group; after an
     error the block's frames are freed first (the DDP model in them holds the group's buffers)."""
     dist = start_distributed(device_name)
     try:
         yield dist
-    except (KeyboardInterrupt, *EVERY_PROCESS_ERRORS) as e:  # torchrun relays a Ctrl-C to every process
+    except (KeyboardInterrupt, *EVERY_PROCESS_ERRORS) as e:  # torchrun relays Ctrl-C to every rank
         traceback.clear_frames(e.__traceback__)
         stop_distributed(dist)
         raise
     except BaseException:
-        if dist.enabled:  # this process's own error: the others may wait in a collective, where NCCL's orderly
-            traceback.print_exc()  # leaving would wait with them; exit now, and torchrun stops the others
+        # This process's own error: the others may wait in a collective, where NCCL's orderly
+        # leaving would wait with them. Exit now, and torchrun stops the others.
+        if dist.enabled:
+            traceback.print_exc()
             exit_process(1, at_once=True)
         raise
     stop_distributed(dist, finished=True)
 
 
 def exit_process(code, at_once=False):
-    """End the process with code. Under torchrun (or at_once) skip the interpreter's and C++'s teardown:
-    after a clean destroy_process_group gloo can still abort a process there ("terminate called without
-    an active exception", exit -6 after the run's last line), so the job would report a finished run as
-    failed. Callers have closed every file."""
+    """End the process with code. Under torchrun (or at_once) skip the interpreter's and C++'s
+    teardown: after a clean destroy_process_group gloo can still abort a process there ("terminate
+    called without an active exception"), and the job would report a finished run as failed.
+    Callers have closed every file."""
     if not (at_once or in_torchrun()):
         sys.exit(code)
     sys.stdout.flush()
@@ -298,64 +396,33 @@ def print0(*args, **kwargs):
         print(*args, **kwargs)
 
 
-def any_rank(flag, dist) -> bool:
-    """True when flag is true on any process (a collective: every process calls it at the same point)."""
-    if not dist.enabled:
-        return flag
-    t = torch.tensor([float(flag)], device=dist.device)
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return bool(t.item())
+class StopSignal:
+    """Inside the with-block, Ctrl-C (SIGINT), SIGTERM and SIGHUP (a closed terminal or SSH
+    session; torchrun forwards it) set a flag instead of ending the process, so the loop can
+    finish its step and save. torchrun relays one Ctrl-C to every process more than once, so only a
+    second signal a second or more after the first raises KeyboardInterrupt: stop at once."""
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                    if hasattr(signal, name))  # Windows has no SIGHUP
 
+    def __init__(self, announce=True):
+        self.requested, self.previous, self.announce = False, {}, announce
+        self.first_at = 0.0
 
-def sum_over_ranks(values, dist):
-    """values (a tensor on dist.device) summed over all processes; gloo has no AVG, so callers divide."""
-    if dist.enabled:
-        values = values.clone()
-        tdist.all_reduce(values, op=tdist.ReduceOp.SUM)
-    return values
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
 
+    def handle(self, signum, frame):
+        if self.requested and time.monotonic() - self.first_at >= 1.0:
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.first_at = time.monotonic()
+            if self.announce:
+                print(f"{signal.Signals(signum).name} received: finishing this step, then saving "
+                      "(again to stop at once)", flush=True)
+        self.requested = True
 
-def sum_floats_over_ranks(values, dist) -> list:
-    """Python floats summed over all processes, in float64 on the process group's device (CUDA or a CPU; MPS, which
-    has no float64, runs no process group)."""
-    if not dist.enabled:
-        return list(values)
-    return sum_over_ranks(torch.tensor(values, dtype=torch.float64, device=dist.device), dist).tolist()
-
-
-def broadcast_from_master(value, dist):
-    """Rank 0's value (any picklable object) on every process."""
-    if not dist.enabled:
-        return value
-    box = [value]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def broadcast_tensors_from_master(tensors, dist):
-    """Copy rank 0's values into every process's tensors (on dist.device), in place."""
-    if dist.enabled:
-        for tensor in tensors:
-            tdist.broadcast(tensor, src=0)
-
-
-def collectively(dist, runs_on, work, *args):
-    """Every process calls this; work(*args) runs on all of them ('all'), or only on rank 0 ('master') or
-    on local rank 0 of each node ('node'), the others waiting. Then every process raises the first
-    exception any of them met, so an error on one rank (a full disk, a missing file) stops the whole
-    job instead of leaving the others stuck in their next collective. Returns work's result (None
-    where it did not run)."""
-    chosen = {"all": True, "master": dist.rank == 0, "node": dist.local_rank == 0}[runs_on]
-    result, error = None, None
-    if chosen:
-        try:
-            result = work(*args)
-        except Exception as e:  # passed to the other ranks, then raised everywhere
-            error = e
-    if dist.enabled:
-        errors = [None] * dist.world_size
-        tdist.all_gather_object(errors, error)
-        error = next((e for e in errors if e is not None), None)
-    if error is not None:
-        raise error
-    return result
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -12,17 +12,15 @@ approximation (mlp='gelu_tanh' here). The four GPT-2 names download with hugging
     python -m tools.export --out_dir=out-shakespeare --to=hf-shakespeare
 """
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
 
-from model import GPT, GPTConfig
-from tinygpt.checkpoint import check_vocabulary, checkpoint_path, clean_state_dict, load_checkpoint
+from model import GPTConfig
 from tinygpt.common import CheckpointError, atomic_write
 
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M and 1558M parameters
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GELUS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}  # transformers' name: ours
 EOS = 50256  # GPT-2's <|endoftext|>
@@ -72,18 +70,6 @@ def model_args_of_hf(config, where) -> dict:
     return asdict(args)
 
 
-def check_shapes(state, model_args, where):
-    """A one-line CheckpointError unless state holds exactly the tensors, with the shapes, of a GPT of model_args."""
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        expected = {k: v.shape for k, v in GPT(GPTConfig(**model_args)).state_dict().items()}
-    problems = [f"no {k}" for k in expected if k not in state] + [f"an unknown {k}" for k in state if k not in expected]
-    problems += [f"{k} is {list(state[k].shape)}, not {list(shape)}" for k, shape in expected.items()
-                 if k in state and state[k].shape != shape]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(f"{where} does not fit the model its config describes: {'; '.join(problems[:3])}{more}")
-
-
 def load_hf(folder) -> dict:
     """{'model', 'model_args', 'meta'} of a Hugging Face GPT-2 folder, shaped like a checkpoint of this repo."""
     folder = Path(folder)
@@ -101,57 +87,7 @@ def load_hf(folder) -> dict:
              if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # old files keep the causal mask as a buffer
     if "wte.weight" in state:
         state["lm_head.weight"] = state["wte.weight"]  # tied: stored once
-    check_shapes(state, model_args, folder / "model.safetensors")
     return {"model": state, "model_args": model_args, "meta": {"tokenizer": "gpt2"}}
-
-
-def load_weights(source) -> dict:
-    """{'model', 'model_args', 'meta'} of a GPT-2 name, a Hugging Face GPT-2 folder, or a checkpoint of
-    this repo: a .pt file, or an out_dir (its best.pt, else its ckpt.pt)."""
-    path = Path(source)
-    if source in GPT2_NAMES:
-        return load_hf(download(source))
-    if path.is_dir() and ((path / "best.pt").is_file() or (path / "ckpt.pt").is_file()):
-        path = checkpoint_path(path)  # an out_dir (its config.json is the run's options, not a GPT-2 config)
-    elif (path / "config.json").is_file() or (path / "model.safetensors").is_file():
-        return load_hf(path)
-    if path.is_file():
-        return load_checkpoint(path, mmap=True)  # mapped: its optimizer state is never read
-    what = "no such file or folder" if not path.exists() else "a folder with no model in it"
-    raise CheckpointError(f"--init_from={source}: {what}; give a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hugging "
-                          "Face GPT-2 folder (config.json + model.safetensors), or a checkpoint of this repo (a .pt or "
-                          "an out_dir)")
-
-
-def weights_to_fine_tune(cfg, meta, resume_from=None) -> tuple:
-    """(cfg, model_args, state_dict) of a run that fine-tunes the weights cfg.init_from names on the data
-    set of meta. The model's shape is the weights' (they replace cfg's model fields), with cfg's dropout (and attn_dropout),
-    and block_size cropped to cfg's if it asks for less (as nanoGPT's crop_block_size); weights without learned
-    positions (rope, alibi, sinusoidal: tables computed for any length) take cfg's block_size, longer or not, so a
-    model pretrained on short windows fine-tunes on long ones. A run that resumes
-    its own checkpoint (a rerun of the same command) takes the shape from it and no tensors (None): they
-    come with the resume. A one-line CheckpointError when the weights' vocabulary cannot read this data
-    set, or their positions cannot hold one of its examples."""
-    if resume_from:
-        weights = load_checkpoint(resume_from, mmap=True)  # mapped, not read: only its model_args and meta are used
-        model_args, state = {**weights["model_args"], "dropout": cfg.dropout, "attn_dropout": cfg.attn_dropout}, None
-    else:
-        weights = load_weights(cfg.init_from)
-        state = clean_state_dict(weights["model"])
-        learned = "wpe.weight" in state
-        block_size = min(cfg.block_size, weights["model_args"]["block_size"]) if learned else cfg.block_size
-        model_args = {**weights["model_args"], "block_size": block_size, "dropout": cfg.dropout,
-                      "attn_dropout": cfg.attn_dropout}  # the run's dropout, not the weights'
-        if learned:
-            state["wpe.weight"] = state["wpe.weight"][:block_size]  # the first positions, as trained
-        check_shapes(state, model_args, cfg.init_from)
-    where = resume_from or cfg.init_from
-    positions = weights["model_args"]["block_size"] if state is None or learned else block_size
-    check_vocabulary(weights.get("meta") or {}, model_args["vocab_size"], meta, where)
-    if meta.get("task") and positions < meta["example_len"] - 1:
-        raise CheckpointError(f"{where} holds {positions} positions, fewer than the {meta['example_len'] - 1} tokens "
-                              f"of a {meta['task']} example; fine-tune a model with a longer block_size")
-    return replace(cfg, **{k: v for k, v in model_args.items() if k != "vocab_size"}), model_args, state
 
 
 def hf_config(model_args, meta) -> dict:
@@ -181,7 +117,7 @@ def export_hf(checkpoint, folder) -> Path:
     taken = [name for name in ("config.json", "model.safetensors") if (folder / name).exists()]
     if taken:
         raise CheckpointError(f"{folder} already holds {' and '.join(taken)}; export to a new folder")
-    state = clean_state_dict(checkpoint["model"])
+    state = dict(checkpoint["model"])  # the caller's keys are clean (checkpoint.clean_state_dict)
     for name, tensor in list(state.items()):  # bias=False: GPT-2 has biases everywhere; zeros change nothing
         if name.endswith(".weight") and name not in ("wte.weight", "wpe.weight", "lm_head.weight"):
             state.setdefault(name[:-len("weight")] + "bias", torch.zeros(tensor.shape[0], dtype=tensor.dtype))

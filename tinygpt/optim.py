@@ -1,13 +1,12 @@
-"""The optimizers train.py steps: AdamW, and Muon for the matrices inside the blocks when muon_lr > 0.
+"""Muon for the matrices inside the blocks, which train.py uses beside AdamW when muon_lr > 0.
 
 BatchedMuon is Muon as torch.optim.Muon computes it, with the Newton-Schulz iterations of same-shape
 matrices run together: Muon orthogonalizes each matrix's update with five Newton-Schulz steps, three
-matmuls each, on matrices as small as 128 x 128, and a CPU runs such products much faster per FLOP as
-one batched product than one at a time (docs/results.md). The arithmetic per matrix is torch's, and so
-is the state (a momentum buffer per matrix): checkpoints load in either. One exception: a device without
-bf16 hardware (an AVX2-only CPU, a T4, a Mac) emulates bf16 matmuls or lacks them, so there the iterations
-run in fp32 (docs/results.md).
-"""
+matmuls each, on matrices as small as 128 x 128, and a CPU runs such products much faster per FLOP
+as one batched product than one at a time (docs/results.md). The arithmetic per matrix is torch's,
+and so is the state (a momentum buffer per matrix): checkpoints load in either. One exception: a
+device without bf16 hardware (an AVX2-only CPU, a T4, a Mac) emulates bf16 matmuls or lacks them, so
+there the iterations run in fp32 (docs/results.md)."""
 import math
 
 import torch
@@ -15,72 +14,18 @@ import torch
 import tinygpt.device
 
 
-def make_optimizers(model, weight_decay, learning_rate, betas, device_type, muon_lr=0.0, muon_momentum=0.95,
-                    fused=None) -> list:
-    """[AdamW] with weight decay on matrices only, fused where the device has the kernel (unless fused is given);
-    with muon_lr > 0 [AdamW, Muon]: Muon (torch >= 2.9's, batched by shape) takes the blocks' 2-D weights; AdamW the
-    embeddings, the head and the gains."""
-    named = dict(model.named_parameters())  # tied weights appear once
-    hidden = [p for n, p in named.items() if muon_lr and n.startswith("blocks.") and p.dim() == 2]
-    rest = [p for p in named.values() if all(p is not h for h in hidden)]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-    if fused is None:
-        fused = tinygpt.device.capabilities(device_type).fused_adamw
-    optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
-    if hidden:
-        optimizers.append(BatchedMuon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=0.0,
-                                      adjust_lr_fn="original"))
-    return optimizers
-
-
-def clip_and_step(optimizers, scaler, parameters, grad_clip, keep_grads=False):
-    """One optimizer step of every optimizer on the accumulated gradients: unscaled (fp16), clipped to grad_clip
-    (0: not clipped), stepped, then zeroed: set to None, or with keep_grads zeroed in place (under DDP they are
-    views of its buckets, gradient_as_bucket_view: fresh ones would be a second copy, copied into the buckets).
-    GradScaler skips each optimizer whose own gradients overflowed; the clip then uses the norm of the others'
-    gradients, the ones that step: an inf in the norm would zero them, a nan poison them, and leaving them
-    unclipped would let a spike through on the very step where the loss scale was too high."""
-    if grad_clip:
-        for optimizer in optimizers:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        parameters = [p for p in parameters if p.grad is not None]
-        if scaler.is_enabled():  # fp16: one optimizer's gradients may be inf or nan, the other's not
-            norms = torch.stack([torch.nn.utils.get_total_norm(grads_of(optimizer)) for optimizer in optimizers])
-            norm = torch.linalg.vector_norm(torch.where(norms.isfinite(), norms, 0.0))
-        else:  # a non-finite norm here means a nan loss, which stops the run at its next log step
-            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-            norm = torch.where(norm.isfinite(), norm, 0.0)  # 0: the clip factor clamps to 1, nothing scaled
-        torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip, norm)
-    for optimizer in optimizers:
-        scaler.step(optimizer)
-    scaler.update()
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=not keep_grads)
-
-
-def grads_of(optimizer) -> list:
-    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-
-
-def load_optimizer_state(optimizer, saved):
-    """saved's moments and step counts, under this optimizer's own settings: its lr, betas and decay, and its
-    kernel. The saved kernel flags decide where torch puts the step counts: an unfused run's (fused=False) would
-    leave them on the host, and a fused CUDA kernel rejects them."""
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    groups = [{**old, **new} for old, new in zip(saved["param_groups"], settings)]
-    optimizer.load_state_dict({**saved, "param_groups": groups})
-
-
 class BatchedMuon(torch.optim.Muon):
-    """torch.optim.Muon (torch >= 2.9): Nesterov momentum, bf16 Newton-Schulz on the wide orientation, the lr scaled
-    by sqrt(max(1, rows / cols)) ("original"), decoupled weight decay; same-shape matrices orthogonalized as one."""
+    """torch.optim.Muon (torch >= 2.9): Nesterov momentum, bf16 Newton-Schulz on the wide
+    orientation, the lr scaled by sqrt(max(1, rows / cols)) ("original"), decoupled weight decay;
+    same-shape matrices orthogonalized as one."""
 
     def __init__(self, params, ns_dtype=None, **options):
         super().__init__(params, **options)
         self.ns_dtype = ns_dtype or newton_schulz_dtype(self.param_groups[0]["params"][0].device)
         if any(group["adjust_lr_fn"] not in (None, "original") for group in self.param_groups):
-            raise ValueError("BatchedMuon scales the lr as adjust_lr_fn='original' does, and no other way")
+            raise ValueError(
+                "BatchedMuon scales the lr as adjust_lr_fn='original' does, and no other way"
+            )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -94,12 +39,21 @@ class BatchedMuon(torch.optim.Muon):
             for p in (p for p in group["params"] if p.grad is not None):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p.grad, memory_format=torch.preserve_format
+                    )
                 buf = state["momentum_buffer"].lerp_(p.grad, 1 - momentum)
-                by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, momentum) if group["nesterov"] else buf))
+                by_shape.setdefault(p.shape, []).append(
+                    (p, p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+                )
             for (rows, cols), pairs in by_shape.items():
-                updates = newton_schulz(torch.stack([update for _, update in pairs]), group["ns_coefficients"],
-                                        group["ns_steps"], group["eps"], self.ns_dtype)
+                updates = newton_schulz(
+                    torch.stack([update for _, update in pairs]),
+                    group["ns_coefficients"],
+                    group["ns_steps"],
+                    group["eps"],
+                    self.ns_dtype,
+                )
                 for (p, _), update in zip(pairs, updates):
                     if decay:
                         p.mul_(1 - lr * decay)
@@ -108,14 +62,16 @@ class BatchedMuon(torch.optim.Muon):
 
 
 def newton_schulz_dtype(device):
-    """bf16, as torch's Muon, where the device has it in hardware; else fp32, which is faster there (a CPU
-    without bf16 instructions, a T4 or V100 emulate bf16) and runs where bf16 may not (an older Mac)."""
+    """bf16, as torch's Muon, where the device has it in hardware; else fp32, which is faster there
+    (a CPU without bf16 instructions, a T4 or V100 emulate bf16) and runs where bf16 may not (an
+    older Mac)."""
     return torch.bfloat16 if tinygpt.device.capabilities(str(device)).bf16 else torch.float32
 
 
 def newton_schulz(stack, coefficients, steps, eps, dtype=torch.bfloat16):
-    """torch.optim.Muon's orthogonalization of each matrix in a stack (n, rows, cols): in bf16 (or dtype), on the
-    wide orientation (rows <= cols, so the Gram matrices are the small ones), each scaled to Frobenius norm 1 first."""
+    """torch.optim.Muon's orthogonalization of each matrix in a stack (n, rows, cols): in bf16 (or
+    dtype), on the wide orientation (rows <= cols, so the Gram matrices are the small ones), each
+    scaled to Frobenius norm 1 first."""
     a, b, c = coefficients
     x = stack.to(dtype)
     tall = stack.size(-2) > stack.size(-1)

@@ -35,7 +35,7 @@ import torch
 from model import GPT, GPTConfig
 from tinygpt.common import ConfigError
 from tinygpt.device import DTYPES, measured_matmul_flops, model_dtype
-from tinygpt.options import must, run_cli
+from tinygpt.common import must, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 

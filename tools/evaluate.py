@@ -15,10 +15,10 @@ import torch
 from model import SINK_POSITIONS
 from tinygpt.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from tinygpt.common import CheckpointError, ConfigError, DataError
-from tinygpt.data import Batches, load_meta
+from tinygpt.data import Batches, final_report, load_meta
 from tinygpt.device import DTYPES, autocast_context, model_dtype, resolve_device
-from tinygpt.evaluation import final_report, streaming_losses
-from tinygpt.options import must, run_cli
+from tinygpt.evaluation import qa_report, streaming_losses
+from tinygpt.common import must, run_cli
 
 
 def stream_report(model, tokens, sink_tokens):
@@ -79,6 +79,8 @@ def evaluate(cfg):
     ctx = autocast_context(device, model_dtype(cfg.dtype, device, checkpoint["model_args"]))
     final_report(model, batches, ctx, cfg.batch_size, trained.get("val_loss_bar", 0.0),
                  trained.get("exact_match_bar", 0.0))
+    if meta.get("qa") and meta.get("test_file"):
+        qa_report(model, batches, ctx, trained.get("exact_match_bar", 0.0))
 
 
 def main(argv) -> int:

@@ -12,10 +12,10 @@ meta.json, since transformers has no tokenizer for it.
 import sys
 from dataclasses import dataclass
 
-from tinygpt.checkpoint import checkpoint_path, load_checkpoint
+from tinygpt.checkpoint import checkpoint_path, clean_state_dict, load_checkpoint
 from tinygpt.common import CheckpointError
 from tinygpt.gpt2 import export_hf
-from tinygpt.options import must, run_cli
+from tinygpt.common import must, run_cli
 
 
 @dataclass
@@ -30,7 +30,8 @@ class ExportConfig:
 
 def export(cfg):
     path = checkpoint_path(cfg.out_dir, cfg.ckpt)
-    folder = export_hf(load_checkpoint(path), cfg.to)
+    checkpoint = load_checkpoint(path)
+    folder = export_hf({**checkpoint, "model": clean_state_dict(checkpoint["model"])}, cfg.to)
     print(f"wrote {folder / 'config.json'} and {folder / 'model.safetensors'} from {path}")
 
 

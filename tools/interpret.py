@@ -23,7 +23,7 @@ import torch
 from tinygpt.checkpoint import load_for_inference
 from tinygpt.common import CheckpointError, ConfigError, DataError
 from tinygpt.device import DTYPES
-from tinygpt.options import must, run_cli
+from tinygpt.common import must, run_cli
 
 
 @dataclass
