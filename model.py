@@ -1,5 +1,5 @@
-"""The whole GPT in one file, top to bottom: GPTConfig, the KV cache, token sampling, CausalSelfAttention, MLP,
-Block, GPT. Token ids in, logits out: text lives at the edges (prepare.py, sample.py)."""
+"""The whole GPT in one file, top to bottom: GPTConfig, the KV cache, token sampling,
+CausalSelfAttention, MLP, Block, GPT. Token ids in, logits out: text lives at the edges."""
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi")
-SINK_POSITIONS = ("rope", "alibi")  # attention sinks move cached keys to other slots: only these positions follow
+SINK_POSITIONS = ("rope", "alibi")  # sinks move cached keys between slots: these positions follow
 
 
 @dataclass
@@ -23,15 +23,15 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False          # biases in Linear and LayerNorm layers (GPT-2 had them)
     # architecture choices
-    pos: str = "learned"        # 'learned' (GPT-2), 'sinusoidal' (fixed sin/cos), 'rope' (rotary) or 'alibi' (distance bias)
-    mlp: str = "gelu"           # 'gelu', 'gelu_tanh' (GPT-2's tanh approximation) or 'relu2' (ReLU squared)
+    pos: str = "learned"        # 'learned' (GPT-2), 'sinusoidal', 'rope' (rotary) or 'alibi'
+    mlp: str = "gelu"           # 'gelu', 'gelu_tanh' (GPT-2's approximation) or 'relu2' (ReLU^2)
     tie_weights: bool = True    # LM head shares the token embedding matrix
     attention: bool = True      # False is an ablation: every token attends only to itself
-    attn_dropout: bool = True   # False: dropout on the residual branches only; the attention weights' mask is most of its CPU cost
+    attn_dropout: bool = True   # False: no dropout on attention weights (most of its CPU cost)
     # speedrun levers (configs/speedrun_cpu.py; docs/results.md measures each)
     qk_norm: bool = False       # RMS-normalise queries and keys before attention
     zero_init_proj: bool = False  # residual output projections start at zero
-    attn_float32: bool = False  # attention in fp32 under autocast: a CPU's bf16 attention backward is slow
+    attn_float32: bool = False  # attention in fp32 under autocast: a CPU's bf16 backward is slow
 
     def __post_init__(self):
         if self.n_head < 1:
@@ -40,16 +40,16 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.pos not in POSITIONS:
             raise ValueError(f"pos={self.pos!r}: use 'learned', 'sinusoidal', 'rope' or 'alibi'")
-        if (self.pos == "sinusoidal" and self.n_embd % 2) or (self.pos == "rope" and self.n_embd // self.n_head % 2):
-            raise ValueError(f"pos={self.pos!r} needs an even n_embd and head size: sin and cos come in pairs")
+        width = self.n_embd if self.pos == "sinusoidal" else self.n_embd // self.n_head
+        if self.pos in ("sinusoidal", "rope") and width % 2:
+            raise ValueError(f"pos={self.pos!r} needs an even n_embd and head size")
         if self.mlp not in ("gelu", "gelu_tanh", "relu2"):
             raise ValueError(f"mlp={self.mlp!r}: use 'gelu', 'gelu_tanh' or 'relu2'")
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far: per layer k and v (B, n_head, max_len, head_dim), allocated at the
-    first write, filled up to `pos` (GPT.forward advances it). sinks > 0: make_room keeps the first `sinks` and
-    shifts the rest left."""
+    """Keys and values so far: per layer k and v (B, n_head, max_len, head_dim), allocated at the
+    first write, filled up to `pos` (GPT.forward advances it); make_room keeps `sinks` first."""
 
     def __init__(self, n_layer, max_len, sinks=0):
         self.n_layer, self.max_len, self.sinks = n_layer, max_len, sinks
@@ -77,8 +77,8 @@ class KVCache:
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row of logits (B, V): temperature 0 is greedy; top_k keeps the k best; top_p the fewest best
-    tokens whose probability reaches top_p."""
+    """One token per row of logits (B, V): temperature 0 is greedy; top_k keeps the k best; top_p
+    the fewest best tokens whose probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -88,7 +88,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before it reaches top_p
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
@@ -102,7 +102,7 @@ def window(idx, keep, sinks):
 
 
 def sincos_tables(dim, length, device=None):
-    """cos, sin of position x 10000^(-2i/dim), (length, dim // 2) each: side by side the sinusoidal table, or RoPE's angles."""
+    """cos, sin of position x 10000^(-2i/dim), (length, dim // 2): sinusoidal's or RoPE's."""
     inv_freq = 1.0 / 10000.0 ** (torch.arange(0, dim, 2, device=device).float() / dim)
     angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
     return angles.cos(), angles.sin()
@@ -123,17 +123,17 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout if config.attn_dropout else 0.0  # sdpa's dropout on the attention weights
+        self.dropout = config.dropout if config.attn_dropout else 0.0  # on attention weights
         self.attention = config.attention
         self.qk_norm = config.qk_norm
         self.attn_float32 = config.attn_float32
         self.scale = 1 / math.sqrt(self.head_dim)
-        slopes = 2.0 ** (-8.0 * torch.arange(1, config.n_head + 1) / config.n_head)  # ALiBi: 2^(-8/n) .. 2^-8, one a head
-        self.register_buffer("alibi_slopes", slopes if config.pos == "alibi" else None, persistent=False)
+        slopes = 2.0 ** (-8.0 * torch.arange(1, config.n_head + 1) / config.n_head)  # ALiBi's
+        self.register_buffer("alibi_slopes", slopes if config.pos == "alibi" else None, False)
 
     def queries_keys_values(self, x, rope=None, rotate_keys=True):
-        """q, k, v (B, n_head, T, head_dim) as attention reads them (fp32 with attn_float32); x's T tokens take rope's
-        last T rows. q and k are normed and rotated as one tensor: one small op instead of two halves its overhead."""
+        """q, k, v (B, n_head, T, head_dim) as attention reads them; x's T tokens take rope's last T
+        rows. q and k are normed and rotated as one tensor: one small op, not two."""
         B, T, C = x.size()  # batch size, sequence length, n_embd
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
         if self.attn_float32:
@@ -142,7 +142,7 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm:
             qk = F.rms_norm(qk, (self.head_dim,))
         if rope is not None:
-            cos = rope[0][-T:, None, None]  # (T, 1, 1, hs / 2): the same angles for q and k, every head
+            cos = rope[0][-T:, None, None]  # (T, 1, 1, hs / 2): the same for q, k and every head
             sin = rope[1][-T:, None, None]
             if rotate_keys:
                 qk = apply_rope(qk, cos, sin)
@@ -162,43 +162,43 @@ class CausalSelfAttention(nn.Module):
             start = 0  # the position of the first query among the keys
             if cache is not None:
                 start = cache.pos
-                k, v = cache.update(self.layer, k, v)  # (B, nh, keys, hs): the cached ones, then these
-            if keys_by_slot:  # a sink cache moves keys between slots, so it holds them unrotated: rotate by slot now
+                k, v = cache.update(self.layer, k, v)  # (B, nh, keys, hs): cached, then these
+            if keys_by_slot:  # a sink cache holds keys unrotated, as it moves them: rotate by slot
                 k = apply_rope(k, *rope)
             mask = self.attention_mask(T, start, k.size(2), x.device)
             y = self.attend(q, k, v, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # the heads side by side again
         if self.attn_float32:
-            y = y.to(self.c_proj.weight.dtype)  # bf16 weights (sample.py casts them) need it; autocast casts anyway
+            y = y.to(self.c_proj.weight.dtype)  # cast weights need it; autocast casts anyway
         return self.resid_dropout(self.c_proj(y))
 
     def attend(self, q, k, v, mask):
-        precision = torch.autocast(q.device.type, enabled=False) if self.attn_float32 else nullcontext()
+        fp32 = torch.autocast(q.device.type, enabled=False)
+        precision = fp32 if self.attn_float32 else nullcontext()
         if mask is not None and mask.is_floating_point():
-            mask = mask.to(q.dtype)  # ALiBi's bias follows cast weights, q may be fp32 (attn_float32): sdpa wants one dtype
+            mask = mask.to(q.dtype)  # ALiBi's bias in q's dtype: sdpa wants one dtype
         with precision:
             if q.size(2) > 1 or self.training:
                 dropout_p = self.dropout if self.training else 0.0
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                       is_causal=mask is None, scale=self.scale)
-            # generation's one query, written out: sdpa's CPU kernel costs more in fixed overhead than in work.
-            # Softmax in fp32, as sdpa's.
+            # Generation's one query, written out: sdpa's CPU kernel costs more in fixed overhead
+            # than in work. Softmax in fp32, as sdpa's.
             scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, 1, keys)
-            if mask is not None:  # ALiBi's bias: a lone query needs no causal mask (attention_mask gives None)
+            if mask is not None:  # ALiBi's bias; a lone query needs no causal mask
                 scores = scores + mask
             return scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v
 
     def attention_mask(self, T, start, n_keys, device):
-        """attn_mask of T queries at positions start.. over n_keys keys: None where is_causal (or a lone query) does
-        it; else True where a query may read a key (the causal diagonal shifted by `start`); for ALiBi the
-        -slope x distance bias, -inf ahead."""
+        """attn_mask of T queries at positions start.. over n_keys keys: None where is_causal does
+        it; else True where a query may read a key; for ALiBi the -slope x distance bias."""
         if self.alibi_slopes is None and (start == 0 or T == 1):
             return None
         query_positions = start + torch.arange(T, device=device)
-        distance = query_positions[:, None] - torch.arange(n_keys, device=device)  # (T, keys): how far back a key is
+        distance = query_positions[:, None] - torch.arange(n_keys, device=device)  # (T, keys)
         if self.alibi_slopes is None:
             return distance >= 0
-        bias = -self.alibi_slopes[:, None, None] * distance  # (nh, T, keys): a farther key counts less
+        bias = -self.alibi_slopes[:, None, None] * distance  # (nh, T, keys): far keys count less
         return bias.masked_fill(distance < 0, float("-inf"))
 
 
@@ -209,7 +209,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.relu2 = config.mlp == "relu2"
-        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"  # GPT-2's GELU is the tanh one
+        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"  # GPT-2's is tanh
 
     def forward(self, x):
         x = self.c_fc(x)
@@ -236,12 +236,12 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.max_positions = math.inf  # without a cache: only learned positions end, the others extrapolate
+        self.max_positions = math.inf  # only learned positions end; the others extrapolate
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         if config.pos == "learned":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
             self.max_positions = config.block_size
-        if config.pos in ("sinusoidal", "rope"):  # fixed tables: buffers rebuilt from the config, not saved
+        if config.pos in ("sinusoidal", "rope"):  # fixed tables, rebuilt from the config: not saved
             dim = config.n_embd if config.pos == "sinusoidal" else config.n_embd // config.n_head
             cos, sin = sincos_tables(dim, config.block_size)
             self.register_buffer("pos_cos", cos, persistent=False)
@@ -273,8 +273,8 @@ class GPT(nn.Module):
         return cos[start:], sin[start:]
 
     def embed(self, idx, start=0):
-        """(embeddings of idx (B, T) at positions start.., RoPE's (cos, sin) rows or None). RoPE's rows run from 0:
-        attention takes the last T; a sink cache rotates every key by slot."""
+        """(embeddings of idx (B, T) at positions start.., RoPE's (cos, sin) rows or None). RoPE's
+        rows run from 0: attention takes the last T; a sink cache rotates every key by slot."""
         T = idx.size(1)
         x = self.wte(idx)  # (B, T, C)
         rope = None
@@ -282,14 +282,14 @@ class GPT(nn.Module):
             x = x + self.wpe(start + torch.arange(T, device=idx.device))
         elif self.config.pos == "sinusoidal":
             table = torch.cat(self.sincos(start, start + T), dim=-1)  # (T, C)
-            x = x + 0.02 * math.sqrt(2) * table  # scaled to the embeddings' init (std 0.02): unscaled it drowns them
+            x = x + 0.02 * math.sqrt(2) * table  # at the embeddings' scale: else it drowns them
         elif self.config.pos == "rope":
             rope = self.sincos(0, start + T)
         return self.drop(x), rope
 
     def forward(self, idx, targets=None, cache=None):
-        """Logits (B, T, V) and the mean cross-entropy when targets are given (target -1 is ignored); else the last
-        position's logits (B, 1, V), all generation needs."""
+        """Logits (B, T, V) and the mean cross-entropy when targets are given (target -1 is
+        ignored); else the last position's logits (B, 1, V), all generation needs."""
         B, T = idx.size()
         if cache is not None and cache.sinks:
             cache.make_room(T)
@@ -306,17 +306,20 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        flat = logits.float().view(-1, logits.size(-1))
+        loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()
     def next_logits(self, idx, cache=None, use_cache=True, sink_tokens=0):
-        """(logits (B, 1, V) of the token after idx (B, T), the cache to pass back). The first call prefills a cache
-        with idx's last block_size tokens, later ones feed its last token; a full cache restarts from the last half
-        window, or with sink_tokens=N keeps the first N and drops the oldest others. use_cache=False recomputes."""
+        """(logits (B, 1, V) of the token after idx (B, T), the cache to pass back). The first call
+        prefills a cache with idx's last block_size tokens, later ones feed its last token. A full
+        cache restarts from the last half window, or keeps the first sink_tokens and drops the
+        oldest others. use_cache=False recomputes."""
         block = self.config.block_size
         if sink_tokens and (self.config.pos not in SINK_POSITIONS or not 0 < sink_tokens < block):
-            raise ValueError(f"sink_tokens={sink_tokens} needs pos='rope' or 'alibi' and fewer than {block} sinks")
+            raise ValueError(f"sink_tokens={sink_tokens} needs pos='rope' or 'alibi' and fewer "
+                             f"than {block} sinks")
         if not use_cache:
             return self(window(idx, block, sink_tokens))[0], None
         if cache is None or (cache.pos == block and not sink_tokens):
@@ -338,8 +341,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **options):
-        """idx (B, T) with max_new_tokens tokens appended, sampled as generate_stream's options say."""
-        new_tokens = [token[:, None] for token in self.generate_stream(idx, max_new_tokens, **options)]
+        """idx (B, T) with max_new_tokens tokens appended, sampled as generate_stream's options."""
+        new_tokens = [t[:, None] for t in self.generate_stream(idx, max_new_tokens, **options)]
         return torch.cat([idx, *new_tokens], dim=1)
 
     def num_params(self, non_embedding=True):
@@ -352,6 +355,6 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token (MFU): 6 per weight + 12 x layers x width x context (PaLM, app. B)."""
+        """Training FLOPs per token (MFU): 6 a weight + 12 x layers x width x context (PaLM)."""
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * (seq_len or cfg.block_size)

@@ -1,5 +1,6 @@
-"""The repo's layout as a specification: what sits at the root, which way imports run, that every runnable file
-answers --help, and that the requirement files install what the code and the tests import."""
+"""The repo's layout as a specification: what sits at the root, which way imports run (the floors
+below), that every runnable file answers --help, that lines stay short, and that the requirement
+files install what the code and the tests import."""
 import ast
 import importlib
 import importlib.metadata
@@ -27,6 +28,63 @@ def imported_modules(path) -> set:
 
 def python_files(folder="."):
     return sorted(p for p in (REPO / folder).rglob("*.py") if ".git" not in p.parts)
+
+
+# The written architecture: every module on its floor, and every import, at the top of a file or
+# inside a function, goes to a lower floor. Nothing imports sideways or up, so there is no circle,
+# and reading batches (data.py) never imports the data builders (datasets.py, corpus.py).
+FLOORS = {
+    1: ["model", "tinygpt.common"],
+    2: ["tinygpt.device", "tinygpt.tokenizer", "tinygpt.download", "tinygpt.plot", "tinygpt.gpt2"],
+    3: ["tinygpt.data", "tinygpt.checkpoint", "tinygpt.evaluation", "tinygpt.optim",
+        "tinygpt.datasets", "tinygpt.corpus", "tinygpt.chat", "tinygpt.hellaswag"],
+    4: ["train", "sample", "prepare", "tools"],
+}
+FLOOR_OF = {name: floor for floor, names in FLOORS.items() for name in names}
+
+
+def module_name(path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return "tools" if parts[0] == "tools" else ".".join(parts)
+
+
+def repo_imports(path) -> set:
+    """The repo's modules that a file imports, as FLOORS names them."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {"tools" if n.startswith("tools") else n for n in names if n in FLOOR_OF
+            or n.startswith("tools.")}
+
+
+CODE = [p for p in python_files() if not {"tests", "configs"} & set(p.relative_to(REPO).parts)]
+
+
+def test_every_module_has_a_floor():
+    assert sorted({module_name(p) for p in CODE} - set(FLOOR_OF)) == []
+
+
+@pytest.mark.parametrize("path", CODE, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_import_goes_down_a_floor(path):
+    here = FLOOR_OF[module_name(path)]
+    for name in repo_imports(path) - {module_name(path)}:
+        assert FLOOR_OF[name] < here, f"{module_name(path)} (floor {here}) imports {name} " \
+                                      f"(floor {FLOOR_OF[name]})"
+
+
+def test_reading_batches_never_imports_the_data_builders():
+    assert not repo_imports(REPO / "tinygpt" / "data.py") & {"tinygpt.datasets", "tinygpt.corpus"}
+
+
+@pytest.mark.parametrize("path", CODE, ids=lambda p: str(p.relative_to(REPO)))
+def test_at_most_five_percent_of_a_files_lines_are_over_100_characters(path):
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    long = [n for n, line in enumerate(lines, 1) if len(line) > 100]
+    assert len(long) <= 0.05 * len(lines), f"{len(long)} of {len(lines)} lines are long"
 
 
 def test_the_root_holds_the_model_and_the_three_scripts_only():
