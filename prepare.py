@@ -19,9 +19,11 @@ tinygpt/corpus.py, docs/data.md.
 """
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from tinygpt.common import DataError
-from tinygpt.datasets import DATASETS, prepare
+from tinygpt.corpus import SHARD_TOKENS, prepare_corpus
+from tinygpt.datasets import DATASETS, is_corpus, prepare
 from tinygpt.options import must, run_cli
 from tinygpt.tokenizer import TOKENIZERS
 
@@ -45,11 +47,23 @@ class PrepareConfig:
             must(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must not be negative")
 
 
+def build(cfg) -> Path:
+    """A corpus through the shard builder (corpus.py), any other data set through datasets.prepare."""
+    source = cfg.source or None
+    if is_corpus(cfg.dataset, source):
+        if cfg.tokenizer not in ("", "gpt2") or cfg.seed is not None:
+            raise DataError(f"{cfg.dataset} is a corpus, always tokenized by gpt2; drop --tokenizer/--seed")
+        return prepare_corpus(cfg.dataset, source, Path(cfg.data_dir) / cfg.dataset, cfg.shards, cfg.workers,
+                              cfg.shard_tokens or SHARD_TOKENS)
+    if cfg.shards or cfg.workers or cfg.shard_tokens:
+        raise DataError("--shards, --workers and --shard_tokens are for corpora: fineweb_edu, or --source=FOLDER "
+                        "or a glob of .parquet/.jsonl/.txt files")
+    return prepare(cfg.dataset, source, cfg.data_dir, cfg.tokenizer or None, cfg.seed)
+
+
 def main(argv) -> int:
     args = [f"--dataset={a}" if not a.startswith("-") else a for a in argv]  # the bare NAME
-    return run_cli(PrepareConfig, args, "usage: python prepare.py NAME [--key=value ...]", __doc__,
-                   lambda cfg: prepare(cfg.dataset, cfg.source or None, cfg.data_dir, cfg.tokenizer or None, cfg.seed,
-                                       cfg.shards, cfg.workers, cfg.shard_tokens),
+    return run_cli(PrepareConfig, args, "usage: python prepare.py NAME [--key=value ...]", __doc__, build,
                    (DataError, OSError))
 
 

@@ -4,7 +4,6 @@ number of workers; a killed prepare resumes to the same bytes; bad input is one 
 half-written counted; and training draws its windows from the shards."""
 import hashlib
 import json
-import os
 import random
 import signal
 import subprocess
@@ -17,23 +16,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ENV, REPO, SHARED_DATA, records, run_script, torchrun, train_here
+from conftest import ENV, REPO, needs_gpt2_bpe, records, run_script, torchrun, train_here
 from test_prepare import Handler, closed_port, files_under
 
 import prepare as cli  # noqa: E402
-from tinygpt.corpus import FINEWEB_EDU  # noqa: E402
+from tinygpt.corpus import FINEWEB_EDU, prepare_corpus  # noqa: E402
 from tinygpt.data import Batches, load_meta  # noqa: E402
-from tinygpt.datasets import prepare  # noqa: E402
 from tinygpt.tokenizer import GPT2Tokenizer  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (SHARED_DATA / "tiktoken_cache").is_dir(), reason="no tiktoken cache folder")
-PARAGRAPHS = [p for p in (SHARED_DATA / "tinyshakespeare" / "input.txt").read_text().split("\n\n") if p.strip()]
+pytestmark = needs_gpt2_bpe
+WORDS = ("the king sees a cat and the moon, eats bread; my friend likes fish! O Romeo: whence? "
+         "caf\u00e9 na\u00efve \u00dcn\u00efcode \U0001F642 \u2014 \u65e5\u672c\u8a9e 1999 tabs\tand\r\nlines").split(" ")
 EOT = 50256
 
 
+def paragraph(rng) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60)))
+
+
 def documents(n, seed):
+    """n documents of 1 to 6 paragraphs of random words, some of them not ASCII."""
     rng = random.Random(seed)
-    return ["\n\n".join(rng.choice(PARAGRAPHS) for _ in range(rng.randint(1, 6))) for _ in range(n)]
+    return ["\n\n".join(paragraph(rng) for _ in range(rng.randint(1, 6))) for _ in range(n)]
+
+
+def prepare(name, source, data_dir, **options) -> Path:
+    """prepare.py's corpus builder, called in this process."""
+    return prepare_corpus(name, source, Path(data_dir) / name, **options)
 
 
 def make_corpus(folder, seed=0, n=(120, 80)) -> list:

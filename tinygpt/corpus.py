@@ -1,4 +1,4 @@
-"""A web corpus built into data/<name>/ as fixed-size token shards (datasets.prepare hands corpora here):
+"""A web corpus built into data/<name>/ as fixed-size token shards (prepare.py hands corpora here):
 FineWeb-Edu's 10B-token sample from the Hugging Face Hub (`python prepare.py fineweb_edu [--shards=N]`), or
 local files (`--source=FOLDER_OR_GLOB`): .parquet (a `text` column), .jsonl (a `text` field per line),
 .txt (one document per file).
@@ -27,9 +27,9 @@ from typing import NamedTuple
 import numpy as np
 
 from tinygpt.common import DataError, atomic_write
+from tinygpt.download import download
 
 FORMATS = (".parquet", ".jsonl", ".txt")
-CORPORA = ("fineweb_edu",)
 FINEWEB_EDU = {"repo": "HuggingFaceFW/fineweb-edu", "folder": "sample/10BT",
                # the dataset's commit on the Hub (docs/data.md: where this hash comes from)
                "revision": "87f09149ef4734204d70ed1d046ddc9ca3f2b8f9"}
@@ -119,7 +119,6 @@ def hub_listing(shards) -> list:
 
 def hub_files(listing, out_dir) -> list:
     """The listed files, each downloaded to out_dir/download/ and checked against the Hub's sha256."""
-    from tinygpt.datasets import download
     return [download(url, out_dir / "download" / Path(path).name, sha256) for path, url, sha256 in listing]
 
 

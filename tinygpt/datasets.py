@@ -9,15 +9,13 @@ a folder or glob of .parquet/.jsonl/.txt files) go to token shards: tinygpt/corp
 import hashlib
 import json
 import random
-import re
-import time
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from tinygpt.common import DataError, atomic_write
-from tinygpt.corpus import CORPORA, SHARD_TOKENS, prepare_corpus
+from tinygpt.download import download, is_url, sha256_of
 from tinygpt.tokenizer import make_tokenizer, qa_pairs, qa_prompt
 
 
@@ -59,93 +57,13 @@ TASK_WORD_LEN = 6
 TASK_VOCAB = sorted(TASK_LETTERS + "=cr")
 DEFAULT_SEED = 1337
 
+# Web corpora go to token shards, built by corpus.py through `python prepare.py NAME` (not from here, so
+# that reading this module never imports the corpus builder).
+CORPORA = ("fineweb_edu",)
+CORPUS_SUFFIXES = (".parquet", ".jsonl")  # a single file of these (or a folder, or a glob) is a corpus too
+
 DATASETS = [*PINNED, *TASKS, *CORPORA]
 FORMAT_VERSION = 1            # bump when the output format changes, so old outputs get rebuilt
-RETRIES = 3                   # attempts per download
-BACKOFF_S = 0.5               # wait 0.5 s, then 1 s, between attempts
-TIMEOUT_S = (10, 60)          # (connect, between bytes) seconds
-
-
-class RetryableError(Exception):
-    """A download failed in a way that may go away on the next attempt."""
-
-
-# ----------------------------------------------------------------------------------- downloads
-
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def is_url(source) -> bool:
-    return str(source).startswith(("http://", "https://"))
-
-
-def download(url, dest, sha256=None) -> Path:
-    """dest holding the bytes at url; a file that already matches the pinned sha256 is kept as is."""
-    dest = Path(dest)
-    if sha256 and dest.is_file() and sha256_of(dest) == sha256:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1, RETRIES + 1):
-        try:
-            fetch_once(url, dest, sha256)
-            return dest
-        except RetryableError as e:
-            if attempt == RETRIES:
-                raise DataError(f"could not download {url} ({e}, {RETRIES} attempts); check the network, "
-                                f"or pass --source=PATH_OR_URL with a local copy of {dest.name}") from None
-            time.sleep(BACKOFF_S * attempt)
-
-
-def fetch_once(url, dest, sha256):
-    """One attempt: stream into a temporary file next to dest, check it, then rename it into place,
-    so dest is either the whole verified file or untouched."""
-    def write(f):
-        digest, size = stream_into(f, url)
-        if size == 0:
-            raise DataError(f"{url} sent an empty file; nothing was saved. Check the URL or pass --source=PATH_OR_URL")
-        if sha256 and digest != sha256:
-            raise DataError(f"sha256 mismatch for {url}: got {digest}, expected {sha256}; nothing was saved. "
-                            f"Pass --source=PATH with an unmodified copy of {dest.name}")
-    atomic_write(dest, write)
-
-
-def stream_into(f, url):
-    """(sha256, size) of the body written to f. Network trouble, 5xx and short bodies are retryable."""
-    import requests  # here, not at the top: only a download needs it, and every train.py and sample.py would import it
-    digest, size = hashlib.sha256(), 0
-    try:
-        # identity encoding, so Content-Length counts the bytes we receive and exposes a truncated body
-        with requests.get(url, stream=True, timeout=TIMEOUT_S, headers={"Accept-Encoding": "identity"}) as r:
-            if r.status_code >= 500 or r.status_code == 429:
-                raise RetryableError(f"HTTP {r.status_code}")
-            if r.status_code >= 400:
-                raise DataError(f"HTTP {r.status_code} for {url}; check the URL or pass --source=PATH_OR_URL")
-            expected = int(r.headers.get("Content-Length", -1)) if "Content-Encoding" not in r.headers else -1
-            for chunk in r.iter_content(1 << 16):
-                f.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-    except requests.RequestException as e:
-        raise RetryableError(short_reason(e)) from None
-    if expected >= 0 and size != expected:
-        raise RetryableError(f"truncated: got {size} of {expected} bytes")
-    return digest.hexdigest(), size
-
-
-def short_reason(err) -> str:
-    """'ConnectionError: [Errno 111] Connection refused' instead of requests' paragraph."""
-    import requests
-    if isinstance(err, requests.exceptions.ChunkedEncodingError):  # urllib3 saw fewer bytes than promised
-        return "truncated: the connection closed before the whole file arrived"
-    errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(err))
-    return f"{type(err).__name__}: {errno.group(0)}" if errno else type(err).__name__
-
-
 # ------------------------------------------------------------------------------------- sources
 
 def pinned_location(pin, source) -> str:
@@ -376,22 +294,18 @@ def is_corpus(name, source) -> bool:
     if name in CORPORA or not source or name in DATASETS or is_url(source):
         return name in CORPORA
     folder_or_glob = Path(source).is_dir() or any(c in str(source) for c in "*?[")
-    return folder_or_glob or Path(source).suffix in (".parquet", ".jsonl")
+    return folder_or_glob or Path(source).suffix in CORPUS_SUFFIXES
 
 
-def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None, shards=0, workers=0,
-            shard_tokens=0) -> Path:
+def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None) -> Path:
     """Build data_dir/name/ and return that folder; a no-op when it is already built from the same
     inputs (data file hashes, tokenizer, seed). A name prepare.py does not know is a text data set
-    built from the file or URL `source`, or a corpus (is_corpus) of shards: shards, workers and
-    shard_tokens are corpus.prepare_corpus's."""
+    built from the file or URL `source`. A corpus (is_corpus) is refused: it takes hours and many
+    processes, so only `python prepare.py NAME` builds it (corpus.prepare_corpus)."""
     if is_corpus(name, source):
-        if tokenizer not in (None, "gpt2") or seed is not None:
-            raise DataError(f"{name} is a corpus, always tokenized by gpt2; drop --tokenizer/--seed")
-        return prepare_corpus(name, source, Path(data_dir) / name, shards, workers, shard_tokens or SHARD_TOKENS)
-    if shards or workers or shard_tokens:
-        raise DataError("--shards, --workers and --shard_tokens are for corpora: fineweb_edu, or --source=FOLDER "
-                        "or a glob of .parquet/.jsonl/.txt files")
+        again = f" --source={source}" if source else ""
+        raise DataError(f"{name} is a web corpus of token shards; build it first with its own command: "
+                        f"python prepare.py {name}{again}")
     check_arguments(name, source, tokenizer, seed)
     source = None if source is None else str(source)
     out_dir = Path(data_dir) / name
