@@ -48,23 +48,23 @@ class PrepareConfig:
 
 
 def build(cfg) -> Path:
-    """A corpus through the shard builder (corpus.py), any other data set through datasets.prepare."""
-    source = cfg.source or None
-    if is_corpus(cfg.dataset, source):
+    """A corpus through the shard builder (corpus.py), any other data set through datasets.py."""
+    name, source = cfg.dataset, cfg.source or None
+    if is_corpus(name, source):
         if cfg.tokenizer not in ("", "gpt2") or cfg.seed is not None:
-            raise DataError(f"{cfg.dataset} is a corpus, always tokenized by gpt2; drop --tokenizer/--seed")
-        return prepare_corpus(cfg.dataset, source, Path(cfg.data_dir) / cfg.dataset, cfg.shards, cfg.workers,
+            raise DataError(f"{name} is a corpus, always tokenized by gpt2; drop --tokenizer/--seed")
+        return prepare_corpus(name, source, Path(cfg.data_dir) / name, cfg.shards, cfg.workers,
                               cfg.shard_tokens or SHARD_TOKENS)
     if cfg.shards or cfg.workers or cfg.shard_tokens:
-        raise DataError("--shards, --workers and --shard_tokens are for corpora: fineweb_edu, or --source=FOLDER "
-                        "or a glob of .parquet/.jsonl/.txt files")
-    return prepare(cfg.dataset, source, cfg.data_dir, cfg.tokenizer or None, cfg.seed)
+        raise DataError("--shards, --workers and --shard_tokens are for corpora: fineweb_edu, or "
+                        "--source=FOLDER or a glob of .parquet/.jsonl/.txt files")
+    return prepare(name, source, cfg.data_dir, cfg.tokenizer or None, cfg.seed)
 
 
 def main(argv) -> int:
     args = [f"--dataset={a}" if not a.startswith("-") else a for a in argv]  # the bare NAME
-    return run_cli(PrepareConfig, args, "usage: python prepare.py NAME [--key=value ...]", __doc__, build,
-                   (DataError, OSError))
+    return run_cli(PrepareConfig, args, "usage: python prepare.py NAME [--key=value ...]", __doc__,
+                   build, (DataError, OSError))
 
 
 if __name__ == "__main__":

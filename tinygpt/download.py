@@ -1,6 +1,6 @@
-"""Verified downloads: a file fetched over HTTP(S) lands whole and checked against its pinned sha256, or
-not at all. Network trouble, server errors and short bodies are retried; a wrong checksum is not.
-The data builders (datasets.py, corpus.py) both fetch through download()."""
+"""Verified downloads: a file fetched over HTTP(S) lands whole and checked against its pinned
+sha256, or not at all. Network trouble, server errors and short bodies are retried; a wrong
+checksum is not. The data builders (datasets.py, corpus.py) both fetch through download()."""
 import hashlib
 import re
 import time
@@ -30,7 +30,7 @@ def is_url(source) -> bool:
 
 
 def download(url, dest, sha256=None) -> Path:
-    """dest holding the bytes at url; a file that already matches the pinned sha256 is kept as is."""
+    """dest holding the bytes at url; a file that already matches the pinned sha256 is kept."""
     dest = Path(dest)
     if sha256 and dest.is_file() and sha256_of(dest) == sha256:
         return dest
@@ -41,8 +41,9 @@ def download(url, dest, sha256=None) -> Path:
             return dest
         except RetryableError as e:
             if attempt == RETRIES:
-                raise DataError(f"could not download {url} ({e}, {RETRIES} attempts); check the network, "
-                                f"or pass --source=PATH_OR_URL with a local copy of {dest.name}") from None
+                raise DataError(f"could not download {url} ({e}, {RETRIES} attempts); check the "
+                                "network, or pass --source=PATH_OR_URL with a local copy of "
+                                f"{dest.name}") from None
             time.sleep(BACKOFF_S * attempt)
 
 
@@ -52,25 +53,31 @@ def fetch_once(url, dest, sha256):
     def write(f):
         digest, size = stream_into(f, url)
         if size == 0:
-            raise DataError(f"{url} sent an empty file; nothing was saved. Check the URL or pass --source=PATH_OR_URL")
+            raise DataError(f"{url} sent an empty file; nothing was saved. Check the URL or pass "
+                            "--source=PATH_OR_URL")
         if sha256 and digest != sha256:
-            raise DataError(f"sha256 mismatch for {url}: got {digest}, expected {sha256}; nothing was saved. "
-                            f"Pass --source=PATH with an unmodified copy of {dest.name}")
+            raise DataError(f"sha256 mismatch for {url}: got {digest}, expected {sha256}; nothing "
+                            f"was saved. Pass --source=PATH with an unmodified copy of {dest.name}")
     atomic_write(dest, write)
 
 
 def stream_into(f, url):
-    """(sha256, size) of the body written to f. Network trouble, 5xx and short bodies are retryable."""
-    import requests  # here, not at the top: only a download needs it, and every train.py and sample.py would import it
+    """(sha256, size) of the body written to f. Network trouble, 5xx and short bodies are
+    retryable."""
+    # Imported here, not at the top: only a download needs it, and every process would pay for it.
+    import requests
     digest, size = hashlib.sha256(), 0
+    # identity encoding, so Content-Length counts the bytes we receive and exposes a truncated body
+    headers = {"Accept-Encoding": "identity"}
     try:
-        # identity encoding, so Content-Length counts the bytes we receive and exposes a truncated body
-        with requests.get(url, stream=True, timeout=TIMEOUT_S, headers={"Accept-Encoding": "identity"}) as r:
+        with requests.get(url, stream=True, timeout=TIMEOUT_S, headers=headers) as r:
             if r.status_code >= 500 or r.status_code == 429:
                 raise RetryableError(f"HTTP {r.status_code}")
             if r.status_code >= 400:
-                raise DataError(f"HTTP {r.status_code} for {url}; check the URL or pass --source=PATH_OR_URL")
-            expected = int(r.headers.get("Content-Length", -1)) if "Content-Encoding" not in r.headers else -1
+                raise DataError(f"HTTP {r.status_code} for {url}; check the URL or pass "
+                                "--source=PATH_OR_URL")
+            compressed = "Content-Encoding" in r.headers
+            expected = -1 if compressed else int(r.headers.get("Content-Length", -1))
             for chunk in r.iter_content(1 << 16):
                 f.write(chunk)
                 digest.update(chunk)
@@ -85,7 +92,8 @@ def stream_into(f, url):
 def short_reason(err) -> str:
     """'ConnectionError: [Errno 111] Connection refused' instead of requests' paragraph."""
     import requests
-    if isinstance(err, requests.exceptions.ChunkedEncodingError):  # urllib3 saw fewer bytes than promised
+    # urllib3 saw fewer bytes than the server promised
+    if isinstance(err, requests.exceptions.ChunkedEncodingError):
         return "truncated: the connection closed before the whole file arrived"
     errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(err))
     return f"{type(err).__name__}: {errno.group(0)}" if errno else type(err).__name__
