@@ -25,7 +25,6 @@ from tinygpt.corpus import FINEWEB_EDU, prepare_corpus  # noqa: E402
 from tinygpt.data import Batches, load_meta  # noqa: E402
 from tinygpt.tokenizer import GPT2Tokenizer  # noqa: E402
 
-pytestmark = needs_gpt2_bpe
 WORDS = ("the king sees a cat and the moon, eats bread; my friend likes fish! O Romeo: whence? "
          "caf\u00e9 na\u00efve \u00dcn\u00efcode \U0001F642 \u2014 \u65e5\u672c\u8a9e 1999 tabs\tand\r\nlines").split(" ")
 EOT = 50256
@@ -77,6 +76,7 @@ def corpus(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------ the shards
 
+@needs_gpt2_bpe
 def test_shards_decode_to_every_document_in_file_order_each_followed_by_end_of_text(corpus):
     _, docs, out = corpus
     meta = load_meta(out)
@@ -90,6 +90,7 @@ def test_shards_decode_to_every_document_in_file_order_each_followed_by_end_of_t
     assert meta["train_tokens"] == len(expected) - 4000 and not list(out.glob(".*tmp"))
 
 
+@needs_gpt2_bpe
 def test_two_workers_write_the_same_bytes_and_a_rerun_is_a_no_op(corpus, tmp_path, capsys):
     source, _, out = corpus
     two = prepare("web", source=source, data_dir=tmp_path, workers=2, shard_tokens=4000)
@@ -100,6 +101,7 @@ def test_two_workers_write_the_same_bytes_and_a_rerun_is_a_no_op(corpus, tmp_pat
     assert {p: p.stat().st_mtime_ns for p in two.iterdir()} == stamps
 
 
+@needs_gpt2_bpe
 def test_a_glob_reads_only_the_files_it_matches(corpus, tmp_path):
     source, docs, _ = corpus
     out = prepare("web", source=f"{source}/*.jsonl", data_dir=tmp_path, workers=1, shard_tokens=1000)
@@ -140,6 +142,7 @@ def corpus_args(source, data_dir, shard_tokens=500, workers=1) -> list:
             f"--shard_tokens={shard_tokens}"]
 
 
+@needs_gpt2_bpe
 def test_a_killed_prepare_resumes_at_its_shard_and_writes_the_uninterrupted_bytes(tmp_path, capsys):
     make_corpus(tmp_path / "src", seed=5, n=(300, 200))
     reference = prepare("web", source=tmp_path / "src", data_dir=tmp_path / "ref", workers=1, shard_tokens=500)
@@ -155,6 +158,7 @@ def test_a_killed_prepare_resumes_at_its_shard_and_writes_the_uninterrupted_byte
         {k: v for k, v in load_meta(reference).items() if k != "source_url"}
 
 
+@needs_gpt2_bpe
 def test_two_kills_inside_one_long_document_resume_to_the_uninterrupted_bytes(tmp_path):
     """A .txt file is one document, here one of some 200 shards: killed once inside it and again further in,
     the third run still writes the bytes of an uninterrupted one (the second restart point counts the
@@ -199,10 +203,11 @@ def worker_pids(pid) -> list:
     return found
 
 
-def test_a_worker_that_cannot_load_the_tokenizer_is_one_line_with_no_temporary_file_left(corpus, tmp_path):
+def test_a_worker_that_cannot_load_the_tokenizer_is_one_line_with_no_temporary_file_left(tmp_path):
     """No cached tiktoken files and no network (a proxy on a closed port): each worker fails its first task,
     and the command stops with the tokenizer's one-line error instead of waiting on the pool."""
-    source, _, _ = corpus
+    make_corpus(tmp_path / "src")
+    source = tmp_path / "src"
     (tmp_path / "empty").mkdir()
     proxy = f"http://127.0.0.1:{closed_port()}"
     process = start_prepare(corpus_args(source, tmp_path / "data", 4000, workers=2),
@@ -213,6 +218,7 @@ def test_a_worker_that_cannot_load_the_tokenizer_is_one_line_with_no_temporary_f
     assert files_under(tmp_path / "data") == []
 
 
+@needs_gpt2_bpe
 def test_a_worker_that_dies_is_one_line_with_no_temporary_file_left(corpus, tmp_path):
     """A worker killed (as the kernel kills one for memory) breaks the pool: one line, no hang."""
     source, _, _ = corpus
@@ -226,6 +232,7 @@ def test_a_worker_that_dies_is_one_line_with_no_temporary_file_left(corpus, tmp_
     assert not [f for f in files_under(tmp_path / "data") if f.endswith((".tmp", "meta.json"))]
 
 
+@needs_gpt2_bpe
 def test_a_second_prepare_of_the_same_folder_is_one_line_and_the_first_finishes(tmp_path, capsys):
     """The first prepare is stopped (SIGSTOP) while it holds the folder, so the second surely meets it."""
     make_corpus(tmp_path / "src", seed=5, n=(300, 200))
@@ -302,6 +309,7 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys, what, me
         sorted(f"web/{name}" for name, _ in progress_shards(out)) == [f for f in written if f.endswith(".bin")]
 
 
+@needs_gpt2_bpe
 def test_a_document_that_is_not_utf8_is_skipped_and_counted(tmp_path):
     docs = make_corpus(tmp_path / "src", n=(30, 20))
     with open(tmp_path / "src" / "b.jsonl", "ab") as f:
@@ -314,6 +322,7 @@ def test_a_document_that_is_not_utf8_is_skipped_and_counted(tmp_path):
     assert GPT2Tokenizer().decode(tokens) == "".join(d + "<|endoftext|>" for d in docs)
 
 
+@needs_gpt2_bpe
 @pytest.mark.parametrize("shard_tokens, limit", [(20000, 30000), (1500, 2000)], ids=["writing", "flushing"])
 def test_a_disk_that_fills_up_is_one_line_leaves_no_half_shard_and_the_rerun_builds_it(tmp_path, shard_tokens,
                                                                                           limit):
@@ -374,6 +383,7 @@ def hub(tmp_path):
     httpd.server_close()
 
 
+@needs_gpt2_bpe
 @pytest.mark.parametrize("slash", ["", "/"], ids=["endpoint", "endpoint with a slash"])
 def test_fineweb_edu_downloads_the_pinned_files_checks_them_and_builds_shards(hub, tmp_path, monkeypatch, slash):
     monkeypatch.setenv("HF_ENDPOINT", hub.url + slash)
@@ -387,6 +397,7 @@ def test_fineweb_edu_downloads_the_pinned_files_checks_them_and_builds_shards(hu
     assert FINEWEB_EDU["revision"] in meta["source_url"]
 
 
+@needs_gpt2_bpe
 def test_a_finished_or_interrupted_fineweb_edu_reruns_offline_from_its_kept_listing(hub, tmp_path):
     """Compute nodes often run with HF_HUB_OFFLINE=1 (here also an endpoint nobody answers on): the Hub's
     listing at the pinned revision is kept with the data, so neither rerun asks the Hub."""
@@ -431,6 +442,7 @@ def test_no_network_for_the_hub_is_one_line_naming_the_local_way_out(tmp_path, m
 
 # --------------------------------------------------------------------------------- training on shards
 
+@needs_gpt2_bpe
 def test_windows_are_numbered_shard_after_shard_and_never_cross_a_shard(corpus):
     _, _, out = corpus
     meta, block = load_meta(out), 64
@@ -448,6 +460,7 @@ def test_windows_are_numbered_shard_after_shard_and_never_cross_a_shard(corpus):
         assert row.tolist() == tokens[start:start + block + 1].tolist()
 
 
+@needs_gpt2_bpe
 def test_one_shard_draws_the_batches_a_flat_train_bin_draws(corpus, tmp_path):
     _, _, out = corpus
     meta = load_meta(out)
@@ -470,6 +483,7 @@ SHRUNK = ["configs/gpt2_124m.py", "--n_layer=2", "--n_head=2", "--n_embd=16", "-
           "--warmup_iters=1", "--log_interval=1", "--device=cpu", "--dtype=float32", "--compile=False"]
 
 
+@needs_gpt2_bpe
 def test_a_shrunk_gpt2_124m_run_trains_on_the_shards_and_scores_the_whole_val_shard(corpus, tmp_path):
     _, _, out = corpus
     train_here([*SHRUNK, f"--data_dir={out.parent}", "--dataset=web", f"--out_dir={tmp_path / 'run'}"], REPO)
@@ -479,6 +493,7 @@ def test_a_shrunk_gpt2_124m_run_trains_on_the_shards_and_scores_the_whole_val_sh
     assert len(records(tmp_path / "run", "train")) == 3
 
 
+@needs_gpt2_bpe
 @pytest.mark.slow
 def test_a_shrunk_gpt2_124m_run_under_torchrun_takes_the_same_first_step(corpus, tmp_path):
     _, _, out = corpus
