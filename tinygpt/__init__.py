@@ -5,7 +5,9 @@
     device      device, precision, torchrun, MFU peaks, leaving the process
     tokenizer   text <-> token ids (characters, bytes, GPT-2 BPE), the Q&A framing
     data        a prepared data set on disk, and the batches drawn from it
-    datasets    downloads, verification and the builders of every data set (prepare.py's work)
+    download    verified downloads (sha256, retries, nothing half-written)
+    datasets    the builders of the small data sets (prepare.py's work)
+    corpus      web corpora into token shards (prepare.py's work)
     checkpoint  save, load, and when a run resumes
     evaluation  losses and scores, during training and for tools/evaluate.py
     optim       AdamW groups and Muon

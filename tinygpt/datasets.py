@@ -1,10 +1,12 @@
-"""Every data set the project trains on, built into data/<name>/: train.bin, val.bin, meta.json (prepare.py is
-its command line; train.py calls prepare() when a config's data set is missing).
+"""Every small data set the project trains on, built into data/<name>/: train.bin, val.bin,
+meta.json (prepare.py is its command line; train.py calls prepare() when a config's data set is
+missing).
 
-Real data comes from the URLs pinned here and must match their pinned sha256. A `source` (PATH_OR_URL) reads
-a local copy or another URL instead (for tinytalks: a folder holding splits/train.txt etc.); a name this
-module does not know is a text data set built from the file or URL `source`. Corpora (fineweb_edu, or
-a folder or glob of .parquet/.jsonl/.txt files) go to token shards: tinygpt/corpus.py.
+Real data comes from the URLs pinned here and must match their pinned sha256 (tinygpt/download.py).
+A `source` (PATH_OR_URL) reads a local copy or another URL instead (for tinytalks: a folder holding
+splits/train.txt etc.); a name this module does not know is a text data set built from the file or
+URL `source`. Corpora (fineweb_edu, or a folder or glob of .parquet/.jsonl/.txt files) go to token
+shards, built by prepare.py with tinygpt/corpus.py: is_corpus tells them apart, prepare() refuses them.
 """
 import hashlib
 import json
