@@ -499,8 +499,10 @@ def locked(out_dir):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
             os.close(fd)
+            if not isinstance(e, BlockingIOError):  # the file system's own trouble, not a holder
+                raise
             raise DataError(f"another prepare is running on {out_dir} (it holds {path.name}); "
                             "let it finish, or stop it, then run this command again") from None
         if same_file(path, fd):
