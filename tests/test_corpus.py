@@ -160,12 +160,12 @@ def test_a_killed_prepare_resumes_at_its_shard_and_writes_the_uninterrupted_byte
 
 @needs_gpt2_bpe
 def test_two_kills_inside_one_long_document_resume_to_the_uninterrupted_bytes(tmp_path):
-    """A .txt file is one document, here one of some 200 shards: killed once inside it and again further in,
+    """A .txt file is one document, here one of some 100 shards: killed once inside it and again further in,
     the third run still writes the bytes of an uninterrupted one (the second restart point counts the
     tokens the first run wrote too)."""
     (tmp_path / "src").mkdir()
     rng = random.Random(11)
-    (tmp_path / "src" / "a.txt").write_text("\n\n".join(paragraph(rng) for _ in range(2500)))
+    (tmp_path / "src" / "a.txt").write_text("\n\n".join(paragraph(rng) for _ in range(1200)))
     (tmp_path / "src" / "b.txt").write_text(documents(1, seed=12)[0])
     reference = prepare("web", source=tmp_path / "src", data_dir=tmp_path / "ref", workers=1, shard_tokens=500)
     args, out = corpus_args(tmp_path / "src", tmp_path / "data"), tmp_path / "data" / "web"
@@ -235,7 +235,7 @@ def test_a_worker_that_dies_is_one_line_with_no_temporary_file_left(corpus, tmp_
 @needs_gpt2_bpe
 def test_a_second_prepare_of_the_same_folder_is_one_line_and_the_first_finishes(tmp_path, capsys):
     """The first prepare is stopped (SIGSTOP) while it holds the folder, so the second surely meets it."""
-    make_corpus(tmp_path / "src", seed=5, n=(300, 200))
+    make_corpus(tmp_path / "src", seed=5, n=(120, 80))
     args, out = corpus_args(tmp_path / "src", tmp_path / "data"), tmp_path / "data" / "web"
     first = start_prepare(args)
     while first.poll() is None and not progress_shards(out):
