@@ -6,7 +6,8 @@ Real data comes from the URLs pinned here and must match their pinned sha256 (ti
 A `source` (PATH_OR_URL) reads a local copy or another URL instead (for tinytalks: a folder holding
 splits/train.txt etc.); a name this module does not know is a text data set built from the file or
 URL `source`. Corpora (fineweb_edu, or a folder or glob of .parquet/.jsonl/.txt files) go to token
-shards, built by prepare.py with tinygpt/corpus.py: is_corpus tells them apart, prepare() refuses them.
+shards, built by prepare.py with tinygpt/corpus.py: is_corpus tells them apart, prepare() refuses
+them.
 """
 import hashlib
 import json
@@ -42,8 +43,9 @@ TINYTALKS = (
     Pin("splits/test.txt", f"{TINYTALKS_BASE}/splits/test.txt",
         "4a44d204594c7f0a31202758de75af7fc8a1d17565423004ce8dd9d28bea99cb"),
 )
-PINNED = {"shakespeare_char": TINYSHAKESPEARE, "shakespeare": TINYSHAKESPEARE, "tinytalks": TINYTALKS,
-          "shakespeare_byte": TINYSHAKESPEARE, "tinytalks_byte": TINYTALKS, "tinytalks_chat": TINYTALKS}
+PINNED = {"shakespeare_char": TINYSHAKESPEARE, "shakespeare": TINYSHAKESPEARE,
+          "tinytalks": TINYTALKS, "shakespeare_byte": TINYSHAKESPEARE, "tinytalks_byte": TINYTALKS,
+          "tinytalks_chat": TINYTALKS}
 OWN_TOKENIZER = {"shakespeare_char": "char", "shakespeare": "gpt2", "tinytalks": "char",
                  "shakespeare_byte": "byte", "tinytalks_byte": "byte", "tinytalks_chat": "byte"}
 # Q&A data sets trained on their answers only: whole pairs, loss on the answer tokens (data.Batches)
@@ -59,20 +61,23 @@ TASK_WORD_LEN = 6
 TASK_VOCAB = sorted(TASK_LETTERS + "=cr")
 DEFAULT_SEED = 1337
 
-# Web corpora go to token shards, built by corpus.py through `python prepare.py NAME` (not from here, so
-# that reading this module never imports the corpus builder).
+# Web corpora go to token shards, built by corpus.py through `python prepare.py NAME` (not from
+# here, so that reading this module never imports the corpus builder).
 CORPORA = ("fineweb_edu",)
-CORPUS_SUFFIXES = (".parquet", ".jsonl")  # a single file of these (or a folder, or a glob) is a corpus too
+CORPUS_SUFFIXES = (".parquet", ".jsonl")  # one such file (or a folder, or a glob) is a corpus too
 
 DATASETS = [*PINNED, *TASKS, *CORPORA]
 FORMAT_VERSION = 1            # bump when the output format changes, so old outputs get rebuilt
 # ------------------------------------------------------------------------------------- sources
 
 def pinned_location(pin, source) -> str:
-    """Where to read pin from: its canonical URL, the --source URL/file, or a file under --source."""
+    """Where to read pin from: its canonical URL, the --source URL/file, or a file under
+    --source."""
     if source is None:
         return pin.url
-    if is_url(source):  # the file itself for TinyShakespeare; a base URL for tinytalks or if it ends in /
+    # A --source URL is the file itself for TinyShakespeare, a base URL for tinytalks or when it
+    # ends in /.
+    if is_url(source):
         single = pin.path == "input.txt" and not source.endswith("/")
         return source if single else f"{source.rstrip('/')}/{pin.path}"
     return str(Path(source) / pin.path) if Path(source).is_dir() else source
@@ -85,8 +90,8 @@ def verified_local(path, pin) -> Path:
     got = sha256_of(path)
     if got != pin.sha256:
         raise DataError(f"--source: {path} is not the pinned {pin.path} (sha256 {got}, expected "
-                        f"{pin.sha256}); use an unmodified copy, or `python prepare.py mytext --source={path}` "
-                        "for other text")
+                        f"{pin.sha256}); use an unmodified copy, or `python prepare.py mytext "
+                        f"--source={path}` for other text")
     return path
 
 
@@ -94,8 +99,8 @@ def pinned_files(name, source, out_dir, fetch) -> dict:
     """{pin.path: local file} for the data set. Local --source files are always checked; with
     fetch=False nothing is downloaded (the caller only wants to know whether the work is done)."""
     if PINNED[name] == TINYTALKS and source and not is_url(source) and not Path(source).is_dir():
-        raise DataError("--source for tinytalks must be a folder holding splits/train.txt, val.txt, "
-                        f"test.txt; got {source}")
+        raise DataError("--source for tinytalks must be a folder holding splits/train.txt, "
+                        f"val.txt, test.txt; got {source}")
     files = {}
     for pin in PINNED[name]:
         where = pinned_location(pin, source)
@@ -112,7 +117,8 @@ def text_file(source, out_dir) -> Path:
     if is_url(source):
         return download(source, out_dir / "input.txt")
     if not Path(source).is_file():
-        raise DataError(f"--source: {source} not found; give the path of a text file or an http(s) URL")
+        raise DataError(f"--source: {source} not found; give the path of a text file or an "
+                        "http(s) URL")
     return Path(source)
 
 
@@ -120,8 +126,8 @@ def read_text(path) -> str:
     try:
         text = Path(path).read_bytes().decode("utf-8")  # bytes, so '\r\n' is kept exactly
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv -t utf-8"
-                        ) from None
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. with "
+                        "iconv -t utf-8") from None
     if not text:
         raise DataError(f"{path} is empty; give a file with some text in it")
     return text
@@ -150,14 +156,16 @@ def tinytalks_texts(files, kind):
         tok.encode(test)
     except ValueError as e:
         raise DataError(f"tinytalks test.txt: {e} (built from train+val)") from None
-    extra = {"qa": True, "test_file": "test.txt", "chars": len(train) + len(val), "test_chars": len(test)}
+    extra = {"qa": True, "test_file": "test.txt", "chars": len(train) + len(val),
+             "test_chars": len(test)}
     return tok, train, val, extra, {"test.txt": test}
 
 
 def pair_index(tok, text) -> tuple:
-    """(text rebuilt from its pairs, (n, 3) uint32 token offsets of each pair: question start, answer start,
-    answer end). The answer is " <answer>\n", what follows "A:" up to and with the newline that ends it,
-    so a model trained on it learns where to stop; the pair's blank line after it is not scored."""
+    """(text rebuilt from its pairs, (n, 3) uint32 token offsets of each pair: question start,
+    answer start, answer end). The answer is " <answer>\n", what follows "A:" up to and with the
+    newline that ends it, so a model trained on it learns where to stop; the pair's blank line
+    after it is not scored."""
     rows, pieces, at = [], [], 0
     for question, answer in qa_pairs(text):
         prompt, reply = tok.encode(qa_prompt(question)), tok.encode(f" {answer}\n")
@@ -165,7 +173,7 @@ def pair_index(tok, text) -> tuple:
         pieces.append(f"{qa_prompt(question)} {answer}\n\n")
         at = rows[-1][2] + len(tok.encode("\n"))
     rebuilt = "".join(pieces)
-    if not rows or len(tok.encode(rebuilt)) != at:  # a tokenizer that merges across the pieces (BPE) would
+    if not rows or len(tok.encode(rebuilt)) != at:  # a tokenizer that merges across pieces (BPE)
         raise DataError("no Q/A pairs found, or the tokenizer does not split them at their edges")
     return rebuilt, np.array(rows, dtype="<u4")
 
@@ -175,12 +183,16 @@ def chat_texts(files, kind):
     {train,val}_pairs.bin, so batches are whole pairs with the loss on their answers."""
     tok, train, val, extra, texts = tinytalks_texts(files, kind)
     (train, train_pairs), (val, val_pairs) = pair_index(tok, train), pair_index(tok, val)
-    extra = {**extra, "answer_loss": True, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "pairs_files": {"train": "train_pairs.bin", "val": "val_pairs.bin"}}
-    return tok, train, val, extra, {**texts, "train_pairs.bin": train_pairs.tobytes(), "val_pairs.bin": val_pairs.tobytes()}
+    extra = {**extra, "answer_loss": True, "train_pairs": len(train_pairs),
+             "val_pairs": len(val_pairs),
+             "pairs_files": {"train": "train_pairs.bin", "val": "val_pairs.bin"}}
+    pairs = {"train_pairs.bin": train_pairs.tobytes(), "val_pairs.bin": val_pairs.tobytes()}
+    return tok, train, val, extra, {**texts, **pairs}
 
 
 def distinct_words(count, rng) -> list:
-    """count different random 6-letter words; drawing them all at once keeps test prompts out of train."""
+    """count different random 6-letter words; drawing them all at once keeps test prompts out of
+    train."""
     words, seen = [], set()
     while len(words) < count:
         word = "".join(rng.choice(TASK_LETTERS) for _ in range(TASK_WORD_LEN))
@@ -229,11 +241,11 @@ def write_dataset(out_dir, tok, train, val, meta, files) -> dict:
     write_bytes(out_dir / "train.bin", train_ids.tobytes())
     write_bytes(out_dir / "val.bin", val_ids.tobytes())
     for name, content in files.items():
-        write_bytes(out_dir / name, content if isinstance(content, bytes) else content.encode("utf-8"))
+        write_bytes(out_dir / name, content if isinstance(content, bytes) else content.encode())
     meta = {"tokenizer": tok.kind, **({"vocab": tok.vocab} if tok.kind == "char" else {}),
             "vocab_size": tok.vocab_size, "dtype": dtype,
             "train_tokens": len(train_ids), "val_tokens": len(val_ids), **meta}
-    write_bytes(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
+    write_bytes(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False).encode())
     return meta
 
 
@@ -257,7 +269,8 @@ def summary(out_dir, meta) -> str:
     if "chars" in meta:
         parts.insert(0, f"{meta['chars']:,} characters")
     if meta.get("answer_loss"):
-        parts.append(f"{meta['train_pairs']} train / {meta['val_pairs']} val Q/A pairs, loss on the answers")
+        parts.append(f"{meta['train_pairs']} train / {meta['val_pairs']} val Q/A pairs, loss on "
+                     "the answers")
     if "task" in meta:
         parts.insert(0, f"{meta['train_examples']} train / {meta['val_examples']} test examples of "
                         f"{meta['example_len']} tokens (prompt {meta['prompt_len']})")
@@ -268,7 +281,8 @@ def source_meta(name, source, hashes, text) -> dict:
     """meta.json's source_url and source_sha256: where the data came from (for tinytalks the
     folder, with the hash of the train.txt it trains on; every file's hash is in inputs.files)."""
     if name in TASKS:
-        return {"source_url": "generated", "source_sha256": hashlib.sha256(text.encode()).hexdigest()}
+        return {"source_url": "generated",
+                "source_sha256": hashlib.sha256(text.encode()).hexdigest()}
     if source is None:
         url = TINYTALKS_BASE if PINNED[name] == TINYTALKS else PINNED[name][0].url
     else:
@@ -280,23 +294,54 @@ def source_meta(name, source, hashes, text) -> dict:
 
 def check_arguments(name, source, tokenizer, seed):
     if name not in DATASETS and not source:
-        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}, or build your own "
-                        f"from a text file: python prepare.py {name} --source=FILE_OR_URL")
+        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}, or build "
+                        f"your own from a text file: python prepare.py {name} --source=FILE_OR_URL")
     if name in OWN_TOKENIZER and tokenizer not in (None, OWN_TOKENIZER[name]):
-        raise DataError(f"{name} is always tokenized by {OWN_TOKENIZER[name]}; --tokenizer is for your own text "
-                        "(TinyShakespeare in GPT-2 BPE is the `shakespeare` data set)")
+        raise DataError(f"{name} is always tokenized by {OWN_TOKENIZER[name]}; --tokenizer is for "
+                        "your own text (TinyShakespeare in GPT-2 BPE is the `shakespeare` data "
+                        "set)")
     if name in TASKS and (source or tokenizer):
-        raise DataError(f"{name} is generated with its own character vocabulary; drop --source/--tokenizer")
+        raise DataError(f"{name} is generated with its own character vocabulary; drop "
+                        "--source/--tokenizer")
     if name not in TASKS and seed is not None:
-        raise DataError(f"--seed only applies to the generated tasks ({', '.join(TASKS)}), not to {name}")
+        raise DataError(f"--seed only applies to the generated tasks ({', '.join(TASKS)}), not to "
+                        f"{name}")
 
 
 def is_corpus(name, source) -> bool:
-    """fineweb_edu, or your own name with a folder, a glob, or a .parquet/.jsonl file as its source."""
+    """fineweb_edu, or your own name with a folder, a glob, or a .parquet/.jsonl file as its
+    source."""
     if name in CORPORA or not source or name in DATASETS or is_url(source):
         return name in CORPORA
     folder_or_glob = Path(source).is_dir() or any(c in str(source) for c in "*?[")
     return folder_or_glob or Path(source).suffix in CORPUS_SUFFIXES
+
+
+def input_hashes(name, source, out_dir, text_path) -> dict:
+    """{file: sha256} of the data set's inputs: none for a generated task, the pins for a pinned
+    data set (a wrong local copy fails here, even when the data set is built already), else the
+    user's text file."""
+    if name in TASKS:
+        return {}
+    if name in PINNED:
+        pinned_files(name, source, out_dir, fetch=False)
+        return {pin.path: pin.sha256 for pin in PINNED[name]}
+    return {text_path.name: sha256_of(text_path)}
+
+
+def built_texts(name, source, out_dir, kind, seed, text_path) -> tuple:
+    """(tokenizer, train text, val text, extra meta, extra files) of the data set, its pinned files
+    downloaded first where needed."""
+    if name in TASKS:
+        return task_texts(name, seed)
+    if name not in PINNED:
+        return split_90_10(read_text(text_path), kind, text_path)
+    files = pinned_files(name, source, out_dir, fetch=True)
+    if name in ANSWER_LOSS:
+        return chat_texts(files, kind)
+    if PINNED[name] == TINYTALKS:
+        return tinytalks_texts(files, kind)
+    return split_90_10(read_text(files["input.txt"]), kind, files["input.txt"])
 
 
 def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None) -> Path:
@@ -306,37 +351,23 @@ def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None) -> Pa
     processes, so only `python prepare.py NAME` builds it (corpus.prepare_corpus)."""
     if is_corpus(name, source):
         again = f" --source={source}" if source else ""
-        raise DataError(f"{name} is a web corpus of token shards; build it first with its own command: "
-                        f"python prepare.py {name}{again}")
+        raise DataError(f"{name} is a web corpus of token shards; build it first with its own "
+                        f"command: python prepare.py {name}{again}")
     check_arguments(name, source, tokenizer, seed)
     source = None if source is None else str(source)
     out_dir = Path(data_dir) / name
     kind = tokenizer or OWN_TOKENIZER.get(name, "char")
     seed = (DEFAULT_SEED if seed is None else seed) if name in TASKS else None
-    hashes = {}
-    if name in PINNED:
-        pinned_files(name, source, out_dir, fetch=False)  # a wrong local copy fails even when built
-        hashes = {pin.path: pin.sha256 for pin in PINNED[name]}
-    elif name not in TASKS:
-        path = text_file(source, out_dir)
-        hashes = {path.name: sha256_of(path)}
-    inputs = {"format": FORMAT_VERSION, "dataset": name if name in DATASETS else "text", "tokenizer": kind,
-              "seed": seed, "files": hashes}
-
+    # the user's text: a URL is fetched once here (nothing pins its content)
+    text_path = None if name in PINNED or name in TASKS else text_file(source, out_dir)
+    hashes = input_hashes(name, source, out_dir, text_path)
+    inputs = {"format": FORMAT_VERSION, "dataset": name if name in DATASETS else "text",
+              "tokenizer": kind, "seed": seed, "files": hashes}
     meta = prepared_meta(out_dir, inputs)
     if meta:
         print(f"{summary(out_dir, meta)} (already prepared from the same inputs; nothing to do)")
         return out_dir
-
-    if name in TASKS:
-        tok, train, val, extra, files = task_texts(name, seed)
-    elif name in ANSWER_LOSS:
-        tok, train, val, extra, files = chat_texts(pinned_files(name, source, out_dir, fetch=True), kind)
-    elif PINNED.get(name) == TINYTALKS:
-        tok, train, val, extra, files = tinytalks_texts(pinned_files(name, source, out_dir, fetch=True), kind)
-    else:
-        path = pinned_files(name, source, out_dir, fetch=True)["input.txt"] if name in PINNED else path
-        tok, train, val, extra, files = split_90_10(read_text(path), kind, path)
+    tok, train, val, extra, files = built_texts(name, source, out_dir, kind, seed, text_path)
     meta = {**source_meta(name, source, hashes, train + val), **extra, "inputs": inputs}
     print(summary(out_dir, write_dataset(out_dir, tok, train, val, meta, files)))
     return out_dir
