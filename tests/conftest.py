@@ -32,9 +32,9 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_
 
 
 def gpt2_bpe_loads_offline() -> bool:
-    """Whether tiktoken's GPT-2 files load from its cache (TIKTOKEN_CACHE_DIR, else its default folder).
-    A proxy on a closed port makes any download attempt fail at once, so a missing file never waits on
-    the network."""
+    """Whether tiktoken's GPT-2 files load from its cache (TIKTOKEN_CACHE_DIR, else its default
+    folder). A proxy on a closed port makes any download attempt fail at once, so a missing file
+    never waits on the network."""
     import tiktoken
     proxies = {k: os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy")}
     os.environ.update({"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
@@ -52,8 +52,9 @@ def gpt2_bpe_loads_offline() -> bool:
                 os.environ[key] = value
 
 
-needs_gpt2_bpe = pytest.mark.skipif(not gpt2_bpe_loads_offline(), reason="tiktoken's GPT-2 files are not cached: "
-                                    "set TIKTOKEN_CACHE_DIR to a folder holding them, or run once online")
+needs_gpt2_bpe = pytest.mark.skipif(
+    not gpt2_bpe_loads_offline(),
+    reason="tiktoken's GPT-2 files are not cached: set TIKTOKEN_CACHE_DIR to a folder holding them")
 
 
 def tiny_model(seed=0, **overrides) -> GPT:

@@ -26,7 +26,8 @@ from tinygpt.data import Batches, load_meta  # noqa: E402
 from tinygpt.tokenizer import GPT2Tokenizer  # noqa: E402
 
 WORDS = ("the king sees a cat and the moon, eats bread; my friend likes fish! O Romeo: whence? "
-         "caf\u00e9 na\u00efve \u00dcn\u00efcode \U0001F642 \u2014 \u65e5\u672c\u8a9e 1999 tabs\tand\r\nlines").split(" ")
+         "caf\u00e9 na\u00efve \u00dcn\u00efcode \U0001F642 \u2014 \u65e5\u672c\u8a9e 1999 "
+         "tabs\tand\r\nlines").split(" ")
 EOT = 50256
 
 
@@ -116,8 +117,8 @@ def start_prepare(args, **env) -> subprocess.Popen:
 
 
 def finished(process, timeout=120) -> str:
-    """The stderr of a prepare.py that ends by itself within timeout seconds (else it and its workers
-    are killed and the test fails: a hang)."""
+    """The stderr of a prepare.py that ends by itself within timeout seconds (else it and its
+    workers are killed and the test fails: a hang)."""
     try:
         return process.communicate(timeout=timeout)[1]
     except subprocess.TimeoutExpired:
@@ -160,18 +161,19 @@ def test_a_killed_prepare_resumes_at_its_shard_and_writes_the_uninterrupted_byte
 
 @needs_gpt2_bpe
 def test_two_kills_inside_one_long_document_resume_to_the_uninterrupted_bytes(tmp_path):
-    """A .txt file is one document, here one of some 100 shards: killed once inside it and again further in,
-    the third run still writes the bytes of an uninterrupted one (the second restart point counts the
-    tokens the first run wrote too)."""
+    """A .txt file is one document, here one of some 100 shards: killed once inside it and again
+    further in, the third run still writes the bytes of an uninterrupted one (the second restart
+    point counts the tokens the first run wrote too)."""
     (tmp_path / "src").mkdir()
     rng = random.Random(11)
     (tmp_path / "src" / "a.txt").write_text("\n\n".join(paragraph(rng) for _ in range(1200)))
     (tmp_path / "src" / "b.txt").write_text(documents(1, seed=12)[0])
-    reference = prepare("web", source=tmp_path / "src", data_dir=tmp_path / "ref", workers=1, shard_tokens=500)
+    reference = prepare("web", tmp_path / "src", tmp_path / "ref", workers=1, shard_tokens=500)
     args, out = corpus_args(tmp_path / "src", tmp_path / "data"), tmp_path / "data" / "web"
     first = killed_after(args, out, 3)
     second = killed_after(args, out, len(progress_of(out)["shards"]) + 5)
-    assert first[:2] == second[:2] == [0, 0] and 0 < first[2] < second[2], (first, second)  # inside a.txt
+    # both restart points lie inside a.txt, the second further in
+    assert first[:2] == second[:2] == [0, 0] and 0 < first[2] < second[2], (first, second)
     assert cli.main(args) == 0
     assert shard_bytes(out) == shard_bytes(reference)
 
@@ -187,7 +189,7 @@ def progress_shards(out) -> list:
     return progress_of(out)["shards"]
 
 
-# ------------------------------------------------------------------------- workers and other prepares
+# ------------------------------------------------------------------ workers and other prepares
 
 def worker_pids(pid) -> list:
     """The pool processes (multiprocessing's spawn children) of process pid."""
@@ -204,17 +206,20 @@ def worker_pids(pid) -> list:
 
 
 def test_a_worker_that_cannot_load_the_tokenizer_is_one_line_with_no_temporary_file_left(tmp_path):
-    """No cached tiktoken files and no network (a proxy on a closed port): each worker fails its first task,
-    and the command stops with the tokenizer's one-line error instead of waiting on the pool."""
+    """No cached tiktoken files and no network (a proxy on a closed port): each worker fails its
+    first task, and the command stops with the tokenizer's one-line error instead of waiting on
+    the pool."""
     make_corpus(tmp_path / "src")
     source = tmp_path / "src"
     (tmp_path / "empty").mkdir()
     proxy = f"http://127.0.0.1:{closed_port()}"
     process = start_prepare(corpus_args(source, tmp_path / "data", 4000, workers=2),
-                            TIKTOKEN_CACHE_DIR=str(tmp_path / "empty"), HTTPS_PROXY=proxy, https_proxy=proxy)
+                            TIKTOKEN_CACHE_DIR=str(tmp_path / "empty"), HTTPS_PROXY=proxy,
+                            https_proxy=proxy)
     err = finished(process, timeout=90)
     assert process.returncode == 1 and err.count("\n") == 1, err
-    assert err.startswith("error: cannot load tiktoken's gpt2 encoding") and "TIKTOKEN_CACHE_DIR" in err
+    assert err.startswith("error: cannot load tiktoken's gpt2 encoding")
+    assert "TIKTOKEN_CACHE_DIR" in err
     assert files_under(tmp_path / "data") == []
 
 
@@ -234,7 +239,8 @@ def test_a_worker_that_dies_is_one_line_with_no_temporary_file_left(corpus, tmp_
 
 @needs_gpt2_bpe
 def test_a_second_prepare_of_the_same_folder_is_one_line_and_the_first_finishes(tmp_path, capsys):
-    """The first prepare is stopped (SIGSTOP) while it holds the folder, so the second surely meets it."""
+    """The first prepare is stopped (SIGSTOP) while it holds the folder, so the second surely
+    meets it."""
     make_corpus(tmp_path / "src", seed=5, n=(120, 80))
     args, out = corpus_args(tmp_path / "src", tmp_path / "data"), tmp_path / "data" / "web"
     first = start_prepare(args)
@@ -247,7 +253,7 @@ def test_a_second_prepare_of_the_same_folder_is_one_line_and_the_first_finishes(
         first.send_signal(signal.SIGCONT)
     assert f"another prepare is running on {out}" in err
     assert finished(first) == "" and first.returncode == 0
-    reference = prepare("web", source=tmp_path / "src", data_dir=tmp_path / "ref", workers=1, shard_tokens=500)
+    reference = prepare("web", tmp_path / "src", tmp_path / "ref", workers=1, shard_tokens=500)
     assert shard_bytes(out) == shard_bytes(reference) and not (out / ".prepare.lock").exists()
 
 
@@ -265,7 +271,7 @@ def broken_corpus(folder, what):
     if what == "corrupt":
         data = (folder / "a.parquet").read_bytes()
         (folder / "a.parquet").write_bytes(data[:len(data) // 2])
-    elif what == "corrupt pages":  # the footer still lists the columns: the text's first page is garbage
+    elif what == "corrupt pages":  # the footer still lists the columns; the text's page is garbage
         text_chunk = pq.ParquetFile(folder / "a.parquet").metadata.row_group(0).column(1)
         data = bytearray((folder / "a.parquet").read_bytes())
         data[text_chunk.data_page_offset:text_chunk.data_page_offset + 32] = b"\xff" * 32
@@ -323,12 +329,14 @@ def test_a_document_that_is_not_utf8_is_skipped_and_counted(tmp_path):
 
 
 @needs_gpt2_bpe
-@pytest.mark.parametrize("shard_tokens, limit", [(20000, 30000), (1500, 2000)], ids=["writing", "flushing"])
-def test_a_disk_that_fills_up_is_one_line_leaves_no_half_shard_and_the_rerun_builds_it(tmp_path, shard_tokens,
-                                                                                          limit):
-    """A real EFBIG from the kernel: prepare.py's process may not grow a file past `limit` bytes, less than a
-    shard. A shard of 40,000 bytes meets it while writing; one of 3,000 sits in the file's buffer until the
-    flush before its rename meets it (and closing the file then fails again)."""
+@pytest.mark.parametrize("shard_tokens, limit", [(20000, 30000), (1500, 2000)],
+                         ids=["writing", "flushing"])
+def test_a_disk_that_fills_up_is_one_line_leaves_no_half_shard_and_the_rerun_builds_it(
+        tmp_path, shard_tokens, limit):
+    """A real EFBIG from the kernel: prepare.py's process may not grow a file past `limit` bytes,
+    less than a shard. A shard of 40,000 bytes meets it while writing; one of 3,000 sits in the
+    file's buffer until the flush before its rename meets it (and closing the file then fails
+    again)."""
     make_corpus(tmp_path / "src", seed=3, n=(300, 100))
     args = corpus_args(tmp_path / "src", tmp_path / "data", shard_tokens)
     limited = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
@@ -340,7 +348,7 @@ def test_a_disk_that_fills_up_is_one_line_leaves_no_half_shard_and_the_rerun_bui
     assert "File too large" in result.stderr and "run the same command again" in result.stderr
     assert files_under(tmp_path / "data") == []  # no half shard, no temporary file, no meta.json
     out = tmp_path / "data" / "web"
-    prepare("web", source=tmp_path / "src", data_dir=tmp_path / "ref", workers=1, shard_tokens=shard_tokens)
+    prepare("web", tmp_path / "src", tmp_path / "ref", workers=1, shard_tokens=shard_tokens)
     assert cli.main(args) == 0
     assert shard_bytes(out) == shard_bytes(tmp_path / "ref" / "web")
 
@@ -385,7 +393,8 @@ def hub(tmp_path):
 
 @needs_gpt2_bpe
 @pytest.mark.parametrize("slash", ["", "/"], ids=["endpoint", "endpoint with a slash"])
-def test_fineweb_edu_downloads_the_pinned_files_checks_them_and_builds_shards(hub, tmp_path, monkeypatch, slash):
+def test_fineweb_edu_downloads_the_pinned_files_checks_them_and_builds_shards(hub, tmp_path,
+                                                                              monkeypatch, slash):
     monkeypatch.setenv("HF_ENDPOINT", hub.url + slash)
     assert cli.main(["fineweb_edu", "--shards=1", f"--data_dir={tmp_path}", "--workers=1", "--shard_tokens=2000"]) == 0
     out, first = tmp_path / "fineweb_edu", hub.listing[0]
@@ -399,13 +408,15 @@ def test_fineweb_edu_downloads_the_pinned_files_checks_them_and_builds_shards(hu
 
 @needs_gpt2_bpe
 def test_a_finished_or_interrupted_fineweb_edu_reruns_offline_from_its_kept_listing(hub, tmp_path):
-    """Compute nodes often run with HF_HUB_OFFLINE=1 (here also an endpoint nobody answers on): the Hub's
-    listing at the pinned revision is kept with the data, so neither rerun asks the Hub."""
+    """Compute nodes often run with HF_HUB_OFFLINE=1 (here also an endpoint nobody answers on):
+    the Hub's listing at the pinned revision is kept with the data, so neither rerun asks the
+    Hub."""
     online = {"HF_ENDPOINT": hub.url}
     offline = {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HUB_OFFLINE": "1"}
-    args, out = ["fineweb_edu", "--shards=1", f"--data_dir={tmp_path}", "--workers=1", "--shard_tokens=2000"], \
-        tmp_path / "fineweb_edu"
-    result = run_script("prepare.py", args, env=online)
+    args = ["fineweb_edu", "--shards=1", f"--data_dir={tmp_path}", "--workers=1",
+            "--shard_tokens=2000"]
+    out = tmp_path / "fineweb_edu"
+    run_script("prepare.py", args, env=online)
     built = shard_bytes(out)
     result = run_script("prepare.py", args, env=offline, check=False)
     assert result.returncode == 0 and "already prepared" in result.stdout, result.stderr

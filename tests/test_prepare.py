@@ -360,7 +360,7 @@ def test_cli_builds_your_own_text_and_refuses_an_unknown_name_without_source(tmp
     assert err.count("\n") == 1 and "python prepare.py nobook --source=" in err
 
 
-# ---------------------------------------------------------------------- the builders and their imports
+# -------------------------------------------------------------- the builders and their imports
 
 def package_imports(path) -> set:
     """The tinygpt modules a file imports, at the top or inside a function."""
@@ -377,31 +377,34 @@ def package_imports(path) -> set:
 def test_both_builders_download_through_one_module_and_never_import_each_other():
     package = REPO / "tinygpt"
     assert package_imports(package / "download.py") == {"tinygpt.common"}
-    assert "tinygpt.download" in package_imports(package / "datasets.py") & package_imports(package / "corpus.py")
-    assert "tinygpt.corpus" not in package_imports(package / "datasets.py")
-    assert "tinygpt.datasets" not in package_imports(package / "corpus.py")
+    datasets, corpus = (package_imports(package / name) for name in ("datasets.py", "corpus.py"))
+    assert "tinygpt.download" in datasets & corpus
+    assert "tinygpt.corpus" not in datasets and "tinygpt.datasets" not in corpus
 
 
 def test_datasets_knows_a_corpus_by_name_and_source_and_refuses_to_build_it_in_one_line(tmp_path):
-    """Only prepare.py builds a corpus (hours, many processes): datasets.prepare, which train.py calls for a
-    missing data set, names that command instead."""
-    (tmp_path / "web").mkdir()
-    corpora = [("fineweb_edu", None), ("web", tmp_path / "web"), ("web", "dumps/*.jsonl"), ("web", "a.parquet")]
-    others = [("shakespeare", tmp_path / "web"), ("book", "book.txt"), ("book", "https://x.org/web.parquet"),
+    """Only prepare.py builds a corpus (hours, many processes): datasets.prepare, which train.py
+    calls for a missing data set, names that command instead."""
+    web = tmp_path / "web"
+    web.mkdir()
+    corpora = [("fineweb_edu", None), ("web", web), ("web", "dumps/*.jsonl"), ("web", "a.parquet")]
+    others = [("shakespeare", web), ("book", "book.txt"), ("book", "https://x.org/web.parquet"),
               ("reverse", None)]
-    assert [P.is_corpus(name, source) for name, source in corpora + others] == [True] * 4 + [False] * 4
+    assert [P.is_corpus(*case) for case in corpora + others] == [True] * 4 + [False] * 4
     for name, source, command in (("fineweb_edu", None, "python prepare.py fineweb_edu"),
-                                  ("web", tmp_path / "web", f"python prepare.py web --source={tmp_path / 'web'}")):
+                                  ("web", web, f"python prepare.py web --source={web}")):
         with pytest.raises(DataError) as err:
             prepare(name, source=source, data_dir=tmp_path / "data")
         assert str(err.value).endswith(command) and "\n" not in str(err.value)
     assert not (tmp_path / "data").exists()
 
 
-def test_corpus_options_are_refused_for_a_small_data_set_and_a_tokenizer_for_a_corpus(tmp_path, capsys):
+def test_corpus_options_are_refused_for_a_small_data_set_and_a_tokenizer_for_a_corpus(tmp_path,
+                                                                                       capsys):
     (tmp_path / "web").mkdir()
     for args, message in ((["reverse", "--workers=2"], "are for corpora"),
-                          (["web", f"--source={tmp_path / 'web'}", "--tokenizer=char"], "always tokenized by gpt2")):
+                          (["web", f"--source={tmp_path / 'web'}", "--tokenizer=char"],
+                           "always tokenized by gpt2")):
         assert cli.main([*args, f"--data_dir={tmp_path / 'data'}"]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
