@@ -535,8 +535,8 @@ def build_shards(name, files, out_dir, inputs, shard_tokens, workers) -> dict:
     writer, shown = ShardWriter(out_dir, shard_tokens, progress, skip), Progress(name, progress)
     try:
         with worker_pool(workers) as pool:
-            for batch, tokens, lengths in tokenized(batches(documents(files, (file, index))), pool,
-                                                    workers):
+            stream = tokenized(batches(documents(files, (file, index))), pool, workers)
+            for batch, tokens, lengths in stream:
                 writer.write(tokens, lengths, batch)
                 shown.show(progress, written(progress) + writer.filled, batch[-1].done)
         if len(progress["shards"]) == 0:
