@@ -31,6 +31,32 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_
         "--plot=False"]  # no picture-drawing process behind each of the suite's runs (test_plot.py draws them)
 
 
+def gpt2_bpe_loads_offline() -> bool:
+    """Whether tiktoken's GPT-2 files load from its cache (TIKTOKEN_CACHE_DIR, else its default
+    folder). A proxy on a closed port makes any download attempt fail at once, so a missing file
+    never waits on the network."""
+    import tiktoken
+    proxies = {k: os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy")}
+    os.environ.update({"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+                       "NO_PROXY": "", "no_proxy": ""})
+    try:
+        tiktoken.get_encoding("gpt2")
+        return True
+    except Exception:  # tiktoken raises requests' errors, or its own, by version
+        return False
+    finally:
+        for key, value in proxies.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+needs_gpt2_bpe = pytest.mark.skipif(
+    not gpt2_bpe_loads_offline(),
+    reason="tiktoken's GPT-2 files are not cached: set TIKTOKEN_CACHE_DIR to a folder holding them")
+
+
 def tiny_model(seed=0, **overrides) -> GPT:
     torch.manual_seed(seed)
     args = dict(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=16)

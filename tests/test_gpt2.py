@@ -17,6 +17,7 @@ from tinygpt.checkpoint import check_vocabulary, load_checkpoint, model_from_che
 from tinygpt.common import CheckpointError
 from conftest import (TINY, assert_one_line_error, records, run_script, run_train, tiny_args, tiny_hf_gpt2, tiny_model,
                       tiny_text, train_here, train_losses, train_refusing)
+from conftest import needs_gpt2_bpe
 from tinygpt.data import Batches, load_meta
 from tinygpt.data import estimate_loss
 from tinygpt.checkpoint import load_weights, weights_to_fine_tune
@@ -85,6 +86,7 @@ def test_greedy_generation_equals_transformers_greedy_generate(tmp_path):
     assert torch.equal(ours, theirs)
 
 
+@needs_gpt2_bpe
 def test_sample_init_from_a_folder_writes_transformers_greedy_text_in_gpt2_bpe(tmp_path):
     hf = tiny_hf_gpt2(tmp_path, vocab_size=GPT2_VOCAB)
     tok = GPT2Tokenizer()
@@ -189,6 +191,7 @@ def bpe_data(tmp_path_factory):
     return root
 
 
+@needs_gpt2_bpe
 def test_fine_tuning_a_hugging_face_folder_starts_from_its_weights_in_its_shape(tmp_path, bpe_data, capsys):
     """The model takes the weights' shape, not the command line's, with block_size cropped to the one
     asked for and the run's dropout; its first evaluation is the loaded model's, and the loss falls."""
@@ -267,6 +270,7 @@ def test_weights_without_learned_positions_fine_tune_on_a_longer_window(tmp_path
     assert our_logits(longer, x).shape[1] == 32  # the whole longer window runs
 
 
+@needs_gpt2_bpe
 def test_fine_tuning_refuses_weights_whose_vocabulary_or_positions_cannot_fit(tmp_path, data_dir, bpe_data, capsys):
     tiny_meta = json.loads((data_dir / "tiny" / "meta.json").read_text())
     reverse_meta = json.loads((data_dir / "reverse" / "meta.json").read_text())

@@ -3,7 +3,6 @@ that round-trip, the data sets' documented sizes, no-op re-runs, and the attenti
 import hashlib
 import http.server
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -13,15 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED_DATA as SHARED  # noqa: E402
+from conftest import REPO, SHARED_DATA as SHARED, needs_gpt2_bpe  # noqa: E402
 
 SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
 TINYTALKS = SHARED / "tinytalks"
-TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))  # before tiktoken is first used
 
 import prepare as cli  # noqa: E402
 import tinygpt.datasets as P  # noqa: E402
+import tinygpt.download as D  # noqa: E402
 from tinygpt.checkpoint import check_vocabulary  # noqa: E402
 from tinygpt.common import CheckpointError, DataError  # noqa: E402
 from tinygpt.data import load_meta  # noqa: E402
@@ -30,8 +28,6 @@ from tinygpt.tokenizer import ByteTokenizer, CharTokenizer, tokenizer_from_meta 
 
 needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"no local copy at {SHAKESPEARE}")
 needs_tinytalks = pytest.mark.skipif(not TINYTALKS.is_dir(), reason=f"no local copy at {TINYTALKS}")
-needs_gpt2 = pytest.mark.skipif(not Path(os.environ["TIKTOKEN_CACHE_DIR"]).is_dir(),
-                                reason="no tiktoken cache folder (TIKTOKEN_CACHE_DIR)")
 
 SMALL = b"To be, or not to be, that is the question.\n" * 50
 SMALL_SHA = hashlib.sha256(SMALL).hexdigest()
@@ -101,10 +97,10 @@ def closed_port():
 
 def test_download_writes_the_verified_file_and_does_not_fetch_it_again(server, tmp_path):
     dest = tmp_path / "d" / "small.txt"
-    assert P.download(f"{server.url}/small.txt", dest, SMALL_SHA) == dest
+    assert D.download(f"{server.url}/small.txt", dest, SMALL_SHA) == dest
     assert dest.read_bytes() == SMALL and files_under(tmp_path) == ["d/small.txt"]
     hits = len(server.hits)
-    P.download(f"{server.url}/small.txt", dest, SMALL_SHA)
+    D.download(f"{server.url}/small.txt", dest, SMALL_SHA)
     assert len(server.hits) == hits
 
 
@@ -113,7 +109,7 @@ def test_shakespeare_char_downloads_into_its_data_folder(server, tmp_path):
     out = prepare("shakespeare_char", source=f"{server.url}/input.txt", data_dir=tmp_path)
     assert out == tmp_path / "shakespeare_char"
     assert files_under(out) == ["input.txt", "meta.json", "train.bin", "val.bin"]
-    assert P.sha256_of(out / "input.txt") == P.TINYSHAKESPEARE[0].sha256
+    assert D.sha256_of(out / "input.txt") == P.TINYSHAKESPEARE[0].sha256
     meta = load_meta(out)
     assert (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) == (65, 1_003_854, 111_540)
     assert meta["source_url"] == f"{server.url}/input.txt"
@@ -128,15 +124,15 @@ def test_shakespeare_char_downloads_into_its_data_folder(server, tmp_path):
 ])
 def test_failed_download_says_why_and_leaves_no_file(server, tmp_path, path, sha, message):
     with pytest.raises(DataError, match=message):
-        P.download(f"{server.url}{path}", tmp_path / "input.txt", sha)
+        D.download(f"{server.url}{path}", tmp_path / "input.txt", sha)
     assert files_under(tmp_path) == []
 
 
 def test_server_errors_are_retried_but_a_bad_checksum_is_not(server, tmp_path):
-    for path, attempts in (("/error", P.RETRIES), ("/small.txt", 1)):
+    for path, attempts in (("/error", D.RETRIES), ("/small.txt", 1)):
         server.hits.clear()
         with pytest.raises(DataError):
-            P.download(f"{server.url}{path}", tmp_path / "x.txt", "0" * 64)
+            D.download(f"{server.url}{path}", tmp_path / "x.txt", "0" * 64)
         assert server.hits == [path] * attempts
 
 
@@ -154,7 +150,7 @@ def test_a_tampered_copy_of_a_pinned_file_is_refused_in_one_line_with_nothing_sa
 def test_connection_refused_names_the_url_and_the_source_way_out(tmp_path):
     url = f"http://127.0.0.1:{closed_port()}/input.txt"
     with pytest.raises(DataError, match="refused") as err:
-        P.download(url, tmp_path / "input.txt", SMALL_SHA)
+        D.download(url, tmp_path / "input.txt", SMALL_SHA)
     assert url in str(err.value) and "--source" in str(err.value) and "\n" not in str(err.value)
     assert files_under(tmp_path) == []
 
@@ -245,7 +241,7 @@ def test_shakespeare_char_matches_nanogpt_and_round_trips(tmp_path):
 
 
 @needs_shakespeare
-@needs_gpt2
+@needs_gpt2_bpe
 def test_shakespeare_gpt2_bins_decode_to_the_90_10_split(tmp_path):
     out = prepare("shakespeare", source=SHAKESPEARE.parent, data_dir=tmp_path)
     meta, text = load_meta(out), SHAKESPEARE.read_text()
@@ -362,3 +358,53 @@ def test_cli_builds_your_own_text_and_refuses_an_unknown_name_without_source(tmp
     assert cli.main(["nobook", f"--data_dir={tmp_path}"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "python prepare.py nobook --source=" in err
+
+
+# -------------------------------------------------------------- the builders and their imports
+
+def package_imports(path) -> set:
+    """The tinygpt modules a file imports, at the top or inside a function."""
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(Path(path).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+    return {n for n in names if n.startswith("tinygpt.")}
+
+
+def test_both_builders_download_through_one_module_and_never_import_each_other():
+    package = REPO / "tinygpt"
+    assert package_imports(package / "download.py") == {"tinygpt.common"}
+    datasets, corpus = (package_imports(package / name) for name in ("datasets.py", "corpus.py"))
+    assert "tinygpt.download" in datasets & corpus
+    assert "tinygpt.corpus" not in datasets and "tinygpt.datasets" not in corpus
+
+
+def test_datasets_knows_a_corpus_by_name_and_source_and_refuses_to_build_it_in_one_line(tmp_path):
+    """Only prepare.py builds a corpus (hours, many processes): datasets.prepare, which train.py
+    calls for a missing data set, names that command instead."""
+    web = tmp_path / "web"
+    web.mkdir()
+    corpora = [("fineweb_edu", None), ("web", web), ("web", "dumps/*.jsonl"), ("web", "a.parquet")]
+    others = [("shakespeare", web), ("book", "book.txt"), ("book", "https://x.org/web.parquet"),
+              ("reverse", None)]
+    assert [P.is_corpus(*case) for case in corpora + others] == [True] * 4 + [False] * 4
+    for name, source, command in (("fineweb_edu", None, "python prepare.py fineweb_edu"),
+                                  ("web", web, f"python prepare.py web --source={web}")):
+        with pytest.raises(DataError) as err:
+            prepare(name, source=source, data_dir=tmp_path / "data")
+        assert str(err.value).endswith(command) and "\n" not in str(err.value)
+    assert not (tmp_path / "data").exists()
+
+
+def test_corpus_options_are_refused_for_a_small_data_set_and_a_tokenizer_for_a_corpus(tmp_path,
+                                                                                       capsys):
+    (tmp_path / "web").mkdir()
+    for args, message in ((["reverse", "--workers=2"], "are for corpora"),
+                          (["web", f"--source={tmp_path / 'web'}", "--tokenizer=char"],
+                           "always tokenized by gpt2")):
+        assert cli.main([*args, f"--data_dir={tmp_path / 'data'}"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err

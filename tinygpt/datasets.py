@@ -1,23 +1,24 @@
-"""Every data set the project trains on, built into data/<name>/: train.bin, val.bin, meta.json (prepare.py is
-its command line; train.py calls prepare() when a config's data set is missing).
+"""Every small data set the project trains on, built into data/<name>/: train.bin, val.bin,
+meta.json (prepare.py is its command line; train.py calls prepare() when a config's data set is
+missing).
 
-Real data comes from the URLs pinned here and must match their pinned sha256. A `source` (PATH_OR_URL) reads
-a local copy or another URL instead (for tinytalks: a folder holding splits/train.txt etc.); a name this
-module does not know is a text data set built from the file or URL `source`. Corpora (fineweb_edu, or
-a folder or glob of .parquet/.jsonl/.txt files) go to token shards: tinygpt/corpus.py.
+Real data comes from the URLs pinned here and must match their pinned sha256 (tinygpt/download.py).
+A `source` (PATH_OR_URL) reads a local copy or another URL instead (for tinytalks: a folder holding
+splits/train.txt etc.); a name this module does not know is a text data set built from the file or
+URL `source`. Corpora (fineweb_edu, or a folder or glob of .parquet/.jsonl/.txt files) go to token
+shards, built by prepare.py with tinygpt/corpus.py: is_corpus tells them apart, prepare() refuses
+them.
 """
 import hashlib
 import json
 import random
-import re
-import time
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from tinygpt.common import DataError, atomic_write
-from tinygpt.corpus import CORPORA, SHARD_TOKENS, prepare_corpus
+from tinygpt.download import download, is_url, sha256_of
 from tinygpt.tokenizer import make_tokenizer, qa_pairs, qa_prompt
 
 
@@ -42,8 +43,9 @@ TINYTALKS = (
     Pin("splits/test.txt", f"{TINYTALKS_BASE}/splits/test.txt",
         "4a44d204594c7f0a31202758de75af7fc8a1d17565423004ce8dd9d28bea99cb"),
 )
-PINNED = {"shakespeare_char": TINYSHAKESPEARE, "shakespeare": TINYSHAKESPEARE, "tinytalks": TINYTALKS,
-          "shakespeare_byte": TINYSHAKESPEARE, "tinytalks_byte": TINYTALKS, "tinytalks_chat": TINYTALKS}
+PINNED = {"shakespeare_char": TINYSHAKESPEARE, "shakespeare": TINYSHAKESPEARE,
+          "tinytalks": TINYTALKS, "shakespeare_byte": TINYSHAKESPEARE, "tinytalks_byte": TINYTALKS,
+          "tinytalks_chat": TINYTALKS}
 OWN_TOKENIZER = {"shakespeare_char": "char", "shakespeare": "gpt2", "tinytalks": "char",
                  "shakespeare_byte": "byte", "tinytalks_byte": "byte", "tinytalks_chat": "byte"}
 # Q&A data sets trained on their answers only: whole pairs, loss on the answer tokens (data.Batches)
@@ -59,100 +61,23 @@ TASK_WORD_LEN = 6
 TASK_VOCAB = sorted(TASK_LETTERS + "=cr")
 DEFAULT_SEED = 1337
 
+# Web corpora go to token shards, built by corpus.py through `python prepare.py NAME` (not from
+# here, so that reading this module never imports the corpus builder).
+CORPORA = ("fineweb_edu",)
+CORPUS_SUFFIXES = (".parquet", ".jsonl")  # one such file (or a folder, or a glob) is a corpus too
+
 DATASETS = [*PINNED, *TASKS, *CORPORA]
 FORMAT_VERSION = 1            # bump when the output format changes, so old outputs get rebuilt
-RETRIES = 3                   # attempts per download
-BACKOFF_S = 0.5               # wait 0.5 s, then 1 s, between attempts
-TIMEOUT_S = (10, 60)          # (connect, between bytes) seconds
-
-
-class RetryableError(Exception):
-    """A download failed in a way that may go away on the next attempt."""
-
-
-# ----------------------------------------------------------------------------------- downloads
-
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def is_url(source) -> bool:
-    return str(source).startswith(("http://", "https://"))
-
-
-def download(url, dest, sha256=None) -> Path:
-    """dest holding the bytes at url; a file that already matches the pinned sha256 is kept as is."""
-    dest = Path(dest)
-    if sha256 and dest.is_file() and sha256_of(dest) == sha256:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1, RETRIES + 1):
-        try:
-            fetch_once(url, dest, sha256)
-            return dest
-        except RetryableError as e:
-            if attempt == RETRIES:
-                raise DataError(f"could not download {url} ({e}, {RETRIES} attempts); check the network, "
-                                f"or pass --source=PATH_OR_URL with a local copy of {dest.name}") from None
-            time.sleep(BACKOFF_S * attempt)
-
-
-def fetch_once(url, dest, sha256):
-    """One attempt: stream into a temporary file next to dest, check it, then rename it into place,
-    so dest is either the whole verified file or untouched."""
-    def write(f):
-        digest, size = stream_into(f, url)
-        if size == 0:
-            raise DataError(f"{url} sent an empty file; nothing was saved. Check the URL or pass --source=PATH_OR_URL")
-        if sha256 and digest != sha256:
-            raise DataError(f"sha256 mismatch for {url}: got {digest}, expected {sha256}; nothing was saved. "
-                            f"Pass --source=PATH with an unmodified copy of {dest.name}")
-    atomic_write(dest, write)
-
-
-def stream_into(f, url):
-    """(sha256, size) of the body written to f. Network trouble, 5xx and short bodies are retryable."""
-    import requests  # here, not at the top: only a download needs it, and every train.py and sample.py would import it
-    digest, size = hashlib.sha256(), 0
-    try:
-        # identity encoding, so Content-Length counts the bytes we receive and exposes a truncated body
-        with requests.get(url, stream=True, timeout=TIMEOUT_S, headers={"Accept-Encoding": "identity"}) as r:
-            if r.status_code >= 500 or r.status_code == 429:
-                raise RetryableError(f"HTTP {r.status_code}")
-            if r.status_code >= 400:
-                raise DataError(f"HTTP {r.status_code} for {url}; check the URL or pass --source=PATH_OR_URL")
-            expected = int(r.headers.get("Content-Length", -1)) if "Content-Encoding" not in r.headers else -1
-            for chunk in r.iter_content(1 << 16):
-                f.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-    except requests.RequestException as e:
-        raise RetryableError(short_reason(e)) from None
-    if expected >= 0 and size != expected:
-        raise RetryableError(f"truncated: got {size} of {expected} bytes")
-    return digest.hexdigest(), size
-
-
-def short_reason(err) -> str:
-    """'ConnectionError: [Errno 111] Connection refused' instead of requests' paragraph."""
-    import requests
-    if isinstance(err, requests.exceptions.ChunkedEncodingError):  # urllib3 saw fewer bytes than promised
-        return "truncated: the connection closed before the whole file arrived"
-    errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(err))
-    return f"{type(err).__name__}: {errno.group(0)}" if errno else type(err).__name__
-
-
 # ------------------------------------------------------------------------------------- sources
 
 def pinned_location(pin, source) -> str:
-    """Where to read pin from: its canonical URL, the --source URL/file, or a file under --source."""
+    """Where to read pin from: its canonical URL, the --source URL/file, or a file under
+    --source."""
     if source is None:
         return pin.url
-    if is_url(source):  # the file itself for TinyShakespeare; a base URL for tinytalks or if it ends in /
+    # A --source URL is the file itself for TinyShakespeare, a base URL for tinytalks or when it
+    # ends in /.
+    if is_url(source):
         single = pin.path == "input.txt" and not source.endswith("/")
         return source if single else f"{source.rstrip('/')}/{pin.path}"
     return str(Path(source) / pin.path) if Path(source).is_dir() else source
@@ -165,8 +90,8 @@ def verified_local(path, pin) -> Path:
     got = sha256_of(path)
     if got != pin.sha256:
         raise DataError(f"--source: {path} is not the pinned {pin.path} (sha256 {got}, expected "
-                        f"{pin.sha256}); use an unmodified copy, or `python prepare.py mytext --source={path}` "
-                        "for other text")
+                        f"{pin.sha256}); use an unmodified copy, or `python prepare.py mytext "
+                        f"--source={path}` for other text")
     return path
 
 
@@ -174,8 +99,8 @@ def pinned_files(name, source, out_dir, fetch) -> dict:
     """{pin.path: local file} for the data set. Local --source files are always checked; with
     fetch=False nothing is downloaded (the caller only wants to know whether the work is done)."""
     if PINNED[name] == TINYTALKS and source and not is_url(source) and not Path(source).is_dir():
-        raise DataError("--source for tinytalks must be a folder holding splits/train.txt, val.txt, "
-                        f"test.txt; got {source}")
+        raise DataError("--source for tinytalks must be a folder holding splits/train.txt, "
+                        f"val.txt, test.txt; got {source}")
     files = {}
     for pin in PINNED[name]:
         where = pinned_location(pin, source)
@@ -192,7 +117,8 @@ def text_file(source, out_dir) -> Path:
     if is_url(source):
         return download(source, out_dir / "input.txt")
     if not Path(source).is_file():
-        raise DataError(f"--source: {source} not found; give the path of a text file or an http(s) URL")
+        raise DataError(f"--source: {source} not found; give the path of a text file or an "
+                        "http(s) URL")
     return Path(source)
 
 
@@ -200,8 +126,8 @@ def read_text(path) -> str:
     try:
         text = Path(path).read_bytes().decode("utf-8")  # bytes, so '\r\n' is kept exactly
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv -t utf-8"
-                        ) from None
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. with "
+                        "iconv -t utf-8") from None
     if not text:
         raise DataError(f"{path} is empty; give a file with some text in it")
     return text
@@ -230,14 +156,16 @@ def tinytalks_texts(files, kind):
         tok.encode(test)
     except ValueError as e:
         raise DataError(f"tinytalks test.txt: {e} (built from train+val)") from None
-    extra = {"qa": True, "test_file": "test.txt", "chars": len(train) + len(val), "test_chars": len(test)}
+    extra = {"qa": True, "test_file": "test.txt", "chars": len(train) + len(val),
+             "test_chars": len(test)}
     return tok, train, val, extra, {"test.txt": test}
 
 
 def pair_index(tok, text) -> tuple:
-    """(text rebuilt from its pairs, (n, 3) uint32 token offsets of each pair: question start, answer start,
-    answer end). The answer is " <answer>\n", what follows "A:" up to and with the newline that ends it,
-    so a model trained on it learns where to stop; the pair's blank line after it is not scored."""
+    """(text rebuilt from its pairs, (n, 3) uint32 token offsets of each pair: question start,
+    answer start, answer end). The answer is " <answer>\n", what follows "A:" up to and with the
+    newline that ends it, so a model trained on it learns where to stop; the pair's blank line
+    after it is not scored."""
     rows, pieces, at = [], [], 0
     for question, answer in qa_pairs(text):
         prompt, reply = tok.encode(qa_prompt(question)), tok.encode(f" {answer}\n")
@@ -245,7 +173,7 @@ def pair_index(tok, text) -> tuple:
         pieces.append(f"{qa_prompt(question)} {answer}\n\n")
         at = rows[-1][2] + len(tok.encode("\n"))
     rebuilt = "".join(pieces)
-    if not rows or len(tok.encode(rebuilt)) != at:  # a tokenizer that merges across the pieces (BPE) would
+    if not rows or len(tok.encode(rebuilt)) != at:  # a tokenizer that merges across pieces (BPE)
         raise DataError("no Q/A pairs found, or the tokenizer does not split them at their edges")
     return rebuilt, np.array(rows, dtype="<u4")
 
@@ -255,12 +183,16 @@ def chat_texts(files, kind):
     {train,val}_pairs.bin, so batches are whole pairs with the loss on their answers."""
     tok, train, val, extra, texts = tinytalks_texts(files, kind)
     (train, train_pairs), (val, val_pairs) = pair_index(tok, train), pair_index(tok, val)
-    extra = {**extra, "answer_loss": True, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "pairs_files": {"train": "train_pairs.bin", "val": "val_pairs.bin"}}
-    return tok, train, val, extra, {**texts, "train_pairs.bin": train_pairs.tobytes(), "val_pairs.bin": val_pairs.tobytes()}
+    extra = {**extra, "answer_loss": True, "train_pairs": len(train_pairs),
+             "val_pairs": len(val_pairs),
+             "pairs_files": {"train": "train_pairs.bin", "val": "val_pairs.bin"}}
+    pairs = {"train_pairs.bin": train_pairs.tobytes(), "val_pairs.bin": val_pairs.tobytes()}
+    return tok, train, val, extra, {**texts, **pairs}
 
 
 def distinct_words(count, rng) -> list:
-    """count different random 6-letter words; drawing them all at once keeps test prompts out of train."""
+    """count different random 6-letter words; drawing them all at once keeps test prompts out of
+    train."""
     words, seen = [], set()
     while len(words) < count:
         word = "".join(rng.choice(TASK_LETTERS) for _ in range(TASK_WORD_LEN))
@@ -309,11 +241,11 @@ def write_dataset(out_dir, tok, train, val, meta, files) -> dict:
     write_bytes(out_dir / "train.bin", train_ids.tobytes())
     write_bytes(out_dir / "val.bin", val_ids.tobytes())
     for name, content in files.items():
-        write_bytes(out_dir / name, content if isinstance(content, bytes) else content.encode("utf-8"))
+        write_bytes(out_dir / name, content if isinstance(content, bytes) else content.encode())
     meta = {"tokenizer": tok.kind, **({"vocab": tok.vocab} if tok.kind == "char" else {}),
             "vocab_size": tok.vocab_size, "dtype": dtype,
             "train_tokens": len(train_ids), "val_tokens": len(val_ids), **meta}
-    write_bytes(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
+    write_bytes(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False).encode())
     return meta
 
 
@@ -337,7 +269,8 @@ def summary(out_dir, meta) -> str:
     if "chars" in meta:
         parts.insert(0, f"{meta['chars']:,} characters")
     if meta.get("answer_loss"):
-        parts.append(f"{meta['train_pairs']} train / {meta['val_pairs']} val Q/A pairs, loss on the answers")
+        parts.append(f"{meta['train_pairs']} train / {meta['val_pairs']} val Q/A pairs, loss on "
+                     "the answers")
     if "task" in meta:
         parts.insert(0, f"{meta['train_examples']} train / {meta['val_examples']} test examples of "
                         f"{meta['example_len']} tokens (prompt {meta['prompt_len']})")
@@ -348,7 +281,8 @@ def source_meta(name, source, hashes, text) -> dict:
     """meta.json's source_url and source_sha256: where the data came from (for tinytalks the
     folder, with the hash of the train.txt it trains on; every file's hash is in inputs.files)."""
     if name in TASKS:
-        return {"source_url": "generated", "source_sha256": hashlib.sha256(text.encode()).hexdigest()}
+        return {"source_url": "generated",
+                "source_sha256": hashlib.sha256(text.encode()).hexdigest()}
     if source is None:
         url = TINYTALKS_BASE if PINNED[name] == TINYTALKS else PINNED[name][0].url
     else:
@@ -360,67 +294,80 @@ def source_meta(name, source, hashes, text) -> dict:
 
 def check_arguments(name, source, tokenizer, seed):
     if name not in DATASETS and not source:
-        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}, or build your own "
-                        f"from a text file: python prepare.py {name} --source=FILE_OR_URL")
+        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}, or build "
+                        f"your own from a text file: python prepare.py {name} --source=FILE_OR_URL")
     if name in OWN_TOKENIZER and tokenizer not in (None, OWN_TOKENIZER[name]):
-        raise DataError(f"{name} is always tokenized by {OWN_TOKENIZER[name]}; --tokenizer is for your own text "
-                        "(TinyShakespeare in GPT-2 BPE is the `shakespeare` data set)")
+        raise DataError(f"{name} is always tokenized by {OWN_TOKENIZER[name]}; --tokenizer is for "
+                        "your own text (TinyShakespeare in GPT-2 BPE is the `shakespeare` data "
+                        "set)")
     if name in TASKS and (source or tokenizer):
-        raise DataError(f"{name} is generated with its own character vocabulary; drop --source/--tokenizer")
+        raise DataError(f"{name} is generated with its own character vocabulary; drop "
+                        "--source/--tokenizer")
     if name not in TASKS and seed is not None:
-        raise DataError(f"--seed only applies to the generated tasks ({', '.join(TASKS)}), not to {name}")
+        raise DataError(f"--seed only applies to the generated tasks ({', '.join(TASKS)}), not to "
+                        f"{name}")
 
 
 def is_corpus(name, source) -> bool:
-    """fineweb_edu, or your own name with a folder, a glob, or a .parquet/.jsonl file as its source."""
+    """fineweb_edu, or your own name with a folder, a glob, or a .parquet/.jsonl file as its
+    source."""
     if name in CORPORA or not source or name in DATASETS or is_url(source):
         return name in CORPORA
     folder_or_glob = Path(source).is_dir() or any(c in str(source) for c in "*?[")
-    return folder_or_glob or Path(source).suffix in (".parquet", ".jsonl")
+    return folder_or_glob or Path(source).suffix in CORPUS_SUFFIXES
 
 
-def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None, shards=0, workers=0,
-            shard_tokens=0) -> Path:
+def input_hashes(name, source, out_dir, text_path) -> dict:
+    """{file: sha256} of the data set's inputs: none for a generated task, the pins for a pinned
+    data set (a wrong local copy fails here, even when the data set is built already), else the
+    user's text file."""
+    if name in TASKS:
+        return {}
+    if name in PINNED:
+        pinned_files(name, source, out_dir, fetch=False)
+        return {pin.path: pin.sha256 for pin in PINNED[name]}
+    return {text_path.name: sha256_of(text_path)}
+
+
+def built_texts(name, source, out_dir, kind, seed, text_path) -> tuple:
+    """(tokenizer, train text, val text, extra meta, extra files) of the data set, its pinned files
+    downloaded first where needed."""
+    if name in TASKS:
+        return task_texts(name, seed)
+    if name not in PINNED:
+        return split_90_10(read_text(text_path), kind, text_path)
+    files = pinned_files(name, source, out_dir, fetch=True)
+    if name in ANSWER_LOSS:
+        return chat_texts(files, kind)
+    if PINNED[name] == TINYTALKS:
+        return tinytalks_texts(files, kind)
+    return split_90_10(read_text(files["input.txt"]), kind, files["input.txt"])
+
+
+def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None) -> Path:
     """Build data_dir/name/ and return that folder; a no-op when it is already built from the same
     inputs (data file hashes, tokenizer, seed). A name prepare.py does not know is a text data set
-    built from the file or URL `source`, or a corpus (is_corpus) of shards: shards, workers and
-    shard_tokens are corpus.prepare_corpus's."""
+    built from the file or URL `source`. A corpus (is_corpus) is refused: it takes hours and many
+    processes, so only `python prepare.py NAME` builds it (corpus.prepare_corpus)."""
     if is_corpus(name, source):
-        if tokenizer not in (None, "gpt2") or seed is not None:
-            raise DataError(f"{name} is a corpus, always tokenized by gpt2; drop --tokenizer/--seed")
-        return prepare_corpus(name, source, Path(data_dir) / name, shards, workers, shard_tokens or SHARD_TOKENS)
-    if shards or workers or shard_tokens:
-        raise DataError("--shards, --workers and --shard_tokens are for corpora: fineweb_edu, or --source=FOLDER "
-                        "or a glob of .parquet/.jsonl/.txt files")
+        again = f" --source={source}" if source else ""
+        raise DataError(f"{name} is a web corpus of token shards; build it first with its own "
+                        f"command: python prepare.py {name}{again}")
     check_arguments(name, source, tokenizer, seed)
     source = None if source is None else str(source)
     out_dir = Path(data_dir) / name
     kind = tokenizer or OWN_TOKENIZER.get(name, "char")
     seed = (DEFAULT_SEED if seed is None else seed) if name in TASKS else None
-    hashes = {}
-    if name in PINNED:
-        pinned_files(name, source, out_dir, fetch=False)  # a wrong local copy fails even when built
-        hashes = {pin.path: pin.sha256 for pin in PINNED[name]}
-    elif name not in TASKS:
-        path = text_file(source, out_dir)
-        hashes = {path.name: sha256_of(path)}
-    inputs = {"format": FORMAT_VERSION, "dataset": name if name in DATASETS else "text", "tokenizer": kind,
-              "seed": seed, "files": hashes}
-
+    # the user's text: a URL is fetched once here (nothing pins its content)
+    text_path = None if name in PINNED or name in TASKS else text_file(source, out_dir)
+    hashes = input_hashes(name, source, out_dir, text_path)
+    inputs = {"format": FORMAT_VERSION, "dataset": name if name in DATASETS else "text",
+              "tokenizer": kind, "seed": seed, "files": hashes}
     meta = prepared_meta(out_dir, inputs)
     if meta:
         print(f"{summary(out_dir, meta)} (already prepared from the same inputs; nothing to do)")
         return out_dir
-
-    if name in TASKS:
-        tok, train, val, extra, files = task_texts(name, seed)
-    elif name in ANSWER_LOSS:
-        tok, train, val, extra, files = chat_texts(pinned_files(name, source, out_dir, fetch=True), kind)
-    elif PINNED.get(name) == TINYTALKS:
-        tok, train, val, extra, files = tinytalks_texts(pinned_files(name, source, out_dir, fetch=True), kind)
-    else:
-        path = pinned_files(name, source, out_dir, fetch=True)["input.txt"] if name in PINNED else path
-        tok, train, val, extra, files = split_90_10(read_text(path), kind, path)
+    tok, train, val, extra, files = built_texts(name, source, out_dir, kind, seed, text_path)
     meta = {**source_meta(name, source, hashes, train + val), **extra, "inputs": inputs}
     print(summary(out_dir, write_dataset(out_dir, tok, train, val, meta, files)))
     return out_dir
@@ -439,4 +386,5 @@ def prepare_for_training(name, data_dir, source) -> Path:
         return prepare(name, source or None, data_dir)
     except (DataError, OSError) as e:
         hint = " (train.py hands --data_source=PATH_OR_URL to it as --source)"
-        raise DataError(f"could not prepare {name}: {e}{hint if '--source' in str(e) else ''}") from None
+        hint = hint if "--source" in str(e) else ""
+        raise DataError(f"could not prepare {name}: {e}{hint}") from None
