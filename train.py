@@ -3,20 +3,16 @@
     python train.py configs/speedrun_cpu.py                        # a CPU run that beats nanoGPT's
     python train.py configs/shakespeare_char.py --max_iters=2000   # a config file, then overrides
     torchrun --standalone --nproc_per_node=8 train.py configs/shakespeare_char.py
-    python train.py configs/finetune_shakespeare.py                # fine-tune GPT-2 XL
 
-A run resumes out_dir/ckpt.pt when there is one: a rerun or a torchrun restart continues, and
-never starts over on top of a trained model. The file reads top to bottom: the options, the
-learning-rate schedule and the optimizers, the log, the set-up, the training loop, and the final
-evaluation.
+A run resumes out_dir/ckpt.pt when there is one: a rerun or a torchrun restart continues, never
+starting over on a trained model. Top to bottom: the options, the set-up, the training loop, and
+the final evaluation.
 """
-import json
 import math
-import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +22,15 @@ from model import GPT, GPTConfig
 from tinygpt.checkpoint import (check_free_space, check_init_from, check_resumable,
                                 check_visible, checkpoint_bytes, checkpoint_to_resume, kept_message,
                                 load_checkpoint, load_weights_from_master, restore_training_state,
-                                save_in_out_dir, training_checkpoint, weights_to_fine_tune)
-from tinygpt.common import (EVERY_PROCESS_ERRORS, ConfigError, NonFiniteLossError, as_config_file,
+                                model_to_train, RunLog, save_in_out_dir, training_checkpoint)
+from tinygpt.common import (EVERY_PROCESS_ERRORS, NonFiniteLossError, as_config_file,
                             help_text, must, parse_options, wants_help)
 from tinygpt.data import (TRAIN_STREAM, Batches, batch_rng, estimate_loss, final_report,
                           load_meta, picks_of_rank, split_global_batch)
 from tinygpt.device import (DTYPES, StopSignal, autocast_context, capabilities, data_parallel,
                             exit_process, grad_scaler, model_dtype, peak_flops, print0,
                             set_up_device, torchrun_group, torchrun_rank)
+from tinygpt.optim import clip_and_step, make_optimizers
 
 
 @dataclass
@@ -114,98 +111,6 @@ def learning_rate_at(step, cfg) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def make_optimizers(model, weight_decay, learning_rate, betas, device_type, muon_lr=0.0,
-                    muon_momentum=0.95, fused=None) -> list:
-    """[AdamW], with weight decay on matrices only and fused where the device has the kernel
-    (unless fused is given); with muon_lr > 0, [AdamW, Muon]: Muon takes the blocks' matrices,
-    AdamW the embeddings, the head and the gains. Each group keeps its peak lr for the schedule."""
-    named = dict(model.named_parameters())  # tied weights appear once
-    hidden = [p for n, p in named.items() if muon_lr and n.startswith("blocks.") and p.dim() == 2]
-    rest = [p for p in named.values() if all(p is not h for h in hidden)]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-    if fused is None:
-        fused = capabilities(device_type).fused_adamw
-    optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
-    if hidden:
-        from tinygpt.optim import BatchedMuon  # only Muon runs need it
-        optimizers.append(BatchedMuon(hidden, lr=muon_lr, momentum=muon_momentum,
-                                      weight_decay=0.0, adjust_lr_fn="original"))
-    for group in (g for optimizer in optimizers for g in optimizer.param_groups):
-        group["peak_lr"] = group["lr"]
-    return optimizers
-
-
-def clip_and_step(optimizers, scaler, parameters, grad_clip, keep_grads=False):
-    """One step of every optimizer on the accumulated gradients: unscaled (fp16), clipped to
-    grad_clip (0: not clipped), stepped, then zeroed. Under DDP (keep_grads) they are zeroed in
-    place: they are views of DDP's buckets, and fresh ones would be a second copy. GradScaler skips
-    an optimizer whose own gradients overflowed, so the clip uses the norm of the gradients that
-    do step: an inf in the norm would zero them, and a nan would poison them."""
-    if grad_clip:
-        for optimizer in optimizers:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        parameters = [p for p in parameters if p.grad is not None]
-        torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip, finite_norm(optimizers, scaler))
-    for optimizer in optimizers:
-        scaler.step(optimizer)
-    scaler.update()
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=not keep_grads)
-
-
-def finite_norm(optimizers, scaler):
-    """The gradient norm to clip with: of every gradient, or under fp16 of the optimizers whose
-    gradients are finite. A non-finite norm counts as 0, so the clip factor clamps to 1 (a nan
-    loss stops the run at its next log step)."""
-    if scaler.is_enabled():  # fp16: one optimizer's gradients may be inf or nan, the other's not
-        norms = torch.stack([torch.nn.utils.get_total_norm(grads_of(o)) for o in optimizers])
-        return torch.linalg.vector_norm(torch.where(norms.isfinite(), norms, 0.0))
-    norm = torch.nn.utils.get_total_norm([g for o in optimizers for g in grads_of(o)])
-    return torch.where(norm.isfinite(), norm, 0.0)
-
-
-def grads_of(optimizer) -> list:
-    return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-
-
-class RunLog:
-    """Log lines to stdout, one JSON record a line to out_dir/log.jsonl, and to wandb if asked.
-    When closed it starts the drawing of out_dir/curves.png in the background."""
-
-    def __init__(self, cfg, enabled):
-        self.enabled, self.plot = enabled, cfg.plot
-        self.path = Path(cfg.out_dir) / "log.jsonl"
-        self.wandb = None
-        if not enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        (self.path.parent / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-        if cfg.wandb_log:
-            import wandb  # imported only when asked for: it is slow to import
-            folder = os.environ.get("WANDB_DIR", cfg.out_dir)
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
-                                    config=asdict(cfg), dir=folder)
-
-    def write(self, line, record):
-        if not self.enabled:
-            return
-        if line:
-            print(line, flush=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            values = {k: v for k, v in record.items() if k not in ("kind", "step")}
-            self.wandb.log(values, step=record["step"])
-
-    def close(self):
-        if self.wandb is not None:
-            self.wandb.finish()
-        if self.enabled and self.plot:
-            from tinygpt.plot import draw_in_background  # the picture is drawn after the run
-            draw_in_background(self.path.parent)
-
-
 # ------------------------------------------------------------------------------------ set-up
 
 def prepared_data(cfg, dist) -> Path:
@@ -218,29 +123,6 @@ def prepared_data(cfg, dist) -> Path:
     from tinygpt.datasets import prepare_for_training  # only a first run builds its data
     dist.on_each_node(prepare_for_training, cfg.dataset, cfg.data_dir, cfg.data_source)
     return folder
-
-
-def model_to_train(cfg, meta, resume_from, dist) -> tuple:
-    """(model_args, weights to start from or None): the config's shape, or the shape of the
-    weights that init_from names when this run fine-tunes them."""
-    if cfg.init_from in ("auto", "resume", "scratch"):
-        model_args = {f.name: getattr(cfg, f.name) for f in fields(GPTConfig)}
-        return {**model_args, "vocab_size": meta["vocab_size"]}, None
-    return dist.on_every_process(weights_to_fine_tune, cfg, meta, resume_from)
-
-
-def this_process_share(cfg, batches, block_size, dist) -> tuple:
-    """(micro-steps, sequences per micro-step) of this process: its share of the global batch,
-    which stays the same for any number of processes."""
-    if batches.task and block_size < batches.seq_len:
-        raise ConfigError(f"block_size={block_size} is shorter than the {batches.seq_len} "
-                          f"tokens a {batches.task} example feeds the model; set "
-                          f"block_size={batches.seq_len}")
-    try:
-        return split_global_batch(cfg.gradient_accumulation_steps, cfg.batch_size,
-                                  dist.world_size)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def build_model(cfg, model_args, device, dtype, start_weights, resume_from, meta) -> tuple:
@@ -296,10 +178,11 @@ def set_up(cfg, dist) -> Run:
     to_resume = dist.on_master(checkpoint_to_resume, cfg.out_dir, cfg.init_from, dist.attempt)
     resume_from = dist.from_master(to_resume)
     dist.on_every_process(check_visible, resume_from)  # every process reads it
-    model_args, start_weights = model_to_train(cfg, meta, resume_from, dist)
+    model_args, start_weights = dist.on_every_process(model_to_train, cfg, meta, resume_from)
     dtype = model_dtype(cfg.dtype, dist.device, model_args)
     batches = Batches(folder, meta, model_args["block_size"], dist.device)
-    micro_steps, rows = this_process_share(cfg, batches, model_args["block_size"], dist)
+    micro_steps, rows = split_global_batch(cfg.gradient_accumulation_steps, cfg.batch_size,
+                                           dist.world_size)
     model, optimizers, scaler, progress = dist.on_every_process(
         build_model, cfg, model_args, dist.device, dtype, start_weights, resume_from, meta)
     dist.on_master(check_free_space, cfg.out_dir, checkpoint_bytes(model))  # before any write

@@ -27,7 +27,8 @@ import tools.bench
 import tools.evaluate
 import tools.interpret
 from sample import SampleConfig
-from train import TrainConfig, clip_and_step, make_optimizers
+from tinygpt.optim import clip_and_step, make_optimizers
+from train import TrainConfig
 
 MPS = capabilities("mps")  # the real function's answer for an Apple GPU: no bf16, no fp16 autocast, no compile
 T4 = Capabilities(bf16=False, fp16=True, compile=True, fused_adamw=True)  # compute capability 7.5: fp16 tensor cores, bf16 emulated

@@ -167,7 +167,7 @@ from model import GPT, GPTConfig
 from tinygpt.data import Batches, load_meta
 from tinygpt.device import keep_freed_host_memory
 from tinygpt.data import estimate_loss, full_split_loss
-from train import make_optimizers
+from tinygpt.optim import make_optimizers
 
 assert keep_freed_host_memory()  # glibc's heap keeps what is freed, as configs/shakespeare.py asks
 folder, vocab = Path(sys.argv[1]), int(sys.argv[2])

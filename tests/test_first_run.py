@@ -10,8 +10,16 @@ import pytest
 import torch
 
 import tinygpt.device as device_module
-from conftest import (ENV, REPO, assert_one_line_error, run_script, run_train, tiny_args, torchrun,
-                      train_here)
+from conftest import (
+    ENV,
+    REPO,
+    assert_one_line_error,
+    run_script,
+    run_train,
+    tiny_args,
+    torchrun,
+    train_here,
+)
 
 TRAIN = str(REPO / "train.py")
 
@@ -71,6 +79,7 @@ def test_a_second_signal_a_moment_later_stops_at_once(tmp_path, data_dir):
     out = tmp_path / "out"
     proc = start_train(tiny_args(data_dir, out, "--eval_iters=100000", "--max_iters=50"), tmp_path)
     read_until(proc, "tokens per optimizer step")
+    time.sleep(3)  # set-up is done a moment after that line; the evaluation takes far longer
     proc.send_signal(signal.SIGTERM)
     time.sleep(1.5)
     began = time.monotonic()

@@ -22,7 +22,7 @@ import tinygpt.device as device_module
 from tinygpt.device import gpu_peak_flops
 from tinygpt.data import estimate_loss, final_report, full_split_loss
 from tinygpt.checkpoint import load_optimizer_state
-from train import clip_and_step, make_optimizers
+from tinygpt.optim import clip_and_step, make_optimizers
 
 import sample
 

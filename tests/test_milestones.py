@@ -5,7 +5,7 @@ import torch
 
 from conftest import REPO, SHARED_DATA, train_here
 from model import GPT, GPTConfig
-from train import make_optimizers
+from tinygpt.optim import make_optimizers
 from tinygpt.datasets import prepare
 from tinygpt.common import verdict_text
 from tinygpt.evaluation import qa_answer_loss

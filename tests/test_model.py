@@ -8,8 +8,8 @@ import torch
 
 import conftest
 from model import GPTConfig, KVCache, apply_rope, sample_next, sincos_tables
-from tinygpt.optim import BatchedMuon, newton_schulz
-from train import make_optimizers
+from tinygpt.muon import BatchedMuon, newton_schulz
+from tinygpt.optim import make_optimizers
 from tools.interpret import attention_weights
 
 VOCAB = 37

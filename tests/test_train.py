@@ -20,17 +20,34 @@ import numpy as np
 import pytest
 import torch
 
-from tinygpt.checkpoint import load_checkpoint, load_for_inference, model_from_checkpoint, save_checkpoint
-from tinygpt.common import CheckpointError, ConfigError
-from conftest import (ENV, REPO, TINY, assert_one_line_error, assert_same_weights, records, run_script, run_train, tiny_args,
-                      tiny_text, torchrun, train_here, train_losses, train_refusing, weights)
+from conftest import (
+    ENV,
+    REPO,
+    TINY,
+    assert_one_line_error,
+    assert_same_weights,
+    records,
+    run_script,
+    run_train,
+    tiny_args,
+    tiny_text,
+    torchrun,
+    train_here,
+    train_losses,
+    train_refusing,
+    weights,
+)
 from model import GPT, GPTConfig
-from tinygpt.data import Batches, picks_of_rank, split_global_batch
+from tinygpt.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    model_to_train,
+    save_checkpoint,
+)
+from tinygpt.common import CheckpointError, ConfigError, parse_options
+from tinygpt.data import Batches, exact_match_accuracy, picks_of_rank, split_global_batch
 from tinygpt.device import model_dtype
-from tinygpt.data import exact_match_accuracy
-from tinygpt.common import parse_options
-from tinygpt.device import Dist
-from train import TrainConfig, build_model, learning_rate_at, model_to_train
+from train import TrainConfig, build_model, learning_rate_at
 
 TRAIN = str(REPO / "train.py")
 
@@ -234,7 +251,7 @@ def test_every_shipped_config_splits_its_global_batch_over_two_processes():
         assert shares_cover_the_global_batch(cfg.gradient_accumulation_steps, cfg.batch_size, 2), config.name
     for accumulation, batch_size, world_size in [(4, 8, 2), (8, 3, 4), (3, 8, 4), (6, 6, 3)]:  # both kinds of split
         assert shares_cover_the_global_batch(accumulation, batch_size, world_size)
-    with pytest.raises(ValueError, match="cannot be split evenly over 8 processes"):
+    with pytest.raises(ConfigError, match="cannot be split evenly over 8 processes"):
         split_global_batch(1, 12, 8)
 
 
@@ -295,7 +312,7 @@ def test_resume_on_another_device_moves_every_tensor_before_use(tmp_path, data_d
     .item()) on its tensors: every restored tensor must land on the device or stay on the host."""
     cfg = parse_options(TrainConfig, tiny_args(data_dir, tmp_path, "--max_iters=20"))
     meta = json.loads((data_dir / "tiny" / "meta.json").read_text())
-    args, _ = model_to_train(cfg, meta, None, Dist())
+    args, _ = model_to_train(cfg, meta, None)
     model, optimizers, scaler, progress = build_model(cfg, args, "meta", "float32", None,
                                                       short_run / "ckpt.pt", meta)
     assert progress["step"] == SHORT_STEPS

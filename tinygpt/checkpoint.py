@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, loaded safely, and the rules of when a run resumes from one.
+"""What a run keeps in out_dir: checkpoints (written atomically, loaded safely, and the rules of
+when a run resumes from one) and the log of its losses.
 
 A checkpoint is a plain dict saved with torch.save: the model and optimizer states, the
 GradScaler, the run's config and model_args, the data set's meta, the step, the best val loss,
@@ -6,6 +7,8 @@ every RNG state, and the format version of that dict. In out_dir, `ckpt.pt` is t
 (what a run resumes from) and `best.pt` the state with the best val loss so far (what sample.py
 and the tools load by default). No run writes over a checkpoint it did not start from.
 """
+import json
+import os
 import random
 import shutil
 from dataclasses import asdict, fields
@@ -326,6 +329,15 @@ def load_weights(source) -> dict:
                           "out_dir)")
 
 
+def model_to_train(cfg, meta, resume_from) -> tuple:
+    """(model_args, weights to start from or None): the config's shape, or the shape of the
+    weights that init_from names when this run fine-tunes them."""
+    if cfg.init_from in ("auto", "resume", "scratch"):
+        model_args = {f.name: getattr(cfg, f.name) for f in fields(GPTConfig)}
+        return {**model_args, "vocab_size": meta["vocab_size"]}, None
+    return weights_to_fine_tune(cfg, meta, resume_from)
+
+
 def weights_to_fine_tune(cfg, meta, resume_from=None) -> tuple:
     """(model_args, state_dict) of a run that fine-tunes the weights cfg.init_from names on the
     data set of meta. The model's shape is the weights', with cfg's dropout, and block_size cropped
@@ -391,3 +403,42 @@ def check_vocabulary(weights_meta, vocab_size, meta, where):
     if meta["vocab_size"] > vocab_size:
         raise CheckpointError(f"{where} has {vocab_size} token embeddings, fewer than the "
                               f"{meta['vocab_size']} of this data set's vocabulary")
+
+
+# ---------------------------------------------------------------------------------- the log
+
+class RunLog:
+    """Log lines to stdout, one JSON record a line to out_dir/log.jsonl, and to wandb if asked.
+    When closed it starts the drawing of out_dir/curves.png in the background."""
+
+    def __init__(self, cfg, enabled):
+        self.enabled, self.plot = enabled, cfg.plot
+        self.path = Path(cfg.out_dir) / "log.jsonl"
+        self.wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        (self.path.parent / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        if cfg.wandb_log:
+            import wandb  # imported only when asked for: it is slow to import
+            folder = os.environ.get("WANDB_DIR", cfg.out_dir)
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
+                                    config=asdict(cfg), dir=folder)
+
+    def write(self, line, record):
+        if not self.enabled:
+            return
+        if line:
+            print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            values = {k: v for k, v in record.items() if k not in ("kind", "step")}
+            self.wandb.log(values, step=record["step"])
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.enabled and self.plot:
+            from tinygpt.plot import draw_in_background  # the picture is drawn after the run
+            draw_in_background(self.path.parent)

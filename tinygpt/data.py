@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinygpt.common import DataError, verdict_text
+from tinygpt.common import ConfigError, DataError, verdict_text
 from tinygpt.device import Dist, print0
 
 
@@ -40,15 +40,16 @@ def batch_rng(seed, stream, step, part=0):
 
 
 def split_global_batch(accumulation_steps, batch_size, world_size) -> tuple:
-    """(micro-steps, sequences per micro-step) of one process, so that world_size processes together
-    take the config's global batch of accumulation_steps x batch_size sequences: by micro-steps when
-    they divide evenly, else by the sequences of each micro-step."""
+    """(micro-steps, sequences per micro-step) of one process, so that world_size processes
+    together take the config's global batch of accumulation_steps x batch_size sequences: by
+    micro-steps when they divide evenly, else by the sequences of each micro-step."""
     if accumulation_steps % world_size == 0:
         return accumulation_steps // world_size, batch_size
     if batch_size % world_size == 0:
         return accumulation_steps, batch_size // world_size
-    raise ValueError(f"the global batch of gradient_accumulation_steps={accumulation_steps} x batch_size={batch_size} "
-                     f"cannot be split evenly over {world_size} processes; make either a multiple of {world_size}")
+    raise ConfigError(f"the global batch of gradient_accumulation_steps={accumulation_steps} x "
+                      f"batch_size={batch_size} cannot be split evenly over {world_size} "
+                      f"processes; make either a multiple of {world_size}")
 
 
 def picks_of_rank(global_picks, rank, world_size) -> np.ndarray:
@@ -84,7 +85,7 @@ class Batches:
             self.files[split] = self.files_of(split)
             windows = [max(0, n - self.seq_len) for _, n in self.files[split]]
             self.first[split] = np.cumsum([0, *windows])  # the number of each shard's first window, then the total
-            self.check_size(split)
+            self.check_size(split, block_size)
             if self.answer_loss:
                 self.pairs[split] = self.pairs_of(split)
 
@@ -127,7 +128,10 @@ class Batches:
             return len(self.tokens(split)) // self.example_len
         return int(self.first[split][-1])
 
-    def check_size(self, split):
+    def check_size(self, split, block_size):
+        if self.task and block_size < self.seq_len:
+            raise ConfigError(f"block_size={block_size} is shorter than the {self.seq_len} tokens "
+                              f"a {self.task} example feeds the model; set block_size={self.seq_len}")
         path, n = self.files[split][0][0], sum(n for _, n in self.files[split])
         if self.task and n % self.example_len:
             raise DataError(f"{path} holds {n} tokens, not whole {self.example_len}-token examples; prepare it again")

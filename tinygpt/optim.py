@@ -1,83 +1,64 @@
-"""Muon for the matrices inside the blocks, which train.py uses beside AdamW when muon_lr > 0.
-
-BatchedMuon is Muon as torch.optim.Muon computes it, with the Newton-Schulz iterations of same-shape
-matrices run together: Muon orthogonalizes each matrix's update with five Newton-Schulz steps, three
-matmuls each, on matrices as small as 128 x 128, and a CPU runs such products much faster per FLOP
-as one batched product than one at a time (docs/results.md). The arithmetic per matrix is torch's,
-and so is the state (a momentum buffer per matrix): checkpoints load in either. One exception: a
-device without bf16 hardware (an AVX2-only CPU, a T4, a Mac) emulates bf16 matmuls or lacks them, so
-there the iterations run in fp32 (docs/results.md)."""
-import math
-
+"""The optimizers train.py steps: AdamW, with Muon for the blocks' matrices when muon_lr > 0, and
+the step itself: gradients unscaled, clipped, stepped and zeroed."""
 import torch
 
-import tinygpt.device
+from tinygpt.device import capabilities
 
 
-class BatchedMuon(torch.optim.Muon):
-    """torch.optim.Muon (torch >= 2.9): Nesterov momentum, bf16 Newton-Schulz on the wide
-    orientation, the lr scaled by sqrt(max(1, rows / cols)) ("original"), decoupled weight decay;
-    same-shape matrices orthogonalized as one."""
-
-    def __init__(self, params, ns_dtype=None, **options):
-        super().__init__(params, **options)
-        self.ns_dtype = ns_dtype or newton_schulz_dtype(self.param_groups[0]["params"][0].device)
-        if any(group["adjust_lr_fn"] not in (None, "original") for group in self.param_groups):
-            raise ValueError(
-                "BatchedMuon scales the lr as adjust_lr_fn='original' does, and no other way"
-            )
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            momentum, lr, decay = group["momentum"], group["lr"], group["weight_decay"]
-            by_shape = {}
-            for p in (p for p in group["params"] if p.grad is not None):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(
-                        p.grad, memory_format=torch.preserve_format
-                    )
-                buf = state["momentum_buffer"].lerp_(p.grad, 1 - momentum)
-                by_shape.setdefault(p.shape, []).append(
-                    (p, p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
-                )
-            for (rows, cols), pairs in by_shape.items():
-                updates = newton_schulz(
-                    torch.stack([update for _, update in pairs]),
-                    group["ns_coefficients"],
-                    group["ns_steps"],
-                    group["eps"],
-                    self.ns_dtype,
-                )
-                for (p, _), update in zip(pairs, updates):
-                    if decay:
-                        p.mul_(1 - lr * decay)
-                    p.add_(update, alpha=-lr * math.sqrt(max(1, rows / cols)))
-        return loss
+def make_optimizers(model, weight_decay, learning_rate, betas, device_type, muon_lr=0.0,
+                    muon_momentum=0.95, fused=None) -> list:
+    """[AdamW], with weight decay on matrices only and fused where the device has the kernel
+    (unless fused is given); with muon_lr > 0, [AdamW, Muon]: Muon takes the blocks' matrices,
+    AdamW the embeddings, the head and the gains. Each group keeps its peak lr for the schedule."""
+    named = dict(model.named_parameters())  # tied weights appear once
+    hidden = [p for n, p in named.items() if muon_lr and n.startswith("blocks.") and p.dim() == 2]
+    rest = [p for p in named.values() if all(p is not h for h in hidden)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    if fused is None:
+        fused = capabilities(device_type).fused_adamw
+    optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+    if hidden:
+        from tinygpt.muon import BatchedMuon  # only Muon runs need it (and torch >= 2.9)
+        # bf16 as torch's Muon computes it, where the device has bf16 in hardware; elsewhere
+        # (an AVX2-only CPU, a T4, a Mac) bf16 matmuls are emulated or missing, and fp32 is faster.
+        bf16 = capabilities(str(hidden[0].device)).bf16  # where the weights are
+        ns_dtype = torch.bfloat16 if bf16 else torch.float32
+        optimizers.append(BatchedMuon(hidden, ns_dtype, lr=muon_lr, momentum=muon_momentum,
+                                      weight_decay=0.0, adjust_lr_fn="original"))
+    for group in (g for optimizer in optimizers for g in optimizer.param_groups):
+        group["peak_lr"] = group["lr"]
+    return optimizers
 
 
-def newton_schulz_dtype(device):
-    """bf16, as torch's Muon, where the device has it in hardware; else fp32, which is faster there
-    (a CPU without bf16 instructions, a T4 or V100 emulate bf16) and runs where bf16 may not (an
-    older Mac)."""
-    return torch.bfloat16 if tinygpt.device.capabilities(str(device)).bf16 else torch.float32
+def clip_and_step(optimizers, scaler, parameters, grad_clip, keep_grads=False):
+    """One step of every optimizer on the accumulated gradients: unscaled (fp16), clipped to
+    grad_clip (0: not clipped), stepped, then zeroed. Under DDP (keep_grads) they are zeroed in
+    place: they are views of DDP's buckets, and fresh ones would be a second copy. GradScaler skips
+    an optimizer whose own gradients overflowed, so the clip uses the norm of the gradients that
+    do step: an inf in the norm would zero them, and a nan would poison them."""
+    if grad_clip:
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        parameters = [p for p in parameters if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip, finite_norm(optimizers, scaler))
+    for optimizer in optimizers:
+        scaler.step(optimizer)
+    scaler.update()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=not keep_grads)
 
 
-def newton_schulz(stack, coefficients, steps, eps, dtype=torch.bfloat16):
-    """torch.optim.Muon's orthogonalization of each matrix in a stack (n, rows, cols): in bf16 (or
-    dtype), on the wide orientation (rows <= cols, so the Gram matrices are the small ones), each
-    scaled to Frobenius norm 1 first."""
-    a, b, c = coefficients
-    x = stack.to(dtype)
-    tall = stack.size(-2) > stack.size(-1)
-    x = x.mT if tall else x
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.mT if tall else x
+def finite_norm(optimizers, scaler):
+    """The gradient norm to clip with: of every gradient, or under fp16 of the optimizers whose
+    gradients are finite. A non-finite norm counts as 0, so the clip factor clamps to 1 (a nan
+    loss stops the run at its next log step)."""
+    if scaler.is_enabled():  # fp16: one optimizer's gradients may be inf or nan, the other's not
+        norms = torch.stack([torch.nn.utils.get_total_norm(grads_of(o)) for o in optimizers])
+        return torch.linalg.vector_norm(torch.where(norms.isfinite(), norms, 0.0))
+    norm = torch.nn.utils.get_total_norm([g for o in optimizers for g in grads_of(o)])
+    return torch.where(norm.isfinite(), norm, 0.0)
+
+
+def grads_of(optimizer) -> list:
+    return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
