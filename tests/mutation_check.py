@@ -5,6 +5,7 @@ code back.
     python tests/mutation_check.py --check           # every anchor found once, every test named
     python tests/mutation_check.py lr_not_applied    # one mutation: CAUGHT (and by which test)
     python tests/mutation_check.py --all             # every mutation, one after another (long)
+    python tests/mutation_check.py NAME -- -p no:xdist   # after --: options for pytest
 
 Each mutation replaces one exact piece of text (its anchor), found exactly once in its file; the
 file is restored afterwards whatever happens (also on Ctrl-C). When code moves or is renamed, the
@@ -194,7 +195,7 @@ def problems() -> list:
     return found
 
 
-def apply(name):
+def apply(name, pytest_options=()):
     [(_, file, text, replacement, tests)] = [m for m in MUTATIONS if m[0] == name]
     path = REPO / file
     original = path.read_text()
@@ -204,12 +205,14 @@ def apply(name):
     try:
         path.write_text(original.replace(text, replacement))
         env = {**os.environ, "WANDB_MODE": "offline"}
-        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                   *pytest_options, *tests]
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     finally:
         path.write_text(original)
     failed = re.findall(r"^FAILED (\S+)", result.stdout, re.M)
-    if result.returncode == 1 and failed:
+    # Under pytest-xdist, -x ends the run as interrupted (exit 2) after the first failure.
+    if result.returncode in (1, 2) and failed:
         return f"CAUGHT  {name:40s} {file}: {', '.join(failed)}"
     if result.returncode == 0:
         return f"MISSED  {name:40s} {file}: {' '.join(tests)} passed"
@@ -228,9 +231,11 @@ def main(argv):
         found = problems()
         print("\n".join(found) or f"all {len(MUTATIONS)} anchors found once, every test exists")
         return 1 if found else 0
+    split = argv.index("--") if "--" in argv else len(argv)
+    argv, pytest_options = argv[:split], argv[split + 1:]
     names = [m[0] for m in MUTATIONS] if argv[0] == "--all" else argv
     for name in names:
-        print(apply(name), flush=True)
+        print(apply(name, pytest_options), flush=True)
     return 0
 
 
