@@ -5,7 +5,7 @@ code back.
     python tests/mutation_check.py --check           # every anchor found once, every test named
     python tests/mutation_check.py lr_not_applied    # one mutation: CAUGHT (and by which test)
     python tests/mutation_check.py --all             # every mutation, one after another (long)
-    python tests/mutation_check.py NAME -- -p no:xdist   # after --: options for pytest
+    python tests/mutation_check.py NAME -- -n 0      # after --: options for pytest
 
 Each mutation replaces one exact piece of text (its anchor), found exactly once in its file; the
 file is restored afterwards whatever happens (also on Ctrl-C). When code moves or is renamed, the
