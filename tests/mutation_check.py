@@ -210,7 +210,7 @@ def apply(name, pytest_options=()):
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     finally:
         path.write_text(original)
-    failed = re.findall(r"^FAILED (\S+)", result.stdout, re.M)
+    failed = re.findall(r"^FAILED (.+?)(?: - .*)?$", result.stdout, re.M)
     # Under pytest-xdist, -x ends the run as interrupted (exit 2) after the first failure.
     if result.returncode in (1, 2) and failed:
         return f"CAUGHT  {name:40s} {file}: {', '.join(failed)}"
