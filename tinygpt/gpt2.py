@@ -22,7 +22,7 @@ from model import GPTConfig
 from tinygpt.common import CheckpointError, atomic_write
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# transformers' name of each GELU: ours.
+# transformers' name of each GELU (config.json), and the mlp option of model.py that computes it.
 GELUS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 EOS = 50256  # GPT-2's <|endoftext|>
 

@@ -127,7 +127,7 @@ def draw_in_background(out_dir):
 # The background process that train.py starts: one run's picture, at a low priority.
 if __name__ == "__main__":
     if hasattr(os, "nice"):
-        # Nice 10 still gets a small share of a busy machine; at 19 the drawing could wait minutes.
+        # Nice 10, not 19: the drawing yields to busy processes but still gets a small share.
         os.nice(10)
     if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
         print("usage: python -m tinygpt.plot OUT_DIR   (draws OUT_DIR/curves.png; "

@@ -60,7 +60,7 @@ def attention_weights(model, idx):
         else:
             q, k, _ = attn.queries_keys_values(block.ln_1(x), rope)
             scores = (q @ k.transpose(-2, -1)) * attn.scale
-            # ALiBi's float mask (the distance bias, and -inf ahead), else None: causal only.
+            # ALiBi's float mask (the distance bias, and -inf ahead), or None for plain causal.
             bias = attn.attention_mask(T, 0, T, idx.device)
             if bias is None:
                 scores = scores.masked_fill(~causal, float("-inf"))
@@ -245,7 +245,7 @@ def draw_patching(resid, heads, labels, titles, path, columns=3):
         for layer, row in enumerate(heads[s].tolist()):
             for h, x in enumerate(row):
                 bottom.text(h, layer, f"{x:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if abs(x) > 0.6 else "black")  # readable on the dark ends
+                            color="white" if abs(x) > 0.6 else "black")  # white on the dark ends
     fig.colorbar(image, ax=axes, shrink=0.6, label="share of the logit difference restored")
     fig.supylabel("top: residual stream after each layer, one position patched\n"
                   "bottom: one head's output (then all) patched at the predicting position",
