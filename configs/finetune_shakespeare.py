@@ -2,7 +2,8 @@
 TinyShakespeare in GPT-2 BPE tokens, at a small constant learning rate, for 20 steps of 32,768
 tokens (about two passes over the ~300k training tokens). It needs a GPU with room for GPT-2 XL and
 its AdamW state, and the network once to download the weights (6.4 GB); for a smaller GPU use
---init_from=gpt2-medium or gpt2, or a lower block_size. nanoGPT reports no loss for it, only a sample.
+--init_from=gpt2-medium or gpt2, or a lower block_size. nanoGPT reports no loss for it, only a
+sample.
 
     python train.py configs/finetune_shakespeare.py
     python sample.py --out_dir=out-finetune-shakespeare --start="THEODORE:"

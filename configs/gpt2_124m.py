@@ -1,14 +1,14 @@
-"""GPT-2 (124M) from scratch on FineWeb-Edu's 10B-token sample: nanoGPT's config/train_gpt2.py recipe
-(12 layers, 12 heads, 768 wide, 1024 context, ~0.5M tokens per step, 300B tokens in all).
+"""GPT-2 (124M) from scratch on FineWeb-Edu's 10B-token sample: nanoGPT's config/train_gpt2.py
+recipe (12 layers, 12 heads, 768 wide, 1024 context, ~0.5M tokens per step, 300B tokens in all).
 
-    python prepare.py fineweb_edu                      # ~28.5 GB of parquet, ~10B tokens of shards (docs/data.md)
+    python prepare.py fineweb_edu      # the sample's parquet files, as shards (docs/data.md)
     torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.py
 
-nanoGPT reports a val loss of ~2.85 for this run on OpenWebText (8 x A100 40GB, ~5 days); FineWeb-Edu is
-another corpus, so that figure is not a bar here and no run of this config was measured (docs/gpt2.md).
-The global batch is 32 micro-steps x 16 sequences x 1024 tokens = 524,288 tokens (nanoGPT: 40 x 12 x
-1024 = 491,520): 16 x 32 splits evenly over 1, 2, 4, 8, 16 or 32 processes, so one GPU, one node of 8
-and two or four nodes run this file as written (each of 8 processes: 4 micro-steps of 16 sequences).
+nanoGPT's val loss for this run is on OpenWebText, another corpus than FineWeb-Edu, so it is not a
+bar here, and no run of this config was measured (docs/gpt2.md has both). The global batch is 32
+micro-steps x 16 sequences x 1024 tokens = 524,288 tokens (nanoGPT: 40 x 12 x 1024 = 491,520):
+16 x 32 splits evenly over 1, 2, 4, 8, 16 or 32 processes, so one GPU, one node of 8 and two or
+four nodes run this file as written (each of 8 processes: 4 micro-steps of 16 sequences).
 """
 out_dir = 'out-gpt2-124m'
 wandb_log = False

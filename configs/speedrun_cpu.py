@@ -1,5 +1,6 @@
 """CPU speedrun: val loss <= 1.88 on shakespeare_char (full val split) in as little wall time as
-possible on a 2-core CPU, against nanoGPT's CPU recipe (1.898 on the full split; times in docs/results.md).
+possible on a 2-core CPU, against nanoGPT's CPU recipe (its full-split loss and the times are in
+docs/results.md).
 
 Same 4-layer, 128-wide shape and block 64 as that recipe; what changes (each lever's effect is
 measured in docs/results.md): Muon for the matrices inside the blocks, rotary positions, ReLU^2 MLP,
@@ -46,6 +47,7 @@ lr_decay_iters = 240
 min_lr = 0.0
 
 device = 'cpu'
-dtype = 'auto'  # bf16 autocast where the CPU computes it in hardware; emulated bf16 is far slower than fp32
+# Autocast to bf16 only where the CPU computes it in hardware: emulated bf16 is slower than fp32.
+dtype = 'auto'
 compile = False  # compiling takes longer than the whole run
 fast_exit = True

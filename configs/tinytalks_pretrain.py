@@ -1,7 +1,8 @@
-"""TinyBot, step 1 of 2: pretrain on TinyShakespeare as UTF-8 bytes, so the model learns to spell before
-it sees TinyTalks' 12,680 characters. Bytes are one vocabulary for every text (prepare.py's *_byte data
-sets), so step 2 can fine-tune these weights on TinyTalks (docs/tinybot.md). 150 steps on 128-byte windows:
-spelling needs no long context, and rope's positions let step 2 fine-tune on 256-byte chats.
+"""TinyBot, step 1 of 2: pretrain on TinyShakespeare as UTF-8 bytes, so the model learns to spell
+before it sees TinyTalks' 12,680 characters. Bytes are one vocabulary for every text (prepare.py's
+*_byte data sets), so step 2 can fine-tune these weights on TinyTalks (docs/tinybot.md). 150 steps
+on 128-byte windows: spelling needs no long context, and rope's positions let step 2 fine-tune on
+256-byte chats.
 
     python train.py configs/tinytalks_pretrain.py
     python train.py configs/tinytalks_finetune.py

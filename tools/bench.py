@@ -1,20 +1,24 @@
-"""Speed and memory figures for this machine, printed, never asserted.
+"""Speed and memory figures for this machine, printed, never asserted. Without --only, every
+section runs but prepare_rss, and recipe and sample only with --nanogpt.
 
-    python -m tools.bench                        # everything below, default config
-    python -m tools.bench --only=generate        # KV-cache vs full-recompute generation
-    python -m tools.bench --only=matmul          # measured matmul peak, fp32 and bf16
-    python -m tools.bench --only=train --config=configs/shakespeare_char_cpu.py --dtype=bfloat16 --compile=True
-    python -m tools.bench --nanogpt=../nanoGPT       # each figure next to nanoGPT's, measured in the same run
-    python -m tools.bench --only=recipe --nanogpt=../nanoGPT   # whole-process wall time of the CPU recipe, both repos
-    python -m tools.bench --only=sample --nanogpt=../nanoGPT   # whole-process sample.py, 2000 tokens, both repos
-    python -m tools.bench --only=prepare         # prepare.py's tokens/s, 1 and 2 workers, vs tiktoken in one thread
-    python -m tools.bench --only=prepare_rss     # prepare.py's peak memory on a 0.5 GB and a 2 GB corpus (slow)
+    python -m tools.bench                     # everything below, default config
+    python -m tools.bench --only=generate     # KV-cache vs full-recompute generation
+    python -m tools.bench --only=matmul       # measured matmul peak, fp32 and bf16
+    python -m tools.bench --only=train --config=configs/shakespeare_char_cpu.py --dtype=bfloat16 \
+        --compile=True
+    python -m tools.bench --nanogpt=../nanoGPT     # each figure beside nanoGPT's, in the same run
+    # whole-process wall time of the CPU recipe, and of sample.py for 2000 tokens, in both repos:
+    python -m tools.bench --only=recipe --nanogpt=../nanoGPT
+    python -m tools.bench --only=sample --nanogpt=../nanoGPT
+    python -m tools.bench --only=prepare      # prepare.py's tokens/s, 1 and 2 workers, vs tiktoken
+    python -m tools.bench --only=prepare_rss  # prepare.py's peak memory on 0.5 and 2 GB (slow)
 
-The prepare sections generate corpora (shuffled paragraphs of --corpus_from, as parquet and jsonl files) in
-a temporary folder. Training figures come from train.py's own loop (its log.jsonl), so they are what a run gets.
-Generation figures are medians over repeated runs after a warm-up. Nothing here is asserted.
---nanogpt=PATH (a nanoGPT checkout with data/shakespeare_char prepared) adds nanoGPT's own generation
-on the same model shape and its CPU recipe's wall time, run in turn with ours.
+The prepare sections generate corpora (shuffled paragraphs of --corpus_from, as parquet and jsonl
+files) in a temporary folder. Training figures come from train.py's own loop (its log.jsonl), so
+they are what a run gets. Generation figures are medians over repeated runs after a warm-up.
+Nothing here is asserted. --nanogpt=PATH (a nanoGPT checkout with data/shakespeare_char prepared)
+adds nanoGPT's own generation on the same model shape and its CPU recipe's wall time, run in turn
+with ours.
 """
 import contextlib
 import importlib.util
@@ -33,31 +37,34 @@ from pathlib import Path
 import torch
 
 from model import GPT, GPTConfig
-from tinygpt.common import ConfigError
+from tinygpt.common import ConfigError, must, run_cli
 from tinygpt.device import DTYPES, measured_matmul_flops, model_dtype
-from tinygpt.common import must, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
+CORPUS_FROM = "data/shakespeare_char/input.txt,data/tinytalks/train.txt"
 
 
 @dataclass
 class BenchConfig:
-    only: str = ""               # one section (train, matmul, generate, recipe, sample, prepare, prepare_rss); '' = all but prepare_rss, recipe and sample need --nanogpt
+    only: str = ""               # train, matmul, generate, recipe, sample, prepare or prepare_rss
     config: str = "configs/shakespeare_char_cpu.py"  # the training config the train section runs
     steps: int = 50              # training steps; the figures are the mean of the second half
     dtype: str = ""              # training dtype override ('' = the config's)
     compile: bool | None = None  # training torch.compile override (None = the config's)
     batch_size: int = 0          # training batch_size override (0 = the config's)
     device: str = ""             # training device override ('' = the config's)
-    gen_dtype: str = "auto"      # weights dtype of the generation benchmark: 'auto' (sample.py's default), 'float32', 'bfloat16'
+    gen_dtype: str = "auto"      # the generation's weights: 'auto' (as sample.py), or a dtype
     nanogpt: str = ""            # a nanoGPT checkout: its figures are measured beside ours
-    corpus_from: str = "data/shakespeare_char/input.txt,data/tinytalks/train.txt"  # the prepare sections' paragraphs
+    corpus_from: str = CORPUS_FROM  # text files whose paragraphs the prepare sections shuffle
     corpus_gb: str = "0.5,2"     # the corpus sizes prepare_rss measures
 
     def __post_init__(self):
-        must(self.only in ("", *SECTIONS), f"only={self.only!r}: use one of {', '.join(SECTIONS)}")
-        must(self.steps >= 2, f"steps={self.steps} must be at least 2 (the figures come from the second half)")
-        must(self.gen_dtype in DTYPES, f"gen_dtype={self.gen_dtype!r}: use one of {', '.join(DTYPES)}")
+        must(self.only in ("", *SECTIONS),
+             f"only={self.only!r}: use one of {', '.join(SECTIONS)}")
+        must(self.steps >= 2,
+             f"steps={self.steps} must be at least 2 (the figures come from the second half)")
+        must(self.gen_dtype in DTYPES,
+             f"gen_dtype={self.gen_dtype!r}: use one of {', '.join(DTYPES)}")
         must(not self.nanogpt or (Path(self.nanogpt) / "model.py").is_file(),
              f"nanogpt={self.nanogpt!r}: no model.py there; give the folder of a nanoGPT checkout")
         must(self.only not in ("recipe", "sample") or self.nanogpt,
@@ -77,30 +84,45 @@ def median_seconds(fn, repeats, warmup=1):
 
 def bench_matmul(cfg):
     for dtype in (torch.float32, torch.bfloat16):
-        print(f"matmul peak {str(dtype):15s} {measured_matmul_flops(dtype) / 1e9:8.1f} GFLOP/s (the best of 3 runs at 2 sizes)")
+        flops = measured_matmul_flops(dtype)
+        print(f"matmul peak {str(dtype):15s} {flops / 1e9:8.1f} GFLOP/s "
+              "(the best of 3 runs at 2 sizes)")
 
 
 def bench_train(cfg):
-    """ms/step, tokens/s and MFU of cfg.steps optimizer steps of a config, run by train.py itself."""
+    """ms/step, tokens/s and MFU of cfg.steps optimizer steps of a config, run by train.py
+    itself."""
     with tempfile.TemporaryDirectory() as out_dir:
-        overrides = {"dtype": cfg.dtype, "compile": cfg.compile, "batch_size": cfg.batch_size, "device": cfg.device}
-        args = [cfg.config, f"--out_dir={out_dir}", f"--max_iters={cfg.steps}", f"--log_interval={cfg.steps // 2}",
-                "--eval_interval=1000000", "--eval_iters=1",
-                *[f"--{key}={value}" for key, value in overrides.items() if value not in ("", 0, None)]]
+        overrides = {"dtype": cfg.dtype, "compile": cfg.compile, "batch_size": cfg.batch_size,
+                     "device": cfg.device}
+        args = [cfg.config, f"--out_dir={out_dir}", f"--max_iters={cfg.steps}",
+                f"--log_interval={cfg.steps // 2}", "--eval_interval=1000000", "--eval_iters=1",
+                *[f"--{key}={value}" for key, value in overrides.items()
+                  if value not in ("", 0, None)]]
         print(f"training: python train.py {' '.join(args[:1] + args[2:])}", flush=True)
-        run = subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True)
+        run = subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True,
+                             text=True)
         if run.returncode != 0:
-            raise ConfigError(f"train.py failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
-        records = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
-    last = [r for r in records if r["kind"] == "train"][-1]  # the second half: warm-up and compile left out
+            raise ConfigError(f"train.py failed: {last_line(run.stderr)}")
+        log = (Path(out_dir) / "log.jsonl").read_text()
+        records = [json.loads(line) for line in log.splitlines()]
+    # The last log line covers the second half, which leaves out the warm-up and compiling.
+    last = [r for r in records if r["kind"] == "train"][-1]
     mfu = f"{100 * last['mfu']:.2f}%" if last.get("mfu") is not None else "n/a"
     print(f"  {last['ms_per_step']:.1f} ms/step, {last['tokens_per_s']:,.0f} tokens/s, MFU {mfu} "
           f"(steps {cfg.steps // 2 + 1}-{cfg.steps})")
-    print(f"  peak memory {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10:,.0f} MiB RSS of train.py")
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(f"  peak memory {peak_kib / 2**10:,.0f} MiB RSS of train.py")
+
+
+def last_line(stderr) -> str:
+    """The last line a failed process wrote to stderr: its error."""
+    return (stderr.strip().splitlines() or ["?"])[-1]
 
 
 def generation_model():
-    """The reference shape: nanoGPT's shakespeare_char GPU model (6L/384, block 256) at random init."""
+    """The reference shape: nanoGPT's shakespeare_char GPU model (6L/384, block 256), at random
+    init."""
     torch.manual_seed(0)
     config = GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384)
     return GPT(config).eval()
@@ -110,13 +132,14 @@ SAMPLE_PY_DEFAULTS = dict(temperature=0.8, top_p=0.95)  # what `python sample.py
 
 
 def generation_tokens_per_second(model, new_tokens, batch=1, repeats=3, **options):
-    """Generated tokens per second, over all `batch` sequences sampled together (generate's options), under
-    inference_mode as sample.py runs."""
+    """Generated tokens per second, over all `batch` sequences sampled together (generate's
+    options), under inference_mode as sample.py runs."""
     prompt = torch.zeros((batch, 1), dtype=torch.long)
 
     @torch.inference_mode()
     def run():
-        model.generate(prompt, new_tokens, generator=torch.Generator().manual_seed(0), **SAMPLE_PY_DEFAULTS, **options)
+        generator = torch.Generator().manual_seed(0)
+        model.generate(prompt, new_tokens, generator=generator, **SAMPLE_PY_DEFAULTS, **options)
 
     return batch * new_tokens / median_seconds(run, repeats)
 
@@ -125,19 +148,23 @@ def bench_generate(cfg, new_tokens=500, rounds=3):
     model = generation_model()
     dtype = getattr(torch, model_dtype(cfg.gen_dtype, "cpu", asdict(model.config)))
     model = model.to(dtype)
-    print(f"generation: 6L/6H/384, block 256, vocab 65, random init, {dtype} weights, {new_tokens} new tokens, "
-          "sample.py's default temperature and top_p")
+    print(f"generation: 6L/6H/384, block 256, vocab 65, random init, {dtype} weights, "
+          f"{new_tokens} new tokens, sample.py's default temperature and top_p")
     ways = {"full recompute": dict(use_cache=False), "KV cache": {}}
     ours = {}
     for name, options in ways.items():
         ours[name] = generation_tokens_per_second(model, new_tokens, **options)
-        print(f"  {name:18s} 1 sequence {ours[name]:8.1f} tokens/s ({ours[name] / ours['full recompute']:.1f}x recompute)")
-    for batch in (8, 32):  # sample.py --num_samples: one batch, one token of every sequence per step
-        print(f"  {'KV cache':18s} {batch:2d} sequences {generation_tokens_per_second(model, new_tokens, batch):8.1f} tokens/s in all")
-    if cfg.nanogpt:  # side by side: this VM's memory speed drifts, so each round times both, one after the other
+        print(f"  {name:18s} 1 sequence {ours[name]:8.1f} tokens/s "
+              f"({ours[name] / ours['full recompute']:.1f}x recompute)")
+    # As sample.py --num_samples runs: one batch, one token of every sequence per step.
+    for batch in (8, 32):
+        rate = generation_tokens_per_second(model, new_tokens, batch)
+        print(f"  {'KV cache':18s} {batch:2d} sequences {rate:8.1f} tokens/s in all")
+    # A machine's memory speed can drift, so each round times both, one after the other.
+    if cfg.nanogpt:
         theirs_once = nanogpt_generation(cfg.nanogpt, new_tokens)
-        print(f"  nanoGPT's generate (its model.py, same shape, fp32 as its sample.py runs on a CPU), then ours, "
-              f"one sequence, {rounds} rounds:")
+        print("  nanoGPT's generate (its model.py, same shape, fp32 as its sample.py runs on a "
+              f"CPU), then ours, one sequence, {rounds} rounds:")
         ratios = {"KV cache": []}
         for number in range(1, rounds + 1):
             theirs = new_tokens / median_seconds(theirs_once, repeats=1, warmup=0)
@@ -148,19 +175,22 @@ def bench_generate(cfg, new_tokens=500, rounds=3):
                 row += f" | {name} {mine:6.1f} ({mine / theirs:.1f}x)"
             print(row, flush=True)
         for name, values in ratios.items():
-            print(f"  ours, {name} ({dtype}): {statistics.median(values):.1f}x nanoGPT's (median of {rounds} rounds)")
+            print(f"  ours, {name} ({dtype}): {statistics.median(values):.1f}x nanoGPT's "
+                  f"(median of {rounds} rounds)")
 
 
 def nanogpt_generation(path, new_tokens):
-    """A function that runs nanoGPT's own GPT.generate once (new_tokens, one sequence) on the reference
-    shape, imported from its checkout, warmed up."""
+    """A function that runs nanoGPT's own GPT.generate once (new_tokens, one sequence) on the
+    reference shape, imported from its checkout, warmed up."""
     spec = importlib.util.spec_from_file_location("nanogpt_model", Path(path) / "model.py")
     theirs = importlib.util.module_from_spec(spec)
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
+    # nanoGPT's GPT prints its parameter count when built, which is no figure of this benchmark.
+    with contextlib.redirect_stdout(io.StringIO()):
         spec.loader.exec_module(theirs)
         torch.manual_seed(0)
-        model = theirs.GPT(theirs.GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384,
-                                            dropout=0.0, bias=False)).eval()
+        config = theirs.GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384,
+                                  dropout=0.0, bias=False)
+        model = theirs.GPT(config).eval()
     prompt = torch.zeros((1, 1), dtype=torch.long)
 
     @torch.no_grad()
@@ -172,66 +202,87 @@ def nanogpt_generation(path, new_tokens):
 
 
 def save_same_shaped_checkpoints(folder, meta):
-    """folder/ours/ckpt.pt (this repo's format) and folder/nanogpt/ckpt.pt (nanoGPT's: its parameter names, its
-    dataset name for meta.pkl) holding the same random weights of the reference shape."""
+    """folder/ours/ckpt.pt (this repo's format) and folder/nanogpt/ckpt.pt (nanoGPT's: its
+    parameter names, its dataset name for meta.pkl) holding the same random weights of the
+    reference shape."""
     model = generation_model()
-    model_args = {"block_size": 256, "vocab_size": 65, "n_layer": 6, "n_head": 6, "n_embd": 384, "bias": False}
-    theirs = {("transformer." + k.replace("blocks.", "h.") if k.split(".")[0] in ("wte", "wpe", "blocks", "ln_f") else k): v
-              for k, v in model.state_dict().items()}
-    for name, checkpoint in {"ours": {"model": model.state_dict(), "model_args": asdict(model.config), "meta": meta,
-                                      "config": {}, "step": 0},
-                             "nanogpt": {"model": theirs, "model_args": {**model_args, "dropout": 0.0},
-                                         "config": {"dataset": "shakespeare_char"}}}.items():
+    model_args = {"block_size": 256, "vocab_size": 65, "n_layer": 6, "n_head": 6, "n_embd": 384,
+                  "bias": False}
+    theirs = {nanogpt_name(k): v for k, v in model.state_dict().items()}
+    ours = {"model": model.state_dict(), "model_args": asdict(model.config), "meta": meta,
+            "config": {}, "step": 0}
+    nanogpt = {"model": theirs, "model_args": {**model_args, "dropout": 0.0},
+               "config": {"dataset": "shakespeare_char"}}
+    for name, checkpoint in {"ours": ours, "nanogpt": nanogpt}.items():
         (Path(folder) / name).mkdir()
         torch.save(checkpoint, Path(folder) / name / "ckpt.pt")
 
 
+def nanogpt_name(key) -> str:
+    """nanoGPT's name of one of our parameters: under `transformer.`, with `h.` for `blocks.`."""
+    if key.split(".")[0] in ("wte", "wpe", "blocks", "ln_f"):
+        return "transformer." + key.replace("blocks.", "h.")
+    return key
+
+
 def bench_sample(cfg, new_tokens=2000):
-    """Whole-process wall time of sample.py with its defaults and new_tokens, nanoGPT's then ours, on checkpoints of
-    the same shape and weights (6L/384, one sample, fp32 for nanoGPT on a CPU, ours at dtype=auto)."""
+    """Whole-process wall time of sample.py with its defaults and new_tokens, nanoGPT's then ours,
+    on checkpoints of the same shape and weights (6L/384, one sample, fp32 for nanoGPT on a CPU,
+    ours at dtype=auto)."""
     text = Path(cfg.nanogpt) / "data" / "shakespeare_char" / "input.txt"
     must(text.is_file(), f"{text} not found: prepare nanoGPT's shakespeare_char data first")
     vocab = sorted(set(text.read_text(encoding="utf-8")))  # what its prepare.py puts in meta.pkl
-    print(f"sample.py, whole process, {new_tokens} new tokens, one sample, same-shaped checkpoints (6L/384): nanoGPT's, then ours")
+    print(f"sample.py, whole process, {new_tokens} new tokens, one sample, same-shaped "
+          "checkpoints (6L/384): nanoGPT's, then ours")
     with tempfile.TemporaryDirectory() as folder:
-        save_same_shaped_checkpoints(folder, {"tokenizer": "char", "vocab": vocab, "vocab_size": len(vocab)})
-        theirs = wall_seconds([sys.executable, "sample.py", f"--out_dir={folder}/nanogpt", "--device=cpu",
-                               "--num_samples=1", f"--max_new_tokens={new_tokens}"], cfg.nanogpt)
-        ours = wall_seconds([sys.executable, "sample.py", f"--out_dir={folder}/ours", f"--max_new_tokens={new_tokens}"],
-                            REPO)
-    print(f"  nanoGPT: python sample.py --device=cpu --num_samples=1 --max_new_tokens={new_tokens}  {theirs:6.1f} s")
-    print(f"  ours:    python sample.py --max_new_tokens={new_tokens}  {ours:6.1f} s: {theirs / ours:.1f}x nanoGPT's speed")
+        meta = {"tokenizer": "char", "vocab": vocab, "vocab_size": len(vocab)}
+        save_same_shaped_checkpoints(folder, meta)
+        theirs = wall_seconds([sys.executable, "sample.py", f"--out_dir={folder}/nanogpt",
+                               "--device=cpu", "--num_samples=1",
+                               f"--max_new_tokens={new_tokens}"], cfg.nanogpt)
+        ours = wall_seconds([sys.executable, "sample.py", f"--out_dir={folder}/ours",
+                             f"--max_new_tokens={new_tokens}"], REPO)
+    print("  nanoGPT: python sample.py --device=cpu --num_samples=1 "
+          f"--max_new_tokens={new_tokens}  {theirs:6.1f} s")
+    print(f"  ours:    python sample.py --max_new_tokens={new_tokens}  {ours:6.1f} s: "
+          f"{theirs / ours:.1f}x nanoGPT's speed")
 
 
-NANOGPT_CPU_RECIPE = ["train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
-                      "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4",
-                      "--n_head=4", "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+NANOGPT_CPU_RECIPE = ["train.py", "config/train_shakespeare_char.py", "--device=cpu",
+                      "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+                      "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
+                      "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
 
 
 def wall_seconds(command, cwd):
     start = time.perf_counter()
     run = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     if run.returncode != 0:
-        raise ConfigError(f"{' '.join(command[1:3])} failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise ConfigError(f"{' '.join(command[1:3])} failed: {last_line(run.stderr)}")
     return time.perf_counter() - start
 
 
 def bench_recipe(cfg, seeds=(1337, 1, 2)):
-    """Whole-process wall time of nanoGPT's CPU recipe (its README's command), then ours, then the speedrun
-    with three seeds (its goal is their median)."""
+    """Whole-process wall time of nanoGPT's CPU recipe (its README's command), then ours, then the
+    speedrun with three seeds (its goal is their median)."""
     print("CPU recipe, whole process (data prepared): nanoGPT's README command, then ours")
     with tempfile.TemporaryDirectory() as out_dir:
-        theirs = wall_seconds([sys.executable, *NANOGPT_CPU_RECIPE, f"--out_dir={out_dir}/nanogpt"], cfg.nanogpt)
+        theirs = wall_seconds([sys.executable, *NANOGPT_CPU_RECIPE, f"--out_dir={out_dir}/nanogpt"],
+                              cfg.nanogpt)
         print(f"  nanoGPT                              {theirs:6.1f} s")
-        runs = [("configs/shakespeare_char_cpu.py", [])] + [("configs/speedrun_cpu.py", [f"--seed={s}"]) for s in seeds]
+        runs = [("configs/shakespeare_char_cpu.py", [])]
+        runs += [("configs/speedrun_cpu.py", [f"--seed={s}"]) for s in seeds]
         speedrun = []
-        for config, options in runs:  # one out_dir each: no resuming
+        for config, options in runs:  # one out_dir each, so that no run resumes another
             name = Path(config).stem + "".join(options)
-            ours = wall_seconds([sys.executable, "train.py", config, *options, f"--out_dir={out_dir}/{name}"], REPO)
+            command = [sys.executable, "train.py", config, *options, f"--out_dir={out_dir}/{name}"]
+            ours = wall_seconds(command, REPO)
             speedrun += [ours] if options else []
-            print(f"  python train.py {config} {' '.join(options):12s} {ours:6.1f} s: {ours / theirs:.3f} of nanoGPT's time")
+            print(f"  python train.py {config} {' '.join(options):12s} {ours:6.1f} s: "
+                  f"{ours / theirs:.3f} of nanoGPT's time")
     median = statistics.median(speedrun)
-    print(f"  speedrun, median of {len(seeds)} seeds: {median:.1f} s, {median / theirs:.3f} of nanoGPT's time")
+    print(f"  speedrun, median of {len(seeds)} seeds: {median:.1f} s, "
+          f"{median / theirs:.3f} of nanoGPT's time")
 
 
 # ---------------------------------------------------------------------------------- prepare.py
@@ -240,14 +291,16 @@ def paragraphs(cfg) -> list:
     files = [Path(f) for f in cfg.corpus_from.split(",")]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise ConfigError(f"corpus_from: {', '.join(missing)} not found; prepare shakespeare_char and tinytalks, "
-                          "or give --corpus_from=FILE,... (text files with blank lines between paragraphs)")
+        raise ConfigError(f"corpus_from: {', '.join(missing)} not found; prepare shakespeare_char "
+                          "and tinytalks, or give --corpus_from=FILE,... (text files with blank "
+                          "lines between paragraphs)")
     return [p for f in files for p in f.read_text(encoding="utf-8").split("\n\n") if p.strip()]
 
 
 def write_corpus(folder, paragraphs, total_bytes, seed=0, file_bytes=64 << 20) -> list:
-    """Documents of 1 to 8 random paragraphs, ~total_bytes of text, in files of ~file_bytes alternately .parquet
-    (row groups of 4096 documents) and .jsonl; the documents of the first file are returned."""
+    """Documents of 1 to 8 random paragraphs, ~total_bytes of text, in files of ~file_bytes
+    alternately .parquet (row groups of 4096 documents) and .jsonl; the documents of the first file
+    are returned."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     rng, written, number, first = random.Random(seed), 0, 0, None
@@ -256,10 +309,12 @@ def write_corpus(folder, paragraphs, total_bytes, seed=0, file_bytes=64 << 20) -
         while size < min(file_bytes, total_bytes - written):
             docs.append("\n\n".join(rng.choices(paragraphs, k=rng.randint(1, 8))))
             size += len(docs[-1])
+        path = Path(folder) / f"{number:03d}"
         if number % 2 == 0:
-            pq.write_table(pa.table({"text": docs}), Path(folder) / f"{number:03d}.parquet", row_group_size=4096)
+            pq.write_table(pa.table({"text": docs}), f"{path}.parquet", row_group_size=4096)
         else:
-            (Path(folder) / f"{number:03d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+            lines = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+            Path(f"{path}.jsonl").write_text(lines)
         first, written, number = first or docs, written + size, number + 1
     return first
 
@@ -269,12 +324,13 @@ def tree_rss(pid) -> int:
     parent, rss = {}, {}
     for stat in Path("/proc").glob("[0-9]*/status"):
         with contextlib.suppress(OSError):
-            fields = dict(line.split(":", 1) for line in stat.read_text().splitlines() if ":" in line)
+            lines = stat.read_text().splitlines()
+            fields = dict(line.split(":", 1) for line in lines if ":" in line)
             pid_of = int(stat.parent.name)
             parent[pid_of] = int(fields["PPid"])
             rss[pid_of] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
     family = {pid}
-    for _ in range(4):  # prepare.py, its pool, the workers
+    for _ in range(4):  # enough generations for prepare.py, its pool and their workers
         family |= {p for p, pp in parent.items() if pp in family}
     return sum(rss.get(p, 0) for p in family)
 
@@ -285,75 +341,92 @@ def cpu_seconds(who) -> float:
 
 
 def run_prepare(source, data_dir, workers, shard_tokens, sample_rss=False) -> tuple:
-    """(wall seconds, peak RSS of prepare.py and its workers together, meta.json, their CPU seconds) of one whole
-    prepare.py process."""
+    """(wall seconds, peak RSS of prepare.py and its workers together, meta.json, their CPU
+    seconds) of one whole prepare.py process."""
     cpu = cpu_seconds(resource.RUSAGE_CHILDREN)
-    command = [sys.executable, str(REPO / "prepare.py"), "bench", f"--source={source}", f"--data_dir={data_dir}",
-               f"--workers={workers}", f"--shard_tokens={shard_tokens}"]
+    command = [sys.executable, str(REPO / "prepare.py"), "bench", f"--source={source}",
+               f"--data_dir={data_dir}", f"--workers={workers}", f"--shard_tokens={shard_tokens}"]
     start, peak = time.perf_counter(), 0
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
     while process.poll() is None:
         peak = max(peak, tree_rss(process.pid)) if sample_rss else 0
         time.sleep(0.2 if sample_rss else 0.01)
     seconds = time.perf_counter() - start
     if process.returncode != 0:
-        raise ConfigError(f"prepare.py failed: {(process.stderr.read().strip().splitlines() or ['?'])[-1]}")
+        raise ConfigError(f"prepare.py failed: {last_line(process.stderr.read())}")
     meta = json.loads((Path(data_dir) / "bench" / "meta.json").read_text())
     return seconds, peak, meta, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
 
 
 def bench_prepare(cfg, text_mb=128):
-    """Tokens/s of prepare.py, whole process, with 1 and 2 workers, against tiktoken's encode_ordinary_batch in
-    one thread on the same documents (held in memory: no reading, no writing). The corpus is large enough
-    that the processes' start (a second or two of imports) is a small part of the time."""
+    """Tokens/s of prepare.py, whole process, with 1 and 2 workers, against tiktoken's
+    encode_ordinary_batch in one thread on the same documents (held in memory: no reading, no
+    writing). The corpus is large enough that the processes' start (their imports) is a small part
+    of the time."""
     import tiktoken
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "corpus"
         folder.mkdir()
         docs = write_corpus(folder, paragraphs(cfg), text_mb << 20, file_bytes=text_mb << 20)
-        print(f"prepare.py on a {text_mb} MB corpus ({len(docs):,} documents in one parquet file), whole process:")
+        print(f"prepare.py on a {text_mb} MB corpus ({len(docs):,} documents in one parquet "
+              "file), whole process:")
         encoding = tiktoken.get_encoding("gpt2")
         start, cpu = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF)
-        tokens = sum(map(len, encoding.encode_ordinary_batch(docs, num_threads=1))) + len(docs)  # + end-of-text
+        encoded = encoding.encode_ordinary_batch(docs, num_threads=1)
+        tokens = sum(map(len, encoded)) + len(docs)  # and an end-of-text token per document
         seconds, cpu = time.perf_counter() - start, cpu_seconds(resource.RUSAGE_SELF) - cpu
         baseline = tokens / seconds
-        print(f"  tiktoken encode_ordinary_batch, num_threads=1, in memory: {baseline:12,.0f} tokens/s "
-              f"({seconds:.1f} s, {cpu:.1f} CPU s)")
+        print("  tiktoken encode_ordinary_batch, num_threads=1, in memory: "
+              f"{baseline:12,.0f} tokens/s ({seconds:.1f} s, {cpu:.1f} CPU s)")
         for workers in (1, 2):
-            seconds, _, meta, cpu = run_prepare(folder, Path(tmp) / f"data{workers}", workers, 1_000_000)
+            seconds, _, meta, cpu = run_prepare(folder, Path(tmp) / f"data{workers}", workers,
+                                                1_000_000)
             rate = (meta["train_tokens"] + meta["val_tokens"]) / seconds
             print(f"  python prepare.py --workers={workers}:            {rate:12,.0f} tokens/s "
-                  f"({rate / baseline:.2f}x tiktoken's, {seconds:.1f} s, {cpu:.1f} CPU s)", flush=True)
+                  f"({rate / baseline:.2f}x tiktoken's, {seconds:.1f} s, {cpu:.1f} CPU s)",
+                  flush=True)
 
 
 def bench_prepare_rss(cfg):
-    """Peak resident memory of prepare.py (2 workers, default shard size) and its workers, sampled every 0.2 s,
-    on generated corpora of each size in corpus_gb: flat memory means about the same figure for each."""
-    print("prepare.py --workers=2, peak RSS of the process and its workers together (sampled every 0.2 s):")
+    """Peak resident memory of prepare.py (2 workers, default shard size) and its workers, sampled
+    every 0.2 s, on generated corpora of each size in corpus_gb: flat memory means about the same
+    figure for each."""
+    print("prepare.py --workers=2, peak RSS of the process and its workers together (sampled "
+          "every 0.2 s):")
     for gb in (float(x) for x in cfg.corpus_gb.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "corpus").mkdir()
             write_corpus(Path(tmp) / "corpus", paragraphs(cfg), int(gb * 2**30))
-            seconds, peak, meta, _ = run_prepare(Path(tmp) / "corpus", Path(tmp) / "data", 2, 100_000_000,
-                                                 sample_rss=True)
+            seconds, peak, meta, _ = run_prepare(Path(tmp) / "corpus", Path(tmp) / "data", 2,
+                                                 100_000_000, sample_rss=True)
             tokens = meta["train_tokens"] + meta["val_tokens"]
-            print(f"  {gb:g} GB of text, {tokens:,} tokens in {len(meta['shards']['train']) + 1} shards: peak "
-                  f"{peak / 2**20:,.0f} MiB RSS, {seconds:.0f} s ({tokens / seconds:,.0f} tokens/s)", flush=True)
+            shards = len(meta["shards"]["train"]) + 1
+            print(f"  {gb:g} GB of text, {tokens:,} tokens in {shards} shards: peak "
+                  f"{peak / 2**20:,.0f} MiB RSS, {seconds:.0f} s "
+                  f"({tokens / seconds:,.0f} tokens/s)", flush=True)
 
 
-SECTIONS = {"train": bench_train, "matmul": bench_matmul, "generate": bench_generate, "recipe": bench_recipe,
-            "sample": bench_sample, "prepare": bench_prepare, "prepare_rss": bench_prepare_rss}
+SECTIONS = {"train": bench_train, "matmul": bench_matmul, "generate": bench_generate,
+            "recipe": bench_recipe, "sample": bench_sample, "prepare": bench_prepare,
+            "prepare_rss": bench_prepare_rss}
+
+
+def runs_by_default(name, cfg) -> bool:
+    """Every section but prepare_rss (slow), and the nanoGPT comparisons only with --nanogpt."""
+    return name != "prepare_rss" and (name not in ("recipe", "sample") or bool(cfg.nanogpt))
 
 
 def bench(cfg):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, section in SECTIONS.items():
-        if cfg.only == name or (not cfg.only and name != "prepare_rss" and (name not in ("recipe", "sample") or cfg.nanogpt)):
+        if cfg.only == name or (not cfg.only and runs_by_default(name, cfg)):
             section(cfg)
 
 
 def main(argv) -> int:
-    return run_cli(BenchConfig, argv, "usage: python -m tools.bench [--key=value ...]", __doc__.split("\n\n")[0], bench)
+    usage = "usage: python -m tools.bench [--key=value ...]"
+    return run_cli(BenchConfig, argv, usage, __doc__.split("\n\n")[0], bench)
 
 
 if __name__ == "__main__":

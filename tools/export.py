@@ -1,28 +1,27 @@
 """Export a checkpoint of this repo as a Hugging Face GPT-2 folder that transformers loads.
 
     python -m tools.export --out_dir=out-shakespeare --to=hf-shakespeare
-    python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('hf-shakespeare')"
+    python -c "from transformers import GPT2LMHeadModel as M; M.from_pretrained('hf-shakespeare')"
 
-The folder holds config.json and model.safetensors. Models with learned positions, GELU, a head tied
-to the embedding and no QK-norm export (bias=False exports zero biases); RoPE, ReLU^2, QK-norm, untied
-heads and the no-attention ablation are not GPT-2 and are refused. A GPT-2 BPE model reads GPT-2's
-tokenizer (GPT2TokenizerFast.from_pretrained('gpt2')); a character vocabulary stays in the run's
-meta.json, since transformers has no tokenizer for it.
+The folder holds config.json and model.safetensors. Models with learned positions, GELU, a head
+tied to the embedding and no QK-norm export (bias=False exports zero biases); RoPE, ReLU^2,
+QK-norm, untied heads and the no-attention ablation are not GPT-2 and are refused. A GPT-2 BPE
+model reads GPT-2's tokenizer (GPT2TokenizerFast.from_pretrained('gpt2')); a character vocabulary
+stays in the run's meta.json, since transformers has no tokenizer for it.
 """
 import sys
 from dataclasses import dataclass
 
 from tinygpt.checkpoint import checkpoint_path, clean_state_dict, load_checkpoint
-from tinygpt.common import CheckpointError
+from tinygpt.common import CheckpointError, must, run_cli
 from tinygpt.gpt2 import export_hf
-from tinygpt.common import must, run_cli
 
 
 @dataclass
 class ExportConfig:
     out_dir: str = "out"     # the training run's folder
     ckpt: str = ""           # file in out_dir; '' = best.pt if the run has one, else ckpt.pt
-    to: str = ""             # the folder to write config.json and model.safetensors into (a new one)
+    to: str = ""             # a new folder for config.json and model.safetensors
 
     def __post_init__(self):
         must(self.to != "", "say where to write the Hugging Face folder: --to=FOLDER")
@@ -36,8 +35,8 @@ def export(cfg):
 
 
 def main(argv) -> int:
-    return run_cli(ExportConfig, argv, "usage: python -m tools.export --out_dir=OUT_DIR --to=FOLDER [--ckpt=best.pt]",
-                   __doc__.split("\n\n")[0], export, (CheckpointError,))
+    usage = "usage: python -m tools.export --out_dir=OUT_DIR --to=FOLDER [--ckpt=best.pt]"
+    return run_cli(ExportConfig, argv, usage, __doc__.split("\n\n")[0], export, (CheckpointError,))
 
 
 if __name__ == "__main__":

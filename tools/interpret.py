@@ -1,7 +1,9 @@
-"""Look inside a trained model: attention maps per layer and head, a logit lens, activation patching.
+"""Look inside a trained model: attention maps per layer and head, a logit lens, activation
+patching.
 
     python -m tools.interpret --out_dir=out-reverse --prompt="QWERTY=" --png=reverse_attention.png
-    python -m tools.interpret --out_dir=out-reverse --prompt="QWERTY=" --corrupt="ASDFGH=" --png=reverse_patching.png
+    python -m tools.interpret --out_dir=out-reverse --prompt="QWERTY=" --corrupt="ASDFGH=" \
+        --png=reverse_patching.png
 
 The prompt is completed greedily up to `answer_tokens` new tokens, then the whole sequence is
 read back: each head's attention pattern is drawn as a heat map (row = query token, column =
@@ -21,9 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from tinygpt.checkpoint import load_for_inference
-from tinygpt.common import CheckpointError, ConfigError, DataError
+from tinygpt.common import CheckpointError, ConfigError, DataError, must, run_cli
 from tinygpt.device import DTYPES
-from tinygpt.common import must, run_cli
 
 
 @dataclass
@@ -32,14 +33,15 @@ class InterpretConfig:
     ckpt: str = ""               # file in out_dir; '' = best.pt if the run has one, else ckpt.pt
     prompt: str = "\n"           # the text to read the model on
     answer_tokens: int = 6       # greedy tokens appended to the prompt before reading the model
-    corrupt: str = ""            # --prompt corrupted, same length: patch --prompt's run into its run ('' = none)
+    corrupt: str = ""            # --prompt changed: --prompt's run is patched into its run
     png: str = "attention.png"   # where the attention maps (or patching maps) go ('' = do not draw)
     device: str = "cpu"          # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
     dtype: str = "float32"       # 'float32' or 'bfloat16'
 
     def __post_init__(self):
         must(self.answer_tokens >= 0, f"answer_tokens={self.answer_tokens} must not be negative")
-        must(not self.corrupt or self.answer_tokens > 0, "patching needs answer_tokens >= 1: the answer it restores")
+        must(not self.corrupt or self.answer_tokens > 0,
+             "patching needs answer_tokens >= 1: the answer it restores")
         must(self.dtype in DTYPES, f"dtype={self.dtype!r}: use one of {', '.join(DTYPES)}")
 
 
@@ -58,8 +60,13 @@ def attention_weights(model, idx):
         else:
             q, k, _ = attn.queries_keys_values(block.ln_1(x), rope)
             scores = (q @ k.transpose(-2, -1)) * attn.scale
-            bias = attn.attention_mask(T, 0, T, idx.device)  # ALiBi's float mask (distance bias, -inf ahead), else None
-            w = (scores + bias if bias is not None else scores.masked_fill(~causal, float("-inf"))).softmax(dim=-1)
+            # ALiBi's float mask (the distance bias, and -inf ahead), or None for plain causal.
+            bias = attn.attention_mask(T, 0, T, idx.device)
+            if bias is None:
+                scores = scores.masked_fill(~causal, float("-inf"))
+            else:
+                scores = scores + bias
+            w = scores.softmax(dim=-1)
         weights.append(w)
         x = block(x, rope)
     return weights
@@ -77,10 +84,11 @@ def logit_lens(model, idx):
     return readouts
 
 
-# Activation patching. A site is where an activation is read and replaced: ('resid', 0) the embedding's
-# output and ('resid', i + 1) block i's output, the residual stream (B, T, C); ('attn', i) block i's
-# attention output; ('heads', i) the input of that attention's output projection, the heads' outputs
-# side by side (head h in channels h * head_dim to (h + 1) * head_dim), so one head can be replaced.
+# Activation patching. A site is where an activation is read and replaced: ('resid', 0) the
+# embedding's output and ('resid', i + 1) block i's output, the residual stream (B, T, C);
+# ('attn', i) block i's attention output; ('heads', i) the input of that attention's output
+# projection, the heads' outputs side by side (head h in channels h * head_dim to
+# (h + 1) * head_dim), so one head can be replaced.
 
 def site_module(model, site, layer):
     """The module whose output (input, for 'heads') is the activation at (site, layer)."""
@@ -97,7 +105,8 @@ def all_sites(model):
 
 
 def hook(module, site, fn):
-    """Register fn(activation) -> a replacement, or None to keep it, on a site's module; return the handle."""
+    """Register fn(activation) -> a replacement, or None to keep it, on a site's module; return
+    the handle."""
     if site == "heads":  # the activation is the module's input
         def replace_input(m, args):
             y = fn(args[0])
@@ -110,7 +119,8 @@ def all_logits(model, idx, hooks=()):
     """Logits (B, T, V) at every position, with the given (module, site, fn) hooks in place."""
     handles = [hook(*h) for h in hooks]
     try:
-        logits, _ = model(idx, targets=torch.zeros_like(idx))  # targets: the model returns every position
+        # Given targets, the model returns the logits of every position, not the last one only.
+        logits, _ = model(idx, targets=torch.zeros_like(idx))
     finally:
         for handle in handles:
             handle.remove()
@@ -138,12 +148,14 @@ def patched_logits(model, idx, cache, site, layer, positions, heads=None):
     for h in (range(model.config.n_head) if heads is None else heads):
         mask[positions, h * head_dim:(h + 1) * head_dim] = True
     clean = cache[(site, layer)]
-    return all_logits(model, idx, [(site_module(model, site, layer), site, lambda a: torch.where(mask, clean, a))])
+    module = site_module(model, site, layer)
+    return all_logits(model, idx, [(module, site, lambda a: torch.where(mask, clean, a))])
 
 
 def restored_fraction(logits, clean_logits, corrupt_logits, steps):
     """Per answer step (position, clean token, corrupted token): how much of the logit difference
-    (clean minus corrupted token) that separates the corrupted run from the clean one `logits` restore."""
+    (clean minus corrupted token) that separates the corrupted run from the clean one `logits`
+    restore."""
     positions, good, bad = (torch.tensor(column) for column in zip(*steps))
     patched, clean, corrupt = (lg[0, positions, good].float() - lg[0, positions, bad].float()
                                for lg in (logits, clean_logits, corrupt_logits))
@@ -155,7 +167,8 @@ def patching_scores(model, clean_idx, corrupt_idx, steps):
     """Restored fractions (see restored_fraction) of two sweeps, for every answer step:
     resid (steps, n_layer + 1, T), one position of the residual stream at a time, after the
     embedding and after each block; heads (steps, n_layer, n_head + 1), one head's output at a time
-    and then all of them (the layer's attention), at the position that predicts that step's answer."""
+    and then all of them (the layer's attention), at the position that predicts that step's
+    answer."""
     clean_logits, cache = run_with_cache(model, clean_idx)
     corrupt_logits = all_logits(model, corrupt_idx)
 
@@ -166,13 +179,15 @@ def patching_scores(model, clean_idx, corrupt_idx, steps):
     resid = torch.zeros(len(steps), cfg.n_layer + 1, T)
     for layer in range(cfg.n_layer + 1):
         for t in range(T):
-            resid[:, layer, t] = score(patched_logits(model, corrupt_idx, cache, "resid", layer, [t]))
+            logits = patched_logits(model, corrupt_idx, cache, "resid", layer, [t])
+            resid[:, layer, t] = score(logits)
     heads = torch.zeros(len(steps), cfg.n_layer, cfg.n_head + 1)
     for s, (position, _, _) in enumerate(steps):
         for layer in range(cfg.n_layer):
             for h in range(cfg.n_head + 1):  # the last column patches every head at once
                 chosen = [h] if h < cfg.n_head else None
-                logits = patched_logits(model, corrupt_idx, cache, "heads", layer, [position], chosen)
+                logits = patched_logits(model, corrupt_idx, cache, "heads", layer, [position],
+                                        chosen)
                 heads[s, layer, h] = score(logits)[s]
     return resid, heads
 
@@ -202,7 +217,8 @@ def draw_attention(weights, labels, path):
 
 def draw_patching(resid, heads, labels, titles, path, columns=3):
     """Per answer step, two heat maps of the restored share, one above the other: layer x position
-    for the residual stream, layer x head at the predicting position; `columns` steps a row; a PNG."""
+    for the residual stream, layer x head at the predicting position; `columns` steps a row; a
+    PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -210,12 +226,14 @@ def draw_patching(resid, heads, labels, titles, path, columns=3):
     n_steps, n_rows, T = resid.shape
     n_layer, n_columns = heads.shape[1:]
     columns, rows = min(columns, n_steps), -(-n_steps // columns)
-    fig, axes = plt.subplots(2 * rows, columns, figsize=(0.42 * T * columns + 1.5, 2.6 * rows), squeeze=False,
-                             gridspec_kw={"height_ratios": [n_rows, n_layer] * rows}, layout="constrained")
+    fig, axes = plt.subplots(2 * rows, columns, figsize=(0.42 * T * columns + 1.5, 2.6 * rows),
+                             squeeze=False, layout="constrained",
+                             gridspec_kw={"height_ratios": [n_rows, n_layer] * rows})
     for ax in axes.flat:  # shown again below when a step fills it
         ax.set_visible(False)
     for s in range(n_steps):
-        top, bottom = axes[2 * (s // columns)][s % columns], axes[2 * (s // columns) + 1][s % columns]
+        row, column = 2 * (s // columns), s % columns
+        top, bottom = axes[row][column], axes[row + 1][column]
         for ax, scores, x_labels, y_labels in (
                 (top, resid[s], labels, ["embed"] + [f"layer {i}" for i in range(n_rows - 1)]),
                 (bottom, heads[s], head_labels(n_columns), [f"layer {i}" for i in range(n_layer)])):
@@ -227,10 +245,11 @@ def draw_patching(resid, heads, labels, titles, path, columns=3):
         for layer, row in enumerate(heads[s].tolist()):
             for h, x in enumerate(row):
                 bottom.text(h, layer, f"{x:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if abs(x) > 0.6 else "black")  # readable on the dark ends
+                            color="white" if abs(x) > 0.6 else "black")  # white on the dark ends
     fig.colorbar(image, ax=axes, shrink=0.6, label="share of the logit difference restored")
     fig.supylabel("top: residual stream after each layer, one position patched\n"
-                  "bottom: one head's output (then all) patched at the predicting position", fontsize=8)
+                  "bottom: one head's output (then all) patched at the predicting position",
+                  fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -247,7 +266,8 @@ def print_patching(resid, heads, labels, titles):
         print(f"\n{title}\nresidual stream, one position patched at a time:")
         print(" " * 10 + "".join(f"{label:>6s}" for label in labels))
         for row, scores in enumerate(resid[s].tolist()):
-            print(f"{'embed' if row == 0 else f'layer {row - 1}':10s}" + "".join(f"{x:6.2f}" for x in scores))
+            name = "embed" if row == 0 else f"layer {row - 1}"
+            print(f"{name:10s}" + "".join(f"{x:6.2f}" for x in scores))
         print("one head patched at a time (then all heads), at the predicting position:")
         print(" " * 10 + "".join(f"{label:>10s}" for label in head_labels(heads.size(2))))
         for layer, scores in enumerate(heads[s].tolist()):
@@ -264,7 +284,8 @@ def print_logit_lens(readouts, labels, decode):
     print(" " * 10 + "".join(f"{label:>9s}" for label in labels))
     for layer, probs in enumerate(readouts):
         top_p, top_id = probs[0].max(dim=-1)
-        cells = "".join(f"{show_token(decode([i])):>4s} {p:.2f}" for i, p in zip(top_id.tolist(), top_p.tolist()))
+        cells = "".join(f"{show_token(decode([i])):>4s} {p:.2f}"
+                        for i, p in zip(top_id.tolist(), top_p.tolist()))
         print(f"{'embed' if layer == 0 else f'layer {layer - 1}':10s}{cells}")
 
 
@@ -282,8 +303,8 @@ def encoded(tokenizer, text, option="prompt") -> list:
 def prompt_ids(ids, room) -> list:
     """The prompt's token ids, cropped from the left to the room the window leaves (with a note)."""
     if len(ids) > room:
-        print(f"note: the prompt has {len(ids)} tokens; reading its last {room} (the window, less the answer)",
-              file=sys.stderr)
+        print(f"note: the prompt has {len(ids)} tokens; reading its last {room} (the window, less "
+              "the answer)", file=sys.stderr)
     return ids[-room:]
 
 
@@ -293,7 +314,8 @@ def interpret(cfg):
         return patch(cfg, model, tokenizer, device)
     block = model.config.block_size
     answer_tokens = min(cfg.answer_tokens, block - 1)
-    idx = torch.tensor([prompt_ids(encoded(tokenizer, cfg.prompt), block - answer_tokens)], device=device)
+    ids = prompt_ids(encoded(tokenizer, cfg.prompt), block - answer_tokens)
+    idx = torch.tensor([ids], device=device)
     idx = model.generate(idx, answer_tokens, temperature=0)
     labels = [show_token(tokenizer.decode([i])) for i in idx[0].tolist()]
     print(f"sequence: {tokenizer.decode(idx[0].tolist())!r}")
@@ -312,27 +334,34 @@ def answer_steps(clean_run, corrupt_run, answer_tokens):
 
 
 def patch(cfg, model, tokenizer, device):
-    """Activation patching of --prompt (clean) into --corrupt: printed tables and, with --png, the heat maps."""
+    """Activation patching of --prompt (clean) into --corrupt: printed tables and, with --png, the
+    heat maps."""
     clean, corrupt = encoded(tokenizer, cfg.prompt), encoded(tokenizer, cfg.corrupt, "corrupt")
     if len(clean) != len(corrupt):
-        raise ConfigError(f"--prompt has {len(clean)} tokens and --corrupt {len(corrupt)}; patching pairs "
-                          f"positions, so give two prompts of the same length")
+        raise ConfigError(f"--prompt has {len(clean)} tokens and --corrupt {len(corrupt)}; "
+                          "patching pairs positions, so give two prompts of the same length")
     answer_tokens = min(cfg.answer_tokens, model.config.block_size - 1)
     room = model.config.block_size - answer_tokens + 1  # the last answer token is never read
     clean, corrupt = prompt_ids(clean, room), corrupt[-room:]
     runs = [model.generate(torch.tensor([ids], device=device), answer_tokens, temperature=0)
             for ids in (clean, corrupt)]
-    print(f"clean:     {tokenizer.decode(runs[0][0].tolist())!r}\ncorrupted: {tokenizer.decode(runs[1][0].tolist())!r}")
+    print(f"clean:     {tokenizer.decode(runs[0][0].tolist())!r}")
+    print(f"corrupted: {tokenizer.decode(runs[1][0].tolist())!r}")
     steps = answer_steps(*runs, answer_tokens)
     if not steps:
         raise ConfigError("both prompts get the same answer: nothing for patching to restore; "
                           "corrupt a token the answer depends on")
-    clean_idx, corrupt_idx = runs[0][:, :-1], runs[1][:, :-1]  # the last answer token predicts nothing scored
+    # The last answer token predicts nothing that is scored, so the runs are read without it.
+    clean_idx, corrupt_idx = runs[0][:, :-1], runs[1][:, :-1]
     resid, heads = patching_scores(model, clean_idx, corrupt_idx, steps)
-    labels = [show_token(tokenizer.decode([a])) + ("" if a == b else "/" + show_token(tokenizer.decode([b])))
+
+    def token(i):
+        return show_token(tokenizer.decode([i]))
+
+    labels = [token(a) + ("" if a == b else "/" + token(b))
               for a, b in zip(clean_idx[0].tolist(), corrupt_idx[0].tolist())]
-    titles = [f"predicting {show_token(tokenizer.decode([good]))} (not {show_token(tokenizer.decode([bad]))}) "
-              f"at {p} ({labels[p]})" for p, good, bad in steps]
+    titles = [f"predicting {token(good)} (not {token(bad)}) at {p} ({labels[p]})"
+              for p, good, bad in steps]
     print_patching(resid, heads, labels, titles)
     if cfg.png:
         draw_patching(resid, heads, labels, titles, cfg.png)
@@ -340,8 +369,9 @@ def patch(cfg, model, tokenizer, device):
 
 
 def main(argv) -> int:
-    return run_cli(InterpretConfig, argv, "usage: python -m tools.interpret [--key=value ...]", __doc__.split("\n\n")[0],
-                   interpret, (CheckpointError, DataError))
+    usage = "usage: python -m tools.interpret [--key=value ...]"
+    return run_cli(InterpretConfig, argv, usage, __doc__.split("\n\n")[0], interpret,
+                   (CheckpointError, DataError))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""Draw the training curves of one or more runs on one picture, from their out_dir/log.jsonl. Run from the repo's root:
+"""Draw the training curves of one or more runs on one picture, from their out_dir/log.jsonl.
+Run from the repo's root:
 
     python -m tools.plot out-speedrun-cpu out-shakespeare-char-cpu --out=speedrun.png
-    python -m tools.plot out-pos-*                       # any runs; the legend names each by its folder
+    python -m tools.plot out-pos-*          # any runs; the legend names each by its folder
 
-The picture has the loss against steps and against tokens trained on (training loss as a line, val loss
-at each evaluation as dots), and the learning rate against steps. train.py draws out_dir/curves.png of
-its own run when it ends; this redraws any runs together, finished or still running.
+The picture has the loss against steps and against tokens trained on (training loss as a line, val
+loss at each evaluation as dots), and the learning rate against steps. train.py draws
+out_dir/curves.png of its own run when it ends; this redraws any runs together, finished or still
+running.
 """
 import sys
 
@@ -17,7 +19,8 @@ USAGE = "usage: python -m tools.plot OUT_DIR [OUT_DIR ...] [--out=FILE.png]"
 
 def main(argv) -> int:
     if not argv or "--help" in argv or "-h" in argv:
-        print(f"{USAGE}\n\n{__doc__.strip()}\n\noptions:\n  --out='curves.png'   the picture to write (PNG)")
+        options = "options:\n  --out='curves.png'   the picture to write (PNG)"
+        print(f"{USAGE}\n\n{__doc__.strip()}\n\n{options}")
         return 0 if argv else 1
     out, run_dirs = "curves.png", []
     for arg in argv:
@@ -29,7 +32,8 @@ def main(argv) -> int:
         else:
             run_dirs.append(arg.rstrip("/\\") or arg)
     if not run_dirs or not out.lower().endswith(".png"):
-        print(f"error: give at least one run's out_dir and a .png file to --out; {USAGE}", file=sys.stderr)
+        print(f"error: give at least one run's out_dir and a .png file to --out; {USAGE}",
+              file=sys.stderr)
         return 1
     try:
         save(figure([read_curves(d, name=d) for d in run_dirs]), out)
