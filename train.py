@@ -12,7 +12,7 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +27,12 @@ from tinygpt.common import (EVERY_PROCESS_ERRORS, NonFiniteLossError, as_config_
                             help_text, must, parse_options, wants_help)
 from tinygpt.data import (TRAIN_STREAM, Batches, batch_rng, estimate_loss, final_report,
                           load_meta, picks_of_rank, split_global_batch)
-from tinygpt.device import (DTYPES, StopSignal, autocast_context, capabilities, data_parallel,
-                            exit_process, grad_scaler, model_dtype, peak_flops, print0,
-                            set_up_device, torchrun_group, torchrun_rank)
+from tinygpt.device import (DTYPES, StopSignal, autocast_context, capabilities, exit_process,
+                            free_memory_bytes, model_dtype, peak_flops, print0, set_up_device,
+                            torchrun_group, torchrun_rank)
 from tinygpt.optim import clip_and_step, make_optimizers
+from tinygpt.parallel import (checked_plan, data_parallel, grad_scaler, is_sharded, spread,
+                              sync_gradients, whole_weights)
 
 
 @dataclass
@@ -74,14 +76,15 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
     compile: bool | None = None         # torch.compile the model; None = where it pays (CUDA)
     keep_freed_memory: bool = False     # glibc keeps freed memory: no fresh pages every step
     fast_exit: bool = False             # end the process at once when done, with no teardown
+    fsdp: bool = False                  # under torchrun: shard weights, gradients, optimizer state
+    checkpoint_activations: bool = False  # keep each block's input only; recompute it in backward
     seed: int = 1337
     val_loss_bar: float = 0.0           # a published result: the final val loss is judged by it
     exact_match_bar: float = 0.0        # the exact-match share a task or a chat model must reach
 
     def __post_init__(self):
         super().__post_init__()
-        must(self.vocab_size == 0, f"vocab_size={self.vocab_size}: it comes from the data set's "
-                                   "meta.json; leave it out")
+        must(self.vocab_size == 0, f"vocab_size={self.vocab_size}: leave it out; meta.json sets it")
         for name, allowed in {"lr_schedule": ("cosine", "linear"), "dtype": DTYPES}.items():
             must(getattr(self, name) in allowed,
                  f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
@@ -98,7 +101,7 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
 
 
 def learning_rate_at(step, cfg) -> float:
-    """Linear warmup over warmup_iters, then cosine (or linear) decay to min_lr at lr_decay_iters."""
+    """Linear warmup over warmup_iters, then cosine (or linear) decay to min_lr."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     if step < cfg.warmup_iters:
@@ -108,15 +111,15 @@ def learning_rate_at(step, cfg) -> float:
     progress = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     if cfg.lr_schedule == "linear":
         return cfg.learning_rate - progress * (cfg.learning_rate - cfg.min_lr)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+    span = cfg.learning_rate - cfg.min_lr
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * span
 
 
 # ------------------------------------------------------------------------------------ set-up
 
 def prepared_data(cfg, dist) -> Path:
-    """data_dir/dataset, built first (as `python prepare.py` would) where its meta.json is
-    missing: once per node, the other processes waiting. A web corpus is never built here, since
-    its hours of work would end in the process group's timeout."""
+    """data_dir/dataset, built first where its meta.json is missing, once per node. A web corpus
+    is never built here: its hours of work would end in the process group's timeout."""
     folder = Path(cfg.data_dir) / cfg.dataset
     if (folder / "meta.json").is_file():
         return folder
@@ -125,25 +128,26 @@ def prepared_data(cfg, dist) -> Path:
     return folder
 
 
-def build_model(cfg, model_args, device, dtype, start_weights, resume_from, meta) -> tuple:
-    """(model, optimizers, scaler, progress) on device: a new model, the weights to fine-tune, or
-    the state of resume_from. progress holds the step and the best val loss so far. The model is
-    built on the device in place (no copy, and tied weights stay tied), with the same initial
-    weights on every process. A checkpoint is mapped, not read: processes share its pages."""
+def build_model(cfg, model_args, dtype, start_weights, resume_from, meta, dist) -> tuple:
+    """(model, optimizers, scaler, progress): a new model, the weights to fine-tune, or the state
+    of resume_from (mapped, not read: processes share its pages). Built on the device in place,
+    the same on every process, its whole weights in before FSDP shards it."""
     torch.manual_seed(cfg.seed)
-    with torch.device(device):
+    with torch.device(dist.device):
         model = GPT(GPTConfig(**model_args))
-    optimizers = make_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                 device, cfg.muon_lr, cfg.muon_momentum)
-    scaler = grad_scaler(device, dtype)
-    progress = {"step": 0, "best_val_loss": math.inf, "best_step": None}
-    if resume_from:
-        checkpoint = load_checkpoint(resume_from, mmap=True)
+    checkpoint = load_checkpoint(resume_from, mmap=True) if resume_from else None
+    if checkpoint:
         check_resumable(checkpoint, model_args, meta, cfg.muon_lr > 0, resume_from)
-        restore_training_state(checkpoint, model, optimizers, scaler)
+    if checkpoint or start_weights is not None:  # fine-tuning: a fresh optimizer from step 0
+        model.load_state_dict(checkpoint["model"] if checkpoint else start_weights)
+    model = spread(model, dist, cfg.fsdp, cfg.checkpoint_activations)  # before the optimizer
+    optimizers = make_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                 dist.device, cfg.muon_lr, cfg.muon_momentum)
+    scaler = grad_scaler(dist.device, dtype, sharded=is_sharded(model))
+    progress = {"step": 0, "best_val_loss": math.inf, "best_step": None}
+    if checkpoint:
+        restore_training_state(checkpoint, optimizers, scaler)
         progress = {k: checkpoint.get(k, progress[k]) for k in progress}
-    elif start_weights is not None:  # fine-tuning: a fresh optimizer and schedule from step 0
-        model.load_state_dict(start_weights)
     return model, optimizers, scaler, progress
 
 
@@ -159,7 +163,6 @@ class Run:
     ctx: object           # the autocast context of the forward passes
     dtype: str            # the compute dtype that ctx autocasts to
     log: RunLog
-    model_args: dict
     micro_steps: int      # this process's micro-steps per optimizer step
     rows: int             # this process's sequences per micro-step
     peak: float | None    # the device's peak FLOP/s for MFU, once measured; 0 when unknown
@@ -183,8 +186,11 @@ def set_up(cfg, dist) -> Run:
     batches = Batches(folder, meta, model_args["block_size"], dist.device)
     micro_steps, rows = split_global_batch(cfg.gradient_accumulation_steps, cfg.batch_size,
                                            dist.world_size)
+    free = free_memory_bytes(dist.device)  # a run that will not fit stops, naming what would
+    print0(dist.on_every_process(checked_plan, cfg, model_args, dtype, rows, micro_steps,
+                                 dist.world_size, free))
     model, optimizers, scaler, progress = dist.on_every_process(
-        build_model, cfg, model_args, dist.device, dtype, start_weights, resume_from, meta)
+        build_model, cfg, model_args, dtype, start_weights, resume_from, meta, dist)
     dist.on_master(check_free_space, cfg.out_dir, checkpoint_bytes(model))  # before any write
     if dist.rank > 0:  # dropout must differ between processes; checkpoints hold rank 0's stream
         seed = (cfg.seed, dist.rank, progress["step"])
@@ -206,7 +212,7 @@ def set_up(cfg, dist) -> Run:
         print0(f"fine-tuning {cfg.init_from}: its weights and shape (block_size "
                f"{model_args['block_size']}), a fresh optimizer")
     return Run(model, data_parallel(compiled, dist), compiled, optimizers, scaler, batches,
-               autocast_context(dist.device, dtype), dtype, log, model_args, micro_steps, rows, None,
+               autocast_context(dist.device, dtype), dtype, log, micro_steps, rows, None,
                saved_step=progress["step"] if resume_from else None, **progress)
 
 
@@ -217,9 +223,8 @@ def tokens_per_step(cfg, batches) -> int:
 # ------------------------------------------------------------------------------------- train
 
 def train(cfg, run, dist, argv) -> bool:
-    """The training loop, from run.step to max_iters: evaluate (and save) every eval_interval
-    steps, then one optimizer step of micro-steps, gradients synced on the last one. False when a
-    signal stopped it early (the state is saved)."""
+    """The loop: evaluate (and save) every eval_interval steps, then one optimizer step of
+    micro-steps. False when a signal stopped it early, its state saved."""
     pending_losses = []  # per-step losses, read back at log steps only: reading syncs the device
     first_step = run.step
     timer = (time.perf_counter(), run.step)
@@ -245,8 +250,8 @@ def train(cfg, run, dist, argv) -> bool:
             step_loss = torch.zeros((), device=dist.device)
             x, y = run.batches.batch("train", picks[0])
             for micro in range(run.micro_steps):
-                if dist.enabled:  # all-reduce the gradients once, after the last micro-step
-                    run.train_model.require_backward_grad_sync = micro == run.micro_steps - 1
+                if dist.enabled:  # sync the gradients once, after the last micro-step
+                    sync_gradients(run.train_model, micro == run.micro_steps - 1)
                 with run.ctx:
                     loss = run.train_model(x, y)[1] / run.micro_steps
                 if micro + 1 < run.micro_steps:  # the next batch loads while the device computes
@@ -279,18 +284,16 @@ def read_losses(pending, run, dist, out_dir) -> list:
 
 
 def log_step(cfg, run, dist, lr, loss, timer) -> tuple:
-    """Log the step's loss, speed and MFU since the last log line; return the new timer. The
-    device's peak is measured at the first log line, out of the timed steps."""
+    """Log the loss, speed and MFU since the last log line (the peak measured at the first, out
+    of the timed steps); return the new timer."""
     now, (since, since_step) = time.perf_counter(), timer
     seconds_per_step = (now - since) / max(1, run.step - since_step)
     if run.peak is None:
         run.peak = peak_flops(dist.device, run.dtype) if dist.is_master else 0.0
         print0(f"peak for MFU: {f'{run.peak:.4g} FLOP/s' if run.peak else 'unknown (no MFU)'}")
     tokens_per_s = tokens_per_step(cfg, run.batches) / seconds_per_step
-    mfu = None
-    if run.peak:
-        flops = run.model.flops_per_token(run.batches.seq_len) * tokens_per_s
-        mfu = flops / (run.peak * dist.world_size)
+    flops = run.model.flops_per_token(run.batches.seq_len) * tokens_per_s
+    mfu = flops / (run.peak * dist.world_size) if run.peak else None
     mfu_text = "n/a" if mfu is None else f"{100 * mfu:.2f}%"
     run.log.write(f"step {run.step} | loss {loss:.4f} | lr {lr:.2e} | ms/step "
                   f"{1000 * seconds_per_step:.1f} | tok/s {tokens_per_s:,.0f} | mfu {mfu_text}",
@@ -301,11 +304,11 @@ def log_step(cfg, run, dist, lr, loss, timer) -> tuple:
 
 
 def evaluate_and_save(cfg, run, dist, pending_losses):
-    """Estimate the train and val losses (every process scores its share), log them, and save
-    ckpt.pt (and best.pt when val improved) unless nothing was trained since the last save. The
-    steps not yet logged are checked for a nan first, so a bad state is never saved."""
-    losses = estimate_loss(run.compiled, run.batches, cfg.eval_iters, cfg.batch_size, cfg.seed,
-                           run.step, run.ctx, dist, run.rows)
+    """Estimate and log the losses, then save ckpt.pt (and best.pt when val improved) if anything
+    was trained since the last save, once the steps not yet logged are checked for a nan."""
+    with whole_weights(run.model):  # FSDP: the processes score different numbers of batches
+        losses = estimate_loss(run.compiled, run.batches, cfg.eval_iters, cfg.batch_size,
+                               cfg.seed, run.step, run.ctx, dist, run.rows)
     if not all(map(math.isfinite, losses.values())):
         raise NonFiniteLossError(f"non-finite val loss ({losses['val']}) at step {run.step}; "
                                  f"{kept_message(cfg.out_dir, run.saved_step)}")
@@ -323,16 +326,16 @@ def evaluate_and_save(cfg, run, dist, pending_losses):
 
 
 def save(cfg, run, dist, is_best, reason):
-    checkpoint = training_checkpoint(run.model, run.optimizers, run.scaler, cfg, run.model_args,
-                                     run.batches.meta, run.step, run.best_val_loss, run.best_step)
+    checkpoint = training_checkpoint(run.model, run.optimizers, run.scaler, cfg,
+                                     asdict(run.model.config), run.batches.meta, run.step,
+                                     run.best_val_loss, run.best_step)
     dist.on_master(save_in_out_dir, cfg.out_dir, checkpoint, is_best, reason)
     run.saved_step = run.step
 
 
 def save_when_stopped(cfg, run, dist, pending_losses, argv):
-    """After Ctrl-C, SIGTERM or SIGHUP: save what was trained since the last save, and print the
-    command that resumes it. --init_from stays in it (a fine-tune's rerun resumes its own
-    ckpt.pt), except 'scratch', which would refuse the checkpoint just written."""
+    """After Ctrl-C, SIGTERM or SIGHUP: save, and print the command that resumes. It keeps
+    --init_from (a fine-tune's rerun resumes its ckpt.pt), but not 'scratch', which refuses it."""
     read_losses(pending_losses, run, dist, cfg.out_dir)
     if run.step != run.saved_step and run.step > 0:
         save(cfg, run, dist, False, "interrupted")
@@ -346,14 +349,14 @@ def save_when_stopped(cfg, run, dist, pending_losses, argv):
 
 
 def final_evaluation(cfg, run, dist):
-    """Judge what sample.py loads by default (best.pt, rank 0's file decides) on the full val
-    split, and a task's or a chat model's own scores."""
+    """Score what sample.py loads by default (best.pt): the val loss, a task's or a chat's own."""
     best_path = Path(cfg.out_dir) / "best.pt"
     if run.best_step not in (None, run.step) and dist.from_master(best_path.is_file()):
         load_weights_from_master(run.model, best_path, dist)
         print0(f"final evaluation of {best_path}: step {run.best_step}, the best val loss")
-    records = final_report(run.model, run.batches, run.ctx, run.rows, cfg.val_loss_bar,
-                           cfg.exact_match_bar, dist)
+    with whole_weights(run.model):
+        records = final_report(run.model, run.batches, run.ctx, run.rows, cfg.val_loss_bar,
+                               cfg.exact_match_bar, dist)
     meta = run.batches.meta
     finite = math.isfinite(records[-1].get("val_loss_full", math.nan))
     if meta.get("qa") and meta.get("test_file") and dist.is_master and finite:
@@ -369,7 +372,7 @@ USAGE = """usage: python train.py [CONFIG_FILE ...] [--key=value ...]
 
 def main(argv) -> int:
     if wants_help(argv):
-        print(help_text(TrainConfig, USAGE, "Config files are plain `name = value` lines; "
+        print(help_text(TrainConfig, USAGE, "Config files hold plain `name = value` lines; "
                                             "--key=value overrides them."))
         return 0
     try:

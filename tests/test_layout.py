@@ -35,7 +35,8 @@ def python_files(folder="."):
 # and reading batches (data.py) never imports the data builders (datasets.py, corpus.py).
 FLOORS = {
     1: ["model", "tinygpt.common", "tinygpt.muon"],
-    2: ["tinygpt.device", "tinygpt.tokenizer", "tinygpt.download", "tinygpt.plot", "tinygpt.gpt2"],
+    2: ["tinygpt.device", "tinygpt.tokenizer", "tinygpt.download", "tinygpt.plot", "tinygpt.gpt2",
+        "tinygpt.parallel"],
     3: ["tinygpt.data", "tinygpt.checkpoint", "tinygpt.evaluation", "tinygpt.optim",
         "tinygpt.datasets", "tinygpt.corpus", "tinygpt.chat", "tinygpt.hellaswag"],
     4: ["train", "sample", "prepare", "tools"],

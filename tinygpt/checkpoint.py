@@ -20,6 +20,7 @@ import torch
 from model import GPT, GPTConfig
 from tinygpt.common import CheckpointError, atomic_write, keep_as
 from tinygpt.device import model_dtype, resolve_device
+from tinygpt.parallel import load_model_state, model_state, optimizer_state, sharded_like
 
 # The layout of the checkpoint dict. Bump it when a change to the dict or to model.py means an
 # older checkpoint cannot be read the same way; load_checkpoint then refuses the old ones.
@@ -71,10 +72,11 @@ def checkpoint_path(out_dir, name="") -> Path:
 
 def training_checkpoint(model, optimizers, scaler, cfg, model_args, meta, step, best_val_loss,
                         best_step) -> dict:
-    """Everything a resumed run needs to continue exactly where this one is."""
-    return {"format": FORMAT, "model": model.state_dict(),
-            "optimizer": optimizers[0].state_dict(),
-            "muon": optimizers[1].state_dict() if len(optimizers) > 1 else None,
+    """Everything a resumed run needs to continue exactly where this one is. Every process calls
+    it: a sharded model's tensors are gathered whole onto rank 0, which saves them."""
+    muon = optimizer_state(model, optimizers[1]) if len(optimizers) > 1 else None
+    return {"format": FORMAT, "model": model_state(model),
+            "optimizer": optimizer_state(model, optimizers[0]), "muon": muon,
             "scaler": scaler.state_dict(), "config": asdict(cfg), "model_args": model_args,
             "meta": meta, "step": step, "best_val_loss": best_val_loss, "best_step": best_step,
             "rng": rng_states()}
@@ -209,9 +211,9 @@ def check_resumable(checkpoint, model_args, meta, uses_muon, path):
                               "out_dir")
 
 
-def restore_training_state(checkpoint, model, optimizers, scaler):
-    """Put a checkpoint's weights, optimizer moments, loss scale and RNG states back in place."""
-    model.load_state_dict(checkpoint["model"])
+def restore_training_state(checkpoint, optimizers, scaler):
+    """Put a checkpoint's optimizer moments, loss scale and RNG states back in place (its weights
+    go in before the model is spread over the processes)."""
     for optimizer, saved in zip(optimizers, [checkpoint["optimizer"], checkpoint.get("muon")]):
         load_optimizer_state(optimizer, saved)
     if checkpoint.get("scaler"):
@@ -222,10 +224,14 @@ def restore_training_state(checkpoint, model, optimizers, scaler):
 def load_optimizer_state(optimizer, saved):
     """saved's moments and step counts, under this optimizer's own settings: its lr, betas, decay
     and kernel. The kernel flags decide where torch puts the step counts: an unfused run's would
-    leave them on the host, and a fused CUDA kernel rejects those."""
+    leave them on the host, and a fused CUDA kernel rejects those. A checkpoint holds whole
+    tensors; over sharded weights (FSDP) each process keeps its shard of each moment."""
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     groups = [{**old, **new} for old, new in zip(saved["param_groups"], settings)]
-    optimizer.load_state_dict({**saved, "param_groups": groups})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {i: {k: sharded_like(v, params[i]) for k, v in moments.items()}
+             for i, moments in saved["state"].items()}
+    optimizer.load_state_dict({**saved, "state": state, "param_groups": groups})
 
 
 def rng_states() -> dict:
@@ -256,9 +262,7 @@ def load_weights_from_master(model, path, dist):
     """The weights of the checkpoint at path in model on every process, read by rank 0 alone and
     sent to the others: on another node out_dir may be another folder, without the file."""
     checkpoint = dist.on_master(load_checkpoint, path, True)  # mapped: optimizer state unread
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-    dist.copy_from_master([p.detach() for p in model.parameters()])
+    load_model_state(model, checkpoint and checkpoint["model"], dist)
 
 
 # -------------------------------------------------------------------------------- disk space

@@ -10,7 +10,6 @@ first.
 import ctypes
 import datetime
 import importlib.util
-import inspect
 import os
 import re
 import signal
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tinygpt.common import EVERY_PROCESS_ERRORS, ConfigError
 
@@ -109,15 +107,16 @@ def capabilities(device) -> Capabilities:
     return Capabilities(bf16=False, fp16=False, compile=False, fused_adamw=fused)
 
 
-def model_dtype(name, device, model_args) -> str:
+def model_dtype(name, device, model_args, can=None) -> str:
     """The one decision of a model's compute dtype on device: 'float32', 'bfloat16' or 'float16'
     for dtype=name, from the model's own config (model_args: GPTConfig's fields as a dict).
     'auto' picks the fastest safe one: bf16 where the hardware has it, else fp16 + GradScaler where
     fp16 pays, except for ReLU^2 models, whose activations overflow float16 past 256 (an inf in
-    the forward that GradScaler cannot skip): float32 for them."""
+    the forward that GradScaler cannot skip): float32 for them. can: another device's
+    Capabilities (a table of GPUs)."""
     if name != "auto":
         return name
-    can = capabilities(device)
+    can = can or capabilities(device)
     if can.bf16:
         return "bfloat16"
     return "float16" if can.fp16 and model_args.get("mlp") != "relu2" else "float32"
@@ -128,11 +127,6 @@ def autocast_context(device, dtype):
     if dtype == "float32":
         return nullcontext()
     return torch.autocast(device_type=device_type(device), dtype=getattr(torch, dtype))
-
-
-def grad_scaler(device, dtype):
-    """A GradScaler that is on only for float16, whose small range needs the loss scaled."""
-    return torch.amp.GradScaler(device_type(device), enabled=dtype == "float16")
 
 
 def set_up_device(device, keep_freed_memory=False):
@@ -212,6 +206,28 @@ def peak_flops(device, dtype) -> float:
     if kind == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
     return 0.0
+
+
+def free_memory_bytes(device) -> int | None:
+    """Bytes this process may still use on device, or None where nothing says: a GPU's free
+    memory; an Apple GPU's recommended working set less what torch holds there; on a CPU the
+    host's available memory, shared by the processes of this node that torchrun started."""
+    kind = device_type(device)
+    if kind == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if kind == "mps":
+        limit = getattr(torch.mps, "recommended_max_memory", None)
+        return limit() - torch.mps.current_allocated_memory() if limit else None
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        available = next(int(line.split()[1]) * 1024 for line in lines
+                         if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 # ------------------------------------------------------------------------------ distributed
@@ -331,19 +347,6 @@ def stop_distributed(dist, finished=False):
         if finished:
             tdist.barrier()
         tdist.destroy_process_group()
-
-
-def data_parallel(model, dist):
-    """model wrapped in DDP when this is a torchrun job (else model itself). Its buffers (the rope
-    and ALiBi tables) are constants, the same on every process, so DDP must not broadcast them at
-    every forward. Newer torch renamed that switch."""
-    if not dist.enabled:
-        return model
-    renamed = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
-    no_buffer_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
-    device_ids = [dist.local_rank] if dist.device.startswith("cuda") else None
-    # gradient_as_bucket_view: the gradients live in DDP's buckets, with no second copy of them
-    return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True, **no_buffer_sync)
 
 
 def in_torchrun() -> bool:

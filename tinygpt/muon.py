@@ -10,6 +10,7 @@ there the iterations run in fp32 (docs/results.md)."""
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 class BatchedMuon(torch.optim.Muon):
@@ -45,17 +46,20 @@ class BatchedMuon(torch.optim.Muon):
                     (p, p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
                 )
             for (rows, cols), pairs in by_shape.items():
-                updates = newton_schulz(
-                    torch.stack([update for _, update in pairs]),
-                    group["ns_coefficients"],
-                    group["ns_steps"],
-                    group["eps"],
-                    self.ns_dtype,
-                )
+                # Over sharded weights (FSDP) every process gathers each whole update, since the
+                # orthogonalization mixes all rows of a matrix, and keeps its own shard of it.
+                stack = torch.stack([u.full_tensor() if isinstance(u, DTensor) else u
+                                     for _, u in pairs])
+                updates = newton_schulz(stack, group["ns_coefficients"], group["ns_steps"],
+                                        group["eps"], self.ns_dtype)
+                scale = -lr * math.sqrt(max(1, rows / cols))
                 for (p, _), update in zip(pairs, updates):
                     if decay:
                         p.mul_(1 - lr * decay)
-                    p.add_(update, alpha=-lr * math.sqrt(max(1, rows / cols)))
+                    if isinstance(p, DTensor):
+                        update = distribute_tensor(update, p.device_mesh, p.placements,
+                                                   src_data_rank=None)
+                    p.add_(update, alpha=scale)
         return loss
 
 

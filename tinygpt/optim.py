@@ -3,6 +3,7 @@ the step itself: gradients unscaled, clipped, stepped and zeroed."""
 import torch
 
 from tinygpt.device import capabilities
+from tinygpt.parallel import whole
 
 
 def make_optimizers(model, weight_decay, learning_rate, betas, device_type, muon_lr=0.0,
@@ -37,11 +38,12 @@ def clip_and_step(optimizers, scaler, parameters, grad_clip, keep_grads=False):
     place: they are views of DDP's buckets, and fresh ones would be a second copy. GradScaler skips
     an optimizer whose own gradients overflowed, so the clip uses the norm of the gradients that
     do step: an inf in the norm would zero them, and a nan would poison them."""
+    for optimizer in optimizers:  # the true gradients, not the scaled ones; and under FSDP the
+        scaler.unscale_(optimizer)  # processes agree here whether any gradient was inf
     if grad_clip:
-        for optimizer in optimizers:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         parameters = [p for p in parameters if p.grad is not None]
-        torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip, finite_norm(optimizers, scaler))
+        norm = finite_norm(optimizers, scaler, parameters)
+        torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip, norm)
     for optimizer in optimizers:
         scaler.step(optimizer)
     scaler.update()
@@ -49,15 +51,21 @@ def clip_and_step(optimizers, scaler, parameters, grad_clip, keep_grads=False):
         optimizer.zero_grad(set_to_none=not keep_grads)
 
 
-def finite_norm(optimizers, scaler):
-    """The gradient norm to clip with: of every gradient, or under fp16 of the optimizers whose
-    gradients are finite. A non-finite norm counts as 0, so the clip factor clamps to 1 (a nan
-    loss stops the run at its next log step)."""
+def finite_norm(optimizers, scaler, parameters):
+    """The gradient norm to clip with: of every parameter's gradient, or under fp16 of the
+    optimizers whose gradients are finite. A non-finite norm counts as 0, so the clip factor
+    clamps to 1 (a nan loss stops the run at its next log step)."""
     if scaler.is_enabled():  # fp16: one optimizer's gradients may be inf or nan, the other's not
-        norms = torch.stack([torch.nn.utils.get_total_norm(grads_of(o)) for o in optimizers])
+        norms = torch.stack([global_norm(grads_of(o)) for o in optimizers])
         return torch.linalg.vector_norm(torch.where(norms.isfinite(), norms, 0.0))
-    norm = torch.nn.utils.get_total_norm([g for o in optimizers for g in grads_of(o)])
+    norm = global_norm([p.grad for p in parameters])
     return torch.where(norm.isfinite(), norm, 0.0)
+
+
+def global_norm(grads) -> torch.Tensor:
+    """The 2-norm of all of grads together; over sharded weights (FSDP) every process's shards
+    count, and every process gets the same plain tensor."""
+    return whole(torch.nn.utils.get_total_norm(grads))
 
 
 def grads_of(optimizer) -> list:
