@@ -16,7 +16,7 @@ import torch
 
 from model import GPT, GPTConfig
 from tinygpt.common import CheckpointError, atomic_write, keep_as
-from tinygpt.device import broadcast_tensors_from_master, collectively, model_dtype, resolve_device
+from tinygpt.device import collectively, load_model_state, model_dtype, model_state, optimizer_state, resolve_device
 from tinygpt.tokenizer import tokenizer_from_meta
 
 RETIRED_FIELDS = ("fast_dropout", "loss_chunk", "zero_init_head")  # model_args of earlier versions: no weights changed
@@ -55,9 +55,11 @@ def check_visible(resume_from):
 
 
 def training_state(model, optimizers, scaler, cfg, model_args, meta, step, best_val_loss, best_step) -> dict:
-    """What a run saves: everything a resumed run needs to continue exactly where this one is."""
-    return {"model": model.state_dict(), "optimizer": optimizers[0].state_dict(),
-            "muon": optimizers[1].state_dict() if len(optimizers) > 1 else None, "scaler": scaler.state_dict(),
+    """What a run saves: everything a resumed run needs to continue exactly where this one is. Every process
+    calls it: a sharded model's tensors are gathered whole onto rank 0, which saves them."""
+    return {"model": model_state(model), "optimizer": optimizer_state(model, optimizers[0]),
+            "muon": optimizer_state(model, optimizers[1]) if len(optimizers) > 1 else None,
+            "scaler": scaler.state_dict(),
             "config": asdict(cfg), "model_args": model_args, "meta": meta, "step": step,
             "best_val_loss": best_val_loss, "best_step": best_step, "rng": rng_states()}
 
@@ -141,9 +143,7 @@ def load_weights_from_master(model, path, dist):
     """The weights of the checkpoint at path in model on every process, read by rank 0 alone and sent to the
     others: on another node out_dir may be another folder, without the file."""
     checkpoint = collectively(dist, "master", load_checkpoint, path, True)  # mapped: the optimizer state stays on disk
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-    broadcast_tensors_from_master([p.detach() for p in model.parameters()], dist)
+    load_model_state(model, checkpoint and checkpoint["model"], dist)
 
 
 def checkpoint_path(out_dir, name="") -> Path:

@@ -19,6 +19,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tinygpt.common import EVERY_PROCESS_ERRORS, ConfigError
@@ -105,9 +111,12 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type=device_type(device), dtype=getattr(torch, dtype))
 
 
-def grad_scaler(device, dtype):
-    """A GradScaler that is on only for float16, whose small range needs the loss scaled."""
-    return torch.amp.GradScaler(device_type(device), enabled=dtype == "float16")
+def grad_scaler(device, dtype, sharded=False):
+    """A GradScaler that is on only for float16, whose small range needs the loss scaled. Over sharded
+    weights (FSDP) each process sees only its shards' gradients, so whether any was inf must be agreed
+    by every process before they step or skip together: the sharded scaler does that."""
+    kind = ShardedGradScaler if sharded else torch.amp.GradScaler
+    return kind(device_type(device), enabled=dtype == "float16")
 
 
 def set_up_device(device, keep_freed_memory=False):
@@ -188,6 +197,27 @@ def peak_flops(device, dtype) -> float:
     return 0.0
 
 
+def free_memory_bytes(device) -> int | None:
+    """Bytes this process may still use on device, or None where nothing says: a GPU's free memory; an Apple
+    GPU's recommended working set less what torch holds there; on a CPU the host's available memory, shared
+    by the processes of this node that torchrun started."""
+    kind = device_type(device)
+    if kind == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if kind == "mps":
+        limit = getattr(torch.mps, "recommended_max_memory", None)
+        return limit() - torch.mps.current_allocated_memory() if limit else None
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        available = next(int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 # ------------------------------------------------------------------------------ distributed
 
 @dataclass(frozen=True)
@@ -239,15 +269,117 @@ def stop_distributed(dist, finished=False):
 
 
 def data_parallel(model, dist):
-    """model wrapped in DDP when this is a torchrun job (else model itself). Its buffers (the rope and
-    ALiBi tables) are constants, the same on every process: DDP must not broadcast them at every
-    forward. Newer torch renamed that switch (the new one still syncs once at start: harmless)."""
-    if not dist.enabled:
+    """model wrapped in DDP when this is a torchrun job (else model itself, as it is when it is
+    sharded: FSDP syncs its own gradients). Its buffers (the rope and ALiBi tables) are constants,
+    the same on every process: DDP must not broadcast them at every forward. Newer torch renamed
+    that switch (the new one still syncs once at start: harmless)."""
+    if not dist.enabled or is_sharded(model):
         return model
     renamed = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
     return DDP(model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None,
                gradient_as_bucket_view=True,  # the gradients live in DDP's buckets: no second copy of them
                **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
+
+
+# ------------------------------------------------------------------- memory: FSDP, recomputation
+
+def save_memory(model, dist, fsdp=False, checkpoint_activations=False):
+    """model (a GPT), changed in place before its optimizer is made, with its weights in it:
+    checkpoint_activations keeps only each block's input for the backward pass and recomputes the
+    rest of the block there; fsdp (under torchrun) shards every block, then the rest, over the
+    processes (FSDP2): each holds 1/world_size of the weights, gradients and optimizer state, and
+    a block's whole weights only while it computes. A single process has nothing to shard over."""
+    if checkpoint_activations:
+        for i, block in enumerate(model.blocks):  # the wrapper's state_dict hooks keep the keys as they were
+            model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    if fsdp and dist.enabled:
+        for block in model.blocks:
+            fully_shard(block, reshard_after_forward=True)
+        fully_shard(model, reshard_after_forward=False)  # the root: embeddings, head, ln_f until backward
+    return model
+
+
+def is_sharded(model) -> bool:
+    """True for a model (or a torch.compile wrapper of one) whose weights FSDP shards."""
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+
+
+def sync_gradients(model, sync):
+    """Whether the next backward pass syncs gradients over the processes (DDP's all-reduce, FSDP's
+    reduce-scatter): only on a step's last micro-step; the others accumulate locally."""
+    if is_sharded(model):
+        getattr(model, "_orig_mod", model).set_requires_gradient_sync(sync)
+    else:
+        model.require_backward_grad_sync = sync
+
+
+@contextmanager
+def whole_weights(model):
+    """Inside the block every process holds the whole weights of a sharded model (else nothing
+    changes), so forward passes issue no collective: evaluation's processes score different
+    numbers of batches, and generation may run on one of them. Sharded again after."""
+    model = getattr(model, "_orig_mod", model)
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in modules:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.reshard()
+            module.set_reshard_after_forward(module is not model, recurse=False)  # as save_memory set it
+
+
+FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's host
+
+
+def model_state(model) -> dict:
+    """model's state_dict with whole tensors: a sharded model's gathered onto rank 0's host (the
+    others get {}: they save nothing), so every checkpoint holds the same plain tensors."""
+    if is_sharded(model):
+        return get_model_state_dict(model, options=FULL_ON_RANK0)
+    return model.state_dict()
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """optimizer's state_dict with whole tensors, numbered as torch numbers a plain model's
+    parameters: a sharded model's gathered onto rank 0's host (the others get {}). torch names the
+    gathered entries by parameter name; numbering them in the groups' order gives torch's numbers."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    full = get_optimizer_state_dict(model, optimizer, options=FULL_ON_RANK0)
+    if not full:
+        return {}
+    number = {name: i for i, name in enumerate(n for group in full["param_groups"] for n in group["params"])}
+    return {"state": {number[name]: state for name, state in full["state"].items()},
+            "param_groups": [{**group, "params": [number[n] for n in group["params"]]}
+                             for group in full["param_groups"]]}
+
+
+def sharded_like(value, param):
+    """value (a whole tensor: a saved moment or weight) as param holds it: this process's shard for
+    a sharded param (cut from the whole tensor every process has, no communication), else value."""
+    if isinstance(param, DTensor) and not isinstance(value, DTensor) and value.shape == param.shape:
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return value
+
+
+def whole(tensor):
+    """The whole of a sharded tensor on every process (a collective), else tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def load_model_state(model, state, dist):
+    """Whole-tensor weights into model on every process, from state on rank 0 (the others may pass
+    None): a sharded model takes its shards of them, a plain one a broadcast copy."""
+    if is_sharded(model):
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, state if dist.is_master else {}, options=options)
+        return
+    if state is not None:
+        model.load_state_dict(state)
+    broadcast_tensors_from_master([p.detach() for p in model.parameters()], dist)
 
 
 def in_torchrun() -> bool:

@@ -46,10 +46,10 @@ def clip_and_step(optimizers, scaler, parameters, grad_clip, keep_grads=False):
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         parameters = [p for p in parameters if p.grad is not None]
         if scaler.is_enabled():  # fp16: one optimizer's gradients may be inf or nan, the other's not
-            norms = torch.stack([torch.nn.utils.get_total_norm(grads_of(optimizer)) for optimizer in optimizers])
+            norms = torch.stack([global_norm(grads_of(optimizer)) for optimizer in optimizers])
             norm = torch.linalg.vector_norm(torch.where(norms.isfinite(), norms, 0.0))
         else:  # a non-finite norm here means a nan loss, which stops the run at its next log step
-            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+            norm = global_norm([p.grad for p in parameters])
             norm = torch.where(norm.isfinite(), norm, 0.0)  # 0: the clip factor clamps to 1, nothing scaled
         torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip, norm)
     for optimizer in optimizers:
@@ -59,6 +59,12 @@ def clip_and_step(optimizers, scaler, parameters, grad_clip, keep_grads=False):
         optimizer.zero_grad(set_to_none=not keep_grads)
 
 
+def global_norm(grads) -> torch.Tensor:
+    """The 2-norm of all of grads together; over sharded weights (FSDP) every process's shards count, and every
+    process gets the same plain tensor."""
+    return tinygpt.device.whole(torch.nn.utils.get_total_norm(grads))
+
+
 def grads_of(optimizer) -> list:
     return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
@@ -66,10 +72,14 @@ def grads_of(optimizer) -> list:
 def load_optimizer_state(optimizer, saved):
     """saved's moments and step counts, under this optimizer's own settings: its lr, betas and decay, and its
     kernel. The saved kernel flags decide where torch puts the step counts: an unfused run's (fused=False) would
-    leave them on the host, and a fused CUDA kernel rejects them."""
+    leave them on the host, and a fused CUDA kernel rejects them. A checkpoint holds whole tensors; over sharded
+    weights (FSDP) each process keeps its shard of each moment."""
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     groups = [{**old, **new} for old, new in zip(saved["param_groups"], settings)]
-    optimizer.load_state_dict({**saved, "param_groups": groups})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {i: {k: tinygpt.device.sharded_like(v, params[i]) for k, v in moments.items()}
+             for i, moments in saved["state"].items()}
+    optimizer.load_state_dict({**saved, "state": state, "param_groups": groups})
 
 
 class BatchedMuon(torch.optim.Muon):
@@ -98,12 +108,15 @@ class BatchedMuon(torch.optim.Muon):
                 buf = state["momentum_buffer"].lerp_(p.grad, 1 - momentum)
                 by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, momentum) if group["nesterov"] else buf))
             for (rows, cols), pairs in by_shape.items():
-                updates = newton_schulz(torch.stack([update for _, update in pairs]), group["ns_coefficients"],
-                                        group["ns_steps"], group["eps"], self.ns_dtype)
+                # Over sharded weights (FSDP) each process gathers every whole update: the orthogonalization
+                # mixes all rows of a matrix. Every process computes all of them, as under DDP, and keeps its shard.
+                whole_updates = torch.stack([tinygpt.device.whole(update) for _, update in pairs])
+                updates = newton_schulz(whole_updates, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                        self.ns_dtype)
                 for (p, _), update in zip(pairs, updates):
                     if decay:
                         p.mul_(1 - lr * decay)
-                    p.add_(update, alpha=-lr * math.sqrt(max(1, rows / cols)))
+                    p.add_(tinygpt.device.sharded_like(update, p), alpha=-lr * math.sqrt(max(1, rows / cols)))
         return loss
 
 
