@@ -9,6 +9,7 @@
     checkpoint  save, load, and when a run resumes
     evaluation  losses and scores, during training and for tools/evaluate.py
     optim       AdamW groups and Muon
+    memory      the memory plan of a run: what it needs, whether it fits, what would
     gpt2        OpenAI's GPT-2 weights in and out
     plot        pictures of training curves, from a run's log.jsonl
 """
