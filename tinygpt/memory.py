@@ -160,6 +160,6 @@ def check_fits(settings, free, where="the device"):
     advice = ("options that would fit: " + "; ".join(options) if options else
               "no single option fits: combine --fsdp=True over more processes, --checkpoint_activations=True "
               "and a smaller --batch_size, or train a smaller model")
-    raise ConfigError(f"this run needs ~{plan.total / GB:.1f} GB per process (weights {plan.weights / GB:.1f}, "
-                      f"gradients {plan.gradients / GB:.1f}, optimizer {plan.optimizer / GB:.1f}, activations "
-                      f"{plan.activations / GB:.1f}), but {where} has {free / GB:.1f} GB free; {advice}")
+    raise ConfigError(f"this run needs ~{size_text(plan.total)} per process (weights {size_text(plan.weights)}, "
+                      f"gradients {size_text(plan.gradients)}, optimizer {size_text(plan.optimizer)}, activations "
+                      f"{size_text(plan.activations)}), but {where} has {size_text(free)} free; {advice}")
