@@ -30,9 +30,10 @@ from tinygpt.checkpoint import (check_free_space, check_resumable, check_visible
 from tinygpt.common import EVERY_PROCESS_ERRORS, ConfigError, NonFiniteLossError
 from tinygpt.data import (TRAIN_STREAM, Batches, batch_rng, load_meta, picks_of_rank, prepare_if_missing,
                           split_global_batch)
-from tinygpt.device import (DTYPES, Dist, any_rank, autocast_context, broadcast_from_master, collectively,
-                            compile_by_default, data_parallel, device_type, exit_process, free_memory_bytes,
-                            grad_scaler, is_sharded, model_dtype, peak_flops, print0, save_memory, set_up_device, sum_over_ranks,
+from tinygpt.device import (DTYPES, Dist, any_rank, autocast_context, broadcast_from_master,
+                            collectively, compile_by_default, data_parallel, device_type,
+                            exit_process, free_memory_bytes, grad_scaler, is_sharded, model_dtype,
+                            peak_flops, print0, save_memory, set_up_device, sum_over_ranks,
                             sync_gradients, torchrun_group, torchrun_rank, whole_weights)
 from tinygpt.evaluation import estimate_loss, final_report
 from tinygpt.gpt2 import GPT2_NAMES, weights_to_fine_tune
@@ -84,8 +85,8 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
     keep_freed_memory: bool = False     # glibc: reuse freed memory, no fresh pages per step (device.py)
     fast_exit: bool = False             # end the process at once when done: no teardown of torch's modules
     # memory (tinygpt/memory.py prints the plan before the first step)
-    fsdp: bool = False                  # under torchrun: shard weights, gradients and optimizer state over the processes
-    checkpoint_activations: bool = False  # keep only each block's input; recompute the block in the backward pass
+    fsdp: bool = False                  # under torchrun: shard weights, gradients, optimizer state
+    checkpoint_activations: bool = False  # keep each block's input only; recompute it in backward
     seed: int = 1337
     val_loss_bar: float = 0.0           # a published result: the final full-split val loss is judged PASS/FAIL against it
     exact_match_bar: float = 0.0        # the exact-match share to reach: attention tasks' test, TinyTalks chat's taught L1-2
@@ -188,7 +189,8 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def build_training_state(cfg, model_args, meta, device, dtype, resume_from=None, start_weights=None, dist=Dist()):
+def build_training_state(cfg, model_args, meta, device, dtype, resume_from=None, start_weights=None,
+                         dist=Dist()):
     """(model, optimizers, scaler, resumed) on device, restored from resume_from or holding start_weights (a state
     dict to fine-tune) if given; resumed is the checkpoint's step, best_val_loss and best_step (None for a new run).
 
@@ -203,7 +205,8 @@ def build_training_state(cfg, model_args, meta, device, dtype, resume_from=None,
         model = GPT(GPTConfig(**model_args))
     if checkpoint or start_weights is not None:  # whole weights in, before FSDP shards them
         model.load_state_dict(checkpoint["model"] if checkpoint else start_weights)
-    model = save_memory(model, dist, cfg.fsdp, cfg.checkpoint_activations)  # FSDP makes new parameters: before the optimizer
+    # FSDP makes new parameters: before the optimizer takes them
+    model = save_memory(model, dist, cfg.fsdp, cfg.checkpoint_activations)
     optimizers = make_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type(device),
                                  muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
     for group in (g for optimizer in optimizers for g in optimizer.param_groups):
@@ -261,9 +264,10 @@ def train(cfg, argv, dist) -> int:
             micro_steps, rows = split_global_batch(cfg.gradient_accumulation_steps, cfg.batch_size, dist.world_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        # the memory plan, before anything is built: a run that cannot fit stops here, naming what would fit
-        memory = dict(model_args=model_args, dtype=dtype, rows=rows, micro_steps=micro_steps, muon=cfg.muon_lr > 0,
-                      world_size=dist.world_size, fsdp=cfg.fsdp, checkpoint_activations=cfg.checkpoint_activations)
+        # the memory plan, before anything is built: a run that cannot fit stops, naming what fits
+        memory = dict(model_args=model_args, dtype=dtype, rows=rows, micro_steps=micro_steps,
+                      muon=cfg.muon_lr > 0, world_size=dist.world_size, fsdp=cfg.fsdp,
+                      checkpoint_activations=cfg.checkpoint_activations)
         free = free_memory_bytes(device)
         print0(plan_text(memory_plan(**memory), free))
         collectively(dist, "all", check_fits, memory, free)
@@ -300,9 +304,9 @@ def train(cfg, argv, dist) -> int:
         with StopSignal(announce=master) as stop:
             while True:
                 if step % cfg.eval_interval == 0 or step == cfg.max_iters:  # evaluate (every process its share)
-                    with whole_weights(model):  # FSDP: no collective per forward, ranks score different batches
-                        losses = estimate_loss(compiled, batches, cfg.eval_iters, cfg.batch_size, cfg.seed, step, ctx,
-                                               dist, rows)
+                    with whole_weights(model):  # FSDP: ranks score different numbers of batches
+                        losses = estimate_loss(compiled, batches, cfg.eval_iters, cfg.batch_size,
+                                               cfg.seed, step, ctx, dist, rows)
                     if not all(map(math.isfinite, losses.values())):
                         raise NonFiniteLossError(f"non-finite val loss ({losses['val']}) at step {step}; "
                                                  f"{kept_message(out_dir, saved_step)}")
@@ -333,7 +337,7 @@ def train(cfg, argv, dist) -> int:
                 step_loss = torch.zeros((), device=device)
                 x, y = batches.batch("train", picks[0])
                 for micro in range(micro_steps):
-                    if dist.enabled:  # all-reduce (FSDP: reduce-scatter) gradients once, after the last micro-step
+                    if dist.enabled:  # sync gradients once, after the last micro-step
                         sync_gradients(train_model, micro == micro_steps - 1)
                     with ctx:
                         loss = train_model(x, y)[1] / micro_steps
@@ -376,7 +380,8 @@ def train(cfg, argv, dist) -> int:
             load_weights_from_master(model, best_path, dist)
             print0(f"final evaluation of {best_path}: step {best_step}, the best val loss of the run")
         with whole_weights(model):
-            records = final_report(model, batches, ctx, rows, cfg.val_loss_bar, cfg.exact_match_bar, dist)
+            records = final_report(model, batches, ctx, rows, cfg.val_loss_bar,
+                                   cfg.exact_match_bar, dist)
         for record in records:
             log.write("", {**record, "step": step})
         return 0

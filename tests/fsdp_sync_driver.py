@@ -1,10 +1,12 @@
-"""train.py's main() under torchrun, counting FSDP's gradient reduce-scatters and the optimizer steps (test_fsdp.py):
+"""train.py's main() under torchrun, counting FSDP's gradient reduce-scatters and the optimizer
+steps (tests/test_fsdp.py):
 
     torchrun --nproc_per_node=2 tests/fsdp_sync_driver.py RECORD_DIR [train.py's arguments]
 
-FSDP2 reduce-scatters each sharded module's gradients through torch.distributed.reduce_scatter_single, looked up
-when it is called: the count wraps the real function, and every call still runs. Each process writes
-{"reduce_scatters": n, "steps": n} to RECORD_DIR/rank<R>.json."""
+FSDP2 reduce-scatters each sharded module's gradients through
+torch.distributed.reduce_scatter_single, looked up when it is called: the count wraps the real
+function, and every call still runs. Each process writes {"reduce_scatters": n, "steps": n} to
+RECORD_DIR/rank<R>.json."""
 import json
 import os
 import sys

@@ -1,5 +1,6 @@
-"""The memory plan as a specification: it counts the model's parameters, comes within a quarter of what a CPU
-training step really takes, and a run that cannot fit stops in one line naming only options that do fit."""
+"""The memory plan as a specification: it counts the model's parameters, comes within a quarter of
+what a CPU training step really takes, and a run that cannot fit stops in one line naming only
+options that do fit."""
 import re
 from dataclasses import asdict, fields
 
@@ -10,16 +11,20 @@ from conftest import REPO, tiny_args, train_refusing
 from model import GPT, GPTConfig
 from tinygpt.common import ConfigError
 from tinygpt.data import split_global_batch
-from tinygpt.memory import HEADROOM, check_fits, fits, memory_plan, parameter_counts, parameter_total
+from tinygpt.memory import (HEADROOM, check_fits, fits, memory_plan, parameter_counts,
+                            parameter_total)
 from tinygpt.options import parse_options
 from tools.bench import CPU_SHAPES, TRAIN_DEFAULTS, bench_memory, config_model_args, measured_peak
 from train import TrainConfig, model_args_of
 
 
-@pytest.mark.parametrize("overrides", [{}, {"bias": True}, {"tie_weights": False}, {"pos": "rope", "qk_norm": True},
-                                       {"pos": "alibi", "mlp": "relu2", "bias": True, "tie_weights": False}])
+@pytest.mark.parametrize("overrides", [{}, {"bias": True}, {"tie_weights": False},
+                                       {"pos": "rope", "qk_norm": True},
+                                       {"pos": "alibi", "mlp": "relu2", "bias": True,
+                                        "tie_weights": False}])
 def test_the_plan_counts_the_models_parameters(overrides):
-    config = GPTConfig(**{"n_layer": 3, "n_head": 4, "n_embd": 64, "block_size": 32, "vocab_size": 50, **overrides})
+    shape = {"n_layer": 3, "n_head": 4, "n_embd": 64, "block_size": 32, "vocab_size": 50}
+    config = GPTConfig(**{**shape, **overrides})
     with torch.device("meta"):
         model = GPT(config)
     assert parameter_total(asdict(config)) == sum(p.numel() for p in model.parameters())
@@ -28,7 +33,8 @@ def test_the_plan_counts_the_models_parameters(overrides):
 @pytest.mark.parametrize("model_args, rows, options", CPU_SHAPES[:3],
                          ids=["activations", "logits", "recomputed-blocks"])
 def test_the_plan_is_within_a_quarter_of_a_measured_cpu_training_peak(model_args, rows, options):
-    """The rise of a fresh process's peak resident memory over two float32 training steps (tools/bench.py)."""
+    """The rise of a fresh process's peak resident memory over two float32 training steps
+    (tools/bench.py measures it)."""
     plan = memory_plan({**asdict(GPTConfig()), **model_args}, "float32", rows, **options)
     peak = measured_peak(model_args, "float32", rows, **options)
     assert 0.75 * peak <= plan.total <= 1.25 * peak, (plan, peak)
@@ -40,18 +46,18 @@ def test_fsdp_divides_what_each_process_keeps_but_accumulation_keeps_whole_gradi
     sharded = memory_plan(args, "float32", 4, world_size=8, fsdp=True)
     accumulating = memory_plan(args, "float32", 4, micro_steps=4, world_size=8, fsdp=True)
     assert sharded.optimizer == one.optimizer // 8
-    counts = parameter_counts(args)  # gathered: the root (embeddings, head) and a block with the next one's prefetch
+    counts = parameter_counts(args)  # gathered: the root, a block and the next one's prefetch
     assert sharded.weights == one.weights // 8 + 4 * (counts["root"] + 2 * counts["block"])
     assert sharded.gradients == one.gradients // 8 + 4 * (counts["root"] + counts["block"])
-    assert accumulating.gradients > one.gradients  # unsharded while the reduce-scatter waits, plus the shards
-    assert memory_plan(args, "float32", 4, world_size=8).total == one.total  # DDP: a whole copy each
-    half = memory_plan(args, "bfloat16", 4, world_size=8, fsdp=True)  # autocast's copies are of whole matrices
+    assert accumulating.gradients > one.gradients  # whole until the reduce-scatter, and shards
+    assert memory_plan(args, "float32", 4, world_size=8).total == one.total  # DDP: whole copies
+    half = memory_plan(args, "bfloat16", 4, world_size=8, fsdp=True)  # autocast: whole copies
     assert half.weights - sharded.weights == 2 * (12 * 12 * 768 ** 2 + 50257 * 768)
 
 
 def named_options(message) -> list:
-    return re.findall(r"--batch_size=(\d+) --gradient_accumulation_steps=(\d+)|(--checkpoint_activations=True)|"
-                      r"--fsdp=True over (\d+) processes", message)
+    return re.findall(r"--batch_size=(\d+) --gradient_accumulation_steps=(\d+)|"
+                      r"(--checkpoint_activations=True)|--fsdp=True over (\d+) processes", message)
 
 
 def refusal(settings, free) -> str:
@@ -62,10 +68,12 @@ def refusal(settings, free) -> str:
 
 
 def test_a_run_that_cannot_fit_is_told_options_that_fit_by_the_same_estimate():
-    """Each named option is re-planned the way train.py would run it: the batch options through the real split."""
-    args = {**asdict(GPTConfig()), "n_layer": 8, "n_embd": 512, "n_head": 8, "block_size": 128, "vocab_size": 65}
+    """Each named option is planned again as train.py would run it: the batch options through the
+    real split."""
+    args = {**asdict(GPTConfig()), "n_layer": 8, "n_embd": 512, "n_head": 8, "block_size": 128,
+            "vocab_size": 65}
     settings = dict(model_args=args, dtype="float32", rows=12, micro_steps=1, world_size=2)
-    free = 0.85 * memory_plan(**settings).total / HEADROOM  # weights and states half of it, activations half
+    free = 0.85 * memory_plan(**settings).total / HEADROOM  # activations about half of it
     message = refusal(settings, free)
     options = named_options(message)
     assert len(options) == 3, message  # a smaller micro-batch, recomputation, FSDP
@@ -83,8 +91,10 @@ def test_a_run_that_cannot_fit_is_told_options_that_fit_by_the_same_estimate():
 
 
 def test_options_that_would_not_fit_are_not_named():
-    """Weights and AdamW state dominate: no micro-batch or recomputation helps, only sharding, over 4 GPUs."""
-    args = {**asdict(GPTConfig()), "n_layer": 24, "n_embd": 1024, "n_head": 16, "block_size": 64, "vocab_size": 50257}
+    """Weights and AdamW state dominate: no micro-batch or recomputation helps, only sharding over
+    4 GPUs."""
+    args = {**asdict(GPTConfig()), "n_layer": 24, "n_embd": 1024, "n_head": 16, "block_size": 64,
+            "vocab_size": 50257}
     settings = dict(model_args=args, dtype="bfloat16", rows=1)
     free = memory_plan(**{**settings, "fsdp": True, "world_size": 4}).total / HEADROOM
     assert not fits(memory_plan(**{**settings, "fsdp": True, "world_size": 2}), free)
@@ -95,11 +105,13 @@ def test_options_that_would_not_fit_are_not_named():
     assert "would fit" not in message and "no single option fits" in message
 
 
-def test_train_prints_the_plan_and_stops_a_run_too_big_for_this_host_in_one_line(tmp_path, data_dir, capsys):
+def test_train_prints_the_plan_and_stops_a_run_too_big_for_this_host_in_one_line(tmp_path, data_dir,
+                                                                                 capsys):
     train = train_refusing(tiny_args(data_dir, tmp_path / "out", "--max_iters=1"), capsys, tmp_path)
     assert train.returncode == 0, train.stderr
     assert "memory per process: weights" in train.stdout and "free on the device" in train.stdout
-    huge = train_refusing(tiny_args(data_dir, tmp_path / "big", "--batch_size=4194304"), capsys, tmp_path)
+    huge = train_refusing(tiny_args(data_dir, tmp_path / "big", f"--batch_size={2 ** 26}"), capsys,
+                          tmp_path)  # terabytes of activations
     assert huge.returncode == 1 and not (tmp_path / "big" / "ckpt.pt").exists()
     [line] = huge.stderr.strip().splitlines()
     assert line.startswith("error: this run needs ~") and "--batch_size=" in line, line
@@ -119,4 +131,4 @@ def test_the_bench_reads_configs_as_train_py_does():
 def test_the_gpu_table_in_the_docs_is_the_one_the_bench_prints(capsys):
     bench_memory(None)
     table = capsys.readouterr().out.strip()
-    assert table in (REPO / "docs" / "gpu.md").read_text(), "rerun python -m tools.bench --only=memory"
+    assert table in (REPO / "docs" / "gpu.md").read_text(), "python -m tools.bench --only=memory"

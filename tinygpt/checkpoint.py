@@ -16,7 +16,8 @@ import torch
 
 from model import GPT, GPTConfig
 from tinygpt.common import CheckpointError, atomic_write, keep_as
-from tinygpt.device import collectively, load_model_state, model_dtype, model_state, optimizer_state, resolve_device
+from tinygpt.device import (collectively, load_model_state, model_dtype, model_state,
+                            optimizer_state, resolve_device)
 from tinygpt.tokenizer import tokenizer_from_meta
 
 RETIRED_FIELDS = ("fast_dropout", "loss_chunk", "zero_init_head")  # model_args of earlier versions: no weights changed
@@ -55,8 +56,8 @@ def check_visible(resume_from):
 
 
 def training_state(model, optimizers, scaler, cfg, model_args, meta, step, best_val_loss, best_step) -> dict:
-    """What a run saves: everything a resumed run needs to continue exactly where this one is. Every process
-    calls it: a sharded model's tensors are gathered whole onto rank 0, which saves them."""
+    """What a run saves: everything a resumed run needs to continue exactly where this one is.
+    Every process calls it: a sharded model's tensors are gathered whole onto rank 0, to save."""
     return {"model": model_state(model), "optimizer": optimizer_state(model, optimizers[0]),
             "muon": optimizer_state(model, optimizers[1]) if len(optimizers) > 1 else None,
             "scaler": scaler.state_dict(),

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict)
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+                                                                         checkpoint_wrapper)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict)
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -90,15 +91,15 @@ def capabilities(device) -> Capabilities:
     return Capabilities(bf16=False, fp16=False, compile=False, fused_adamw=False)
 
 
-def model_dtype(name, device, model_args) -> str:
+def model_dtype(name, device, model_args, can=None) -> str:
     """The one decision of a model's compute dtype on device, from the model's own config (model_args: GPTConfig's
     fields as a dict; a fine-tune's are its weights'): 'float32', 'bfloat16' or 'float16' for dtype=name.
     'auto' picks the fastest safe one: bf16 where the hardware has it, else fp16 + GradScaler where fp16 pays,
     except for ReLU^2 models, whose activations overflow float16 past 256 (an inf in the forward that
-    GradScaler cannot skip): float32 for them."""
+    GradScaler cannot skip): float32 for them. can: another device's Capabilities (a table of GPUs)."""
     if name != "auto":
         return name
-    can = capabilities(device)
+    can = can or capabilities(device)
     if can.bf16:
         return "bfloat16"
     return "float16" if can.fp16 and model_args.get("mlp") != "relu2" else "float32"
@@ -112,9 +113,9 @@ def autocast_context(device, dtype):
 
 
 def grad_scaler(device, dtype, sharded=False):
-    """A GradScaler that is on only for float16, whose small range needs the loss scaled. Over sharded
-    weights (FSDP) each process sees only its shards' gradients, so whether any was inf must be agreed
-    by every process before they step or skip together: the sharded scaler does that."""
+    """A GradScaler that is on only for float16, whose small range needs the loss scaled. Over
+    sharded weights (FSDP) each process sees only its shards' gradients, so whether any was inf
+    must be agreed by every process before they step or skip together: the sharded scaler does."""
     kind = ShardedGradScaler if sharded else torch.amp.GradScaler
     return kind(device_type(device), enabled=dtype == "float16")
 
@@ -198,9 +199,9 @@ def peak_flops(device, dtype) -> float:
 
 
 def free_memory_bytes(device) -> int | None:
-    """Bytes this process may still use on device, or None where nothing says: a GPU's free memory; an Apple
-    GPU's recommended working set less what torch holds there; on a CPU the host's available memory, shared
-    by the processes of this node that torchrun started."""
+    """Bytes this process may still use on device, or None where nothing says: a GPU's free memory;
+    an Apple GPU's recommended working set less what torch holds there; on a CPU the host's
+    available memory, shared by the processes of this node that torchrun started."""
     kind = device_type(device)
     if kind == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -209,7 +210,8 @@ def free_memory_bytes(device) -> int | None:
         return limit() - torch.mps.current_allocated_memory() if limit else None
     try:
         lines = Path("/proc/meminfo").read_text().splitlines()
-        available = next(int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:"))
+        available = next(int(line.split()[1]) * 1024 for line in lines
+                         if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         try:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -290,12 +292,12 @@ def save_memory(model, dist, fsdp=False, checkpoint_activations=False):
     processes (FSDP2): each holds 1/world_size of the weights, gradients and optimizer state, and
     a block's whole weights only while it computes. A single process has nothing to shard over."""
     if checkpoint_activations:
-        for i, block in enumerate(model.blocks):  # the wrapper's state_dict hooks keep the keys as they were
+        for i, block in enumerate(model.blocks):  # the wrapper's state_dict hooks keep the keys
             model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
     if fsdp and dist.enabled:
         for block in model.blocks:
             fully_shard(block, reshard_after_forward=True)
-        fully_shard(model, reshard_after_forward=False)  # the root: embeddings, head, ln_f until backward
+        fully_shard(model, reshard_after_forward=False)  # the root (embeddings, head) stays whole
     return model
 
 
@@ -328,10 +330,10 @@ def whole_weights(model):
     finally:
         for module in modules:
             module.reshard()
-            module.set_reshard_after_forward(module is not model, recurse=False)  # as save_memory set it
+            module.set_reshard_after_forward(module is not model, recurse=False)  # as save_memory
 
 
-FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's host
+FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole, on rank 0's host
 
 
 def model_state(model) -> dict:
@@ -345,13 +347,14 @@ def model_state(model) -> dict:
 def optimizer_state(model, optimizer) -> dict:
     """optimizer's state_dict with whole tensors, numbered as torch numbers a plain model's
     parameters: a sharded model's gathered onto rank 0's host (the others get {}). torch names the
-    gathered entries by parameter name; numbering them in the groups' order gives torch's numbers."""
+    gathered entries by parameter name; numbered in the groups' order they get torch's numbers."""
     if not is_sharded(model):
         return optimizer.state_dict()
     full = get_optimizer_state_dict(model, optimizer, options=FULL_ON_RANK0)
     if not full:
         return {}
-    number = {name: i for i, name in enumerate(n for group in full["param_groups"] for n in group["params"])}
+    names = [name for group in full["param_groups"] for name in group["params"]]
+    number = {name: i for i, name in enumerate(names)}
     return {"state": {number[name]: state for name, state in full["state"].items()},
             "param_groups": [{**group, "params": [number[n] for n in group["params"]]}
                              for group in full["param_groups"]]}
@@ -361,7 +364,8 @@ def sharded_like(value, param):
     """value (a whole tensor: a saved moment or weight) as param holds it: this process's shard for
     a sharded param (cut from the whole tensor every process has, no communication), else value."""
     if isinstance(param, DTensor) and not isinstance(value, DTensor) and value.shape == param.shape:
-        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
+                                 src_data_rank=None)
     return value
 
 

@@ -1,26 +1,27 @@
-"""The memory plan of a training run: bytes per process of the weights, their gradients, the optimizer
-state and one micro-step's activations, estimated from the model's config before anything is built,
-and whether they fit a device's free memory (or which options would make them fit).
+"""The memory plan of a training run: bytes per process of the weights, their gradients, the
+optimizer state and one micro-step's activations, estimated from the model's config before anything
+is built, and whether they fit a device's free memory (or which options would make them fit).
 
 Plain arithmetic over the shapes, written against what torch keeps (docs/gpu.md checks it against
 measured CPU runs):
-- weights and gradients are float32; the optimizer keeps two float32 moments per AdamW weight and one
-  buffer per Muon matrix; FSDP splits all three over the processes, but while gradients accumulate
-  over micro-steps (their reduce-scatter skipped) each process holds the whole gradients, and a
+- weights and gradients are float32; the optimizer keeps two float32 moments per AdamW weight and
+  one buffer per Muon matrix; FSDP splits all three over the processes, but while gradients
+  accumulate over micro-steps (their reduce-scatter skipped) each process holds them whole, and a
   sharded model gathers the root's weights (embeddings, head) and two blocks' at a time;
-- under bf16/fp16 autocast the forward pass keeps a half-precision copy of every matrix it used;
-- activations are what autograd saves for the backward pass, per token of the micro-batch: per block
-  the residual stream (float32) twice, the two norms' outputs, q, k and v, the attention's output
-  (a fused kernel: no T x T matrix), its reshaped copy and the MLP's two 4x wide tensors; then the
-  final norm and the logits: at the cross-entropy's backward its log-softmax, that output's
-  gradient and the logits' gradient, 12 bytes per logit. With checkpoint_activations a block keeps
-  only its input, and one block at a time is recomputed in the backward pass.
+- under bf16/fp16 autocast each matrix's half-precision copy is kept from the forward pass to the
+  backward pass;
+- activations are what autograd saves for the backward pass, per token of the micro-batch: per
+  block the residual stream (float32) twice, the two norms' outputs, q, k and v, the attention's
+  output (a fused kernel: no T x T matrix), its reshaped copy and the MLP's two 4x wide tensors;
+  then the final norm and the logits: at the cross-entropy's backward its log-softmax, that
+  output's gradient and the logits' gradient, 12 bytes per logit. With checkpoint_activations a
+  block keeps only its input, and one block at a time is recomputed in the backward pass.
 """
 from dataclasses import dataclass
 
 from tinygpt.common import ConfigError
 
-HEADROOM = 0.9  # the share of a device's free memory a plan may fill: allocator blocks, kernels' workspace
+HEADROOM = 0.9  # the share of free memory a plan may fill: allocator blocks, kernels' workspaces
 GB = 1e9
 
 
@@ -44,12 +45,13 @@ class MemoryPlan:
 
 
 def parameter_counts(model_args) -> dict:
-    """{'blocks': parameters of one block, 'matrices': of its 2-D weights (Muon's share), 'root': of the
-    embeddings, positions, final norm and an untied head} of a GPT with model_args (GPTConfig's fields)."""
+    """{'block': parameters of one block, 'matrices': of its 2-D weights (Muon's share), 'root': of
+    the embeddings, positions, final norm and an untied head} of a GPT with model_args."""
     c, bias = model_args["n_embd"], model_args.get("bias", False)
     matrices = 12 * c * c  # c_attn 3c^2, attention c_proj c^2, MLP c_fc 4c^2 and c_proj 4c^2
-    block = matrices + 2 * c + (11 * c if bias else 0)  # two norm gains; biases: 3c + c + 4c + c, norms 2c
-    root = model_args["vocab_size"] * c * (1 if model_args.get("tie_weights", True) else 2) + c + (c if bias else 0)
+    block = matrices + 2 * c + (11 * c if bias else 0)  # norm gains; biases 3c + c + 4c + c + 2c
+    heads = 1 if model_args.get("tie_weights", True) else 2
+    root = model_args["vocab_size"] * c * heads + c + (c if bias else 0)
     if model_args.get("pos", "learned") == "learned":
         root += model_args["block_size"] * c
     return {"block": block, "matrices": matrices, "root": root}
@@ -66,59 +68,59 @@ def size_text(n) -> str:
 
 
 def activation_bytes_per_token(model_args, dtype) -> dict:
-    """Bytes per token: 'block', what autograd keeps for one block; 'block_input', for a recomputed block;
-    'head', for the final norm and the head; 'logits', at the cross-entropy's backward; 'backward', a
-    block's backward pass at its widest (the gradients of the MLP's two 4x wide tensors)."""
+    """Bytes per token: 'block', what autograd keeps for one block; 'block_input', for a recomputed
+    block; 'head', for the final norm and the head; 'logits', at the cross-entropy's backward;
+    'backward', a block's backward pass at its widest (the gradients of the MLP's wide tensors)."""
     c = model_args["n_embd"]
     half = 2 if dtype in ("bfloat16", "float16") else 4  # what a matmul saves under autocast
     attention = 4 if model_args.get("attn_float32") else half
-    pos, dropout = model_args.get("pos", "learned"), model_args.get("dropout", 0.0)
-    block = (2 * 4 * c                       # the residual stream in float32, at each norm
-             + half * (c + c + c + 8 * c)    # the two norms' outputs, the reshaped attention output, the MLP
-             + attention * (3 * c + c)       # q, k, v and the attention's output
-             + attention * 2 * c * (pos == "rope") + attention * 2 * c * bool(model_args.get("qk_norm"))
-             + 2 * c * (dropout > 0))        # dropout's masks (one byte each) after attention and the MLP
+    rope, qk_norm = model_args.get("pos") == "rope", bool(model_args.get("qk_norm"))
+    block = (2 * 4 * c                                  # the residual stream, at each norm
+             + half * (c + c + c + 8 * c)               # norms' outputs, attention's reshaped, MLP
+             + attention * (3 * c + c)                  # q, k, v and the attention's output
+             + attention * 2 * c * (rope + qk_norm)     # rotated and normed queries and keys
+             + 2 * c * (model_args.get("dropout", 0.0) > 0))  # dropout's one-byte masks
     return {"block": block, "block_input": 4 * c, "head": (4 + half) * c,
             "logits": 12 * model_args["vocab_size"], "backward": half * 8 * c}
 
 
 def memory_plan(model_args, dtype, rows, micro_steps=1, muon=False, world_size=1, fsdp=False,
                 checkpoint_activations=False) -> MemoryPlan:
-    """The plan of one process of world_size training a GPT with model_args, rows sequences of block_size
-    tokens per micro-step, micro_steps per optimizer step, in dtype (the compute dtype), with AdamW (and
-    Muon for the blocks' matrices when muon) and the two memory options."""
-    counts, layers, params = parameter_counts(model_args), model_args["n_layer"], parameter_total(model_args)
+    """The plan of one of world_size processes training a GPT with model_args (GPTConfig's fields)
+    on rows sequences of block_size tokens per micro-step, micro_steps per optimizer step, in dtype
+    (the compute dtype), with AdamW (and Muon for the blocks' matrices when muon)."""
+    counts, layers = parameter_counts(model_args), model_args["n_layer"]
+    params, sharded = parameter_total(model_args), fsdp and world_size > 1
     muon_params = layers * counts["matrices"] if muon else 0
-    shards = world_size if fsdp else 1
-    weights = 4 * params // shards
-    if fsdp and world_size > 1:  # gathered while they compute: the root, a block and the next one's prefetch
+    shards = world_size if sharded else 1
+    weights = gradients = 4 * params // shards
+    if sharded:  # gathered while they compute: the root, a block and the next one's prefetch
         weights += 4 * (counts["root"] + 2 * counts["block"])
-    if dtype in ("bfloat16", "float16"):  # autocast's half copies of the matrices, kept through the forward pass
-        weights += 2 * (layers * counts["matrices"] + model_args["vocab_size"] * model_args["n_embd"])
-    gradients = 4 * params // shards
-    if fsdp and world_size > 1:
         gradients += 4 * params if micro_steps > 1 else 4 * (counts["root"] + counts["block"])
+    if dtype in ("bfloat16", "float16"):  # autocast's half copies of the matrices and the head
+        lm_head = model_args["vocab_size"] * model_args["n_embd"]
+        weights += 2 * (layers * counts["matrices"] + lm_head)
     optimizer = (8 * (params - muon_params) + 4 * muon_params) // shards
-    tokens = rows * model_args["block_size"]
     per_token = activation_bytes_per_token(model_args, dtype)
-    # The backward pass meets the logits first, then the blocks, last first: the peak is at one or the other.
+    # The backward pass meets the logits first, then the blocks, last first: the peak is at either.
     head = per_token["head"] + per_token["logits"]
-    if checkpoint_activations:  # blocks keep their inputs; one at a time is recomputed in the backward pass
-        activations = tokens * (layers * per_token["block_input"] + max(head, per_token["block"] + per_token["backward"]))
+    if checkpoint_activations:  # blocks keep their inputs; one is recomputed at a time
+        per_layer, widest = per_token["block_input"], per_token["block"] + per_token["backward"]
     else:
-        activations = tokens * (layers * per_token["block"] + max(head, per_token["backward"]))
-    return MemoryPlan(weights, gradients, optimizer, activations, rows, micro_steps, model_args["block_size"],
-                      world_size, fsdp and world_size > 1, checkpoint_activations)
+        per_layer, widest = per_token["block"], per_token["backward"]
+    activations = rows * model_args["block_size"] * (layers * per_layer + max(head, widest))
+    return MemoryPlan(weights, gradients, optimizer, activations, rows, micro_steps,
+                      model_args["block_size"], world_size, sharded, checkpoint_activations)
 
 
 def plan_text(plan, free=None) -> str:
-    """The lines train.py prints before the first step."""
-    options = [name for name, on in (("FSDP", plan.fsdp), ("activation checkpointing", plan.checkpoint_activations))
-               if on]
-    room = f"{size_text(free)} free on the device" if free is not None else "the device's free memory unknown"
-    return (f"memory per process: weights {size_text(plan.weights)}, gradients {size_text(plan.gradients)}, "
-            f"optimizer {size_text(plan.optimizer)}, activations {size_text(plan.activations)} "
-            f"({plan.rows} x {plan.block_size} tokens a micro-step)\n"
+    """The two lines train.py prints before the first step."""
+    named = (("FSDP", plan.fsdp), ("activation checkpointing", plan.checkpoint_activations))
+    options = [name for name, on in named if on]
+    room = f"{size_text(free)} free on the device" if free is not None else "free memory unknown"
+    return (f"memory per process: weights {size_text(plan.weights)}, gradients "
+            f"{size_text(plan.gradients)}, optimizer {size_text(plan.optimizer)}, activations "
+            f"{size_text(plan.activations)} ({plan.rows} x {plan.block_size} tokens a micro-step)\n"
             f"memory plan: {size_text(plan.total)} a process of {plan.world_size}"
             f"{' with ' + ' and '.join(options) if options else ''}; {room}")
 
@@ -132,34 +134,36 @@ def options_that_fit(settings, free) -> list:
     """The command-line options, each alone, that make the plan of settings (memory_plan's keyword
     arguments) fit free bytes. A smaller micro-batch keeps the global batch: rows' sequences a
     micro-step and rows x micro_steps / rows' micro-steps a process, given as the options that
-    split so (a gradient_accumulation_steps divisible by the process count splits by micro-steps)."""
+    split so (gradient_accumulation_steps that the process count divides splits by micro-steps)."""
     plan, options = memory_plan(**settings), []
     for rows in (r for r in range(plan.rows - 1, 0, -1) if plan.rows % r == 0):
         micro_steps = plan.micro_steps * plan.rows // rows
         if fits(memory_plan(**{**settings, "rows": rows, "micro_steps": micro_steps}), free):
-            options.append(f"--batch_size={rows} --gradient_accumulation_steps={micro_steps * plan.world_size} "
-                           "(the same global batch)")
+            options.append(f"--batch_size={rows} --gradient_accumulation_steps="
+                           f"{micro_steps * plan.world_size} (the same global batch)")
             break
-    if not plan.checkpoint_activations and fits(memory_plan(**{**settings, "checkpoint_activations": True}), free):
+    recomputed = memory_plan(**{**settings, "checkpoint_activations": True})
+    if not plan.checkpoint_activations and fits(recomputed, free):
         options.append("--checkpoint_activations=True")
-    if not plan.fsdp:
-        for n in [plan.world_size] if plan.world_size > 1 else [2, 4, 8, 16]:
-            if fits(memory_plan(**{**settings, "fsdp": True, "world_size": n}), free):
-                launch = "" if plan.world_size > 1 else f" (torchrun --nproc_per_node={n}, a GPU each)"
-                options.append(f"--fsdp=True over {n} processes{launch}")
-                break
+    for n in [] if plan.fsdp else [plan.world_size] if plan.world_size > 1 else [2, 4, 8, 16]:
+        if fits(memory_plan(**{**settings, "fsdp": True, "world_size": n}), free):
+            launch = "" if plan.world_size > 1 else f" (torchrun --nproc_per_node={n}, a GPU each)"
+            options.append(f"--fsdp=True over {n} processes{launch}")
+            break
     return options
 
 
 def check_fits(settings, free, where="the device"):
-    """A one-line ConfigError when the plan of settings does not fit free bytes, naming the options that would."""
+    """A one-line ConfigError when the plan of settings does not fit free bytes, naming the options
+    that would."""
     plan = memory_plan(**settings)
     if fits(plan, free):
         return
     options = options_that_fit(settings, free)
     advice = ("options that would fit: " + "; ".join(options) if options else
-              "no single option fits: combine --fsdp=True over more processes, --checkpoint_activations=True "
-              "and a smaller --batch_size, or train a smaller model")
-    raise ConfigError(f"this run needs ~{size_text(plan.total)} per process (weights {size_text(plan.weights)}, "
-                      f"gradients {size_text(plan.gradients)}, optimizer {size_text(plan.optimizer)}, activations "
-                      f"{size_text(plan.activations)}), but {where} has {size_text(free)} free; {advice}")
+              "no single option fits: combine --fsdp=True over more processes, "
+              "--checkpoint_activations=True and a smaller --batch_size, or train a smaller model")
+    parts = ", ".join(f"{name} {size_text(getattr(plan, name))}"
+                      for name in ("weights", "gradients", "optimizer", "activations"))
+    raise ConfigError(f"this run needs ~{size_text(plan.total)} per process ({parts}), but {where} "
+                      f"has {size_text(free)} free; {advice}")

@@ -60,8 +60,8 @@ def clip_and_step(optimizers, scaler, parameters, grad_clip, keep_grads=False):
 
 
 def global_norm(grads) -> torch.Tensor:
-    """The 2-norm of all of grads together; over sharded weights (FSDP) every process's shards count, and every
-    process gets the same plain tensor."""
+    """The 2-norm of all of grads together; over sharded weights (FSDP) every process's shards
+    count, and every process gets the same plain tensor."""
     return tinygpt.device.whole(torch.nn.utils.get_total_norm(grads))
 
 
@@ -72,8 +72,8 @@ def grads_of(optimizer) -> list:
 def load_optimizer_state(optimizer, saved):
     """saved's moments and step counts, under this optimizer's own settings: its lr, betas and decay, and its
     kernel. The saved kernel flags decide where torch puts the step counts: an unfused run's (fused=False) would
-    leave them on the host, and a fused CUDA kernel rejects them. A checkpoint holds whole tensors; over sharded
-    weights (FSDP) each process keeps its shard of each moment."""
+    leave them on the host, and a fused CUDA kernel rejects them. A checkpoint holds whole tensors;
+    over sharded weights (FSDP) each process keeps its shard of each moment."""
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     groups = [{**old, **new} for old, new in zip(saved["param_groups"], settings)]
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -108,15 +108,17 @@ class BatchedMuon(torch.optim.Muon):
                 buf = state["momentum_buffer"].lerp_(p.grad, 1 - momentum)
                 by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, momentum) if group["nesterov"] else buf))
             for (rows, cols), pairs in by_shape.items():
-                # Over sharded weights (FSDP) each process gathers every whole update: the orthogonalization
-                # mixes all rows of a matrix. Every process computes all of them, as under DDP, and keeps its shard.
-                whole_updates = torch.stack([tinygpt.device.whole(update) for _, update in pairs])
-                updates = newton_schulz(whole_updates, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                        self.ns_dtype)
+                # Over sharded weights (FSDP) each process gathers every whole update, since the
+                # orthogonalization mixes all rows of a matrix; all of them compute every update,
+                # as under DDP, and each keeps its shard.
+                whole = torch.stack([tinygpt.device.whole(update) for _, update in pairs])
+                updates = newton_schulz(whole, group["ns_coefficients"], group["ns_steps"],
+                                        group["eps"], self.ns_dtype)
+                scale = -lr * math.sqrt(max(1, rows / cols))
                 for (p, _), update in zip(pairs, updates):
                     if decay:
                         p.mul_(1 - lr * decay)
-                    p.add_(tinygpt.device.sharded_like(update, p), alpha=-lr * math.sqrt(max(1, rows / cols)))
+                    p.add_(tinygpt.device.sharded_like(update, p), alpha=scale)
         return loss
 
 

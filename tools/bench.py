@@ -9,8 +9,8 @@
     python -m tools.bench --only=sample --nanogpt=../nanoGPT   # whole-process sample.py, 2000 tokens, both repos
     python -m tools.bench --only=prepare         # prepare.py's tokens/s, 1 and 2 workers, vs tiktoken in one thread
     python -m tools.bench --only=prepare_rss     # prepare.py's peak memory on a 0.5 GB and a 2 GB corpus (slow)
-    python -m tools.bench --only=memory          # the memory plan of every shipped config on three GPUs (docs/gpu.md)
-    python -m tools.bench --only=memory_cpu      # the plan beside the measured peak of CPU training steps
+    python -m tools.bench --only=memory          # every shipped config's memory plan on 3 GPUs
+    python -m tools.bench --only=memory_cpu      # the plan beside CPU training steps' peak
 
 The prepare sections generate corpora (shuffled paragraphs of --corpus_from, as parquet and jsonl files) in
 a temporary folder. Training figures come from train.py's own loop (its log.jsonl), so they are what a run gets.
@@ -40,8 +40,8 @@ import torch
 from model import GPT, GPTConfig
 from tinygpt.common import ConfigError
 from tinygpt.data import split_global_batch
-from tinygpt.device import (DTYPES, Capabilities, Dist, autocast_context, grad_scaler, measured_matmul_flops,
-                            model_dtype, save_memory)
+from tinygpt.device import (DTYPES, Capabilities, Dist, autocast_context, grad_scaler,
+                            measured_matmul_flops, model_dtype, save_memory)
 from tinygpt.memory import fits, memory_plan, parameter_total, size_text
 from tinygpt.optim import clip_and_step, make_optimizers
 from tinygpt.options import must, run_cli
@@ -352,21 +352,25 @@ def bench_prepare_rss(cfg):
 
 # ------------------------------------------------------------------------------------ memory
 
-# The vocabulary of each data set a shipped config trains on (what prepare.py writes to meta.json), and the
-# shapes of the weights a config fine-tunes, whose shape is the weights' (train.py: weights_to_fine_tune).
-VOCAB_SIZES = {"shakespeare_char": 65, "shakespeare": 50257, "fineweb_edu": 50257, "reverse": 29, "copy": 29,
-               "mixed": 29, "tinytalks": 68, "tinytalks_chat": 256, "shakespeare_byte": 256}
-GPT2_XL = {"n_layer": 48, "n_head": 25, "n_embd": 1600, "block_size": 1024, "bias": True, "mlp": "gelu_tanh",
-           "pos": "learned", "tie_weights": True}
-TRAIN_DEFAULTS = {"gradient_accumulation_steps": 1, "batch_size": 64, "muon_lr": 0.0, "dtype": "auto"}  # train.py's
-# Free memory when a run starts: the card's memory less the CUDA context (about 0.4 GB); how auto picks the dtype.
+# The vocabulary of each data set a shipped config trains on (what prepare.py writes to meta.json),
+# and the shape of the weights a config fine-tunes (the model takes the weights' shape).
+VOCAB_SIZES = {"shakespeare_char": 65, "shakespeare": 50257, "fineweb_edu": 50257, "reverse": 29,
+               "copy": 29, "mixed": 29, "tinytalks": 68, "tinytalks_chat": 256,
+               "shakespeare_byte": 256}
+GPT2_XL = {"n_layer": 48, "n_head": 25, "n_embd": 1600, "block_size": 1024, "bias": True,
+           "mlp": "gelu_tanh", "pos": "learned", "tie_weights": True}
+TRAIN_DEFAULTS = {"gradient_accumulation_steps": 1, "batch_size": 64, "muon_lr": 0.0,
+                  "dtype": "auto"}
+# Free memory when a run starts (the card's memory less about 0.4 GB of CUDA context), and what the
+# card offers to dtype=auto.
 CARDS = [("T4 16 GB", 15.6e9, Capabilities(bf16=False, fp16=True, compile=True, fused_adamw=True)),
-         ("24 GB (L4, A10, 4090)", 23.4e9, Capabilities(bf16=True, fp16=True, compile=True, fused_adamw=True)),
-         ("H100 80 GB", 85.0e9, Capabilities(bf16=True, fp16=True, compile=True, fused_adamw=True))]
+         ("24 GB (L4, A10, 4090)", 23.4e9, Capabilities(True, True, True, True)),
+         ("H100 80 GB", 85.0e9, Capabilities(True, True, True, True))]
 
 
 def config_values(path) -> dict:
-    """The `name = value` lines of a config file (tools cannot import train.py), over train.py's defaults."""
+    """The `name = value` lines of a config file over train.py's defaults (a tool cannot import a
+    script: tests/test_memory.py checks these against train.py's reading)."""
     values = dict(TRAIN_DEFAULTS)
     for node in ast.parse(Path(path).read_text(encoding="utf-8")).body:
         if isinstance(node, ast.Assign):
@@ -375,58 +379,54 @@ def config_values(path) -> dict:
 
 
 def config_model_args(path) -> dict:
-    """GPTConfig's fields of the model a config trains: a fine-tune's come from the weights it starts from."""
+    """GPTConfig's fields of the model a config trains: a fine-tune's from the weights it starts
+    from (GPT-2 XL, or another shipped config's run, at this config's block_size)."""
     values = config_values(path)
     if values.get("init_from") == "gpt2-xl":
         values = {**values, **GPT2_XL}
-    elif str(values.get("init_from", "")).startswith("out-"):  # another shipped config's run
-        [source] = [c for c in Path(path).parent.glob("*.py") if config_values(c).get("out_dir") == values["init_from"]]
-        values = {**config_values(source), **{k: v for k, v in values.items() if k == "block_size"},
+    elif str(values.get("init_from", "")).startswith("out-"):
+        [source] = [c for c in Path(path).parent.glob("*.py")
+                    if config_values(c).get("out_dir") == values["init_from"]]
+        values = {**config_values(source), "block_size": values["block_size"],
                   "dataset": values["dataset"]}
-    fields = GPTConfig.__dataclass_fields__
-    return {**{name: f.default for name, f in fields.items()}, **{k: v for k, v in values.items() if k in fields},
+    defaults = asdict(GPTConfig())
+    return {**defaults, **{k: v for k, v in values.items() if k in defaults},
             "vocab_size": VOCAB_SIZES[values["dataset"]]}
 
 
-def card_dtype(values, model_args, capabilities) -> str:
-    """The dtype train.py picks on a card: the config's, or auto's choice there (device.model_dtype's rule)."""
-    if values["dtype"] != "auto":
-        return values["dtype"]
-    if capabilities.bf16:
-        return "bfloat16"
-    return "float32" if model_args["mlp"] == "relu2" else "float16"
-
-
 def bench_memory(cfg):
-    """The memory plan (tinygpt/memory.py) per GPU of every shipped config as written, on one GPU and on 8
-    with DDP or FSDP, against each card's free memory: the table in docs/gpu.md."""
-    print("| config | parameters | GPUs | sequences a micro-step per GPU | " + " | ".join(c[0] for c in CARDS) + " |")
+    """The memory plan (tinygpt/memory.py) per GPU of every shipped config as written, on one GPU
+    and on 8 with DDP or FSDP, against each card's free memory: the table in docs/gpu.md."""
+    print("| config | parameters | GPUs | sequences a micro-step per GPU | "
+          + " | ".join(name for name, _, _ in CARDS) + " |")
     print("|---|---|---|---|" + "---|" * len(CARDS))
     for path in sorted((REPO / "configs").glob("*.py")):
         values, model_args = config_values(path), config_model_args(path)
         for world, fsdp in ((1, False), (8, False), (8, True)):
             mode = f"{world}{' FSDP' if fsdp else ' DDP' if world > 1 else ''}"
             try:
-                micro_steps, rows = split_global_batch(values["gradient_accumulation_steps"], values["batch_size"],
-                                                       world)
+                micro_steps, rows = split_global_batch(values["gradient_accumulation_steps"],
+                                                       values["batch_size"], world)
             except ValueError:
-                print(f"| {path.name} | | {mode} | its global batch does not split over {world} |" + " |" * len(CARDS))
+                print(f"| {path.name} | | {mode} | its global batch does not split over {world} |"
+                      + " |" * len(CARDS))
                 continue
             cells = []
-            for _, free, capabilities in CARDS:
-                plan = memory_plan(model_args, card_dtype(values, model_args, capabilities), rows, micro_steps,
-                                   values["muon_lr"] > 0, world, fsdp)
+            for _, free, can in CARDS:
+                dtype = model_dtype(values["dtype"], "cuda", model_args, can)
+                plan = memory_plan(model_args, dtype, rows, micro_steps, values["muon_lr"] > 0,
+                                   world, fsdp)
                 cells.append(f"{size_text(plan.total)} {'fits' if fits(plan, free) else '**no**'}")
             print(f"| {path.name} | {parameter_total(model_args) / 1e6:.1f}M | {mode} | {rows} x "
                   f"{model_args['block_size']} | " + " | ".join(cells) + " |")
 
 
-# The shapes bench_memory_cpu measures: activations, logits (GPT-2's vocabulary), recomputed blocks, Muon and rope
-CPU_SHAPES = [(dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=65), 16, {}),
+# What bench_memory_cpu measures: activations, GPT-2's logits, recomputed blocks, Muon and rope
+SMALL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=65)
+CPU_SHAPES = [(SMALL, 16, {}),
               (dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=50304), 8, {}),
-              (dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=65), 16, {"checkpoint_activations": True}),
-              (dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=65, pos="rope", mlp="relu2",
-                    qk_norm=True), 16, {"muon": True})]
+              (SMALL, 16, {"checkpoint_activations": True}),
+              ({**SMALL, "pos": "rope", "mlp": "relu2", "qk_norm": True}, 16, {"muon": True})]
 
 
 def resident_bytes(field) -> int:
@@ -437,11 +437,13 @@ def resident_bytes(field) -> int:
 
 
 def train_steps(model_args, dtype, rows, checkpoint_activations, muon, steps=2):
-    """steps training steps of a new GPT with model_args on rows random sequences, as train.py takes them:
-    its optimizers, autocast, clipping and step."""
-    x, y = (torch.randint(0, model_args["vocab_size"], (rows, model_args["block_size"])) for _ in range(2))
-    model = save_memory(GPT(GPTConfig(**model_args)), Dist(), checkpoint_activations=checkpoint_activations)
-    optimizers = make_optimizers(model, 0.1, 1e-3, (0.9, 0.99), "cpu", muon_lr=0.02 if muon else 0.0)
+    """steps training steps of a new GPT with model_args on rows random sequences, as train.py
+    takes them: its optimizers, autocast, clipping and step."""
+    shape = (rows, model_args["block_size"])
+    x, y = (torch.randint(0, model_args["vocab_size"], shape) for _ in range(2))
+    model = save_memory(GPT(GPTConfig(**model_args)), Dist(),
+                        checkpoint_activations=checkpoint_activations)
+    optimizers = make_optimizers(model, 0.1, 1e-3, (0.9, 0.99), "cpu", muon_lr=0.02 * muon)
     scaler = grad_scaler("cpu", dtype)
     for _ in range(steps):
         with autocast_context("cpu", dtype):
@@ -451,12 +453,13 @@ def train_steps(model_args, dtype, rows, checkpoint_activations, muon, steps=2):
 
 
 def peak_of_two_steps(model_args, dtype, rows, checkpoint_activations, muon) -> int:
-    """In a fresh process: how far its peak resident memory rises over two training steps of a GPT with
-    model_args, from building it on. A tiny model trains first, so that what torch sets up once (thread
-    pools, kernels' caches: tens of MB, whatever the model) is in place before the count starts."""
+    """In a fresh process: how far its peak resident memory rises over two training steps of a GPT
+    with model_args, from building it on. A tiny model trains first, so that what torch sets up
+    once (thread pools, kernels' caches: tens of MB, whatever the model) is not counted."""
     torch.set_num_threads(1)
     model_args = {**asdict(GPTConfig()), **model_args}
-    tiny = {**model_args, "n_layer": 1, "n_embd": 2 * model_args["n_head"], "block_size": 8, "vocab_size": 16}
+    tiny = {**model_args, "n_layer": 1, "n_embd": 2 * model_args["n_head"], "block_size": 8,
+            "vocab_size": 16}
     train_steps(tiny, dtype, 2, checkpoint_activations, muon)
     start = resident_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from here
@@ -465,13 +468,15 @@ def peak_of_two_steps(model_args, dtype, rows, checkpoint_activations, muon) -> 
 
 
 def measured_peak(model_args, dtype, rows, checkpoint_activations=False, muon=False) -> int:
-    """peak_of_two_steps in a fresh process whose malloc maps every block of 64 kB or more and unmaps it when
-    freed, so that its resident memory follows the tensors alive (glibc's default keeps freed blocks)."""
+    """peak_of_two_steps in a fresh process whose malloc maps every block of 64 kB or more and
+    unmaps it when freed, so that its resident memory follows the tensors alive (glibc's default
+    keeps freed blocks for reuse)."""
     previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the new process's malloc
     try:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(peak_of_two_steps, (model_args, dtype, rows, checkpoint_activations, muon))
+            work = (model_args, dtype, rows, checkpoint_activations, muon)
+            return pool.apply(peak_of_two_steps, work)
     finally:
         if previous is None:
             del os.environ["MALLOC_MMAP_THRESHOLD_"]
@@ -480,21 +485,20 @@ def measured_peak(model_args, dtype, rows, checkpoint_activations=False, muon=Fa
 
 
 def bench_memory_cpu(cfg):
-    """The memory plan beside the measured rise of a fresh process's peak memory over two training steps."""
+    """The memory plan beside the rise of a fresh process's peak memory over two training steps."""
     dtype = cfg.dtype or "float32"
     print(f"memory plan vs the measured peak of two CPU training steps ({dtype}):")
     for model_args, rows, options in CPU_SHAPES:
-        full = {**asdict(GPTConfig()), **model_args}
-        plan = memory_plan(full, dtype, rows, **options)
+        plan = memory_plan({**asdict(GPTConfig()), **model_args}, dtype, rows, **options)
         peak = measured_peak(model_args, dtype, rows, **options)
-        print(f"  {model_args} {rows} x {model_args['block_size']} {options or ''}: plan {size_text(plan.total)} "
-              f"(activations {size_text(plan.activations)}), measured {size_text(peak)}: {plan.total / peak:.2f}x",
-              flush=True)
+        print(f"  {model_args} {rows} x {model_args['block_size']} {options or ''}: plan "
+              f"{size_text(plan.total)} (activations {size_text(plan.activations)}), measured "
+              f"{size_text(peak)}: {plan.total / peak:.2f}x", flush=True)
 
 
 SECTIONS = {"train": bench_train, "matmul": bench_matmul, "generate": bench_generate, "recipe": bench_recipe,
-            "sample": bench_sample, "prepare": bench_prepare, "prepare_rss": bench_prepare_rss, "memory": bench_memory,
-            "memory_cpu": bench_memory_cpu}
+            "sample": bench_sample, "prepare": bench_prepare, "prepare_rss": bench_prepare_rss,
+            "memory": bench_memory, "memory_cpu": bench_memory_cpu}
 
 
 def bench(cfg):
