@@ -67,6 +67,17 @@ def test_muon_under_fsdp_orthogonalizes_whole_matrices(tmp_path, data_dir):
     assert torch.load(two / "ckpt.pt", weights_only=True)["muon"]["state"]  # whole momentum buffers
 
 
+def test_fp16_under_fsdp_steps_fused_adamw_with_the_sharded_scaler(tmp_path, data_dir):
+    """float16's loss scale over shards: torch's sharded scaler agrees on infs over the processes,
+    and its flags must fit fused AdamW's step counts (a shape error there before)."""
+    args = [*STEPS, "--dtype=float16", "--grad_clip=0.0"]  # no clip: the scaler unscales at the step
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_here(tiny_args(data_dir, one, *args), cwd=tmp_path)
+    train_two(data_dir, two, *args, "--fsdp=True", cwd=tmp_path)
+    assert_close_losses(train_losses(one), train_losses(two), rel=1e-4)
+    assert torch.load(two / "ckpt.pt", weights_only=True)["scaler"]["scale"] > 0
+
+
 @pytest.fixture(scope="module")
 def fsdp_runs(data_dir, tmp_path_factory):
     """(a straight FSDP run of 20 steps, an FSDP run stopped at step 10): out_dirs to copy."""

@@ -115,9 +115,20 @@ def autocast_context(device, dtype):
 def grad_scaler(device, dtype, sharded=False):
     """A GradScaler that is on only for float16, whose small range needs the loss scaled. Over
     sharded weights (FSDP) each process sees only its shards' gradients, so whether any was inf
-    must be agreed by every process before they step or skip together: the sharded scaler does."""
-    kind = ShardedGradScaler if sharded else torch.amp.GradScaler
+    must be agreed by every process before they step or skip together: the sharded scaler does,
+    in unscale_ (clip_and_step calls it before every step)."""
+    kind = SharedInfScaler if sharded else torch.amp.GradScaler
     return kind(device_type(device), enabled=dtype == "float16")
+
+
+class SharedInfScaler(ShardedGradScaler):
+    """torch's ShardedGradScaler with its found-inf flags 0-dim, as GradScaler's are: fused AdamW
+    subtracts them from its 0-dim step counts, and torch's 1-element flags fail there ("output
+    with shape [] doesn't match the broadcast shape [1]"). Views: the all-reduce still reaches them."""
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16=True):
+        flags = super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
+        return {device: flag.view(()) for device, flag in flags.items()}
 
 
 def set_up_device(device, keep_freed_memory=False):

@@ -41,9 +41,9 @@ def clip_and_step(optimizers, scaler, parameters, grad_clip, keep_grads=False):
     GradScaler skips each optimizer whose own gradients overflowed; the clip then uses the norm of the others'
     gradients, the ones that step: an inf in the norm would zero them, a nan poison them, and leaving them
     unclipped would let a spike through on the very step where the loss scale was too high."""
+    for optimizer in optimizers:  # before clipping: the true gradients, not the scaled ones
+        scaler.unscale_(optimizer)  # (and FSDP's scaler agrees on infs over the processes here)
     if grad_clip:
-        for optimizer in optimizers:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         parameters = [p for p in parameters if p.grad is not None]
         if scaler.is_enabled():  # fp16: one optimizer's gradients may be inf or nan, the other's not
             norms = torch.stack([global_norm(grads_of(optimizer)) for optimizer in optimizers])
