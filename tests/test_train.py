@@ -313,8 +313,8 @@ def test_resume_on_another_device_moves_every_tensor_before_use(tmp_path, data_d
     cfg = parse_options(TrainConfig, tiny_args(data_dir, tmp_path, "--max_iters=20"))
     meta = json.loads((data_dir / "tiny" / "meta.json").read_text())
     args, _ = model_to_train(cfg, meta, None)
-    model, optimizers, scaler, progress = build_model(cfg, args, "meta", "float32", None,
-                                                      short_run / "ckpt.pt", meta)
+    model, optimizers, scaler, progress = build_model(cfg, args, "float32", None,
+                                                      short_run / "ckpt.pt", meta, Dist(device="meta"))
     assert progress["step"] == SHORT_STEPS
     assert {p.device.type for p in model.parameters()} == {"meta"}
     moments = [t for state in optimizers[0].state.values() for t in state.values() if t.dim() > 0]
