@@ -136,3 +136,10 @@ def test_the_requirement_files_install_every_third_party_import(files, requireme
             if not wanted & requirement_names(requirements):
                 missing.add(f"{name} (imported by {path.relative_to(REPO)})")
     assert not missing, f"not in {requirements}: {sorted(missing)}"
+
+
+def test_every_mutation_of_the_mutation_check_still_finds_its_code_and_its_tests():
+    """tests/mutation_check.py breaks the code on purpose by exact text; after code moves, each
+    anchor must still match once and each catching test must still exist."""
+    import mutation_check
+    assert mutation_check.problems() == []
