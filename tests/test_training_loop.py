@@ -224,7 +224,7 @@ def test_a_resumed_run_keeps_best_pt_when_its_evaluations_are_worse_and_reports_
     assert final["val_tokens"] == tokens and final["val_loss_full"] == pytest.approx(loss, rel=1e-5)
     last_model = GPT(GPTConfig(**newest["model_args"]))
     last_model.load_state_dict(newest["model"])
-    # The weights it must not judge.
+    # The last weights, the ones it must not judge, score worse.
     assert full_split_loss_by_hand(last_model, data_dir / "tiny")[0] > loss + 0.01
     # the tools load best.pt by default too: evaluate reports best.pt's loss
     capsys.readouterr()  # what the training runs printed
