@@ -1,10 +1,11 @@
-"""train.py's main() under torchrun, recording where each parameter's gradient lives (tests/test_devices.py):
+"""train.py's main() under torchrun, recording where each parameter's gradient lives
+(tests/test_devices.py):
 
     torchrun --nproc_per_node=2 tests/grad_storage_driver.py RECORD_DIR [train.py's arguments]
 
-From the second optimizer step on (DDP rebuilds its buckets once, in the order the first step's gradients came),
-the data_ptr of every gradient is recorded before each optimizer step and after each backward (every micro-step);
-each process writes them to RECORD_DIR/rank<R>.json."""
+From the second optimizer step on (DDP rebuilds its buckets once, in the order the first step's
+gradients came), the data_ptr of every gradient is recorded before each optimizer step and after
+each backward (every micro-step); each process writes them to RECORD_DIR/rank<R>.json."""
 import json
 import os
 import sys

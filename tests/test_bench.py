@@ -1,4 +1,5 @@
-"""bench.py as a specification of its command line (its figures are never asserted: they are timings)."""
+"""bench.py as a specification of its command line (its figures are never asserted: they are
+timings)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_bench(*args):
-    return subprocess.run([sys.executable, "-m", "tools.bench", *args], capture_output=True, text=True, cwd=REPO)
+    return subprocess.run([sys.executable, "-m", "tools.bench", *args], capture_output=True,
+                          text=True, cwd=REPO)
 
 
 def test_help_lists_the_nanogpt_option():
@@ -18,7 +20,8 @@ def test_help_lists_the_nanogpt_option():
 def test_a_folder_without_nanogpt_is_refused_in_one_line(tmp_path):
     result = run_bench(f"--nanogpt={tmp_path}", "--only=matmul")
     assert result.returncode != 0
-    assert result.stderr.strip() == f"error: nanogpt={str(tmp_path)!r}: no model.py there; give the folder of a nanoGPT checkout"
+    assert result.stderr.strip() == (f"error: nanogpt={str(tmp_path)!r}: no model.py there; "
+                                     "give the folder of a nanoGPT checkout")
 
 
 def test_the_recipe_section_needs_a_nanogpt_checkout():

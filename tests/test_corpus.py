@@ -1,7 +1,7 @@
-"""Corpora as a specification: local .parquet/.jsonl/.txt files and FineWeb-Edu from a Hub (a real HTTP
-server on 127.0.0.1, never the network) become token shards that decode to the documents, whatever the
-number of workers; a killed prepare resumes to the same bytes; bad input is one line with nothing
-half-written counted; and training draws its windows from the shards."""
+"""Corpora as a specification: local .parquet/.jsonl/.txt files and FineWeb-Edu from a Hub (a real
+HTTP server on 127.0.0.1, never the network) become token shards that decode to the documents,
+whatever the number of workers; a killed prepare resumes to the same bytes; bad input is one line
+with nothing half-written counted; and training draws its windows from the shards."""
 import hashlib
 import json
 import os
@@ -16,11 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from conftest import ENV, REPO, needs_gpt2_bpe, records, run_script, torchrun, train_here
 from test_prepare import Handler, closed_port, files_under
 
 import prepare as cli  # noqa: E402
+from conftest import ENV, REPO, needs_gpt2_bpe, records, run_script, torchrun, train_here
 from tinygpt.corpus import FINEWEB_EDU, prepare_corpus  # noqa: E402
 from tinygpt.data import Batches, load_meta  # noqa: E402
 from tinygpt.tokenizer import GPT2Tokenizer  # noqa: E402
@@ -47,12 +46,15 @@ def prepare(name, source, data_dir, **options) -> Path:
 
 
 def make_corpus(folder, seed=0, n=(120, 80)) -> list:
-    """a.parquet (3 row groups, a text and an id column), b.jsonl, c.txt in folder; their documents in order."""
+    """a.parquet (3 row groups, a text and an id column), b.jsonl, c.txt in folder; their documents
+    in order."""
     folder.mkdir(parents=True, exist_ok=True)
-    parquet_docs, jsonl_docs, txt_doc = documents(n[0], seed), documents(n[1], seed + 1), documents(1, seed + 2)[0]
-    pq.write_table(pa.table({"id": range(len(parquet_docs)), "text": parquet_docs}), folder / "a.parquet",
-                   row_group_size=len(parquet_docs) // 3 + 1)
-    (folder / "b.jsonl").write_text("".join(json.dumps({"text": d, "n": i}) + "\n" for i, d in enumerate(jsonl_docs)))
+    parquet_docs, jsonl_docs = documents(n[0], seed), documents(n[1], seed + 1)
+    txt_doc = documents(1, seed + 2)[0]
+    table = pa.table({"id": range(len(parquet_docs)), "text": parquet_docs})
+    pq.write_table(table, folder / "a.parquet", row_group_size=len(parquet_docs) // 3 + 1)
+    lines = [json.dumps({"text": d, "n": i}) + "\n" for i, d in enumerate(jsonl_docs)]
+    (folder / "b.jsonl").write_text("".join(lines))
     (folder / "c.txt").write_text(txt_doc)
     return [*parquet_docs, *jsonl_docs, txt_doc]
 
@@ -63,12 +65,14 @@ def shard_bytes(folder) -> dict:
 
 def shard_tokens(folder, split) -> np.ndarray:
     meta = load_meta(folder)
-    return np.concatenate([np.fromfile(Path(folder) / name, dtype="<u2") for name, _ in meta["shards"][split]])
+    return np.concatenate([np.fromfile(Path(folder) / name, dtype="<u2")
+                           for name, _ in meta["shards"][split]])
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """(source folder, its documents, the data folder built from it with one worker in shards of 4,000 tokens)."""
+    """(source folder, its documents, the data folder built from it with one worker in shards of
+    4,000 tokens)."""
     root = tmp_path_factory.mktemp("corpus")
     docs = make_corpus(root / "src")
     out = prepare("web", source=root / "src", data_dir=root / "data", workers=1, shard_tokens=4000)
@@ -84,10 +88,12 @@ def test_shards_decode_to_every_document_in_file_order_each_followed_by_end_of_t
     tokens = np.concatenate([shard_tokens(out, "val"), shard_tokens(out, "train")])
     expected = [t for d in docs for t in [*GPT2Tokenizer().encoding.encode_ordinary(d), EOT]]
     assert tokens.tolist() == expected
-    assert [n for n, _ in meta["shards"]["val"]] == ["val_000.bin"]  # the held-out split: the first whole shard
+    # The held-out split: the first whole shard.
+    assert [n for n, _ in meta["shards"]["val"]] == ["val_000.bin"]
     sizes = [t for _, t in meta["shards"]["val"] + meta["shards"]["train"]]
     assert set(sizes[:-1]) == {4000} and 0 < sizes[-1] <= 4000
-    assert (meta["documents"], meta["skipped_documents"], meta["val_tokens"]) == (len(docs), 0, 4000)
+    counts = (meta["documents"], meta["skipped_documents"], meta["val_tokens"])
+    assert counts == (len(docs), 0, 4000)
     assert meta["train_tokens"] == len(expected) - 4000 and not list(out.glob(".*tmp"))
 
 
@@ -97,7 +103,8 @@ def test_two_workers_write_the_same_bytes_and_a_rerun_is_a_no_op(corpus, tmp_pat
     two = prepare("web", source=source, data_dir=tmp_path, workers=2, shard_tokens=4000)
     assert shard_bytes(two) == shard_bytes(out)
     stamps = {p: p.stat().st_mtime_ns for p in two.iterdir()}
-    assert cli.main(["web", f"--source={source}", f"--data_dir={tmp_path}", "--workers=2", "--shard_tokens=4000"]) == 0
+    assert cli.main(["web", f"--source={source}", f"--data_dir={tmp_path}", "--workers=2",
+                     "--shard_tokens=4000"]) == 0
     assert "already prepared" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in two.iterdir()} == stamps
 
@@ -105,7 +112,8 @@ def test_two_workers_write_the_same_bytes_and_a_rerun_is_a_no_op(corpus, tmp_pat
 @needs_gpt2_bpe
 def test_a_glob_reads_only_the_files_it_matches(corpus, tmp_path):
     source, docs, _ = corpus
-    out = prepare("web", source=f"{source}/*.jsonl", data_dir=tmp_path, workers=1, shard_tokens=1000)
+    out = prepare("web", source=f"{source}/*.jsonl", data_dir=tmp_path, workers=1,
+                  shard_tokens=1000)
     assert load_meta(out)["documents"] == 80
 
 
@@ -146,11 +154,13 @@ def corpus_args(source, data_dir, shard_tokens=500, workers=1) -> list:
 @needs_gpt2_bpe
 def test_a_killed_prepare_resumes_at_its_shard_and_writes_the_uninterrupted_bytes(tmp_path, capsys):
     make_corpus(tmp_path / "src", seed=5, n=(300, 200))
-    reference = prepare("web", source=tmp_path / "src", data_dir=tmp_path / "ref", workers=1, shard_tokens=500)
+    reference = prepare("web", source=tmp_path / "src", data_dir=tmp_path / "ref", workers=1,
+                        shard_tokens=500)
     args, out = corpus_args(tmp_path / "src", tmp_path / "data"), tmp_path / "data" / "web"
     killed_after(args, out, 3)
     done = len(progress_of(out)["shards"])
-    assert not (out / "meta.json").exists() and 3 <= done < len(load_meta(reference)["shards"]["train"]), done
+    all_shards = len(load_meta(reference)["shards"]["train"])
+    assert not (out / "meta.json").exists() and 3 <= done < all_shards, done
     capsys.readouterr()
     assert cli.main(args) == 0
     assert f"resuming after {done} shard(s)" in capsys.readouterr().out
@@ -305,14 +315,16 @@ def broken_corpus(folder, what):
 ])
 def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys, what, message):
     broken_corpus(tmp_path / "src", what)
-    err = one_line_error(capsys, ["web", f"--source={tmp_path / 'src'}", f"--data_dir={tmp_path / 'data'}",
-                                  "--workers=1", "--shard_tokens=500"])
+    err = one_line_error(capsys, ["web", f"--source={tmp_path / 'src'}",
+                                  f"--data_dir={tmp_path / 'data'}", "--workers=1",
+                                  "--shard_tokens=500"])
     assert message in err
     out = tmp_path / "data" / "web"
     written = [f for f in files_under(tmp_path / "data")] if (tmp_path / "data").exists() else []
     assert "web/meta.json" not in written and not [f for f in written if f.endswith(".tmp")]
-    assert [f"web/{f}" for f in written if f.endswith(".bin")] == [] or \
-        sorted(f"web/{name}" for name, _ in progress_shards(out)) == [f for f in written if f.endswith(".bin")]
+    shards = [f for f in written if f.endswith(".bin")]
+    assert [f"web/{f}" for f in shards] == [] or \
+        sorted(f"web/{name}" for name, _ in progress_shards(out)) == shards
 
 
 @needs_gpt2_bpe
@@ -321,7 +333,8 @@ def test_a_document_that_is_not_utf8_is_skipped_and_counted(tmp_path):
     with open(tmp_path / "src" / "b.jsonl", "ab") as f:
         f.write(b'{"text": "caf\xe9"}\n')  # latin-1, not UTF-8
     (tmp_path / "src" / "d.txt").write_bytes("Ol\u00e9".encode("latin-1"))
-    out = prepare("web", source=tmp_path / "src", data_dir=tmp_path / "data", workers=1, shard_tokens=500)
+    out = prepare("web", source=tmp_path / "src", data_dir=tmp_path / "data", workers=1,
+                  shard_tokens=500)
     meta = load_meta(out)
     assert (meta["documents"], meta["skipped_documents"]) == (len(docs), 2)
     tokens = np.concatenate([shard_tokens(out, "val"), shard_tokens(out, "train")])
@@ -342,8 +355,9 @@ def test_a_disk_that_fills_up_is_one_line_leaves_no_half_shard_and_the_rerun_bui
     limited = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
                f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); import prepare; "
                f"sys.exit(prepare.main({args!r}))")
-    result = subprocess.run([sys.executable, "-c", limited], cwd=REPO, env={**ENV, "PYTHONPATH": str(REPO)},
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", limited], cwd=REPO,
+                            env={**ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "File too large" in result.stderr and "run the same command again" in result.stderr
     assert files_under(tmp_path / "data") == []  # no half shard, no temporary file, no meta.json
@@ -353,11 +367,11 @@ def test_a_disk_that_fills_up_is_one_line_leaves_no_half_shard_and_the_rerun_bui
     assert shard_bytes(out) == shard_bytes(tmp_path / "ref" / "web")
 
 
-# ---------------------------------------------------------------------------- FineWeb-Edu from a Hub
+# ----------------------------------------------------------------------- FineWeb-Edu from a Hub
 
 class HubHandler(Handler):
-    """The Hub's two routes this project uses: the tree listing (JSON, with each file's LFS sha256) and the
-    file downloads; /tree/ lists server.listing, /resolve/ serves server.files."""
+    """The Hub's two routes this project uses: the tree listing (JSON, with each file's LFS sha256)
+    and the file downloads; /tree/ lists server.listing, /resolve/ serves server.files."""
 
     def do_GET(self):
         if "//" in self.requestline.split()[1]:  # http.server would quietly read "//x" as "/x"
@@ -370,7 +384,8 @@ class HubHandler(Handler):
 
 @pytest.fixture
 def hub(tmp_path):
-    """A Hub on 127.0.0.1 serving FineWeb-Edu's layout at the pinned revision: two small parquet files."""
+    """A Hub on 127.0.0.1 serving FineWeb-Edu's layout at the pinned revision: two small parquet
+    files."""
     import http.server
     import threading
     repo, rev, folder = FINEWEB_EDU["repo"], FINEWEB_EDU["revision"], FINEWEB_EDU["folder"]
@@ -382,8 +397,9 @@ def hub(tmp_path):
         data, path = (tmp_path / "f.parquet").read_bytes(), f"{folder}/{i:03d}_00000.parquet"
         (tmp_path / "f.parquet").unlink()
         httpd.files[f"/datasets/{repo}/resolve/{rev}/{path}"] = data
+        lfs = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
         httpd.listing.append({"type": "file", "oid": "0" * 40, "size": len(data), "path": path,
-                              "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}})
+                              "lfs": lfs})
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     yield httpd
@@ -396,13 +412,15 @@ def hub(tmp_path):
 def test_fineweb_edu_downloads_the_pinned_files_checks_them_and_builds_shards(hub, tmp_path,
                                                                               monkeypatch, slash):
     monkeypatch.setenv("HF_ENDPOINT", hub.url + slash)
-    assert cli.main(["fineweb_edu", "--shards=1", f"--data_dir={tmp_path}", "--workers=1", "--shard_tokens=2000"]) == 0
+    assert cli.main(["fineweb_edu", "--shards=1", f"--data_dir={tmp_path}", "--workers=1",
+                     "--shard_tokens=2000"]) == 0
     out, first = tmp_path / "fineweb_edu", hub.listing[0]
     served = next(data for path, data in hub.files.items() if path.endswith(first["path"]))
     assert (out / "download" / "000_00000.parquet").read_bytes() == served
     assert not (out / "download" / "001_00000.parquet").exists()  # --shards=1: the first file only
     meta = load_meta(out)
-    assert meta["inputs"]["files"] == {first["path"]: first["lfs"]["oid"]} and meta["documents"] == 40
+    assert meta["inputs"]["files"] == {first["path"]: first["lfs"]["oid"]}
+    assert meta["documents"] == 40
     assert FINEWEB_EDU["revision"] in meta["source_url"]
 
 
@@ -426,20 +444,26 @@ def test_a_finished_or_interrupted_fineweb_edu_reruns_offline_from_its_kept_list
     assert shard_bytes(out) == built and load_meta(out)["documents"] == 40
 
 
-def test_a_tampered_hub_file_is_refused_in_one_line_with_nothing_saved(hub, tmp_path, monkeypatch, capsys):
+def test_a_tampered_hub_file_is_refused_in_one_line_with_nothing_saved(hub, tmp_path, monkeypatch,
+                                                                         capsys):
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     path = next(p for p in hub.files if p.endswith("001_00000.parquet"))
     hub.files[path] = hub.files[path][:-1] + b"!"
-    err = one_line_error(capsys, ["fineweb_edu", "--shards=2", f"--data_dir={tmp_path}", "--shard_tokens=2000"])
+    err = one_line_error(capsys, ["fineweb_edu", "--shards=2", f"--data_dir={tmp_path}",
+                                  "--shard_tokens=2000"])
     assert err.startswith("error: sha256 mismatch") and "nothing was saved" in err
-    assert [f for f in files_under(tmp_path) if "001" in f or f.endswith((".bin", "meta.json"))] == []
+    kept = [f for f in files_under(tmp_path) if "001" in f or f.endswith((".bin", "meta.json"))]
+    assert kept == []
 
 
-def test_a_hub_without_the_data_set_is_one_line_naming_the_local_way_out(hub, tmp_path, monkeypatch, capsys):
+def test_a_hub_without_the_data_set_is_one_line_naming_the_local_way_out(hub, tmp_path, monkeypatch,
+                                                                          capsys):
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    hub.listing = None  # the tree route then answers 404, as the Hub does for a repo or revision it lacks
+    # The tree route then answers 404, as the Hub does for a repo or revision it lacks.
+    hub.listing = None
     err = one_line_error(capsys, ["fineweb_edu", f"--data_dir={tmp_path}"])
-    assert "could not list HuggingFaceFW/fineweb-edu" in err and "404" in err and "--source=FOLDER" in err
+    assert "could not list HuggingFaceFW/fineweb-edu" in err and "404" in err
+    assert "--source=FOLDER" in err
     assert files_under(tmp_path) == []
 
 
@@ -451,7 +475,7 @@ def test_no_network_for_the_hub_is_one_line_naming_the_local_way_out(tmp_path, m
     assert files_under(tmp_path) == []
 
 
-# --------------------------------------------------------------------------------- training on shards
+# ---------------------------------------------------------------------------- training on shards
 
 @needs_gpt2_bpe
 def test_windows_are_numbered_shard_after_shard_and_never_cross_a_shard(corpus):
@@ -489,15 +513,18 @@ def test_one_shard_draws_the_batches_a_flat_train_bin_draws(corpus, tmp_path):
     assert (a.full_split_picks("val") == b.full_split_picks("val")).all()
 
 
-SHRUNK = ["configs/gpt2_124m.py", "--n_layer=2", "--n_head=2", "--n_embd=16", "--block_size=32", "--batch_size=4",
-          "--gradient_accumulation_steps=2", "--max_iters=3", "--eval_interval=3", "--eval_iters=2",
-          "--warmup_iters=1", "--log_interval=1", "--device=cpu", "--dtype=float32", "--compile=False"]
+SHRUNK = ["configs/gpt2_124m.py", "--n_layer=2", "--n_head=2", "--n_embd=16", "--block_size=32",
+          "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=3", "--eval_interval=3",
+          "--eval_iters=2", "--warmup_iters=1", "--log_interval=1", "--device=cpu",
+          "--dtype=float32", "--compile=False"]
 
 
 @needs_gpt2_bpe
-def test_a_shrunk_gpt2_124m_run_trains_on_the_shards_and_scores_the_whole_val_shard(corpus, tmp_path):
+def test_a_shrunk_gpt2_124m_run_trains_on_the_shards_and_scores_the_whole_val_shard(corpus,
+                                                                                    tmp_path):
     _, _, out = corpus
-    train_here([*SHRUNK, f"--data_dir={out.parent}", "--dataset=web", f"--out_dir={tmp_path / 'run'}"], REPO)
+    train_here([*SHRUNK, f"--data_dir={out.parent}", "--dataset=web",
+                f"--out_dir={tmp_path / 'run'}"], REPO)
     final = records(tmp_path / "run", "final")[0]
     val = [t for _, t in load_meta(out)["shards"]["val"]]
     assert final["val_tokens"] == sum((n - 1) // 32 * 32 for n in val)
@@ -510,7 +537,8 @@ def test_a_shrunk_gpt2_124m_run_under_torchrun_takes_the_same_first_step(corpus,
     _, _, out = corpus
     common = [f"--data_dir={out.parent}", "--dataset=web"]
     train_here([*SHRUNK, *common, f"--out_dir={tmp_path / 'one'}"], REPO)
-    run_script("train.py", [*SHRUNK, *common, f"--out_dir={tmp_path / 'two'}"], launcher=torchrun(2))
+    run_script("train.py", [*SHRUNK, *common, f"--out_dir={tmp_path / 'two'}"],
+               launcher=torchrun(2))
     one, two = (records(tmp_path / d, "train") for d in ("one", "two"))
     assert [r["step"] for r in two] == [1, 2, 3]
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)

@@ -7,8 +7,16 @@ import shutil
 import pytest
 import torch
 
-from conftest import (assert_same_weights, records, run_script, tiny_args, torchrun, train_here,
-                      train_losses, weights)
+from conftest import (
+    assert_same_weights,
+    records,
+    run_script,
+    tiny_args,
+    torchrun,
+    train_here,
+    train_losses,
+    weights,
+)
 from model import GPT, GPTConfig
 from tinygpt.device import Dist
 from tinygpt.parallel import spread as save_memory
@@ -71,7 +79,8 @@ def test_muon_under_fsdp_orthogonalizes_whole_matrices(tmp_path, data_dir):
 def test_fp16_under_fsdp_steps_fused_adamw_with_the_sharded_scaler(tmp_path, data_dir):
     """float16's loss scale over shards: torch's sharded scaler agrees on infs over the processes,
     and its flags must fit fused AdamW's step counts (a shape error there before)."""
-    args = [*STEPS, "--dtype=float16", "--grad_clip=0.0"]  # no clip: the scaler unscales at the step
+    # No clip: the scaler unscales at the step.
+    args = [*STEPS, "--dtype=float16", "--grad_clip=0.0"]
     one, two = tmp_path / "one", tmp_path / "two"
     train_here(tiny_args(data_dir, one, *args), cwd=tmp_path)
     train_two(data_dir, two, *args, "--fsdp=True", cwd=tmp_path)

@@ -1,18 +1,28 @@
 """interpret.py reads the model faithfully: its attention maps are the ones SDPA uses, its logit
 lens ends at the model's own output, and activation patching puts back exactly what it says."""
-import pytest
-import torch
-
 import ast
 from dataclasses import asdict
 
-from tinygpt.checkpoint import save_checkpoint
+import pytest
+import torch
+
 from conftest import run_script, tiny_model
-from tools.interpret import (all_logits, attention_weights, draw_attention, logit_lens, main, patched_logits,
-                       patching_scores, restored_fraction, run_with_cache)
+from tinygpt.checkpoint import save_checkpoint
+from tools.interpret import (
+    all_logits,
+    attention_weights,
+    draw_attention,
+    logit_lens,
+    main,
+    patched_logits,
+    patching_scores,
+    restored_fraction,
+    run_with_cache,
+)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"pos": "rope", "qk_norm": True}, {"pos": "alibi"}, {"pos": "sinusoidal"},
+@pytest.mark.parametrize("overrides", [{}, {"pos": "rope", "qk_norm": True}, {"pos": "alibi"},
+                                       {"pos": "sinusoidal"},
                                        {"pos": "rope", "qk_norm": True, "attn_float32": True}])
 def test_attention_maps_reproduce_the_models_attention_output(overrides):
     model = tiny_model(**overrides)
@@ -26,7 +36,8 @@ def test_attention_maps_reproduce_the_models_attention_output(overrides):
         h = block.ln_1(x)
         _, _, v = block.attn.queries_keys_values(h, rope)
         mixed = (w @ v).transpose(1, 2).reshape(h.shape)
-        torch.testing.assert_close(block.attn.c_proj(mixed), block.attn(h, rope), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(block.attn.c_proj(mixed), block.attn(h, rope), atol=1e-5,
+                                   rtol=1e-5)
         x = block(x, rope)
 
 
@@ -48,24 +59,27 @@ def test_logit_lens_ends_at_the_models_own_prediction():
 def test_attention_png_draws_one_map_per_layer_and_head_from_the_weights(tmp_path):
     image = pytest.importorskip("matplotlib.image")
     model = tiny_model(n_layer=3, n_head=2)
-    weights = attention_weights(model, torch.randint(0, 20, (1, 6), generator=torch.Generator().manual_seed(0)))
+    idx = torch.randint(0, 20, (1, 6), generator=torch.Generator().manual_seed(0))
+    weights = attention_weights(model, idx)
     paths = [tmp_path / f"{name}.png" for name in ("a", "same", "other")]
     draw_attention(weights, list("abcdef"), paths[0])
     draw_attention(weights, list("abcdef"), paths[1])
     draw_attention([torch.eye(6).expand_as(w) for w in weights], list("abcdef"), paths[2])
     pixels = [image.imread(p) for p in paths]
-    assert pixels[0].shape[:2] == (round(2.4 * 3 * 120), round(2.4 * 2 * 120))  # 3 rows of layers, 2 heads
+    # 3 rows of layers, 2 heads.
+    assert pixels[0].shape[:2] == (round(2.4 * 3 * 120), round(2.4 * 2 * 120))
     assert (pixels[0] == pixels[1]).all() and not (pixels[0] == pixels[2]).all()
 
 
 def test_cli_reads_a_prompt_longer_than_the_window_from_its_tail(tmp_path):
     model = tiny_model(vocab_size=3, block_size=16)
     meta = {"tokenizer": "char", "vocab": list("abc"), "vocab_size": 3}
-    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_args": asdict(model.config),
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(),
+                                           "model_args": asdict(model.config),
                                            "config": {}, "step": 0, "meta": meta})
     png = tmp_path / "maps.png"
-    result = run_script("tools/interpret.py", [f"--out_dir={tmp_path}", "--prompt=" + "abc" * 10, "--answer_tokens=4",
-                                         f"--png={png}"])
+    result = run_script("tools/interpret.py", [f"--out_dir={tmp_path}", "--prompt=" + "abc" * 10,
+                                               "--answer_tokens=4", f"--png={png}"])
     assert "the prompt has 30 tokens; reading its last 12" in result.stderr
     sequence = ast.literal_eval(result.stdout.splitlines()[0].removeprefix("sequence: "))
     assert len(sequence) == 16 and sequence.startswith(("abc" * 10)[-12:])
@@ -73,9 +87,11 @@ def test_cli_reads_a_prompt_longer_than_the_window_from_its_tail(tmp_path):
 
 
 def clean_and_corrupted(model, T=10, seed=1):
-    """Two random prompts of T tokens for a model, and the answer steps where their next tokens differ."""
+    """Two random prompts of T tokens for a model, and the answer steps where their next tokens
+    differ."""
     g = torch.Generator().manual_seed(seed)
-    clean, corrupt = (torch.randint(0, model.config.vocab_size, (1, T), generator=g) for _ in range(2))
+    vocab_size = model.config.vocab_size
+    clean, corrupt = (torch.randint(0, vocab_size, (1, T), generator=g) for _ in range(2))
     good, bad = all_logits(model, clean)[0].argmax(-1), all_logits(model, corrupt)[0].argmax(-1)
     steps = [(t, good[t].item(), bad[t].item()) for t in range(T) if good[t] != bad[t]]
     assert steps, "pick another seed: the two prompts predict the same tokens everywhere"
@@ -83,7 +99,8 @@ def clean_and_corrupted(model, T=10, seed=1):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"pos": "rope"}, {"pos": "alibi"}])
-def test_patching_the_whole_clean_run_restores_all_of_it_and_patching_nothing_restores_none(overrides):
+def test_patching_the_whole_clean_run_restores_all_of_it_and_patching_nothing_restores_none(
+        overrides):
     model = tiny_model(n_layer=3, **overrides)
     clean, corrupt, steps = clean_and_corrupted(model)
     clean_logits, cache = run_with_cache(model, clean)
@@ -96,7 +113,8 @@ def test_patching_the_whole_clean_run_restores_all_of_it_and_patching_nothing_re
                                    torch.ones(len(steps)))
         logits = patched_logits(model, corrupt, cache, "resid", layer, [])
         torch.testing.assert_close(logits, corrupt_logits)
-        assert torch.equal(restored_fraction(logits, clean_logits, corrupt_logits, steps), torch.zeros(len(steps)))
+        restored = restored_fraction(logits, clean_logits, corrupt_logits, steps)
+        assert torch.equal(restored, torch.zeros(len(steps)))
 
 
 def test_cached_head_outputs_are_each_heads_attention_over_its_values():
@@ -118,9 +136,12 @@ def test_patching_one_head_puts_in_that_heads_channels_only():
     head_dim = model.config.n_embd // 4
     for h in range(4):
         noisy = cache[("heads", 1)] + 100 * torch.randn_like(cache[("heads", 1)])
-        noisy[..., h * head_dim:(h + 1) * head_dim] = cache[("heads", 1)][..., h * head_dim:(h + 1) * head_dim]
-        with_noise = patched_logits(model, corrupt, {**cache, ("heads", 1): noisy}, "heads", 1, [3], [h])
-        torch.testing.assert_close(with_noise, patched_logits(model, corrupt, cache, "heads", 1, [3], [h]))
+        head = slice(h * head_dim, (h + 1) * head_dim)
+        noisy[..., head] = cache[("heads", 1)][..., head]
+        noisy_cache = {**cache, ("heads", 1): noisy}
+        with_noise = patched_logits(model, corrupt, noisy_cache, "heads", 1, [3], [h])
+        torch.testing.assert_close(with_noise,
+                                   patched_logits(model, corrupt, cache, "heads", 1, [3], [h]))
 
 
 def test_patching_every_head_of_a_layer_is_patching_that_layers_attention_output():
@@ -130,17 +151,21 @@ def test_patching_every_head_of_a_layer_is_patching_that_layers_attention_output
     for layer in range(2):
         for positions in ([4], [0, 5, 9], list(range(10))):
             whole = patched_logits(model, corrupt, cache, "attn", layer, positions)
-            by_heads = patched_logits(model, corrupt, cache, "heads", layer, positions, heads=[0, 1, 2, 3])
+            by_heads = patched_logits(model, corrupt, cache, "heads", layer, positions,
+                                      heads=[0, 1, 2, 3])
             torch.testing.assert_close(by_heads, whole)
-            some_heads = patched_logits(model, corrupt, cache, "heads", layer, positions, heads=[0, 2])
-            assert not torch.allclose(some_heads, whole)  # the head mask takes only its own channels
+            some_heads = patched_logits(model, corrupt, cache, "heads", layer, positions,
+                                        heads=[0, 2])
+            # The head mask takes only its own channels.
+            assert not torch.allclose(some_heads, whole)
 
 
 def test_patching_sweeps_score_each_position_and_head_and_whole_attention():
     model = tiny_model(n_layer=2, n_head=2)
     clean, corrupt, steps = clean_and_corrupted(model)
     resid, heads = patching_scores(model, clean, corrupt, steps)
-    assert resid.shape == (len(steps), 3, 10) and heads.shape == (len(steps), 2, 3)  # 2 heads, then both
+    # 2 heads, then both.
+    assert resid.shape == (len(steps), 3, 10) and heads.shape == (len(steps), 2, 3)
     for s, (position, _, _) in enumerate(steps):
         # after the last block a position feeds nothing but its own logits
         expected = torch.zeros(10)
@@ -152,7 +177,8 @@ def test_patching_sweeps_score_each_position_and_head_and_whole_attention():
     def score(logits, s):
         return restored_fraction(logits, clean_logits, corrupt_logits, steps)[s]
 
-    for s, (position, _, _) in enumerate(steps):  # at the predicting position: head 1, then the whole attention
+    # At the predicting position: head 1, then the whole attention.
+    for s, (position, _, _) in enumerate(steps):
         for layer in range(2):
             one = patched_logits(model, corrupt, cache, "heads", layer, [position], [1])
             torch.testing.assert_close(heads[s, layer, 1], score(one, s))
@@ -163,7 +189,8 @@ def test_patching_sweeps_score_each_position_and_head_and_whole_attention():
 def save_tiny_checkpoint(folder, **overrides):
     model = tiny_model(vocab_size=3, block_size=16, **overrides)
     meta = {"tokenizer": "char", "vocab": list("abc"), "vocab_size": 3}
-    save_checkpoint(folder / "ckpt.pt", {"model": model.state_dict(), "model_args": asdict(model.config),
+    save_checkpoint(folder / "ckpt.pt", {"model": model.state_dict(),
+                                         "model_args": asdict(model.config),
                                          "config": {}, "step": 0, "meta": meta})
 
 
@@ -199,8 +226,11 @@ def test_patching_reads_a_checkpoint_of_the_first_format(tmp_path, capsys):
     key) whose model options this model.py still has loads and is patched like any other."""
     model = tiny_model(vocab_size=3, block_size=16)
     meta = {"tokenizer": "char", "vocab": list("abc"), "vocab_size": 3}
-    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_args": asdict(model.config),
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(),
+                                           "model_args": asdict(model.config),
                                            "config": {}, "step": 0, "meta": meta})
-    assert main([f"--out_dir={tmp_path}", "--prompt=abcab", "--corrupt=abcaa", "--answer_tokens=3", "--png="]) == 0
+    assert main([f"--out_dir={tmp_path}", "--prompt=abcab", "--corrupt=abcaa", "--answer_tokens=3",
+                 "--png="]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("clean:     'abcab") and "residual stream, one position patched at a time" in out
+    assert out.startswith("clean:     'abcab")
+    assert "residual stream, one position patched at a time" in out

@@ -10,14 +10,14 @@ import conftest
 from model import GPTConfig, KVCache, apply_rope, sample_next, sincos_tables
 from tinygpt.muon import BatchedMuon, newton_schulz
 from tinygpt.optim import make_optimizers
-from tools.interpret import attention_weights
 
 VOCAB = 37
 POSITIONS = ["learned", "sinusoidal", "rope", "alibi"]
 
 
 def tiny_model(seed=0, **overrides):
-    return conftest.tiny_model(seed, **{"block_size": 24, "vocab_size": VOCAB, "n_embd": 32, **overrides})
+    args = {"block_size": 24, "vocab_size": VOCAB, "n_embd": 32, **overrides}
+    return conftest.tiny_model(seed, **args)
 
 
 def random_tokens(batch, length, seed=1):
@@ -31,7 +31,8 @@ def all_logits(model, idx):
 
 
 def scaled_up(model, factor=6):
-    with torch.no_grad():  # at init the next token hardly depends on the context; scaled up, it does
+    # At init the next token hardly depends on the context; scaled up, it does.
+    with torch.no_grad():
         for p in model.parameters():
             p.mul_(factor)
     return model
@@ -119,8 +120,10 @@ def test_one_layer_sink_cache_equals_recomputing_the_sinks_and_the_last_tokens(p
     prompt = random_tokens(2, 5)
     steps = 3 * model.config.block_size
     cached = model.generate(prompt, steps, temperature=0, sink_tokens=4)
-    assert torch.equal(cached, model.generate(prompt, steps, temperature=0, use_cache=False, sink_tokens=4))
-    assert not torch.equal(cached, model.generate(prompt, steps, temperature=0))  # the sinks change the result
+    uncached = model.generate(prompt, steps, temperature=0, use_cache=False, sink_tokens=4)
+    assert torch.equal(cached, uncached)
+    # The sinks change the result.
+    assert not torch.equal(cached, model.generate(prompt, steps, temperature=0))
 
 
 @pytest.mark.parametrize("pos", ["rope", "alibi"])
@@ -132,7 +135,8 @@ def test_sink_cache_stays_bounded_and_keeps_the_first_tokens(pos):
         logits, cache = model.next_logits(idx, cache, sink_tokens=2)
         if idx.size(1) == 3:
             first_keys, first_cache = cache.k[0][:, :, :2].clone(), cache
-        assert cache is first_cache and cache.pos <= block and cache.k[0].size(2) == block  # never re-prefilled
+        # The cache is never prefilled again.
+        assert cache is first_cache and cache.pos <= block and cache.k[0].size(2) == block
         idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert cache.pos == block and torch.equal(cache.k[0][:, :, :2], first_keys)
 
@@ -152,8 +156,9 @@ def test_sequences_past_block_size_extend_the_positions_of_shorter_ones(pos):
 
 
 def test_streaming_yields_each_token_as_it_is_decided():
-    """generate_stream is lazy: one step of the generator, one token per sequence, the greedy one of a full
-    forward pass (worked out by hand); the rest follow one at a time, the same as greedy decoding."""
+    """generate_stream is lazy: one step of the generator, one token per sequence, the greedy one of
+    a full forward pass (worked out by hand); the rest follow one at a time, the same as greedy
+    decoding."""
     model = scaled_up(tiny_model())
     prompt = random_tokens(2, 4)
     expected = conftest.greedy_by_hand(model, prompt, 10)[:, 4:]
@@ -179,7 +184,8 @@ def test_target_minus_one_is_ignored():
     masked = targets.clone()
     masked[:, :6] = -1
     logits, loss = model(idx, masked)
-    expected = torch.nn.functional.cross_entropy(logits[:, 6:].reshape(-1, VOCAB), targets[:, 6:].reshape(-1))
+    expected = torch.nn.functional.cross_entropy(logits[:, 6:].reshape(-1, VOCAB),
+                                                 targets[:, 6:].reshape(-1))
     torch.testing.assert_close(loss, expected)
 
 
@@ -215,14 +221,15 @@ def test_tied_weights_share_storage_and_untied_do_not():
     tied, untied = tiny_model(), tiny_model(tie_weights=False)
     assert tied.lm_head.weight.data_ptr() == tied.wte.weight.data_ptr()
     assert untied.lm_head.weight.data_ptr() != untied.wte.weight.data_ptr()
-    assert untied.num_params(non_embedding=False) - tied.num_params(non_embedding=False) == VOCAB * 32
+    extra = untied.num_params(non_embedding=False) - tied.num_params(non_embedding=False)
+    assert extra == VOCAB * 32
 
 
 @pytest.mark.parametrize("pos", POSITIONS)
 def test_state_dict_holds_the_weights_only_and_the_fixed_tables_come_from_the_config(pos):
-    """A checkpoint stores learned weights; the sin/cos tables and ALiBi's slopes are rebuilt from the config
-    (so a checkpoint does not freeze them), and a model of another seed loaded with weights_only computes
-    the same logits."""
+    """A checkpoint stores learned weights; the sin/cos tables and ALiBi's slopes are rebuilt from
+    the config (so a checkpoint does not freeze them), and a model of another seed loaded with
+    weights_only computes the same logits."""
     model = tiny_model(pos=pos)
     state = model.state_dict()
     assert set(state) == {name for name, _ in model.named_parameters(remove_duplicate=False)}
@@ -249,20 +256,23 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     adamw, muon = make_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
     in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
     in_adamw = {id(p) for group in adamw.param_groups for p in group["params"]}
-    expected = {id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    expected = {id(p) for n, p in model.named_parameters()
+                if n.startswith("blocks.") and p.dim() == 2}
     assert in_muon == expected and not in_muon & in_adamw
     assert in_muon | in_adamw == {id(p) for p in model.parameters()}
 
 
 @pytest.mark.parametrize("weight_decay, nesterov", [(0.0, True), (0.1, False)])
 def test_batched_muon_steps_as_torch_muon_does_and_shares_its_state(weight_decay, nesterov):
-    """Square, wide and tall matrices (the tall ones orthogonalized transposed), two of each shape; the state torch's
-    Muon saved after three steps carries on in BatchedMuon as it does in torch's own."""
+    """Square, wide and tall matrices (the tall ones orthogonalized transposed), two of each shape;
+    the state torch's Muon saved after three steps carries on in BatchedMuon as it does in torch's
+    own."""
     generator = torch.Generator().manual_seed(0)
     shapes = [(16, 16), (16, 48), (64, 16), (16, 16), (16, 48), (64, 16)]
-    ours, theirs = ([torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
-                    for _ in range(2))
-    options = dict(lr=0.02, momentum=0.85, weight_decay=weight_decay, nesterov=nesterov, adjust_lr_fn="original")
+    ours, theirs = ([torch.randn(s, generator=torch.Generator().manual_seed(i))
+                     for i, s in enumerate(shapes)] for _ in range(2))
+    options = dict(lr=0.02, momentum=0.85, weight_decay=weight_decay, nesterov=nesterov,
+                   adjust_lr_fn="original")
     torch_muon = torch.optim.Muon(theirs, **options)
 
     def step(optimizer, params, grads):
@@ -281,19 +291,23 @@ def test_batched_muon_steps_as_torch_muon_does_and_shares_its_state(weight_decay
         grads = [torch.randn(s, generator=generator) for s in shapes]
         step(torch_muon, theirs, grads)
         step(batched, ours, grads)
-        for p, q in zip(ours, theirs):  # the bf16 norm may round differently in its last bit: 2e-4 << a step's ~4e-3
+        # The bf16 norm may round differently in its last bit: 2e-4 << a step's ~4e-3.
+        for p, q in zip(ours, theirs):
             torch.testing.assert_close(p, q, rtol=0, atol=2e-4)
     assert batched.state_dict()["state"].keys() == torch_muon.state_dict()["state"].keys()
 
 
 def test_newton_schulz_in_fp32_orthogonalizes_as_bf16_does():
-    """The fp32 iterations (a CPU without bf16 hardware) give torch's bf16 result to bf16's precision."""
+    """The fp32 iterations (a CPU without bf16 hardware) give torch's bf16 result to bf16's
+    precision."""
     stack = torch.randn(3, 16, 48, generator=torch.Generator().manual_seed(0))
     coefficients = torch.optim.Muon([torch.zeros(2, 2)]).param_groups[0]["ns_coefficients"]
-    in_bf16, in_fp32 = (newton_schulz(stack, coefficients, 5, 1e-7, dtype) for dtype in (torch.bfloat16, torch.float32))
+    in_bf16, in_fp32 = (newton_schulz(stack, coefficients, 5, 1e-7, dtype)
+                        for dtype in (torch.bfloat16, torch.float32))
     assert in_fp32.dtype == torch.float32
     torch.testing.assert_close(in_fp32, in_bf16.float(), rtol=0, atol=0.03)
-    assert not torch.allclose(stack / stack.norm(dim=(-2, -1), keepdim=True), in_fp32, atol=0.03)  # it did change
+    # The iterations did change the matrices.
+    assert not torch.allclose(stack / stack.norm(dim=(-2, -1), keepdim=True), in_fp32, atol=0.03)
 
 
 def test_attention_ablation_sees_no_other_token():
@@ -307,8 +321,10 @@ def test_attention_ablation_sees_no_other_token():
 def test_top_k_samples_only_and_all_of_the_k_best():
     order = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))
     logits = torch.empty(VOCAB)
-    logits[order] = torch.linspace(2.0, 0.0, VOCAB)  # order[0] is the best token, order[1] the next, ...
-    picked = sample_next(logits.repeat(2000, 1), temperature=5.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    # order[0] is the best token, order[1] the next, ...
+    logits[order] = torch.linspace(2.0, 0.0, VOCAB)
+    generator = torch.Generator().manual_seed(1)
+    picked = sample_next(logits.repeat(2000, 1), temperature=5.0, top_k=3, generator=generator)
     assert set(picked.tolist()) == set(order[:3].tolist())
 
 
@@ -326,7 +342,8 @@ def test_same_seed_same_sample_and_different_seed_differs():
     prompt = random_tokens(2, 3)
 
     def sample(seed):
-        return model.generate(prompt, 30, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        return model.generate(prompt, 30, temperature=1.0, generator=generator)
 
     assert torch.equal(sample(7), sample(7))
     assert not torch.equal(sample(7), sample(8))
@@ -343,7 +360,8 @@ def test_flops_per_token_matches_torchs_count_of_a_training_step(overrides):
     idx = random_tokens(2, model.config.block_size)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model(idx, idx)[1].backward()
-    assert model.flops_per_token() * idx.numel() == pytest.approx(counter.get_total_flops(), rel=0.01)
+    counted = counter.get_total_flops()
+    assert model.flops_per_token() * idx.numel() == pytest.approx(counted, rel=0.01)
 
 
 def test_rope_scores_depend_only_on_the_distance_between_positions():
@@ -372,7 +390,7 @@ def test_bad_configs_are_rejected_with_a_reason():
         tiny_model()(random_tokens(1, 25))
 
 
-# ------------------------------------------------------------------ speedrun options (off by default)
+# ------------------------------------------------------------- speedrun options (off by default)
 
 SPEEDRUN_OPTIONS = [{"attn_float32": True}, {"qk_norm": True}]
 
@@ -387,26 +405,31 @@ def test_speedrun_options_are_off_by_default_and_add_no_parameters():
 
 def test_attn_float32_changes_nothing_in_float32_and_stays_close_under_bf16_autocast():
     idx = random_tokens(2, 20)
-    plain, fp32_attention = scaled_up(tiny_model(pos="rope")), scaled_up(tiny_model(pos="rope", attn_float32=True))
+    plain = scaled_up(tiny_model(pos="rope"))
+    fp32_attention = scaled_up(tiny_model(pos="rope", attn_float32=True))
     reference = all_logits(plain, idx)
     assert torch.equal(all_logits(fp32_attention, idx), reference)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16, mixed = all_logits(plain, idx), all_logits(fp32_attention, idx)
-    assert mixed.dtype == bf16.dtype == torch.bfloat16  # the attention output goes back to the autocast dtype
-    assert (mixed.float() - reference).abs().max() <= (bf16.float() - reference).abs().max() * 1.5 + 1e-3
+    # The attention output goes back to the autocast dtype.
+    assert mixed.dtype == bf16.dtype == torch.bfloat16
+    bf16_error = (bf16.float() - reference).abs().max()
+    assert (mixed.float() - reference).abs().max() <= bf16_error * 1.5 + 1e-3
 
 
 def test_attn_float32_model_with_bf16_weights_generates_as_sample_py_loads_it():
-    """sample.py casts the weights to bf16 and runs no autocast: attention still runs in fp32, the KV cache keeps
-    fp32 keys, and c_proj gets the attention output back in its own dtype."""
+    """sample.py casts the weights to bf16 and runs no autocast: attention still runs in fp32, the
+    KV cache keeps fp32 keys, and c_proj gets the attention output back in its own dtype."""
     fp32 = scaled_up(tiny_model(pos="rope", attn_float32=True))
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     idx = random_tokens(2, 8)
     with torch.no_grad():
         reference, logits = fp32(idx)[0], bf16(idx)[0]
     assert logits.dtype == torch.bfloat16
-    torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
-    assert bf16.generate(idx, 6, top_k=1).shape == (2, 14)  # a prefill, then one cached token a step
+    atol = 0.05 * reference.abs().max().item()
+    torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=atol)
+    # A prefill, then one cached token a step.
+    assert bf16.generate(idx, 6, top_k=1).shape == (2, 14)
 
 
 @pytest.mark.parametrize("overrides", SPEEDRUN_OPTIONS)

@@ -1,6 +1,6 @@
-"""Pictures of training: every run's out_dir gets curves.png, drawn from its log.jsonl by a detached process
-without a display; tools.plot draws several runs on one picture. The tests read the plotted data back from
-the matplotlib figure (its lines' data), not the pixels."""
+"""Pictures of training: every run's out_dir gets curves.png, drawn from its log.jsonl by a
+detached process without a display; tools.plot draws several runs on one picture. The tests read
+the plotted data back from the matplotlib figure (its lines' data), not the pixels."""
 import json
 import subprocess
 import time
@@ -16,17 +16,20 @@ pytest.importorskip("matplotlib")
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, data_dir):
-    """A tiny run as a user starts it, with no display and no matplotlib backend chosen, its picture on."""
+    """A tiny run as a user starts it, with no display and no matplotlib backend chosen, its
+    picture on."""
     out_dir = tmp_path_factory.mktemp("plot") / "out-tiny"
     with pytest.MonkeyPatch.context() as env:  # the drawing process inherits this environment
         for name in ("DISPLAY", "WAYLAND_DISPLAY", "MPLBACKEND"):
             env.delenv(name, raising=False)
-        train_here(tiny_args(data_dir, out_dir, "--max_iters=12", "--eval_interval=4", "--plot=True"), out_dir.parent)
+        args = tiny_args(data_dir, out_dir, "--max_iters=12", "--eval_interval=4", "--plot=True")
+        train_here(args, out_dir.parent)
     return out_dir
 
 
 def lines_by_label(ax) -> dict:
-    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+            for line in ax.get_lines()}
 
 
 def test_a_run_without_a_display_leaves_its_curves_png_in_out_dir(finished_run):
@@ -45,7 +48,8 @@ def test_the_plotted_curves_are_the_logged_losses_learning_rates_and_tokens(fini
     by_step, by_tokens, lr = fig.axes
     train, evals = records(finished_run, "train"), records(finished_run, "eval")
     config = json.loads((finished_run / "config.json").read_text())
-    tokens_per_step = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
+    tokens_per_step = (config["batch_size"] * config["block_size"]
+                       * config["gradient_accumulation_steps"])
     steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
     eval_steps, val = [r["step"] for r in evals], [r["val"] for r in evals]
     assert len(steps) == 12 and eval_steps == [0, 4, 8, 12]
@@ -56,7 +60,8 @@ def test_the_plotted_curves_are_the_logged_losses_learning_rates_and_tokens(fini
     assert lines["tiny train"] == ([s * tokens_per_step for s in steps], losses)
     assert lines["tiny val"] == ([s * tokens_per_step for s in eval_steps], val)
     assert lines_by_label(lr)["tiny lr"] == (steps, [r["lr"] for r in train])
-    assert by_step.get_xlabel() and by_step.get_ylabel() and by_tokens.get_xlabel() and lr.get_ylabel()
+    assert by_step.get_xlabel() and by_step.get_ylabel()
+    assert by_tokens.get_xlabel() and lr.get_ylabel()
     assert [t.get_text() for t in by_step.get_legend().get_texts()] == ["tiny train", "tiny val"]
 
 
@@ -78,7 +83,8 @@ def test_several_runs_share_one_picture_with_a_log_scale_where_the_loss_spans_de
 
 
 def plot_tool(args, folder, capsys):
-    """`python -m tools.plot ARGS` run in folder, in this process (matplotlib is imported once for all the tests)."""
+    """`python -m tools.plot ARGS` run in folder, in this process (matplotlib is imported once for
+    all the tests)."""
     with pytest.MonkeyPatch.context() as env:
         env.chdir(folder)
         code = plot_main(args)
@@ -95,8 +101,11 @@ def test_the_tool_draws_the_named_runs_into_one_png(tmp_path, capsys):
     assert "--out" in plot_tool(["--help"], tmp_path, capsys).stdout
 
 
+EVAL_ONLY = '{"kind": "eval", "step": 0, "train": 5.0, "val": 5.0}\n'
+
+
 @pytest.mark.parametrize("log, message", [(None, "no such file"), ("", "no training step"),
-                                          ('{"kind": "eval", "step": 0, "train": 5.0, "val": 5.0}\n', "no training step"),
+                                          (EVAL_ONLY, "no training step"),
                                           ("not json\n", "line 1")])
 def test_a_missing_or_empty_log_is_a_one_line_error(tmp_path, log, message, capsys):
     (tmp_path / "run").mkdir()
