@@ -19,20 +19,9 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig
-from tinygpt.checkpoint import (check_free_space, check_init_from, check_resumable,
-                                check_visible, checkpoint_bytes, checkpoint_to_resume, kept_message,
-                                load_checkpoint, load_weights_from_master, restore_training_state,
-                                model_to_train, RunLog, save_in_out_dir, training_checkpoint)
-from tinygpt.common import (EVERY_PROCESS_ERRORS, NonFiniteLossError, as_config_file,
-                            help_text, must, parse_options, wants_help)
-from tinygpt.data import (TRAIN_STREAM, Batches, batch_rng, estimate_loss, final_report,
-                          load_meta, picks_of_rank, split_global_batch)
-from tinygpt.device import (DTYPES, StopSignal, autocast_context, capabilities, exit_process,
-                            free_memory_bytes, model_dtype, peak_flops, print0, set_up_device,
-                            torchrun_group, torchrun_rank)
-from tinygpt.optim import clip_and_step, make_optimizers
-from tinygpt.parallel import (checked_plan, data_parallel, grad_scaler, is_sharded, spread,
-                              sync_gradients, whole_weights)
+from tinygpt import checkpoint, common, data, device, optim, parallel
+from tinygpt.common import must
+from tinygpt.device import print0
 
 
 @dataclass
@@ -85,7 +74,7 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
     def __post_init__(self):
         super().__post_init__()
         must(self.vocab_size == 0, f"vocab_size={self.vocab_size}: leave it out; meta.json sets it")
-        for name, allowed in {"lr_schedule": ("cosine", "linear"), "dtype": DTYPES}.items():
+        for name, allowed in {"lr_schedule": ("cosine", "linear"), "dtype": device.DTYPES}.items():
             must(getattr(self, name) in allowed,
                  f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
         for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
@@ -135,19 +124,21 @@ def build_model(cfg, model_args, dtype, start_weights, resume_from, meta, dist) 
     torch.manual_seed(cfg.seed)
     with torch.device(dist.device):
         model = GPT(GPTConfig(**model_args))
-    checkpoint = load_checkpoint(resume_from, mmap=True) if resume_from else None
-    if checkpoint:
-        check_resumable(checkpoint, model_args, meta, cfg.muon_lr > 0, resume_from)
-    if checkpoint or start_weights is not None:  # fine-tuning: a fresh optimizer from step 0
-        model.load_state_dict(checkpoint["model"] if checkpoint else start_weights)
-    model = spread(model, dist, cfg.fsdp, cfg.checkpoint_activations)  # before the optimizer
-    optimizers = make_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                 dist.device, cfg.muon_lr, cfg.muon_momentum)
-    scaler = grad_scaler(dist.device, dtype, sharded=is_sharded(model))
+    saved = checkpoint.load_checkpoint(resume_from, mmap=True) if resume_from else None
+    if saved:
+        checkpoint.check_resumable(saved, model_args, meta, cfg.muon_lr > 0, resume_from)
+    if saved or start_weights is not None:  # fine-tuning: a fresh optimizer from step 0
+        model.load_state_dict(saved["model"] if saved else start_weights)
+    # FSDP makes new parameters, so the model is spread before the optimizer takes them.
+    model = parallel.spread(model, dist, cfg.fsdp, cfg.checkpoint_activations)
+    betas = (cfg.beta1, cfg.beta2)
+    optimizers = optim.make_optimizers(model, cfg.weight_decay, cfg.learning_rate, betas,
+                                       dist.device, cfg.muon_lr, cfg.muon_momentum)
+    scaler = parallel.grad_scaler(dist.device, dtype, sharded=parallel.is_sharded(model))
     progress = {"step": 0, "best_val_loss": math.inf, "best_step": None}
-    if checkpoint:
-        restore_training_state(checkpoint, optimizers, scaler)
-        progress = {k: checkpoint.get(k, progress[k]) for k in progress}
+    if saved:
+        checkpoint.restore_training_state(saved, optimizers, scaler)
+        progress = {k: saved.get(k, progress[k]) for k in progress}
     return model, optimizers, scaler, progress
 
 
@@ -159,10 +150,10 @@ class Run:
     compiled: object      # the model, compiled as configured: what evaluations call
     optimizers: list
     scaler: object
-    batches: Batches
+    batches: data.Batches
     ctx: object           # the autocast context of the forward passes
     dtype: str            # the compute dtype that ctx autocasts to
-    log: RunLog
+    log: checkpoint.RunLog
     micro_steps: int      # this process's micro-steps per optimizer step
     rows: int             # this process's sequences per micro-step
     peak: float | None    # the device's peak FLOP/s for MFU, once measured; 0 when unknown
@@ -174,32 +165,36 @@ class Run:
 
 def set_up(cfg, dist) -> Run:
     """Everything before the first step, in plain steps, each process building its own copy."""
-    set_up_device(dist.device, cfg.keep_freed_memory)
-    dist.on_every_process(check_init_from, cfg.init_from, dist)  # every node needs the weights
+    device.set_up_device(dist.device, cfg.keep_freed_memory)
+    dist.on_every_process(checkpoint.check_init_from, cfg.init_from, dist)  # every node checks
     folder = prepared_data(cfg, dist)
-    meta = load_meta(folder)
-    to_resume = dist.on_master(checkpoint_to_resume, cfg.out_dir, cfg.init_from, dist.attempt)
+    meta = data.load_meta(folder)
+    to_resume = dist.on_master(checkpoint.checkpoint_to_resume, cfg.out_dir, cfg.init_from,
+                               dist.attempt)
     resume_from = dist.from_master(to_resume)
-    dist.on_every_process(check_visible, resume_from)  # every process reads it
-    model_args, start_weights = dist.on_every_process(model_to_train, cfg, meta, resume_from)
-    dtype = model_dtype(cfg.dtype, dist.device, model_args)
-    batches = Batches(folder, meta, model_args["block_size"], dist.device)
-    micro_steps, rows = split_global_batch(cfg.gradient_accumulation_steps, cfg.batch_size,
-                                           dist.world_size)
-    free = free_memory_bytes(dist.device)  # a run that will not fit stops, naming what would
-    print0(dist.on_every_process(checked_plan, cfg, model_args, dtype, rows, micro_steps,
-                                 dist.world_size, free))
+    dist.on_every_process(checkpoint.check_visible, resume_from)  # every process reads it
+    model_args, start_weights = dist.on_every_process(checkpoint.model_to_train, cfg, meta,
+                                                      resume_from)
+    dtype = device.model_dtype(cfg.dtype, dist.device, model_args)
+    batches = data.Batches(folder, meta, model_args["block_size"], dist.device)
+    micro_steps, rows = data.split_global_batch(cfg.gradient_accumulation_steps, cfg.batch_size,
+                                                dist.world_size)
+    free = device.free_memory_bytes(dist.device)  # a run that will not fit stops, naming what would
+    plan = dist.on_every_process(parallel.checked_plan, cfg, model_args, dtype, rows, micro_steps,
+                                 dist.world_size, free)
+    print0(plan)
     model, optimizers, scaler, progress = dist.on_every_process(
         build_model, cfg, model_args, dtype, start_weights, resume_from, meta, dist)
-    dist.on_master(check_free_space, cfg.out_dir, checkpoint_bytes(model))  # before any write
+    size = checkpoint.checkpoint_bytes(model)
+    dist.on_master(checkpoint.check_free_space, cfg.out_dir, size)  # before anything is written
     if dist.rank > 0:  # dropout must differ between processes; checkpoints hold rank 0's stream
         seed = (cfg.seed, dist.rank, progress["step"])
         torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
-    use_compile = capabilities(dist.device).compile if cfg.compile is None else cfg.compile
+    use_compile = device.capabilities(dist.device).compile if cfg.compile is None else cfg.compile
     compiled = torch.compile(model, dynamic=False) if use_compile else model
-    log = dist.on_master(RunLog, cfg, True) or RunLog(cfg, enabled=False)
+    log = dist.on_master(checkpoint.RunLog, cfg, True) or checkpoint.RunLog(cfg, enabled=False)
     shape = {k: v for k, v in model_args.items() if k != "vocab_size"}  # a fine-tune: the weights'
-    print0(as_config_file(replace(cfg, **shape)))
+    print0(common.as_config_file(replace(cfg, **shape)))
     print0(f"device {dist.device}, dtype {dtype}, compile {use_compile}, {dist.world_size} "
            f"process(es), {model.num_params() / 1e6:.2f}M parameters")
     print0(f"tokens per optimizer step: {tokens_per_step(cfg, batches):,} = "
@@ -211,8 +206,8 @@ def set_up(cfg, dist) -> Run:
     elif start_weights is not None:
         print0(f"fine-tuning {cfg.init_from}: its weights and shape (block_size "
                f"{model_args['block_size']}), a fresh optimizer")
-    return Run(model, data_parallel(compiled, dist), compiled, optimizers, scaler, batches,
-               autocast_context(dist.device, dtype), dtype, log, micro_steps, rows, None,
+    return Run(model, parallel.data_parallel(compiled, dist), compiled, optimizers, scaler, batches,
+               device.autocast_context(dist.device, dtype), dtype, log, micro_steps, rows, None,
                saved_step=progress["step"] if resume_from else None, **progress)
 
 
@@ -228,7 +223,7 @@ def train(cfg, run, dist, argv) -> bool:
     pending_losses = []  # per-step losses, read back at log steps only: reading syncs the device
     first_step = run.step
     timer = (time.perf_counter(), run.step)
-    with StopSignal(announce=dist.is_master) as stop:
+    with device.StopSignal(announce=dist.is_master) as stop:
         while True:
             synced = run.step % cfg.log_interval == 0 or run.step == first_step
             if run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters:
@@ -244,22 +239,22 @@ def train(cfg, run, dist, argv) -> bool:
             for group in (g for opt in run.optimizers for g in opt.param_groups):
                 group["lr"] = group["peak_lr"] * lr / cfg.learning_rate
             global_picks = run.batches.random_picks(
-                "train", batch_rng(cfg.seed, TRAIN_STREAM, run.step),
+                "train", data.batch_rng(cfg.seed, data.TRAIN_STREAM, run.step),
                 (cfg.gradient_accumulation_steps, cfg.batch_size))
-            picks = picks_of_rank(global_picks, dist.rank, dist.world_size)
+            picks = data.picks_of_rank(global_picks, dist.rank, dist.world_size)
             step_loss = torch.zeros((), device=dist.device)
             x, y = run.batches.batch("train", picks[0])
             for micro in range(run.micro_steps):
                 if dist.enabled:  # sync the gradients once, after the last micro-step
-                    sync_gradients(run.train_model, micro == run.micro_steps - 1)
+                    parallel.sync_gradients(run.train_model, micro == run.micro_steps - 1)
                 with run.ctx:
                     loss = run.train_model(x, y)[1] / run.micro_steps
                 if micro + 1 < run.micro_steps:  # the next batch loads while the device computes
                     x, y = run.batches.batch("train", picks[micro + 1])
                 run.scaler.scale(loss).backward()
                 step_loss += loss.detach()
-            clip_and_step(run.optimizers, run.scaler, run.model.parameters(), cfg.grad_clip,
-                           keep_grads=dist.enabled)
+            optim.clip_and_step(run.optimizers, run.scaler, run.model.parameters(), cfg.grad_clip,
+                                keep_grads=dist.enabled)
             run.step += 1
             pending_losses.append(step_loss)
 
@@ -278,8 +273,9 @@ def read_losses(pending, run, dist, out_dir) -> list:
     pending.clear()
     for i, value in enumerate(values):
         if not math.isfinite(value):
-            raise NonFiniteLossError(f"non-finite loss ({value}) at step {first + i}; "
-                                     f"{kept_message(out_dir, run.saved_step)}")
+            kept = checkpoint.kept_message(out_dir, run.saved_step)
+            raise common.NonFiniteLossError(f"non-finite loss ({value}) at step {first + i}; "
+                                            f"{kept}")
     return values
 
 
@@ -289,8 +285,9 @@ def log_step(cfg, run, dist, lr, loss, timer) -> tuple:
     now, (since, since_step) = time.perf_counter(), timer
     seconds_per_step = (now - since) / max(1, run.step - since_step)
     if run.peak is None:
-        run.peak = peak_flops(dist.device, run.dtype) if dist.is_master else 0.0
-        print0(f"peak for MFU: {f'{run.peak:.4g} FLOP/s' if run.peak else 'unknown (no MFU)'}")
+        run.peak = device.peak_flops(dist.device, run.dtype) if dist.is_master else 0.0
+        peak = f"{run.peak:.4g} FLOP/s" if run.peak else "unknown (no MFU)"
+        print0(f"peak for MFU: {peak}")
     tokens_per_s = tokens_per_step(cfg, run.batches) / seconds_per_step
     flops = run.model.flops_per_token(run.batches.seq_len) * tokens_per_s
     mfu = flops / (run.peak * dist.world_size) if run.peak else None
@@ -306,12 +303,13 @@ def log_step(cfg, run, dist, lr, loss, timer) -> tuple:
 def evaluate_and_save(cfg, run, dist, pending_losses):
     """Estimate and log the losses, then save ckpt.pt (and best.pt when val improved) if anything
     was trained since the last save, once the steps not yet logged are checked for a nan."""
-    with whole_weights(run.model):  # FSDP: the processes score different numbers of batches
-        losses = estimate_loss(run.compiled, run.batches, cfg.eval_iters, cfg.batch_size,
-                               cfg.seed, run.step, run.ctx, dist, run.rows)
+    with parallel.whole_weights(run.model):  # FSDP: processes score different numbers of batches
+        losses = data.estimate_loss(run.compiled, run.batches, cfg.eval_iters, cfg.batch_size,
+                                    cfg.seed, run.step, run.ctx, dist, run.rows)
     if not all(map(math.isfinite, losses.values())):
-        raise NonFiniteLossError(f"non-finite val loss ({losses['val']}) at step {run.step}; "
-                                 f"{kept_message(cfg.out_dir, run.saved_step)}")
+        kept = checkpoint.kept_message(cfg.out_dir, run.saved_step)
+        raise common.NonFiniteLossError(f"non-finite val loss ({losses['val']}) at step "
+                                        f"{run.step}; {kept}")
     improved = losses["val"] < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, losses["val"])
     run.log.write(f"eval step {run.step} | train loss {losses['train']:.4f} | val loss "
@@ -326,10 +324,10 @@ def evaluate_and_save(cfg, run, dist, pending_losses):
 
 
 def save(cfg, run, dist, is_best, reason):
-    checkpoint = training_checkpoint(run.model, run.optimizers, run.scaler, cfg,
-                                     asdict(run.model.config), run.batches.meta, run.step,
-                                     run.best_val_loss, run.best_step)
-    dist.on_master(save_in_out_dir, cfg.out_dir, checkpoint, is_best, reason)
+    state = checkpoint.training_checkpoint(run.model, run.optimizers, run.scaler, cfg,
+                                           asdict(run.model.config), run.batches.meta, run.step,
+                                           run.best_val_loss, run.best_step)
+    dist.on_master(checkpoint.save_in_out_dir, cfg.out_dir, state, is_best, reason)
     run.saved_step = run.step
 
 
@@ -352,11 +350,11 @@ def final_evaluation(cfg, run, dist):
     """Score what sample.py loads by default (best.pt): the val loss, a task's or a chat's own."""
     best_path = Path(cfg.out_dir) / "best.pt"
     if run.best_step not in (None, run.step) and dist.from_master(best_path.is_file()):
-        load_weights_from_master(run.model, best_path, dist)
+        checkpoint.load_weights_from_master(run.model, best_path, dist)
         print0(f"final evaluation of {best_path}: step {run.best_step}, the best val loss")
-    with whole_weights(run.model):
-        records = final_report(run.model, run.batches, run.ctx, run.rows, cfg.val_loss_bar,
-                               cfg.exact_match_bar, dist)
+    with parallel.whole_weights(run.model):
+        records = data.final_report(run.model, run.batches, run.ctx, run.rows, cfg.val_loss_bar,
+                                    cfg.exact_match_bar, dist)
     meta = run.batches.meta
     finite = math.isfinite(records[-1].get("val_loss_full", math.nan))
     if meta.get("qa") and meta.get("test_file") and dist.is_master and finite:
@@ -371,13 +369,13 @@ USAGE = """usage: python train.py [CONFIG_FILE ...] [--key=value ...]
 
 
 def main(argv) -> int:
-    if wants_help(argv):
-        print(help_text(TrainConfig, USAGE, "Config files hold plain `name = value` lines; "
+    if common.wants_help(argv):
+        print(common.help_text(TrainConfig, USAGE, "Config files hold plain `name = value` lines; "
                                             "--key=value overrides them."))
         return 0
     try:
-        cfg = parse_options(TrainConfig, argv, config_files=True)
-        with torchrun_group(cfg.device) as dist:  # a plain `python` run is rank 0 of 1
+        cfg = common.parse_options(TrainConfig, argv, config_files=True)
+        with device.torchrun_group(cfg.device) as dist:  # a plain `python` run is rank 0 of 1
             run = set_up(cfg, dist)
             try:
                 if train(cfg, run, dist, argv):
@@ -385,10 +383,10 @@ def main(argv) -> int:
             finally:
                 run.log.close()
         if cfg.fast_exit:  # the log and checkpoints are closed: skip the slow teardown
-            exit_process(0, at_once=True)
+            device.exit_process(0, at_once=True)
         return 0
-    except EVERY_PROCESS_ERRORS as e:
-        if torchrun_rank() == 0:  # every process raises the same error; one prints it
+    except common.EVERY_PROCESS_ERRORS as e:
+        if device.torchrun_rank() == 0:  # every process raises the same error; one prints it
             print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -397,4 +395,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main(sys.argv[1:]))  # under torchrun at once: see exit_process
+    device.exit_process(main(sys.argv[1:]))  # under torchrun at once: see exit_process

@@ -33,7 +33,7 @@ SAMPLING = "tests/test_sampling.py"
 SAMPLE = "tests/test_sample.py"
 EVALUATE = "tests/test_evaluate.py"
 # The line of train.py's build_model that takes the step and the best val loss from a checkpoint.
-PROGRESS = "{k: checkpoint.get(k, progress[k]) for k in progress}"
+PROGRESS = "{k: saved.get(k, progress[k]) for k in progress}"
 
 # (name, file, anchor, replacement, tests to run): the tests are pytest node ids or files, as few
 # as catch the mutation.
@@ -45,7 +45,7 @@ MUTATIONS = [
      "grad_clip, norm)", "pass", [TL]),
     ("no_unscale_before_clip", "tinygpt/optim.py", "scaler.unscale_(optimizer)", "pass", [TL]),
     ("best_val_not_restored", "train.py", PROGRESS,
-     '{**{k: checkpoint.get(k, progress[k]) for k in progress}, "best_val_loss": math.inf}', [TL]),
+     '{**{k: saved.get(k, progress[k]) for k in progress}, "best_val_loss": math.inf}', [TL]),
     ("temperature_multiplies", "model.py", "logits = logits.float() / temperature",
      "logits = logits.float() * temperature", [SAMPLING]),
     ("sample_ignores_sink_tokens", "sample.py", "sink_tokens=cfg.sink_tokens)", "sink_tokens=0)",
@@ -93,8 +93,8 @@ MUTATIONS = [
      "pass", [TL]),
     ("logged_loss_last_micro_step", "train.py", "step_loss += loss.detach()",
      "step_loss = loss.detach()", [TL]),
-    ("same_batches_every_step", "train.py", "batch_rng(cfg.seed, TRAIN_STREAM, run.step)",
-     "batch_rng(cfg.seed, TRAIN_STREAM, 0)", [TL]),
+    ("same_batches_every_step", "train.py", "batch_rng(cfg.seed, data.TRAIN_STREAM, run.step)",
+     "batch_rng(cfg.seed, data.TRAIN_STREAM, 0)", [TL]),
     ("warmup_off_by_one", "train.py", "(step + 1) / (cfg.warmup_iters + 1)",
      "step / cfg.warmup_iters", [TL]),
     ("cosine_counts_from_step_0", "train.py", "progress = (step - cfg.warmup_iters) /",
@@ -110,7 +110,7 @@ MUTATIONS = [
     ("rng_not_restored", "tinygpt/checkpoint.py", 'restore_rng_states(checkpoint["rng"])', "pass",
      [RESUME]),
     ("resume_one_step_ahead", "train.py", PROGRESS,
-     '{**{k: checkpoint.get(k, progress[k]) for k in progress}, "step": checkpoint["step"] + 1}',
+     '{**{k: saved.get(k, progress[k]) for k in progress}, "step": saved["step"] + 1}',
      [RESUME]),
     ("never_resumes", "tinygpt/checkpoint.py", "        return ckpt\n", "        return None\n",
      [TRAIN + "test_rerunning_a_command_resumes_and_never_starts_over_on_a_trained_model"]),
