@@ -7,6 +7,7 @@ generators derived from (seed, stream, step), so a resumed run and any number of
 exactly the batches of one uninterrupted process.
 """
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,18 @@ def prepare_if_missing(dataset, data_dir, source) -> Path:
     except (DataError, OSError) as e:
         hint = " (train.py hands --data_source=PATH_OR_URL to it as --source)" if "--source" in str(e) else ""
         raise DataError(f"could not prepare {dataset}: {e}{hint}") from None
+
+
+def bits_per_byte(loss, meta, split):
+    """A mean loss in nats per token over `split` as bits per UTF-8 byte of the text, or None when the data
+    set does not record its bytes (corpora, data sets prepared before it did). Any mean over the split
+    (all of it, windows short of its end, an estimate's random windows) is taken to cover the split's
+    tokens and bytes in the same proportion, so the split's tokens per byte converts it:
+    bpb = loss * tokens / (ln 2 * bytes)."""
+    tokens, n_bytes = meta.get(f"{split}_tokens"), meta.get(f"{split}_bytes")
+    if not tokens or not n_bytes:
+        return None
+    return loss * tokens / (math.log(2) * n_bytes)
 
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1

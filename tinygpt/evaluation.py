@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tinygpt.data import EVAL_STREAM, batch_rng
+from tinygpt.data import EVAL_STREAM, batch_rng, bits_per_byte
 from tinygpt.device import Dist, print0, sum_floats_over_ranks, sum_over_ranks
 from tinygpt.tokenizer import answer_room, chat_prompt_ids, qa_pairs, qa_prompt, tokenizer_from_meta
 
@@ -164,6 +164,11 @@ def streaming_losses(model, tokens, use_cache=True, sink_tokens=0):
     return torch.stack(losses), (len(tokens) - 1) / (time.perf_counter() - began)
 
 
+def bpb_text(bpb) -> str:
+    """' (1.2345 bits per byte)' beside a loss, or '' when the data set does not record its bytes."""
+    return "" if bpb is None else f" ({bpb:.4f} bits per byte)"
+
+
 def verdict_text(value, bar, higher_is_better=False, unit="") -> str:
     """' (bar B): PASS' when value reaches bar, ' (bar B): FAIL' when not; '' when there is no bar."""
     if not bar:
@@ -281,12 +286,16 @@ def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_
     records = []
     if batches.answer_loss:  # what it trains on first; the bar judges the whole text, as for plain training
         loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
-        print0(f"final val loss on the answers (full split, {tokens:,} answer tokens): {loss:.4f}", flush=True)
-        records.append({"kind": "final", "val_loss_answers": loss, "val_answer_tokens": tokens})
+        bpb = bits_per_byte(loss, batches.meta, "val")
+        print0(f"final val loss on the answers (full split, {tokens:,} answer tokens): {loss:.4f}{bpb_text(bpb)}",
+               flush=True)
+        records.append({"kind": "final", "val_loss_answers": loss, "val_answer_tokens": tokens, "val_bpb_answers": bpb})
         batches = batches.whole_text()
     loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
-    print0(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}{verdict_text(loss, val_loss_bar)}", flush=True)
-    records.append({"kind": "final", "val_loss_full": loss, "val_tokens": tokens})
+    bpb = bits_per_byte(loss, batches.meta, "val")
+    print0(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}{bpb_text(bpb)}{verdict_text(loss, val_loss_bar)}",
+           flush=True)
+    records.append({"kind": "final", "val_loss_full": loss, "val_tokens": tokens, "val_bpb": bpb})
     if not math.isfinite(loss):
         return records
     if batches.task:
