@@ -75,12 +75,11 @@ class EvaluateConfig:
 
 def hellaswag(cfg):
     """Score HellaSwag with a checkpoint's model (out_dir) or GPT-2's weights (init_from)."""
-    weights = load_weights(cfg.init_from) if cfg.init_from else load_checkpoint(checkpoint_path(cfg.out_dir, cfg.ckpt),
-                                                                                 mmap=True)
-    model, tokenizer, device = ready_for_inference(weights, cfg.device, cfg.dtype)
-    data_dir = cfg.data_dir or (weights.get("config") or {}).get("data_dir") or "data"
-    path = hellaswag_file(cfg.source, data_dir)
+    checkpoint = None if cfg.init_from else load_checkpoint(checkpoint_path(cfg.out_dir, cfg.ckpt), mmap=True)
+    data_dir = cfg.data_dir or ((checkpoint or {}).get("config") or {}).get("data_dir") or "data"
+    path = hellaswag_file(cfg.source, data_dir)  # before GPT-2's weights: a bad file stops at once
     examples = hellaswag_examples(path, cfg.limit)
+    model, tokenizer, device = ready_for_inference(checkpoint or load_weights(cfg.init_from), cfg.device, cfg.dtype)
     pinned = "the pinned file" if git_blob_id(path) == GIT_BLOB else "not the pinned file: no published score compares"
     print(f"hellaswag: {len(examples):,} examples of {path} ({pinned}), model {cfg.init_from or cfg.out_dir}", flush=True)
     scores = hellaswag_score(model, tokenizer, examples, device)
