@@ -6,8 +6,8 @@
     python prepare.py shakespeare_byte                    # TinyShakespeare, TinyTalks as UTF-8 bytes: one
     python prepare.py tinytalks_byte                      #   shared vocabulary, to pretrain on one, tune on the other
     python prepare.py tinytalks_chat                      # TinyTalks bytes as whole Q/A pairs, loss on the answers
-    python prepare.py mybook --source=my.txt              # any text file [--tokenizer=byte|gpt2|bpe:N]
-    python prepare.py shakespeare_bpe                     # TinyShakespeare in a BPE of its own [--tokenizer=bpe:N]
+    python prepare.py mybook --source=my.txt              # any text [--tokenizer=byte|gpt2|bpe:N]
+    python prepare.py shakespeare_bpe                     # in a BPE of its own [--tokenizer=bpe:N]
     python prepare.py reverse                             # the attention tasks: reverse, copy, mixed [--seed=N]
     python prepare.py fineweb_edu --shards=1              # FineWeb-Edu's 10B sample from the Hub (14 files; 0 = all)
     python prepare.py myweb --source='web/*.parquet'      # your corpus: a folder or glob of .parquet/.jsonl/.txt
@@ -30,7 +30,7 @@ from tinygpt.options import must, run_cli
 class PrepareConfig:
     dataset: str = ""            # shakespeare_char, shakespeare, tinytalks, *_byte, the tasks, fineweb_edu, or yours
     source: str = ""             # local file/folder/glob or URL instead of the pinned download (required for your own)
-    tokenizer: str = ""          # for your own text: 'char' (default), 'byte', 'gpt2' or 'bpe:N' (trained here)
+    tokenizer: str = ""          # your text: 'char' (default), 'byte', 'gpt2', 'bpe:N' (learned)
     seed: int | None = None      # for reverse/copy/mixed (default 1337)
     data_dir: str = "data"       # the data set goes to data_dir/dataset
     shards: int = 0              # fineweb_edu: how many of the Hub's parquet files (0 = all 14, ~10B tokens)
@@ -41,7 +41,8 @@ class PrepareConfig:
         must(self.dataset, f"name a data set: python prepare.py NAME (one of {', '.join(DATASETS)}, or your own "
                            "with --source=FILE)")
         must(self.tokenizer in ("", "char", "byte", "gpt2") or self.tokenizer.startswith("bpe:"),
-             f"tokenizer={self.tokenizer!r}: use char, byte, gpt2 or bpe:N (a BPE of N tokens learned from the text)")
+             f"tokenizer={self.tokenizer!r}: use char, byte, gpt2 or bpe:N (a BPE of N tokens "
+             "learned from the text)")
         for name in ("shards", "workers", "shard_tokens"):
             must(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must not be negative")
 

@@ -214,8 +214,8 @@ def check_vocabulary(weights_meta, vocab_size, meta, where):
         raise CheckpointError(f"{where} was trained on another character vocabulary ({len(vocab)} characters) than "
                               f"this data set's ({len(data_vocab)}); fine-tune it on data with the same vocabulary")
     if weights_meta.get("bpe") != meta.get("bpe"):
-        raise CheckpointError(f"{where} was trained on another BPE than this data set's; fine-tune it on data "
-                              "prepared with its tokenizer (or train from scratch)")
+        raise CheckpointError(f"{where} was trained on another BPE than this data set's; fine-tune "
+                              "it on data prepared with its tokenizer (or train from scratch)")
     if meta["vocab_size"] > vocab_size:
         raise CheckpointError(f"{where} has {vocab_size} token embeddings, fewer than the {meta['vocab_size']} "
                               "of this data set's vocabulary")

@@ -40,10 +40,10 @@ def prepare_if_missing(dataset, data_dir, source) -> Path:
 
 
 def bits_per_byte(loss, meta, split):
-    """A mean loss in nats per token over `split` as bits per UTF-8 byte of the text, or None when the data
-    set does not record its bytes (corpora, data sets prepared before it did). Any mean over the split
-    (all of it, windows short of its end, an estimate's random windows) is taken to cover the split's
-    tokens and bytes in the same proportion, so the split's tokens per byte converts it:
+    """A mean loss in nats per token over `split` as bits per UTF-8 byte of the text, or None when
+    the data set does not record its bytes (corpora). Any mean over the split (all of it, windows
+    short of its end, an estimate's random windows) is taken to cover the split's tokens and bytes
+    in the same proportion, so the split's tokens per byte converts it:
     bpb = loss * tokens / (ln 2 * bytes)."""
     tokens, n_bytes = meta.get(f"{split}_tokens"), meta.get(f"{split}_bytes")
     if not tokens or not n_bytes:

@@ -43,11 +43,11 @@ TINYTALKS = (
         "4a44d204594c7f0a31202758de75af7fc8a1d17565423004ce8dd9d28bea99cb"),
 )
 PINNED = {"shakespeare_char": TINYSHAKESPEARE, "shakespeare": TINYSHAKESPEARE, "tinytalks": TINYTALKS,
-          "shakespeare_byte": TINYSHAKESPEARE, "shakespeare_bpe": TINYSHAKESPEARE, "tinytalks_byte": TINYTALKS,
-          "tinytalks_chat": TINYTALKS}
+          "shakespeare_byte": TINYSHAKESPEARE, "shakespeare_bpe": TINYSHAKESPEARE,
+          "tinytalks_byte": TINYTALKS, "tinytalks_chat": TINYTALKS}
 OWN_TOKENIZER = {"shakespeare_char": "char", "shakespeare": "gpt2", "tinytalks": "char",
-                 "shakespeare_byte": "byte", "shakespeare_bpe": "bpe:2048", "tinytalks_byte": "byte",
-                 "tinytalks_chat": "byte"}
+                 "shakespeare_byte": "byte", "shakespeare_bpe": "bpe:2048",
+                 "tinytalks_byte": "byte", "tinytalks_chat": "byte"}
 # Q&A data sets trained on their answers only: whole pairs, loss on the answer tokens (data.Batches)
 ANSWER_LOSS = {"tinytalks_chat"}
 
@@ -214,7 +214,8 @@ def read_text(path) -> str:
 
 def split_90_10(text, kind, origin):
     """First 90% of the characters for training, the last 10% for validation, as nanoGPT does,
-    so losses compare with its published numbers. A BPE (kind 'bpe:N') learns from the train part only."""
+    so losses compare with its published numbers. A BPE (kind 'bpe:N') learns from the train part
+    only."""
     n = int(len(text) * 0.9)
     if n == 0 or n == len(text):
         raise DataError(f"{origin} has only {len(text)} character(s), too few to split 90/10 "
@@ -319,8 +320,9 @@ def write_dataset(out_dir, tok, train, val, meta, files) -> dict:
             "vocab_size": tok.vocab_size, "dtype": dtype,
             "train_tokens": len(train_ids), "val_tokens": len(val_ids),
             # the UTF-8 bytes the tokens decode to: a loss per token becomes bits per byte (data.py)
-            "train_bytes": len(train.encode("utf-8")), "val_bytes": len(val.encode("utf-8")), **meta,
-            # the BPE's whole definition, so a checkpoint (which stores meta) decodes without this folder
+            "train_bytes": len(train.encode("utf-8")), "val_bytes": len(val.encode("utf-8")),
+            **meta,
+            # the BPE's whole definition: a checkpoint (it stores meta) decodes without this folder
             **({"bpe": tok.json, "tokenizer_file": "tokenizer.json"} if tok.kind == "bpe" else {})}
     write_bytes(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
     return meta
@@ -333,7 +335,8 @@ def prepared_meta(out_dir, inputs):
         itemsize = np.dtype(meta["dtype"]).itemsize
         complete = all((out_dir / f).stat().st_size == meta[k] * itemsize
                        for f, k in (("train.bin", "train_tokens"), ("val.bin", "val_tokens")))
-        extra_files = [meta.get("test_file"), meta.get("tokenizer_file"), *meta.get("pairs_files", {}).values()]
+        extra_files = [meta.get("test_file"), meta.get("tokenizer_file"),
+                       *meta.get("pairs_files", {}).values()]
         complete = complete and all((out_dir / f).is_file() for f in extra_files if f)
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -346,8 +349,8 @@ def summary(out_dir, meta) -> str:
     if "chars" in meta:
         parts.insert(0, f"{meta['chars']:,} characters")
     if "train_bytes" in meta:
-        parts.append(f"{meta['train_bytes'] / max(1, meta['train_tokens']):.2f} / "
-                     f"{meta['val_bytes'] / max(1, meta['val_tokens']):.2f} bytes per token (train / val)")
+        train, val = (meta[f"{s}_bytes"] / max(1, meta[f"{s}_tokens"]) for s in ("train", "val"))
+        parts.append(f"{train:.2f} / {val:.2f} bytes per token (train / val)")
     if meta.get("answer_loss"):
         parts.append(f"{meta['train_pairs']} train / {meta['val_pairs']} val Q/A pairs, loss on the answers")
     if "task" in meta:
@@ -377,10 +380,11 @@ def check_arguments(name, source, tokenizer, seed):
     own = OWN_TOKENIZER.get(name, "")
     if tokenizer and tokenizer.startswith("bpe:"):
         bpe_size(tokenizer)  # a wrong N fails here, before anything is read or downloaded
-    if own and tokenizer not in (None, own) and not (own.startswith("bpe:") and tokenizer.startswith("bpe:")):
+    another_bpe = own.startswith("bpe:") and (tokenizer or "").startswith("bpe:")
+    if own and tokenizer not in (None, own) and not another_bpe:
         raise DataError(f"{name} is always tokenized by {own}; --tokenizer is for your own text "
-                        "(TinyShakespeare in GPT-2 BPE is the `shakespeare` data set, in a BPE of your own "
-                        "`shakespeare_bpe --tokenizer=bpe:N`)")
+                        "(TinyShakespeare in GPT-2 BPE is the `shakespeare` data set, in a BPE of "
+                        "your own `shakespeare_bpe --tokenizer=bpe:N`)")
     if name in TASKS and (source or tokenizer):
         raise DataError(f"{name} is generated with its own character vocabulary; drop --source/--tokenizer")
     if name not in TASKS and seed is not None:

@@ -84,20 +84,20 @@ def capabilities(device) -> Capabilities:
     return Capabilities(bf16=False, fp16=False, compile=False, fused_adamw=False)
 
 
-LOGIT_BYTES = 12            # per logit an evaluation holds at once: the logits, a float32 copy, the log-softmax
+LOGIT_BYTES = 12  # per logit an evaluation holds at once: logits, a float32 copy, the log-softmax
 HOST_LOGITS_BUDGET = 1 << 30  # bytes of logits per forward pass on a CPU or a Mac
 
 
 def logits_budget(device) -> int:
-    """Bytes the logits of one evaluation pass may take: a quarter of a GPU's free memory, else 1 GB."""
+    """Bytes one evaluation pass's logits may take: a quarter of a GPU's free memory, or 1 GB."""
     if device_type(device) == "cuda":
         return torch.cuda.mem_get_info(torch.device(device))[0] // 4
     return HOST_LOGITS_BUDGET
 
 
 def rows_within(budget, seq_len, vocab_size, most) -> int:
-    """Sequences of seq_len tokens per forward pass whose logits (vocab_size each) fit in budget bytes:
-    at least one, at most `most`. GPT-2's vocabulary at 1,024 tokens takes ~0.6 GB a sequence."""
+    """Sequences of seq_len tokens per forward pass whose logits (vocab_size each) fit in budget
+    bytes: at least one, at most `most`."""
     return max(1, min(most, budget // (seq_len * vocab_size * LOGIT_BYTES)))
 
 

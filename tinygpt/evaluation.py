@@ -165,7 +165,7 @@ def streaming_losses(model, tokens, use_cache=True, sink_tokens=0):
 
 
 def bpb_text(bpb) -> str:
-    """' (1.2345 bits per byte)' beside a loss, or '' when the data set does not record its bytes."""
+    """' (1.2345 bits per byte)' beside a loss, or '' when the data set records no bytes."""
     return "" if bpb is None else f" ({bpb:.4f} bits per byte)"
 
 
@@ -287,14 +287,15 @@ def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_
     if batches.answer_loss:  # what it trains on first; the bar judges the whole text, as for plain training
         loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
         bpb = bits_per_byte(loss, batches.meta, "val")
-        print0(f"final val loss on the answers (full split, {tokens:,} answer tokens): {loss:.4f}{bpb_text(bpb)}",
-               flush=True)
-        records.append({"kind": "final", "val_loss_answers": loss, "val_answer_tokens": tokens, "val_bpb_answers": bpb})
+        print0(f"final val loss on the answers (full split, {tokens:,} answer tokens): "
+               f"{loss:.4f}{bpb_text(bpb)}", flush=True)
+        records.append({"kind": "final", "val_loss_answers": loss, "val_answer_tokens": tokens,
+                        "val_bpb_answers": bpb})
         batches = batches.whole_text()
     loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
     bpb = bits_per_byte(loss, batches.meta, "val")
-    print0(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}{bpb_text(bpb)}{verdict_text(loss, val_loss_bar)}",
-           flush=True)
+    print0(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}{bpb_text(bpb)}"
+           f"{verdict_text(loss, val_loss_bar)}", flush=True)
     records.append({"kind": "final", "val_loss_full": loss, "val_tokens": tokens, "val_bpb": bpb})
     if not math.isfinite(loss):
         return records

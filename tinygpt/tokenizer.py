@@ -1,5 +1,5 @@
-"""Text <-> token ids: a character vocabulary, UTF-8 bytes, GPT-2's BPE (tiktoken) or a byte-level BPE trained
-on the data set (Hugging Face tokenizers), as meta.json names it,
+"""Text <-> token ids: a character vocabulary, UTF-8 bytes, GPT-2's BPE (tiktoken) or a byte-level
+BPE trained on the data set (Hugging Face tokenizers), as meta.json names it,
 and the "Q: ...\\nA: ..." framing of the TinyTalks Q&A data that evaluation and chat share (with earlier turns)."""
 from tinygpt.common import DataError
 
@@ -89,7 +89,8 @@ class BPETokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:  # the library would drop it silently
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary "
+                             f"(0..{self.vocab_size - 1})")
         return self.tokenizer.decode(ids)  # a cut multi-byte character shows as U+FFFD
 
 
@@ -101,8 +102,8 @@ def bpe_size(spec) -> int:
     low, high = BPE_SIZES
     size = spec.removeprefix("bpe:")
     if not spec.startswith("bpe:") or not size.isdigit() or not low <= int(size) <= high:
-        raise DataError(f"tokenizer={spec!r}: a BPE is bpe:N with N from {low} (the 256 bytes and one "
-                        f"merge) to {high:,} (ids stored as uint16), e.g. bpe:4096")
+        raise DataError(f"tokenizer={spec!r}: a BPE is bpe:N with N from {low} (the 256 bytes and "
+                        f"one merge) to {high:,} (ids stored as uint16), e.g. bpe:4096")
     return int(size)
 
 
@@ -117,9 +118,9 @@ def train_bpe(text, vocab_size) -> BPETokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator([text], trainer)
     if bpe.get_vocab_size() != vocab_size:
-        raise DataError(f"the train text ({len(text.encode('utf-8')):,} bytes) has only enough different "
-                        f"pairs for {bpe.get_vocab_size()} tokens, not bpe:{vocab_size}; use a smaller "
-                        "N or more text")
+        raise DataError(f"the train text ({len(text.encode('utf-8')):,} bytes) has only enough "
+                        f"different pairs for {bpe.get_vocab_size()} tokens, not bpe:{vocab_size}; "
+                        "use a smaller N or more text")
     return BPETokenizer(bpe.to_str())
 
 

@@ -5,12 +5,12 @@ Q&A data their own scores, as train.py reports them at the end of a run. Run fro
     python -m tools.evaluate --out_dir=out-tinytalks --ckpt=ckpt.pt
     python -m tools.evaluate --out_dir=out-pos-alibi --block_size=256   # length extrapolation: 4x a 64-token run
     python -m tools.evaluate --out_dir=out-pos-alibi --stream=2048      # sliding window vs attention sinks
-    python -m tools.evaluate --task=hellaswag --out_dir=out-gpt2-124m   # HellaSwag's 10,042 validation examples
-    python -m tools.evaluate --task=hellaswag --init_from=gpt2 --limit=1000   # OpenAI's GPT-2 (from the Hub)
+    python -m tools.evaluate --task=hellaswag --out_dir=out-gpt2-124m   # 10,042 HellaSwag examples
+    python -m tools.evaluate --task=hellaswag --init_from=gpt2 --limit=1000   # OpenAI's GPT-2
 
-Every loss is printed with its bits per byte of the text as well, so that models of different tokenizers
-compare. Without --batch_size, each forward pass takes as many windows as keep its logits within a quarter
-of the GPU's free memory (1 GB on a CPU): GPT-2's vocabulary at 1,024 tokens takes ~0.6 GB a window.
+Every loss is printed with its bits per byte of the text as well, so that tokenizers compare.
+Without --batch_size, each forward pass takes as many windows as keep its logits within a quarter of
+the GPU's free memory (1 GB on a CPU): GPT-2's vocabulary at 1,024 tokens takes ~0.6 GB a window.
 """
 import sys
 from dataclasses import dataclass
@@ -19,13 +19,16 @@ from pathlib import Path
 import torch
 
 from model import SINK_POSITIONS
-from tinygpt.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint, ready_for_inference
+from tinygpt.checkpoint import (checkpoint_path, load_checkpoint, model_from_checkpoint,
+                                ready_for_inference)
 from tinygpt.common import CheckpointError, ConfigError, DataError
 from tinygpt.data import Batches, load_meta
-from tinygpt.device import DTYPES, autocast_context, logits_budget, model_dtype, resolve_device, rows_within
+from tinygpt.device import (DTYPES, autocast_context, logits_budget, model_dtype, resolve_device,
+                            rows_within)
 from tinygpt.evaluation import final_report, streaming_losses
 from tinygpt.gpt2 import load_weights
-from tinygpt.hellaswag import GIT_BLOB, git_blob_id, hellaswag_examples, hellaswag_file, hellaswag_score
+from tinygpt.hellaswag import (GIT_BLOB, git_blob_id, hellaswag_examples, hellaswag_file,
+                               hellaswag_score)
 from tinygpt.options import must, run_cli
 from tinygpt.tokenizer import same_tokenizer
 
@@ -50,21 +53,22 @@ def stream_report(model, tokens, sink_tokens):
 class EvaluateConfig:
     out_dir: str = "out"         # the training run's folder
     ckpt: str = ""               # file in out_dir; '' = best.pt if the run has one, else ckpt.pt
-    data_dir: str = ""           # '' = the data_dir the checkpoint was trained with (hellaswag: 'data')
-    batch_size: int = 0          # sequences per forward pass; 0 = as many as keep the logits in memory (up to 64)
+    data_dir: str = ""           # '' = the checkpoint's data_dir (hellaswag: else 'data')
+    batch_size: int = 0          # sequences per forward pass; 0 = as many as fit in memory (<= 64)
     device: str = "auto"         # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
     dtype: str = "float32"       # 'float32', 'bfloat16', 'float16' or 'auto'
     block_size: int = 0          # windows of this many tokens (0 = the trained block_size); longer tests length extrapolation
     stream: int = 0              # > 0: instead, feed this many val tokens one at a time through generation's cache
     sink_tokens: int = 4         # with --stream: the attention sinks compared with the sliding window
-    task: str = ""               # '' = the run's own final scores; 'hellaswag' = HellaSwag's validation examples
-    init_from: str = ""          # with --task: GPT-2 weights instead of out_dir (gpt2, gpt2-medium, ..., or a folder)
-    source: str = ""             # with --task=hellaswag: a local copy of hellaswag_val.jsonl, or another URL
-    limit: int = 0               # with --task=hellaswag: the first N examples only (0 = all 10,042)
+    task: str = ""               # '' = the run's own final scores; 'hellaswag' = HellaSwag's
+    init_from: str = ""          # with --task: GPT-2 weights (gpt2, ..., a folder), not out_dir
+    source: str = ""             # with --task: a copy of hellaswag_val.jsonl, or another URL
+    limit: int = 0               # with --task: the first N examples only (0 = all 10,042)
 
     def __post_init__(self):
-        must(self.batch_size >= 0, f"batch_size={self.batch_size} must not be negative (0 = sized from memory)")
-        must(self.task in ("", "hellaswag"), f"task={self.task!r}: the one task here is 'hellaswag'")
+        must(self.batch_size >= 0, f"batch_size={self.batch_size} must not be negative "
+                                   "(0 = sized from memory)")
+        must(self.task in ("", "hellaswag"), f"task={self.task!r}: the one task is 'hellaswag'")
         must(self.limit >= 0, f"limit={self.limit} must not be negative (0 = every example)")
         must(self.task or not (self.init_from or self.source or self.limit),
              "--init_from, --source and --limit go with --task=hellaswag")
@@ -75,15 +79,20 @@ class EvaluateConfig:
 
 def hellaswag(cfg):
     """Score HellaSwag with a checkpoint's model (out_dir) or GPT-2's weights (init_from)."""
-    checkpoint = None if cfg.init_from else load_checkpoint(checkpoint_path(cfg.out_dir, cfg.ckpt), mmap=True)
+    checkpoint = None
+    if not cfg.init_from:
+        checkpoint = load_checkpoint(checkpoint_path(cfg.out_dir, cfg.ckpt), mmap=True)
     data_dir = cfg.data_dir or ((checkpoint or {}).get("config") or {}).get("data_dir") or "data"
     path = hellaswag_file(cfg.source, data_dir)  # before GPT-2's weights: a bad file stops at once
     examples = hellaswag_examples(path, cfg.limit)
-    model, tokenizer, device = ready_for_inference(checkpoint or load_weights(cfg.init_from), cfg.device, cfg.dtype)
-    pinned = "the pinned file" if git_blob_id(path) == GIT_BLOB else "not the pinned file: no published score compares"
-    print(f"hellaswag: {len(examples):,} examples of {path} ({pinned}), model {cfg.init_from or cfg.out_dir}", flush=True)
+    weights = checkpoint or load_weights(cfg.init_from)
+    model, tokenizer, device = ready_for_inference(weights, cfg.device, cfg.dtype)
+    pinned = "the pinned file" if git_blob_id(path) == GIT_BLOB else "not the pinned file"
+    print(f"hellaswag: {len(examples):,} examples of {path} ({pinned}), "
+          f"model {cfg.init_from or cfg.out_dir}", flush=True)
     scores = hellaswag_score(model, tokenizer, examples, device)
-    print(f"hellaswag ({scores['examples']:,} examples): acc {scores['acc']:.4f}, acc_norm {scores['acc_norm']:.4f}")
+    print(f"hellaswag ({scores['examples']:,} examples): acc {scores['acc']:.4f}, "
+          f"acc_norm {scores['acc_norm']:.4f}")
     return scores
 
 
@@ -109,7 +118,8 @@ def evaluate(cfg):
         return stream_report(model, torch.from_numpy(batches.tokens("val")[:cfg.stream].astype("int64")).to(device),
                              cfg.sink_tokens)
     rows = cfg.batch_size or rows_within(logits_budget(device), block, model.config.vocab_size, 64)
-    print(f"windows of {block} tokens ({block / trained_block:g}x the trained {trained_block}), {rows} per pass")
+    print(f"windows of {block} tokens ({block / trained_block:g}x the trained {trained_block}), "
+          f"{rows} per pass")
     ctx = autocast_context(device, model_dtype(cfg.dtype, device, checkpoint["model_args"]))
     final_report(model, batches, ctx, rows, trained.get("val_loss_bar", 0.0),
                  trained.get("exact_match_bar", 0.0))
