@@ -143,7 +143,11 @@ def test_evaluate_reads_past_the_window_where_positions_allow_and_says_so_where_
 
     assert evaluate_main([f"--out_dir={tmp_path / 'alibi'}", "--stream=40", "--sink_tokens=2", "--device=cpu"]) == 0
     out = capsys.readouterr().out
-    printed = dict(re.findall(r"(sliding window|2 sinks|full recompute).* loss ([\d.]+) +[\d.]+ tokens/s", out))
+    ways = re.findall(r"(sliding window|2 sinks|full recompute).* loss ([\d.]+) \(([\d.]+) bits per byte\) +"
+                      r"[\d.]+ tokens/s", out)
+    printed = {way: loss for way, loss, _ in ways}
+    assert all(float(bpb) == pytest.approx(float(loss) / math.log(2), abs=2e-4)  # characters: a byte each
+               for _, loss, bpb in ways)
     val = split_tokens(data_dir / "tiny", "val")[:40]
     expected = {"sliding window": streamed_loss_by_hand(model, val, "slide"),
                 "2 sinks": streamed_loss_by_hand(model, val, "sinks"),

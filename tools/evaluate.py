@@ -22,10 +22,10 @@ from model import SINK_POSITIONS
 from tinygpt.checkpoint import (checkpoint_path, load_checkpoint, model_from_checkpoint,
                                 ready_for_inference)
 from tinygpt.common import CheckpointError, ConfigError, DataError
-from tinygpt.data import Batches, load_meta
+from tinygpt.data import Batches, bits_per_byte, load_meta
 from tinygpt.device import (DTYPES, autocast_context, logits_budget, model_dtype, resolve_device,
                             rows_within)
-from tinygpt.evaluation import final_report, streaming_losses
+from tinygpt.evaluation import bpb_text, final_report, streaming_losses
 from tinygpt.gpt2 import load_weights
 from tinygpt.hellaswag import (GIT_BLOB, git_blob_id, hellaswag_examples, hellaswag_file,
                                hellaswag_score)
@@ -33,8 +33,9 @@ from tinygpt.options import must, run_cli
 from tinygpt.tokenizer import same_tokenizer
 
 
-def stream_report(model, tokens, sink_tokens):
-    """Print the streaming loss past the window and tokens/s of each way generation keeps context."""
+def stream_report(model, tokens, sink_tokens, meta):
+    """Print the streaming loss past the window (and its bits per byte, taking the val split's
+    tokens per byte) and tokens/s of each way generation keeps context."""
     block = model.config.block_size
     if len(tokens) <= block + 1:
         raise ConfigError(f"stream={len(tokens)} must be longer than the window, {block} tokens, to go past it")
@@ -46,7 +47,9 @@ def stream_report(model, tokens, sink_tokens):
             print(f"  {name:28s} n/a: pos={model.config.pos!r} bakes positions into the cached keys")
             continue
         losses, speed = streaming_losses(model, tokens, use_cache, sinks)
-        print(f"  {name:28s} loss {losses[block:].mean():.4f}   {speed:7.1f} tokens/s", flush=True)
+        loss = losses[block:].mean().item()
+        print(f"  {name:28s} loss {loss:.4f}{bpb_text(bits_per_byte(loss, meta, 'val'))}   "
+              f"{speed:7.1f} tokens/s", flush=True)
 
 
 @dataclass
@@ -116,7 +119,7 @@ def evaluate(cfg):
     batches = Batches(folder, meta, block, device)
     if cfg.stream:
         return stream_report(model, torch.from_numpy(batches.tokens("val")[:cfg.stream].astype("int64")).to(device),
-                             cfg.sink_tokens)
+                             cfg.sink_tokens, meta)
     rows = cfg.batch_size or rows_within(logits_budget(device), block, model.config.vocab_size, 64)
     print(f"windows of {block} tokens ({block / trained_block:g}x the trained {trained_block}), "
           f"{rows} per pass")
