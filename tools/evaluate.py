@@ -63,7 +63,7 @@ class EvaluateConfig:
     block_size: int = 0          # windows of this many tokens (0 = the trained block_size); longer tests length extrapolation
     stream: int = 0              # > 0: instead, feed this many val tokens one at a time through generation's cache
     sink_tokens: int = 4         # with --stream: the attention sinks compared with the sliding window
-    task: str = ""               # '' = the run's own final scores; 'hellaswag' = HellaSwag's
+    task: str = ""               # '' = the run's final scores; 'hellaswag': its validation set
     init_from: str = ""          # with --task: GPT-2 weights (gpt2, ..., a folder), not out_dir
     source: str = ""             # with --task: a copy of hellaswag_val.jsonl, or another URL
     limit: int = 0               # with --task: the first N examples only (0 = all 10,042)
