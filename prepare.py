@@ -2,11 +2,12 @@
 
     python prepare.py shakespeare_char                # TinyShakespeare by character (vocab 65)
     python prepare.py shakespeare                     # the same text in GPT-2 BPE (tiktoken)
+    python prepare.py shakespeare_bpe                 # the same text in a BPE of its own (bpe:2048)
     python prepare.py tinytalks                       # TinyTalks Q&A pairs by character
     python prepare.py shakespeare_byte                # both as UTF-8 bytes: one vocabulary, to
     python prepare.py tinytalks_byte                  #   pretrain on one and tune on the other
     python prepare.py tinytalks_chat                  # TinyTalks bytes as Q/A pairs, answer loss
-    python prepare.py mybook --source=my.txt          # any text file [--tokenizer=byte|gpt2]
+    python prepare.py mybook --source=my.txt          # any text [--tokenizer=byte|gpt2|bpe:N]
     python prepare.py reverse                         # attention tasks: reverse, copy, mixed
     python prepare.py fineweb_edu --shards=1          # FineWeb-Edu's 10B sample: 1 of 14 files
     python prepare.py myweb --source='web/*.parquet'  # your corpus: .parquet/.jsonl/.txt files
@@ -26,14 +27,13 @@ from tinygpt.common import DataError
 from tinygpt.common import must, run_cli
 from tinygpt.corpus import SHARD_TOKENS, prepare_corpus
 from tinygpt.datasets import DATASETS, is_corpus, prepare
-from tinygpt.tokenizer import TOKENIZERS
 
 
 @dataclass
 class PrepareConfig:
     dataset: str = ""          # shakespeare_char, shakespeare, tinytalks, a task, fineweb_edu, ...
     source: str = ""           # local file/folder/glob or URL instead of the pinned download
-    tokenizer: str = ""        # for your own text: 'char' (default), 'byte' or 'gpt2'
+    tokenizer: str = ""        # your text: 'char' (default), 'byte', 'gpt2', 'bpe:N' (learned)
     seed: int | None = None    # for reverse/copy/mixed (default 1337)
     data_dir: str = "data"     # the data set goes to data_dir/dataset
     shards: int = 0            # fineweb_edu: how many of the Hub's 14 parquet files (0 = all)
@@ -43,8 +43,9 @@ class PrepareConfig:
     def __post_init__(self):
         must(self.dataset, "name a data set: python prepare.py NAME (one of "
                            f"{', '.join(DATASETS)}, or your own with --source=FILE)")
-        must(self.tokenizer in ("", *TOKENIZERS),
-             f"tokenizer={self.tokenizer!r}: use char, byte or gpt2")
+        must(self.tokenizer in ("", "char", "byte", "gpt2") or self.tokenizer.startswith("bpe:"),
+             f"tokenizer={self.tokenizer!r}: use char, byte, gpt2 or bpe:N (a BPE of N tokens "
+             "learned from the text)")
         for name in ("shards", "workers", "shard_tokens"):
             must(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must not be negative")
 

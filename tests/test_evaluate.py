@@ -1,6 +1,7 @@
 """evaluate.py: the full-split loss is the mean over every scored token, and the command scores a
 checkpoint exactly as the end of its training run did."""
 import json
+import math
 import re
 import subprocess
 import sys
@@ -143,7 +144,11 @@ def test_evaluate_reads_past_the_window_where_positions_allow_and_says_so_where_
 
     assert evaluate_main([f"--out_dir={tmp_path / 'alibi'}", "--stream=40", "--sink_tokens=2", "--device=cpu"]) == 0
     out = capsys.readouterr().out
-    printed = dict(re.findall(r"(sliding window|2 sinks|full recompute).* loss ([\d.]+) +[\d.]+ tokens/s", out))
+    ways = re.findall(r"(sliding window|2 sinks|full recompute).* loss ([\d.]+) \(([\d.]+) bits per byte\) +"
+                      r"[\d.]+ tokens/s", out)
+    printed = {way: loss for way, loss, _ in ways}
+    assert all(float(bpb) == pytest.approx(float(loss) / math.log(2), abs=2e-4)  # characters: a byte each
+               for _, loss, bpb in ways)
     val = split_tokens(data_dir / "tiny", "val")[:40]
     expected = {"sliding window": streamed_loss_by_hand(model, val, "slide"),
                 "2 sinks": streamed_loss_by_hand(model, val, "sinks"),
@@ -209,3 +214,129 @@ def test_evaluations_under_keep_freed_memory_do_not_grow_the_heap_batch_by_batch
     growth = dict(line.rsplit(" ", 1) for line in result.stdout.splitlines())
     assert set(growth) == {"full split", "estimate"}
     assert all(float(batches) < 4 for batches in growth.values()), growth  # 20 batches each: a few logits at most
+
+
+# -------------------------------------------------------------------------------- bits per byte
+
+
+def test_bits_per_byte_converts_a_mean_loss_by_the_splits_tokens_per_byte():
+    from tinygpt.data import bits_per_byte
+
+    meta = {"val_tokens": 1000, "val_bytes": 3000}
+    assert bits_per_byte(1.5, meta, "val") == pytest.approx(1.5 * 1000 / (math.log(2) * 3000))
+    assert bits_per_byte(1.5, {"val_tokens": 10, "val_bytes": 10}, "val") == pytest.approx(
+        1.5 / math.log(2)
+    )
+    assert (
+        bits_per_byte(1.5, {"val_tokens": 1000}, "val") is None
+    )  # a corpus: no byte count, no figure
+
+
+def test_evaluate_prints_the_bits_per_byte_of_the_decoded_val_text_beside_the_loss(
+    tmp_path, data_dir, capsys
+):
+    """Worked out from the files: the val text's UTF-8 bytes (tokens decoded), the loss by hand."""
+    from tinygpt.tokenizer import tokenizer_from_meta
+
+    model = save_random_run(tmp_path / "run", data_dir)
+    assert evaluate_main([f"--out_dir={tmp_path / 'run'}", "--device=cpu"]) == 0
+    out = capsys.readouterr().out
+    loss, _ = full_split_loss_by_hand(model, data_dir / "tiny")
+    meta, val = load_meta(data_dir / "tiny"), split_tokens(data_dir / "tiny", "val")
+    val_bytes = len(tokenizer_from_meta(meta).decode(val.tolist()).encode("utf-8"))
+    printed = re.search(
+        r"final val loss \(full split, [\d,]+ tokens\): ([\d.]+) \(([\d.]+) bits per byte\)", out
+    )
+    assert float(printed.group(1)) == pytest.approx(loss, abs=1.5e-4)
+    assert float(printed.group(2)) == pytest.approx(
+        loss * len(val) / (math.log(2) * val_bytes), abs=2e-4
+    )
+
+
+# ------------------------------------------------------------------- batches sized from the logits
+
+LIMITED_MEMORY_CHILD = """
+import resource, sys
+from tools.evaluate import main
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # no address space for more logits than fit
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux", reason="limits the address space with Linux's RLIMIT_AS"
+)
+def test_evaluate_sizes_its_batches_so_a_gpt2_vocabulary_fits_in_memory(tmp_path):
+    """A checkpoint with GPT-2's 50,257-token vocabulary: 64 windows of 128 tokens are 1.6 GB of
+    logits and as much again for their log-softmax. In an address space of 3 GB the default must
+    choose fewer windows and finish; 64 windows (the old default, asked for here) cannot."""
+    vocab, block = 50257, 128
+    data = tmp_path / "data" / "web"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4 * block + 1), ("val", 64 * block + 1)):
+        rng.integers(0, vocab, n).astype("<u2").tofile(data / f"{split}.bin")
+    meta = {
+        "tokenizer": "gpt2",
+        "vocab_size": vocab,
+        "dtype": "uint16",
+        "train_tokens": 4 * block + 1,
+        "val_tokens": 64 * block + 1,
+    }
+    (data / "meta.json").write_text(json.dumps(meta))
+    model = tiny_model(vocab_size=vocab, block_size=block, n_layer=1, n_embd=16)
+    (tmp_path / "run").mkdir()
+    save_checkpoint(
+        tmp_path / "run" / "ckpt.pt",
+        {
+            "model": model.state_dict(),
+            "model_args": asdict(model.config),
+            "step": 1,
+            "meta": meta,
+            "config": {"data_dir": str(tmp_path / "data"), "dataset": "web"},
+        },
+    )
+
+    def evaluate_in(limit, *args):
+        return subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                LIMITED_MEMORY_CHILD,
+                str(limit),
+                f"--out_dir={tmp_path / 'run'}",
+                "--device=cpu",
+                *args,
+            ],
+            cwd=REPO,
+            env={**ENV, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    sized = evaluate_in(3 << 30)
+    assert sized.returncode == 0, sized.stderr[-2000:]
+    rows = int(re.search(r"trained 128\), (\d+) per pass", sized.stdout).group(1))
+    assert 1 <= rows <= 16
+    val = split_tokens(data, "val")
+    x, y = val[:-1].view(64, block), val[1:].view(64, block)
+    with torch.no_grad():  # by hand, four windows at a time
+        loss = (
+            torch.cat(
+                [
+                    F.cross_entropy(model(xb, yb)[0].flatten(0, 1), yb.flatten(), reduction="none")
+                    for xb, yb in zip(x.split(4), y.split(4))
+                ]
+            )
+            .mean()
+            .item()
+        )
+    reported = re.search(r"final val loss \(full split, ([\d,]+) tokens\): ([\d.]+)", sized.stdout)
+    assert int(reported.group(1).replace(",", "")) == 64 * block
+    assert float(reported.group(2)) == pytest.approx(loss, abs=1.5e-4)
+    old_default = evaluate_in(3 << 30, "--batch_size=64")
+    assert (
+        old_default.returncode != 0 and "memory" in old_default.stderr
+    )  # the premise: 64 windows do not fit

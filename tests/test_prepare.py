@@ -408,3 +408,124 @@ def test_corpus_options_are_refused_for_a_small_data_set_and_a_tokenizer_for_a_c
         assert cli.main([*args, f"--data_dir={tmp_path / 'data'}"]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+# ------------------------------------------------------------------------ a BPE of the data's own
+
+MIXED = "Zoë's café: 3 × 4 = 12\r\n\ttabs,  two spaces, 😀 and 中文 too.\n\n"
+
+
+def bpe_source(tmp_path, val_word="qxqxqx") -> Path:
+    """Text whose last 10% (val) repeats a word that never occurs in the first 90% (train)."""
+    from conftest import tiny_text
+
+    train = tiny_text(900) + MIXED * 20
+    val = f"{val_word} " * (len(train) // 9 // (len(val_word) + 1) + 1)
+    path = tmp_path / "bpe.txt"
+    path.write_text(train + val[: int(len(train) / 0.9) - len(train)], encoding="utf-8", newline="")
+    return path
+
+
+def test_a_bpe_learns_n_tokens_from_the_train_split_only_and_decodes_every_split_exactly(
+    tmp_path, capsys
+):
+    from tinygpt.tokenizer import train_bpe
+
+    source = bpe_source(tmp_path)
+    assert (
+        cli.main(["tinybpe", f"--source={source}", f"--data_dir={tmp_path}", "--tokenizer=bpe:300"])
+        == 0
+    )
+    out, meta = tmp_path / "tinybpe", load_meta(tmp_path / "tinybpe")
+    text = source.read_bytes().decode("utf-8")
+    n = int(len(text) * 0.9)
+    assert (meta["tokenizer"], meta["vocab_size"], meta["dtype"]) == ("bpe", 300, "uint16")
+    assert (out / "tokenizer.json").read_text(encoding="utf-8") == meta[
+        "bpe"
+    ]  # the file and the checkpoint's copy
+    tok = tokenizer_from_meta(meta)
+    assert tok.decode(np.fromfile(out / "train.bin", dtype="<u2")) == text[:n]
+    assert tok.decode(np.fromfile(out / "val.bin", dtype="<u2")) == text[n:]
+    assert (
+        tok.decode(tok.encode(MIXED + "ünseen wörds ✓")) == MIXED + "ünseen wörds ✓"
+    )  # bytes: nothing is unknown
+    learned = tok.tokenizer.get_vocab()
+    assert not any("qx" in t for t in learned)  # val's word taught it nothing...
+    assert any(
+        "qx" in t for t in train_bpe(text, 300).tokenizer.get_vocab()
+    )  # ...as the whole text would have
+    printed = capsys.readouterr().out
+    train_rate, val_rate = (meta[f"{s}_bytes"] / meta[f"{s}_tokens"] for s in ("train", "val"))
+    assert (
+        f"{train_rate:.2f} / {val_rate:.2f} bytes per token (train / val)" in printed
+        and train_rate > 1.5
+    )
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("bpe:256", "a BPE is bpe:N with N from 257"),
+        ("bpe:65536", "to 65,535"),
+        ("bpe:many", "a BPE is bpe:N"),
+        ("bpe:5000", "enough different pairs for"),
+    ],
+)
+def test_a_bpe_size_out_of_range_or_beyond_the_text_is_refused_in_one_line(tmp_path, spec, message):
+    from conftest import assert_one_line_error, run_script
+
+    source = tmp_path / "small.txt"
+    source.write_bytes(SMALL)
+    result = run_script(
+        "prepare.py",
+        ["mine", f"--source={source}", f"--data_dir={tmp_path}", f"--tokenizer={spec}"],
+        check=False,
+    )
+    assert_one_line_error(result, message, spec if spec != "bpe:5000" else "use a smaller N")
+    assert not (tmp_path / "mine" / "meta.json").exists()
+
+
+@needs_shakespeare
+def test_shakespeare_bpe_is_tinyshakespeare_in_a_bpe_of_its_own(tmp_path):
+    out = prepare("shakespeare_bpe", source=SHAKESPEARE, data_dir=tmp_path, tokenizer="bpe:512")
+    meta, text = load_meta(out), SHAKESPEARE.read_text()
+    n = int(len(text) * 0.9)
+    assert (meta["tokenizer"], meta["vocab_size"]) == ("bpe", 512)
+    tok = tokenizer_from_meta(meta)
+    assert tok.decode(np.fromfile(out / "val.bin", dtype="<u2")) == text[n:]
+    with pytest.raises(DataError, match="always tokenized by bpe:2048"):
+        prepare("shakespeare_bpe", source=SHAKESPEARE, data_dir=tmp_path, tokenizer="gpt2")
+
+
+def test_a_checkpoint_meta_without_its_bpe_or_with_a_broken_one_is_refused():
+    with pytest.raises(DataError, match='holds no "bpe" definition'):
+        tokenizer_from_meta({"tokenizer": "bpe", "vocab_size": 300})
+    with pytest.raises(DataError, match="cannot be read"):
+        tokenizer_from_meta({"tokenizer": "bpe", "bpe": "{not json"})
+
+
+# ------------------------------------------------------------------------------- bytes per split
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "byte", pytest.param("gpt2", marks=needs_gpt2_bpe),
+                                       "bpe:300"])
+def test_meta_counts_the_utf8_bytes_each_split_decodes_to(tmp_path, tokenizer):
+    source = bpe_source(tmp_path)
+    meta = load_meta(prepare("mine", source=source, data_dir=tmp_path, tokenizer=tokenizer))
+    tok = tokenizer_from_meta(meta)
+    for split in ("train", "val"):
+        ids = np.fromfile(tmp_path / "mine" / f"{split}.bin", dtype="<u2")
+        assert (
+            meta[f"{split}_bytes"]
+            == len(tok.decode(ids).encode("utf-8"))
+            > meta[f"{split}_tokens"] * 0.99
+        )
+    assert (
+        meta["train_bytes"] + meta["val_bytes"] == source.stat().st_size
+    )  # multi-byte characters count as bytes
+
+
+def test_a_task_and_a_qa_data_set_count_their_bytes_too(tmp_path):
+    meta = load_meta(prepare("reverse", data_dir=tmp_path))
+    assert (meta["train_bytes"], meta["val_bytes"]) == (
+        600 * 13,
+        200 * 13,
+    )  # 6 letters, '=', 6 letters

@@ -278,4 +278,60 @@ def test_chat_answers_with_the_conversation_so_far_in_the_context(tmp_path, samp
 
 def test_chat_answers_get_a_quarter_of_the_window_and_at_least_64_tokens_while_half_allows():
     from sample import answer_room
+
     assert [answer_room(b) for b in (32, 128, 256, 1024)] == [16, 64, 64, 256]
+
+
+def test_a_bpe_of_the_datas_own_trains_samples_evaluates_and_exports_from_the_checkpoint_alone(
+    tmp_path, sampled, capsys
+):
+    """prepare.py --tokenizer=bpe:N, then train.py; with the data folder gone, sample.py and the
+    checkpoint's tokenizer still decode (meta holds the BPE), and the export writes the tokenizer
+    transformers reads."""
+    from tools.evaluate import main as evaluate_main
+    from tools.export import main as export_main
+
+    source = tmp_path / "qa.txt"
+    source.write_text(qa_text(400) + "Zoë → café ✓\n" * 3, encoding="utf-8")
+    assert prepare(
+        "qabpe", source=str(source), data_dir=str(tmp_path / "data"), tokenizer="bpe:280"
+    )
+    out_dir = tmp_path / "out"
+    train_here(
+        [
+            "--dataset=qabpe",
+            f"--data_dir={tmp_path / 'data'}",
+            f"--out_dir={out_dir}",
+            "--n_layer=1",
+            "--n_head=2",
+            "--n_embd=32",
+            "--block_size=32",
+            "--batch_size=16",
+            "--max_iters=40",
+            "--eval_interval=40",
+            "--eval_iters=2",
+            "--learning_rate=3e-3",
+            "--warmup_iters=5",
+            "--lr_decay_iters=40",
+            "--device=cpu",
+            "--dtype=float32",
+            "--plot=False",
+        ],
+        tmp_path,
+    )
+    assert evaluate_main([f"--out_dir={out_dir}", "--device=cpu"]) == 0
+    assert "bits per byte" in capsys.readouterr().out
+    (tmp_path / "data" / "qabpe" / "tokenizer.json").unlink()
+    (tmp_path / "data" / "qabpe" / "meta.json").rename(tmp_path / "meta.json")
+    model, tokenizer = trained_model(out_dir)
+    assert (tokenizer.kind, tokenizer.vocab_size, model.config.vocab_size) == ("bpe", 280, 280)
+    assert tokenizer.decode(tokenizer.encode("Q: what is Zoë?\nA:")) == "Q: what is Zoë?\nA:"
+    text = sampled(out_dir, "--start=Q: what is", "--max_new_tokens=20", "--temperature=0").out
+    ids = tokenizer.encode("Q: what is")
+    greedy = greedy_by_hand(model, torch.tensor([ids]), 20)[0].tolist()
+    assert text.rstrip("\n") == tokenizer.decode(greedy).rstrip("\n")
+    assert export_main([f"--out_dir={out_dir}", f"--to={tmp_path / 'hf'}"]) == 0
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"))
+    assert hf_tokenizer.encode("Q: what is Zoë?") == tokenizer.encode("Q: what is Zoë?")

@@ -197,8 +197,9 @@ def check_resumable(checkpoint, model_args, meta, uses_muon, path):
     if differ:
         raise CheckpointError(f"{path} does not match this config: {'; '.join(differ)}. Use the "
                               "checkpoint's model settings, or another out_dir to start afresh")
-    saved_vocab = (checkpoint.get("meta") or {}).get("vocab")
-    if saved_vocab is not None and meta.get("vocab") is not None and saved_vocab != meta["vocab"]:
+    saved_meta = checkpoint.get("meta") or {}
+    if any(saved_meta.get(k) is not None and meta.get(k) is not None and saved_meta[k] != meta[k]
+           for k in ("vocab", "bpe")):
         raise CheckpointError(f"{path} was trained on another vocabulary than this data set; "
                               "resume with the data it was trained on")
     if "optimizer" not in checkpoint:
@@ -404,6 +405,9 @@ def check_vocabulary(weights_meta, vocab_size, meta, where):
         raise CheckpointError(f"{where} was trained on another character vocabulary "
                               f"({len(vocab)} characters) than this data set's "
                               f"({len(data_vocab)}); fine-tune it on data with the same vocabulary")
+    if weights_meta.get("bpe") != meta.get("bpe"):
+        raise CheckpointError(f"{where} was trained on another BPE than this data set's; fine-tune "
+                              "it on data prepared with its tokenizer (or train from scratch)")
     if meta["vocab_size"] > vocab_size:
         raise CheckpointError(f"{where} has {vocab_size} token embeddings, fewer than the "
                               f"{meta['vocab_size']} of this data set's vocabulary")

@@ -8,6 +8,7 @@ batches of one uninterrupted process. Under torchrun every process scores its sh
 evaluation's batches, and the sums are added up over the processes.
 """
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,23 @@ def load_meta(dataset_dir) -> dict:
     except ValueError as e:
         raise DataError(f"{path} is not valid JSON ({e}); delete {path.parent} "
                         "and prepare it again") from None
+
+
+def bits_per_byte(loss, meta, split):
+    """A mean loss in nats per token over `split` as bits per UTF-8 byte of the text, or None when
+    the data set does not record its bytes (corpora). Any mean over the split (all of it, windows
+    short of its end, an estimate's random windows) is taken to cover the split's tokens and bytes
+    in the same proportion, so the split's tokens per byte converts it:
+    bpb = loss * tokens / (ln 2 * bytes)."""
+    tokens, n_bytes = meta.get(f"{split}_tokens"), meta.get(f"{split}_bytes")
+    if not tokens or not n_bytes:
+        return None
+    return loss * tokens / (math.log(2) * n_bytes)
+
+
+def bpb_text(bpb) -> str:
+    """' (1.2345 bits per byte)' beside a loss, or '' when the data set records no bytes."""
+    return "" if bpb is None else f" ({bpb:.4f} bits per byte)"
 
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
@@ -314,9 +332,10 @@ def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_
         records.append({"kind": "final", "val_loss_answers": loss, "val_answer_tokens": tokens})
         batches = batches.whole_text()
     loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
-    print0(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}"
+    bpb = bits_per_byte(loss, batches.meta, "val")
+    print0(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}{bpb_text(bpb)}"
            f"{verdict_text(loss, val_loss_bar)}", flush=True)
-    records.append({"kind": "final", "val_loss_full": loss, "val_tokens": tokens})
+    records.append({"kind": "final", "val_loss_full": loss, "val_tokens": tokens, "val_bpb": bpb})
     if batches.task and np.isfinite(loss):
         examples = batches.examples("val")
         accuracy = exact_match_accuracy(model, examples, batches.prompt_len,

@@ -19,7 +19,7 @@ import numpy as np
 
 from tinygpt.common import DataError, atomic_write
 from tinygpt.download import download, is_url, sha256_of
-from tinygpt.tokenizer import make_tokenizer, qa_pairs, qa_prompt
+from tinygpt.tokenizer import bpe_size, make_tokenizer, qa_pairs, qa_prompt, train_bpe
 
 
 class Pin(NamedTuple):
@@ -44,10 +44,12 @@ TINYTALKS = (
         "4a44d204594c7f0a31202758de75af7fc8a1d17565423004ce8dd9d28bea99cb"),
 )
 PINNED = {"shakespeare_char": TINYSHAKESPEARE, "shakespeare": TINYSHAKESPEARE,
-          "tinytalks": TINYTALKS, "shakespeare_byte": TINYSHAKESPEARE, "tinytalks_byte": TINYTALKS,
+          "tinytalks": TINYTALKS, "shakespeare_byte": TINYSHAKESPEARE,
+          "shakespeare_bpe": TINYSHAKESPEARE, "tinytalks_byte": TINYTALKS,
           "tinytalks_chat": TINYTALKS}
 OWN_TOKENIZER = {"shakespeare_char": "char", "shakespeare": "gpt2", "tinytalks": "char",
-                 "shakespeare_byte": "byte", "tinytalks_byte": "byte", "tinytalks_chat": "byte"}
+                 "shakespeare_byte": "byte", "shakespeare_bpe": "bpe:2048",
+                 "tinytalks_byte": "byte", "tinytalks_chat": "byte"}
 # Q&A data sets trained on their answers only: whole pairs, loss on the answer tokens (data.Batches)
 ANSWER_LOSS = {"tinytalks_chat"}
 
@@ -67,7 +69,7 @@ CORPORA = ("fineweb_edu",)
 CORPUS_SUFFIXES = (".parquet", ".jsonl")  # one such file (or a folder, or a glob) is a corpus too
 
 DATASETS = [*PINNED, *TASKS, *CORPORA]
-FORMAT_VERSION = 1            # bump when the output format changes, so old outputs get rebuilt
+FORMAT_VERSION = 2            # bump when the output format changes, so old outputs get rebuilt
 # ------------------------------------------------------------------------------------- sources
 
 def pinned_location(pin, source) -> str:
@@ -138,11 +140,15 @@ def read_text(path) -> str:
 
 def split_90_10(text, kind, origin):
     """First 90% of the characters for training, the last 10% for validation, as nanoGPT does,
-    so losses compare with its published numbers."""
+    so losses compare with its published numbers. A BPE (kind 'bpe:N') learns from the train part
+    only."""
     n = int(len(text) * 0.9)
     if n == 0 or n == len(text):
         raise DataError(f"{origin} has only {len(text)} character(s), too few to split 90/10 "
                         "into train and val")
+    if kind.startswith("bpe:"):
+        tok = train_bpe(text[:n], bpe_size(kind))
+        return tok, text[:n], text[n:], {"chars": len(text)}, {"tokenizer.json": tok.json}
     tok = make_tokenizer(kind, sorted(set(text)))
     return tok, text[:n], text[n:], {"chars": len(text)}, {}
 
@@ -244,8 +250,13 @@ def write_dataset(out_dir, tok, train, val, meta, files) -> dict:
         write_bytes(out_dir / name, content if isinstance(content, bytes) else content.encode())
     meta = {"tokenizer": tok.kind, **({"vocab": tok.vocab} if tok.kind == "char" else {}),
             "vocab_size": tok.vocab_size, "dtype": dtype,
-            "train_tokens": len(train_ids), "val_tokens": len(val_ids), **meta}
-    write_bytes(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False).encode())
+            "train_tokens": len(train_ids), "val_tokens": len(val_ids),
+            # the UTF-8 bytes the tokens decode to: a loss per token becomes bits per byte (data.py)
+            "train_bytes": len(train.encode("utf-8")), "val_bytes": len(val.encode("utf-8")),
+            **meta,
+            # the BPE's whole definition: a checkpoint (it stores meta) decodes without this folder
+            **({"bpe": tok.json, "tokenizer_file": "tokenizer.json"} if tok.kind == "bpe" else {})}
+    write_bytes(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
     return meta
 
 
@@ -256,7 +267,8 @@ def prepared_meta(out_dir, inputs):
         itemsize = np.dtype(meta["dtype"]).itemsize
         complete = all((out_dir / f).stat().st_size == meta[k] * itemsize
                        for f, k in (("train.bin", "train_tokens"), ("val.bin", "val_tokens")))
-        extra_files = [meta.get("test_file"), *meta.get("pairs_files", {}).values()]
+        extra_files = [meta.get("test_file"), meta.get("tokenizer_file"),
+                       *meta.get("pairs_files", {}).values()]
         complete = complete and all((out_dir / f).is_file() for f in extra_files if f)
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -268,6 +280,9 @@ def summary(out_dir, meta) -> str:
              f"val {meta['val_tokens']:,} tokens"]
     if "chars" in meta:
         parts.insert(0, f"{meta['chars']:,} characters")
+    if "train_bytes" in meta:
+        train, val = (meta[f"{s}_bytes"] / max(1, meta[f"{s}_tokens"]) for s in ("train", "val"))
+        parts.append(f"{train:.2f} / {val:.2f} bytes per token (train / val)")
     if meta.get("answer_loss"):
         parts.append(f"{meta['train_pairs']} train / {meta['val_pairs']} val Q/A pairs, loss on "
                      "the answers")
@@ -296,10 +311,14 @@ def check_arguments(name, source, tokenizer, seed):
     if name not in DATASETS and not source:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}, or build "
                         f"your own from a text file: python prepare.py {name} --source=FILE_OR_URL")
-    if name in OWN_TOKENIZER and tokenizer not in (None, OWN_TOKENIZER[name]):
-        raise DataError(f"{name} is always tokenized by {OWN_TOKENIZER[name]}; --tokenizer is for "
-                        "your own text (TinyShakespeare in GPT-2 BPE is the `shakespeare` data "
-                        "set)")
+    own = OWN_TOKENIZER.get(name, "")
+    if tokenizer and tokenizer.startswith("bpe:"):
+        bpe_size(tokenizer)  # a wrong N fails here, before anything is read or downloaded
+    another_bpe = own.startswith("bpe:") and (tokenizer or "").startswith("bpe:")
+    if own and tokenizer not in (None, own) and not another_bpe:
+        raise DataError(f"{name} is always tokenized by {own}; --tokenizer is for your own text "
+                        "(TinyShakespeare in GPT-2 BPE is the `shakespeare` data set, in a BPE of "
+                        "your own `shakespeare_bpe --tokenizer=bpe:N`)")
     if name in TASKS and (source or tokenizer):
         raise DataError(f"{name} is generated with its own character vocabulary; drop "
                         "--source/--tokenizer")

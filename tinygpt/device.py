@@ -230,6 +230,23 @@ def free_memory_bytes(device) -> int | None:
     return available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
+LOGIT_BYTES = 12  # per logit an evaluation holds at once: logits, a float32 copy, the log-softmax
+HOST_LOGITS_BUDGET = 1 << 30  # bytes of logits per forward pass on a CPU or a Mac
+
+
+def logits_budget(device) -> int:
+    """Bytes one evaluation pass's logits may take: a quarter of a GPU's free memory, or 1 GB."""
+    if device_type(device) == "cuda":
+        return free_memory_bytes(device) // 4
+    return HOST_LOGITS_BUDGET
+
+
+def rows_within(budget, seq_len, vocab_size, most) -> int:
+    """Sequences of seq_len tokens per forward pass whose logits (vocab_size each) fit in budget
+    bytes: at least one, at most `most`."""
+    return max(1, min(most, budget // (seq_len * vocab_size * LOGIT_BYTES)))
+
+
 # ------------------------------------------------------------------------------ distributed
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def hf_config(args, meta) -> dict:
 
 def export_hf(checkpoint, folder) -> Path:
     """Write a checkpoint of this repo as a Hugging Face GPT-2 folder (config.json,
-    model.safetensors)."""
+    model.safetensors, and tokenizer.json for a BPE trained by prepare.py)."""
     folder = Path(folder)
     config = hf_config(checkpoint["model_args"], checkpoint.get("meta") or {})
     taken = [name for name in ("config.json", "model.safetensors") if (folder / name).exists()]
@@ -150,4 +150,7 @@ def export_hf(checkpoint, folder) -> Path:
     data = save(tensors, metadata={"format": "pt"})  # transformers reads only files that say "pt"
     atomic_write(folder / "model.safetensors", lambda f: f.write(data))
     atomic_write(folder / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
+    bpe = (checkpoint.get("meta") or {}).get("bpe")
+    if bpe:  # the tokenizers library's file: PreTrainedTokenizerFast(tokenizer_file=...) reads it
+        atomic_write(folder / "tokenizer.json", lambda f: f.write(bpe.encode("utf-8")))
     return folder

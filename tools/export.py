@@ -6,7 +6,9 @@
 The folder holds config.json and model.safetensors. Models with learned positions, GELU, a head
 tied to the embedding and no QK-norm export (bias=False exports zero biases); RoPE, ReLU^2,
 QK-norm, untied heads and the no-attention ablation are not GPT-2 and are refused. A GPT-2 BPE
-model reads GPT-2's tokenizer (GPT2TokenizerFast.from_pretrained('gpt2')); a character vocabulary
+model reads GPT-2's tokenizer (GPT2TokenizerFast.from_pretrained('gpt2')); a BPE trained by
+prepare.py (bpe:N) is written as tokenizer.json (PreTrainedTokenizerFast(tokenizer_file=...)); a
+character vocabulary
 stays in the run's meta.json, since transformers has no tokenizer for it.
 """
 import sys
