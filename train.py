@@ -89,21 +89,6 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
              f"this is torch {torch.__version__}")
 
 
-def learning_rate_at(step, cfg) -> float:
-    """Linear warmup over warmup_iters, then cosine (or linear) decay to min_lr."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    if step >= cfg.lr_decay_iters:
-        return cfg.min_lr
-    progress = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    if cfg.lr_schedule == "linear":
-        return cfg.learning_rate - progress * (cfg.learning_rate - cfg.min_lr)
-    span = cfg.learning_rate - cfg.min_lr
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * span
-
-
 # ------------------------------------------------------------------------------------ set-up
 
 def prepared_data(cfg, dist) -> Path:
@@ -235,7 +220,7 @@ def train(cfg, run, dist, argv) -> bool:
             if run.step >= cfg.max_iters:
                 return True
 
-            lr = learning_rate_at(run.step, cfg)
+            lr = optim.learning_rate_at(run.step, cfg)
             for group in (g for opt in run.optimizers for g in opt.param_groups):
                 group["lr"] = group["peak_lr"] * lr / cfg.learning_rate
             global_picks = run.batches.random_picks(

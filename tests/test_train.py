@@ -47,7 +47,8 @@ from tinygpt.checkpoint import (
 from tinygpt.common import CheckpointError, ConfigError, parse_options
 from tinygpt.data import Batches, exact_match_accuracy, picks_of_rank, split_global_batch
 from tinygpt.device import Dist, model_dtype
-from train import TrainConfig, build_model, learning_rate_at
+from tinygpt.optim import learning_rate_at
+from train import TrainConfig, build_model
 
 TRAIN = str(REPO / "train.py")
 

@@ -1,5 +1,7 @@
-"""The optimizers train.py steps: AdamW, with Muon for the blocks' matrices when muon_lr > 0, and
-the step itself: gradients unscaled, clipped, stepped and zeroed."""
+"""The optimizers train.py steps: AdamW, with Muon for the blocks' matrices when muon_lr > 0; the
+step itself (gradients unscaled, clipped, stepped and zeroed); and the learning-rate schedule."""
+import math
+
 import torch
 
 from tinygpt.device import capabilities
@@ -70,3 +72,18 @@ def global_norm(grads) -> torch.Tensor:
 
 def grads_of(optimizer) -> list:
     return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+
+def learning_rate_at(step, cfg) -> float:
+    """Linear warmup over warmup_iters, then cosine (or linear) decay to min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    if cfg.lr_schedule == "linear":
+        return cfg.learning_rate - progress * (cfg.learning_rate - cfg.min_lr)
+    span = cfg.learning_rate - cfg.min_lr
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * span
