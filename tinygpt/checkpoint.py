@@ -181,11 +181,16 @@ def model_from_checkpoint(checkpoint, device="cpu") -> GPT:
 def load_for_inference(out_dir, name="", device="auto", dtype="auto"):
     """(model in eval mode with weights cast to dtype, its tokenizer, device) from out_dir's
     checkpoint (best.pt by default): what sample.py and tools/interpret.py start from."""
+    return ready_for_inference(checkpoint_to_sample(out_dir, name), device, dtype)
+
+
+def checkpoint_to_sample(out_dir, name=""):
+    """out_dir's checkpoint (best.pt by default), mapped: the optimizer state stays on disk."""
     path = checkpoint_path(out_dir, name)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}; train one first, e.g. "
                               f"python train.py configs/speedrun_cpu.py --out_dir={out_dir}")
-    return ready_for_inference(load_checkpoint(path, mmap=True), device, dtype)  # mapped: the optimizer state stays on disk
+    return load_checkpoint(path, mmap=True)
 
 
 def ready_for_inference(checkpoint, device="auto", dtype="auto"):
@@ -204,7 +209,8 @@ def ready_for_inference(checkpoint, device="auto", dtype="auto"):
 def check_vocabulary(weights_meta, vocab_size, meta, where):
     """Raise CheckpointError unless a model with vocab_size token embeddings, trained on tokens of
     weights_meta's tokenizer, can be fine-tuned on the data set of meta: the same tokenizer (for
-    characters, the same list in the same order) and no token id beyond its embeddings."""
+    characters, the same list in the same order) and no text token id beyond its embeddings (a data set's
+    template tokens, ids from its text_vocab_size on, may be new: fine-tuning adds their rows)."""
     kind, data_kind = weights_meta.get("tokenizer"), meta.get("tokenizer")
     if kind != data_kind:
         raise CheckpointError(f"{where} reads {kind} tokens, but this data set is tokenized by {data_kind}; "
@@ -213,9 +219,9 @@ def check_vocabulary(weights_meta, vocab_size, meta, where):
     if vocab != data_vocab:
         raise CheckpointError(f"{where} was trained on another character vocabulary ({len(vocab)} characters) than "
                               f"this data set's ({len(data_vocab)}); fine-tune it on data with the same vocabulary")
-    if meta["vocab_size"] > vocab_size:
-        raise CheckpointError(f"{where} has {vocab_size} token embeddings, fewer than the {meta['vocab_size']} "
-                              "of this data set's vocabulary")
+    if meta.get("text_vocab_size", meta["vocab_size"]) > vocab_size:
+        raise CheckpointError(f"{where} has {vocab_size} token embeddings, fewer than the "
+                              f"{meta.get('text_vocab_size', meta['vocab_size'])} of this data set's text")
 
 
 def check_resumable(checkpoint, model_args, meta, uses_muon, path):

@@ -18,7 +18,9 @@ import numpy as np
 
 from tinygpt.common import DataError, atomic_write
 from tinygpt.corpus import CORPORA, SHARD_TOKENS, prepare_corpus
-from tinygpt.tokenizer import make_tokenizer, qa_pairs, qa_prompt
+from tinygpt.chat import (ChatTemplate, conversation_files, conversations_text, looks_like_conversations,
+                          qa_conversations, read_conversations)
+from tinygpt.tokenizer import make_tokenizer
 
 
 class Pin(NamedTuple):
@@ -46,8 +48,8 @@ PINNED = {"shakespeare_char": TINYSHAKESPEARE, "shakespeare": TINYSHAKESPEARE, "
           "shakespeare_byte": TINYSHAKESPEARE, "tinytalks_byte": TINYTALKS, "tinytalks_chat": TINYTALKS}
 OWN_TOKENIZER = {"shakespeare_char": "char", "shakespeare": "gpt2", "tinytalks": "char",
                  "shakespeare_byte": "byte", "tinytalks_byte": "byte", "tinytalks_chat": "byte"}
-# Q&A data sets trained on their answers only: whole pairs, loss on the answer tokens (data.Batches)
-ANSWER_LOSS = {"tinytalks_chat"}
+MAX_TOKENS = 1024             # conversations longer than this many tokens are left out (and counted)
+VAL_SHARE = 0.1               # of a conversations file's conversations, drawn with the seed, for validation
 
 # Attention-proof tasks: (train, test) example counts. Every example is 6 letters, '=', the answer;
 # mixed puts a task token first: lowercase 'r' ([R], reverse) or 'c' ([C], copy).
@@ -60,7 +62,7 @@ TASK_VOCAB = sorted(TASK_LETTERS + "=cr")
 DEFAULT_SEED = 1337
 
 DATASETS = [*PINNED, *TASKS, *CORPORA]
-FORMAT_VERSION = 1            # bump when the output format changes, so old outputs get rebuilt
+FORMAT_VERSION = 2            # bump when the output format changes, so old outputs get rebuilt
 RETRIES = 3                   # attempts per download
 BACKOFF_S = 0.5               # wait 0.5 s, then 1 s, between attempts
 TIMEOUT_S = (10, 60)          # (connect, between bytes) seconds
@@ -230,33 +232,73 @@ def tinytalks_texts(files, kind):
         tok.encode(test)
     except ValueError as e:
         raise DataError(f"tinytalks test.txt: {e} (built from train+val)") from None
-    extra = {"qa": True, "test_file": "test.txt", "chars": len(train) + len(val), "test_chars": len(test)}
+    extra = {"test_file": "test.txt", "chars": len(train) + len(val), "test_chars": len(test)}
     return tok, train, val, extra, {"test.txt": test}
 
 
-def pair_index(tok, text) -> tuple:
-    """(text rebuilt from its pairs, (n, 3) uint32 token offsets of each pair: question start, answer start,
-    answer end). The answer is " <answer>\n", what follows "A:" up to and with the newline that ends it,
-    so a model trained on it learns where to stop; the pair's blank line after it is not scored."""
-    rows, pieces, at = [], [], 0
-    for question, answer in qa_pairs(text):
-        prompt, reply = tok.encode(qa_prompt(question)), tok.encode(f" {answer}\n")
-        rows.append((at, at + len(prompt), at + len(prompt) + len(reply)))
-        pieces.append(f"{qa_prompt(question)} {answer}\n\n")
-        at = rows[-1][2] + len(tok.encode("\n"))
-    rebuilt = "".join(pieces)
-    if not rows or len(tok.encode(rebuilt)) != at:  # a tokenizer that merges across the pieces (BPE) would
-        raise DataError("no Q/A pairs found, or the tokenizer does not split them at their edges")
-    return rebuilt, np.array(rows, dtype="<u4")
+def rendered_split(template, tok, conversations, max_tokens) -> tuple:
+    """(ids, mask, starts, where of the conversations left out) of one split: the conversations rendered one
+    after the other, the mask 1 on the tokens the loss is on, starts[i] where conversation i starts (then
+    the end); a conversation longer than max_tokens is left out."""
+    ids, mask, starts, skipped = [], [], [0], []
+    for where, messages in conversations:
+        conversation, scored = template.render(tok, messages)
+        if len(conversation) > max_tokens:
+            skipped.append(where)
+            continue
+        ids += conversation
+        mask += scored
+        starts.append(len(ids))
+    return ids, mask, starts, skipped
 
 
-def chat_texts(files, kind):
-    """tinytalks_chat: TinyTalks' splits rebuilt pair by pair, with pair_index's offsets in
-    {train,val}_pairs.bin, so batches are whole pairs with the loss on their answers."""
-    tok, train, val, extra, texts = tinytalks_texts(files, kind)
-    (train, train_pairs), (val, val_pairs) = pair_index(tok, train), pair_index(tok, val)
-    extra = {**extra, "answer_loss": True, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "pairs_files": {"train": "train_pairs.bin", "val": "val_pairs.bin"}}
-    return tok, train, val, extra, {**texts, "train_pairs.bin": train_pairs.tobytes(), "val_pairs.bin": val_pairs.tobytes()}
+def conversation_splits(splits, kind, max_tokens, test=None):
+    """The builder every conversations data set goes through: {"train": [(where, messages)], "val": ...}
+    rendered with the chat template; ids for the bins, each split's mask and starts as extra files, and
+    the template, counts and left-out conversations in meta.json. test (conversations, never trained on)
+    is written as test.jsonl for the final report."""
+    tok = make_tokenizer(kind, sorted(set(conversations_text(splits["train"] + splits["val"] + (test or [])))))
+    template, vocab_size = ChatTemplate.for_tokenizer(tok)
+    ids, files, skipped, counts = {}, {}, [], {}
+    for split, conversations in splits.items():
+        ids[split], mask, starts, left_out = rendered_split(template, tok, conversations, max_tokens)
+        if len(starts) < 2:
+            raise DataError(f"no {split} conversation is {max_tokens} tokens or shorter; raise --max_tokens")
+        files[f"{split}_mask.bin"] = np.array(mask, dtype=np.uint8).tobytes()
+        files[f"{split}_starts.bin"] = np.array(starts, dtype="<u8").tobytes()
+        skipped += left_out
+        counts[split] = len(starts) - 1
+    extra = {"answer_loss": True, "chat_template": template.to_meta(), "vocab_size": vocab_size,
+             "text_vocab_size": tok.vocab_size, "conversations": counts,
+             "answer_files": {split: {"starts": f"{split}_starts.bin", "mask": f"{split}_mask.bin"} for split in ids},
+             "max_tokens": max_tokens, "left_out_too_long": len(skipped), "left_out_first": skipped[:5]}
+    if test:
+        extra["test_file"] = "test.jsonl"
+        files["test.jsonl"] = "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for _, m in test)
+    return tok, ids["train"], ids["val"], extra, files
+
+
+def conversations_texts(paths, kind, seed, max_tokens):
+    """A conversations file (or folder of files), split by conversation: VAL_SHARE of them, drawn with the
+    seed, for validation (at least one), the rest for training."""
+    conversations = [c for path in paths for c in read_conversations(path)]
+    if len(conversations) < 2:
+        raise DataError(f"{paths[0]} holds {len(conversations)} conversation; give at least 2 (one is held out)")
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(order) * VAL_SHARE))
+    val = [conversations[i] for i in sorted(order[:n_val])]
+    train = [conversations[i] for i in sorted(order[n_val:])]
+    return conversation_splits({"train": train, "val": val}, kind, max_tokens)
+
+
+def chat_texts(files, kind, max_tokens):
+    """tinytalks_chat: TinyTalks' own splits, each Q/A pair a conversation of one question and its answer,
+    through the conversations builder; its test pairs become test.jsonl for the final report."""
+    splits = {s: qa_conversations(read_text(files[f"splits/{s}.txt"]), f"{s}.txt") for s in ("train", "val", "test")}
+    tok, train, val, extra, written = conversation_splits({s: splits[s] for s in ("train", "val")}, kind,
+                                                          max_tokens, test=splits["test"])
+    return tok, train, val, {**extra, "levels": "tinytalks"}, written
 
 
 def distinct_words(count, rng) -> list:
@@ -300,11 +342,12 @@ def write_bytes(path, data: bytes):
 
 
 def write_dataset(out_dir, tok, train, val, meta, files) -> dict:
-    """Encode and write the bins and extra files, then meta.json last: a run cut short leaves no
+    """Encode (unless they are token ids already) and write the bins and extra files, then meta.json last:
+    a run cut short leaves no
     meta.json that claims the data set is complete."""
-    dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
-    train_ids = np.array(tok.encode(train), dtype=f"<u{np.dtype(dtype).itemsize}")
-    val_ids = np.array(tok.encode(val), dtype=train_ids.dtype)
+    dtype = "uint16" if meta.get("vocab_size", tok.vocab_size) <= 65535 else "uint32"
+    train_ids = np.array(tok.encode(train) if isinstance(train, str) else train, dtype=f"<u{np.dtype(dtype).itemsize}")
+    val_ids = np.array(tok.encode(val) if isinstance(val, str) else val, dtype=train_ids.dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bytes(out_dir / "train.bin", train_ids.tobytes())
     write_bytes(out_dir / "val.bin", val_ids.tobytes())
@@ -324,7 +367,8 @@ def prepared_meta(out_dir, inputs):
         itemsize = np.dtype(meta["dtype"]).itemsize
         complete = all((out_dir / f).stat().st_size == meta[k] * itemsize
                        for f, k in (("train.bin", "train_tokens"), ("val.bin", "val_tokens")))
-        extra_files = [meta.get("test_file"), *meta.get("pairs_files", {}).values()]
+        extra_files = [meta.get("test_file"), *(f for files in meta.get("answer_files", {}).values()
+                                                for f in files.values())]
         complete = complete and all((out_dir / f).is_file() for f in extra_files if f)
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -337,7 +381,9 @@ def summary(out_dir, meta) -> str:
     if "chars" in meta:
         parts.insert(0, f"{meta['chars']:,} characters")
     if meta.get("answer_loss"):
-        parts.append(f"{meta['train_pairs']} train / {meta['val_pairs']} val Q/A pairs, loss on the answers")
+        parts.append(f"{meta['conversations']['train']:,} train / {meta['conversations']['val']:,} val conversations, "
+                     f"loss on the assistant's turns; {meta['left_out_too_long']} left out for being longer than "
+                     f"--max_tokens={meta['max_tokens']}" + "".join(f" ({w})" for w in meta["left_out_first"][:1]))
     if "task" in meta:
         parts.insert(0, f"{meta['train_examples']} train / {meta['val_examples']} test examples of "
                         f"{meta['example_len']} tokens (prompt {meta['prompt_len']})")
@@ -367,23 +413,31 @@ def check_arguments(name, source, tokenizer, seed):
                         "(TinyShakespeare in GPT-2 BPE is the `shakespeare` data set)")
     if name in TASKS and (source or tokenizer):
         raise DataError(f"{name} is generated with its own character vocabulary; drop --source/--tokenizer")
-    if name not in TASKS and seed is not None:
-        raise DataError(f"--seed only applies to the generated tasks ({', '.join(TASKS)}), not to {name}")
+    if name not in TASKS and seed is not None and not is_conversations(name, source):
+        raise DataError(f"--seed only applies to the generated tasks ({', '.join(TASKS)}) and to conversations "
+                        f"(it draws their val split), not to {name}")
+
+
+def is_conversations(name, source) -> bool:
+    """tinytalks_chat, or your own name with a conversations .jsonl file or folder as its source."""
+    own = name not in DATASETS and source and not is_url(source) and looks_like_conversations(source)
+    return name == "tinytalks_chat" or bool(own)
 
 
 def is_corpus(name, source) -> bool:
     """fineweb_edu, or your own name with a folder, a glob, or a .parquet/.jsonl file as its source."""
-    if name in CORPORA or not source or name in DATASETS or is_url(source):
+    if name in CORPORA or not source or name in DATASETS or is_url(source) or is_conversations(name, source):
         return name in CORPORA
     folder_or_glob = Path(source).is_dir() or any(c in str(source) for c in "*?[")
     return folder_or_glob or Path(source).suffix in (".parquet", ".jsonl")
 
 
 def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None, shards=0, workers=0,
-            shard_tokens=0) -> Path:
+            shard_tokens=0, max_tokens=0) -> Path:
     """Build data_dir/name/ and return that folder; a no-op when it is already built from the same
     inputs (data file hashes, tokenizer, seed). A name prepare.py does not know is a text data set
-    built from the file or URL `source`, or a corpus (is_corpus) of shards: shards, workers and
+    built from the file or URL `source`, a conversations set (is_conversations: JSONL, max_tokens the longest
+    conversation kept, MAX_TOKENS by default), or a corpus (is_corpus) of shards: shards, workers and
     shard_tokens are corpus.prepare_corpus's."""
     if is_corpus(name, source):
         if tokenizer not in (None, "gpt2") or seed is not None:
@@ -396,16 +450,25 @@ def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None, shard
     source = None if source is None else str(source)
     out_dir = Path(data_dir) / name
     kind = tokenizer or OWN_TOKENIZER.get(name, "char")
-    seed = (DEFAULT_SEED if seed is None else seed) if name in TASKS else None
+    chat = is_conversations(name, source)
+    if max_tokens and not chat:
+        raise DataError("--max_tokens is for conversations: tinytalks_chat, or --source=FILE.jsonl of them")
+    max_tokens = (max_tokens or MAX_TOKENS) if chat else None
+    seed = (DEFAULT_SEED if seed is None else seed) if name in TASKS or (chat and name not in PINNED) else None
     hashes = {}
     if name in PINNED:
         pinned_files(name, source, out_dir, fetch=False)  # a wrong local copy fails even when built
         hashes = {pin.path: pin.sha256 for pin in PINNED[name]}
+    elif chat:
+        paths = conversation_files(source)
+        hashes = {str(path.relative_to(source) if Path(source).is_dir() else path.name): sha256_of(path)
+                  for path in paths}
     elif name not in TASKS:
         path = text_file(source, out_dir)
         hashes = {path.name: sha256_of(path)}
-    inputs = {"format": FORMAT_VERSION, "dataset": name if name in DATASETS else "text", "tokenizer": kind,
-              "seed": seed, "files": hashes}
+    dataset = name if name in DATASETS else "conversations" if chat else "text"
+    inputs = {"format": FORMAT_VERSION, "dataset": dataset, "tokenizer": kind, "seed": seed, "files": hashes,
+              **({"max_tokens": max_tokens} if chat else {})}
 
     meta = prepared_meta(out_dir, inputs)
     if meta:
@@ -414,8 +477,10 @@ def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None, shard
 
     if name in TASKS:
         tok, train, val, extra, files = task_texts(name, seed)
-    elif name in ANSWER_LOSS:
-        tok, train, val, extra, files = chat_texts(pinned_files(name, source, out_dir, fetch=True), kind)
+    elif name == "tinytalks_chat":
+        tok, train, val, extra, files = chat_texts(pinned_files(name, source, out_dir, fetch=True), kind, max_tokens)
+    elif chat:
+        tok, train, val, extra, files = conversations_texts(paths, kind, seed, max_tokens)
     elif PINNED.get(name) == TINYTALKS:
         tok, train, val, extra, files = tinytalks_texts(pinned_files(name, source, out_dir, fetch=True), kind)
     else:

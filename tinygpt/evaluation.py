@@ -1,11 +1,10 @@
 """Losses and scores of a model: the estimate train.py logs at each evaluation, the loss over a whole
-split, exact match on the attention tasks, the Q&A report on TinyTalks, and the final report that
-train.py prints at the end of a run and tools/evaluate.py prints for any checkpoint.
+split, exact match on the attention tasks, and the final report that train.py prints at the end of a
+run and tools/evaluate.py prints for any checkpoint (a chat model's own scores are chat.py's).
 
 Under torchrun every process scores its share of the batches and the sums are all-reduced.
 """
 import math
-import re
 import time
 
 import numpy as np
@@ -14,7 +13,8 @@ import torch.nn.functional as F
 
 from tinygpt.data import EVAL_STREAM, batch_rng
 from tinygpt.device import Dist, print0, sum_floats_over_ranks, sum_over_ranks
-from tinygpt.tokenizer import answer_room, chat_prompt_ids, qa_pairs, qa_prompt, tokenizer_from_meta
+from tinygpt.chat import chat_report
+from tinygpt.tokenizer import tokenizer_from_meta
 
 
 @torch.no_grad()
@@ -93,64 +93,6 @@ def exact_match_accuracy(model, examples, prompt_len, batch_size=512, device="cp
 
 
 @torch.no_grad()
-def qa_answer_loss(model, tokenizer, pairs, ctx, device) -> float:
-    """Mean cross-entropy on the answer tokens (" answer\\n") of Q&A pairs, given the question."""
-    model.eval()
-    total, scored = 0.0, 0
-    for question, answer in pairs:
-        prompt = tokenizer.encode(qa_prompt(question))
-        ids = torch.tensor(prompt + tokenizer.encode(f" {answer}\n"), device=device)
-        x, y = ids[:-1], ids[1:].clone()
-        y[:len(prompt) - 1] = -1  # no loss on the question
-        x, y = x[-model.config.block_size:], y[-model.config.block_size:]
-        with ctx:
-            loss = model(x[None], y[None])[1]
-        n = int((y != -1).sum())
-        total, scored = total + loss.item() * n, scored + n
-    return total / scored
-
-
-@torch.no_grad()
-def greedy_answer(model, tokenizer, question, device, turns=()) -> str:
-    """The model's greedy answer to a question, after the earlier (question, answer) turns as sample.py --chat
-    puts them in front, up to the newline that ends answers in the data, and at most answer_room tokens long."""
-    room = answer_room(model.config.block_size)
-    ids = chat_prompt_ids(tokenizer, [(q, f" {a}") for q, a in turns], question, model.config.block_size - room)
-    answer = []
-    for token in model.generate_stream(torch.tensor([ids], device=device), room, temperature=0):
-        text = tokenizer.decode([token.item()])
-        if text == "\n":
-            break
-        answer.append(text)
-    return "".join(answer).strip()
-
-
-@torch.no_grad()
-def greedy_matches(model, tokenizer, pairs, device, batch_size=64) -> list:
-    """For each (question, answer) pair, whether the greedy answer is exactly the reference, from one forward
-    pass per batch instead of generation: greedy decoding writes " <answer>\\n" exactly when each of those
-    tokens is the top choice after the question and the tokens before it."""
-    model.eval()
-    matches = []
-    room = answer_room(model.config.block_size)
-    for start in range(0, len(pairs), batch_size):
-        prompts = [tokenizer.encode(qa_prompt(q)) for q, _ in pairs[start:start + batch_size]]
-        replies = [tokenizer.encode(f" {a}\n") for _, a in pairs[start:start + batch_size]]
-        # an answer longer than the chat's room, or a pair beyond the window, is one greedy decoding cannot write
-        fits = [len(p) + len(r) <= model.config.block_size and len(r) <= room for p, r in zip(prompts, replies)]
-        width = max([len(p) + len(r) for p, r, fit in zip(prompts, replies, fits) if fit], default=1)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        for row, (p, r, fit) in enumerate(zip(prompts, replies, fits)):
-            if fit:
-                ids[row, :len(p) + len(r)] = torch.tensor(p + r)
-        ids = ids.to(device)
-        top = model(ids, ids)[0].argmax(dim=-1)  # any targets: they ask for every position's logits
-        for row, (p, r, fit) in enumerate(zip(prompts, replies, fits)):
-            matches.append(fit and top[row, len(p) - 1:len(p) + len(r) - 1].tolist() == r)
-    return matches
-
-
-@torch.no_grad()
 def streaming_losses(model, tokens, use_cache=True, sink_tokens=0):
     """(loss of predicting each of tokens[1:] (1-D), tokens per second) when the tokens arrive one at
     a time through generation's own steps (model.next_logits): past the window the losses show what
@@ -172,113 +114,9 @@ def verdict_text(value, bar, higher_is_better=False, unit="") -> str:
     return f" (bar {bar:g}{unit}): {'PASS' if passed else 'FAIL'}"
 
 
-STOP_WORDS = frozenset("the and you your are was were what how does can this that with for have has not "
-                       "but its it's".split())
-# TinyTalks records no level; these rules tell three of its five from the question (DATASHEET: L1 greetings
-# and identity, L2 facts, L3 math, L4 reasoning, L5 multi-turn context) and leave L2 and L4 together.
-LEVEL_RULES = [("L3 math", r"\d"),
-               ("L1 greetings, identity", r"\b(hello|hi|hey|greetings|good (morning|afternoon|evening)|bye|thanks?|"
-                                          r"tinybot|yourself|your name|who are you|how are you|were you)\b"),
-               ("L5 statements (context)", r"[^?]$"),
-               ("L2/L4 facts, reasoning", r"")]
-
-
-def level_of(question) -> str:
-    return next(name for name, rule in LEVEL_RULES if re.search(rule, question.lower().strip()))
-
-
-def words(text) -> list:
-    return re.findall(r"[a-z]+(?:'[a-z]+)?", text.lower())
-
-
-def content_words(text) -> set:
-    """Words of 3+ letters outside STOP_WORDS: what an answer must share with a text to be about it."""
-    return {w for w in words(text) if len(w) >= 3 and w not in STOP_WORDS}
-
-
-def answer_scores(answers, references, known_words, questions=None) -> dict:
-    """Shares of hand-comparable facts about answers: real_words, of the answers' words that occur in
-    known_words; overlap, of answers sharing a content word with their reference; topic, of answers sharing
-    one with their question (when questions are given)."""
-    said = [w for answer in answers for w in words(answer)]
-    n = max(1, len(answers))
-    scores = {"real_words": sum(w in known_words for w in said) / max(1, len(said)),
-              "overlap": sum(bool(content_words(a) & content_words(r)) for a, r in zip(answers, references)) / n}
-    if questions is not None:
-        scores["topic"] = sum(bool(content_words(a) & content_words(q)) for a, q in zip(answers, questions)) / n
-    return scores
-
-
-def repeated_share(chats) -> float:
-    """Share of the answers, after a chat's first, that equal the answer just before them."""
-    follow_ups = [(before, after) for answers in chats for before, after in zip(answers, answers[1:])]
-    return sum(before == after for before, after in follow_ups) / max(1, len(follow_ups))
-
-
-CHAT_TURNS = 5
-
-
-def chat_answers(model, tokenizer, questions, device) -> list:
-    """The greedy answers of one conversation: each question asked after the earlier turns."""
-    turns = []
-    for question in questions:
-        turns.append((question, greedy_answer(model, tokenizer, question, device, turns)))
-    return [answer for _, answer in turns]
-
-
-def percent(share) -> str:
-    return f"{100 * share:5.1f}%"
-
-
-def qa_report(model, batches, ctx, exact_match_bar=0.0) -> dict:
-    """Score the model as a chat model, overall and per level, printing every test answer beside its reference:
-    exact match of the greedy answers to the train questions (what it was taught; levels 1-2 judged PASS/FAIL
-    against exact_match_bar when given); for the held-out test questions real words, overlap with the reference
-    and naming the question's topic; and in 5-turn chats of test questions, the share of answers that repeat
-    the previous one."""
-    tokenizer = tokenizer_from_meta(batches.meta)
-    train_text = tokenizer.decode(batches.tokens("train"))
-    taught = qa_pairs(train_text)
-    pairs = qa_pairs((batches.folder / batches.meta["test_file"]).read_text(encoding="utf-8"))
-    loss = qa_answer_loss(model, tokenizer, pairs, ctx, batches.device)
-    matches = greedy_matches(model, tokenizer, taught, batches.device)
-    questions = [question for question, _ in pairs]
-    answers = [greedy_answer(model, tokenizer, question, batches.device) for question in questions]
-    references = [reference for _, reference in pairs]
-    chats = [chat_answers(model, tokenizer, questions[i:i + CHAT_TURNS], batches.device)
-             for i in range(0, len(questions) - CHAT_TURNS + 1, CHAT_TURNS)]
-    known = set(words(train_text))
-    scores = {"exact_match_train": sum(matches) / max(1, len(matches)),
-              **answer_scores(answers, references, known, questions), "repeated_in_chat": repeated_share(chats)}
-    print0(f"held-out test answers: loss {loss:.4f} over {len(pairs)} pairs")
-    print0(f"{'level (rule)':24} {'train':>5} {'exact':>6} | {'test':>4} {'real w.':>7} {'overlap':>7} {'topic':>6}")
-    taught_levels = [level_of(q) for q, _ in taught]
-    levels = [level_of(q) for q in questions]
-    for name in [name for name, _ in LEVEL_RULES] + ["all"]:
-        mine = [m for m, level in zip(matches, taught_levels) if name in (level, "all")]
-        picked = [i for i, level in enumerate(levels) if name in (level, "all")]
-        s = answer_scores([answers[i] for i in picked], [references[i] for i in picked], known,
-                          [questions[i] for i in picked])
-        print0(f"{name:24} {len(mine):5} {percent(sum(mine) / max(1, len(mine)))} | {len(picked):4} "
-               f"{percent(s['real_words']):>7} {percent(s['overlap']):>7} {percent(s['topic']):>6}")
-    easy = [m for m, level in zip(matches, taught_levels) if level.startswith(("L1", "L2"))]
-    scores["exact_match_train_l1_l2"] = sum(easy) / max(1, len(easy))
-    print0(f"train questions, exact match of the greedy answer: {percent(scores['exact_match_train'])} of "
-           f"{len(matches)}; levels 1-2 (L1 and L2/L4 rules): {percent(scores['exact_match_train_l1_l2'])} of {len(easy)}"
-           f"{verdict_text(100 * scores['exact_match_train_l1_l2'], 100 * exact_match_bar, True, '%')}")
-    print0(f"5-turn chats of test questions: {percent(scores['repeated_in_chat'])} of the answers repeat the "
-           f"previous one ({len(chats)} chats)")
-    for (question, reference), answer, level in zip(pairs, answers, levels):
-        print0(f"  [{level.split()[0]}] Q: {question}\n     model: {answer}\n     reference: {reference}")
-    for number, chat in enumerate(chats, 1):
-        print0(f"  chat {number}: " + " | ".join(f"Q: {q} A: {a}" for q, a in
-                                              zip(questions[(number - 1) * CHAT_TURNS:], chat)))
-    return {"kind": "test", "qa_answer_loss": loss, **scores}
-
-
 def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_bar=0.0, dist=Dist()) -> list:
     """Print the final scores (rank 0 prints; every process computes its share); return the records."""
-    records = []
+    records, trained = [], batches
     if batches.answer_loss:  # what it trains on first; the bar judges the whole text, as for plain training
         loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
         print0(f"final val loss on the answers (full split, {tokens:,} answer tokens): {loss:.4f}", flush=True)
@@ -293,6 +131,6 @@ def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_
         accuracy = exact_match_accuracy(model, batches.examples("val"), batches.prompt_len, device=batches.device, dist=dist)
         print0(f"test exact match: {100 * accuracy:.1f}%{verdict_text(100 * accuracy, 100 * exact_match_bar, True, '%')}")
         records.append({"kind": "test", "exact_match": accuracy})
-    if batches.meta.get("qa") and batches.meta.get("test_file") and dist.is_master:
-        records.append(qa_report(model, batches, ctx, exact_match_bar))
+    if trained.answer_loss and trained.meta.get("test_file") and dist.is_master:  # a chat model's own scores
+        records += chat_report(model, trained, tokenizer_from_meta(trained.meta), ctx, exact_match_bar)
     return records

@@ -1,5 +1,4 @@
-"""Text <-> token ids: a character vocabulary, UTF-8 bytes or GPT-2's BPE (tiktoken), as meta.json names it,
-and the "Q: ...\\nA: ..." framing of the TinyTalks Q&A data that evaluation and chat share (with earlier turns)."""
+"""Text <-> token ids: a character vocabulary, UTF-8 bytes or GPT-2's BPE (tiktoken), as meta.json names it."""
 from tinygpt.common import DataError
 
 
@@ -76,37 +75,3 @@ def tokenizer_from_meta(meta: dict):
     if kind not in TOKENIZERS:
         raise DataError(f"meta.json names an unknown tokenizer {kind!r}; prepare the data set again")
     return make_tokenizer(kind, meta.get("vocab"))
-
-
-def qa_prompt(question) -> str:
-    """The text a Q&A model is asked with, framed as in the training data; its answer follows."""
-    return f"Q: {question}\nA:"
-
-
-def qa_pairs(text) -> list:
-    """(question, answer) pairs of a "Q: ...\\nA: ...\\n\\n" file such as TinyTalks' test.txt."""
-    pairs = []
-    for block in text.strip("\n").split("\n\n"):
-        q_line, _, a_line = block.partition("\n")
-        if q_line.startswith("Q: ") and a_line.startswith("A: "):
-            pairs.append((q_line[3:], a_line[3:]))
-    return pairs
-
-
-def chat_prompt_ids(tokenizer, turns, question, budget) -> list:
-    """Token ids of the earlier (question, answer) turns and the new question, framed as the Q&A data
-    is (an answer is the text the model wrote after "A:"); the oldest whole turns are dropped until it
-    fits in budget tokens, never part of a turn."""
-    ids = tokenizer.encode(qa_prompt(question))
-    for q, a in reversed(turns):
-        turn = tokenizer.encode(f"{qa_prompt(q)}{a}\n\n")
-        if len(turn) + len(ids) > budget:
-            break
-        ids = turn + ids
-    return ids
-
-
-def answer_room(block_size) -> int:
-    """Tokens an answer may take in chat: a quarter of the window, but 64 (TinyTalks' longest answer is 63
-    characters) when half the window allows; the conversation so far gets the rest."""
-    return max(block_size // 4, min(64, block_size // 2))
