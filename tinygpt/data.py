@@ -98,7 +98,10 @@ class Batches:
                 self.starts[split] = self.starts_of(split)
 
     def whole_text(self):
-        """The same data read as plain text windows: the loss on every token."""
+        """The same data read as plain text windows: the loss on every token; None when the val split is
+        shorter than one window (a small conversations set: its rows are whole conversations, not windows)."""
+        if min(n for _, n in self.files["val"]) <= self.seq_len:
+            return None
         return Batches(self.folder, self.meta, self.seq_len, self.device, whole_text=True)
 
     def answer_file(self, split, kind):

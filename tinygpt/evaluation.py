@@ -121,10 +121,12 @@ def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_
         loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
         print0(f"final val loss on the answers (full split, {tokens:,} answer tokens): {loss:.4f}", flush=True)
         records.append({"kind": "final", "val_loss_answers": loss, "val_answer_tokens": tokens})
-        batches = batches.whole_text()
-    loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
-    print0(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}{verdict_text(loss, val_loss_bar)}", flush=True)
-    records.append({"kind": "final", "val_loss_full": loss, "val_tokens": tokens})
+        batches = batches.whole_text() or batches  # a val split shorter than a window: the answers' loss alone
+    if not batches.answer_loss:
+        loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
+        print0(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}{verdict_text(loss, val_loss_bar)}",
+               flush=True)
+        records.append({"kind": "final", "val_loss_full": loss, "val_tokens": tokens})
     if not math.isfinite(loss):
         return records
     if batches.task:
