@@ -111,12 +111,8 @@ class TextStream:
 def generate_texts(model, tokenizer, device, prompt_ids, cfg, stop, on_text=None):
     """Sample cfg.num_samples continuations as one batch; stream sample 0 through on_text."""
     idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     streams = [TextStream(tokenizer, stop) for _ in range(cfg.num_samples)]
-    steps = model.generate_stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                                  cfg.top_p if cfg.top_p < 1.0 else None, generator=generator,
-                                  sink_tokens=cfg.sink_tokens)
-    for tokens in steps:
+    for tokens in sampled_steps(model, idx, cfg.max_new_tokens, device, cfg):
         for stream, token in zip(streams, tokens.tolist()):
             new = stream.add(token)
             if stream is streams[0] and on_text and new:
@@ -124,6 +120,14 @@ def generate_texts(model, tokenizer, device, prompt_ids, cfg, stop, on_text=None
         if all(stream.done for stream in streams):
             break
     return [stream.text for stream in streams]
+
+
+def sampled_steps(model, idx, max_new_tokens, device, cfg):
+    """The next token of every row of idx, one step at a time, drawn as cfg says from a generator seeded anew."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    return model.generate_stream(idx, max_new_tokens, cfg.temperature, cfg.top_k,
+                                 cfg.top_p if cfg.top_p < 1.0 else None, generator=generator,
+                                 sink_tokens=cfg.sink_tokens)
 
 
 def print_now(text):
@@ -178,12 +182,9 @@ def run_chat(model, tokenizer, template, device, cfg):
 def stream_reply(model, tokenizer, template, device, prompt_ids, cfg, room) -> str:
     """Sample one answer after prompt_ids, printing it as it comes, up to a template token (the end of
     the turn), the stop text, or room tokens; return its text."""
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     stream = TextStream(tokenizer, cfg.stop)
-    steps = model.generate_stream(torch.tensor([prompt_ids], device=device), min(cfg.max_new_tokens, room),
-                                  cfg.temperature, cfg.top_k, cfg.top_p if cfg.top_p < 1.0 else None,
-                                  generator=generator, sink_tokens=cfg.sink_tokens)
-    for tokens in steps:
+    idx = torch.tensor([prompt_ids], device=device)
+    for tokens in sampled_steps(model, idx, min(cfg.max_new_tokens, room), device, cfg):
         if template.is_special(tokens[0].item()):
             break
         print_now(stream.add(tokens[0].item()))
