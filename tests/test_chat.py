@@ -251,3 +251,18 @@ def test_a_corpus_jsonl_of_documents_is_still_a_corpus_and_not_conversations(tmp
     assert is_corpus("web", docs) and not is_conversations("web", docs)
     assert is_conversations("talk", chats) and not is_corpus("talk", chats)
     assert tiny_model  # the shared helpers stay importable here
+
+
+def test_chat_code_lives_in_chat_py_which_imports_only_common():
+    """The template, the Q&A framing and the chat scores are chat.py's alone; it imports no other part of the
+    package than common.py, so the data builders and the final report can both call it."""
+    import ast
+    tree = ast.parse((REPO / "tinygpt" / "chat.py").read_text())
+    ours = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+            and node.module.startswith("tinygpt")}
+    assert ours == {"tinygpt.common"}
+    for module in ("tokenizer.py", "evaluation.py", "data.py"):
+        text = (REPO / "tinygpt" / module).read_text()
+        assert not any(word in text for word in ("TinyTalks", "qa_", "answer_room", "<|user|>", "Q: ")), module
+    for script in ("train.py", "sample.py"):
+        assert "tinytalks" not in (REPO / script).read_text().lower(), script
