@@ -5,9 +5,9 @@
     python prepare.py tinytalks                           # TinyTalks Q&A pairs by character
     python prepare.py shakespeare_byte                    # TinyShakespeare, TinyTalks as UTF-8 bytes: one
     python prepare.py tinytalks_byte                      #   shared vocabulary, to pretrain on one, tune on the other
-    python prepare.py tinytalks_chat                      # TinyTalks' Q/A pairs as conversations, in bytes
+    python prepare.py tinytalks_chat                      # TinyTalks' Q/A pairs as conversations
     python prepare.py mybook --source=my.txt              # any text file [--tokenizer=byte|gpt2]
-    python prepare.py mychat --source=chats.jsonl         # conversations [--tokenizer=byte|gpt2] [--max_tokens=N]
+    python prepare.py mychat --source=chats.jsonl         # conversations [--max_tokens=N]
     python prepare.py reverse                             # the attention tasks: reverse, copy, mixed [--seed=N]
     python prepare.py fineweb_edu --shards=1              # FineWeb-Edu's 10B sample from the Hub (14 files; 0 = all)
     python prepare.py myweb --source='web/*.parquet'      # your corpus: a folder or glob of .parquet/.jsonl/.txt
@@ -18,12 +18,12 @@ built from the same inputs is left as it is. The builders are in tinygpt/dataset
 by --workers processes into token shards (train_000.bin, ..., val_000.bin), resumed if interrupted:
 tinygpt/corpus.py, docs/data.md.
 
-Conversations: a .jsonl file (or a folder of them), one {"messages": [{"role": "system"|"user"|"assistant",
-"content": "..."}, ...]} a line (system optional and first, then user and assistant alternating, ending with
-the assistant). A line that is not one is an error naming the file and the line; a conversation longer
-than --max_tokens tokens (1024 by default) is left out and counted in meta.json. --seed draws the val
-split (a tenth of the conversations). The chat template and the loss on the assistant's turns:
-tinygpt/chat.py, docs/tinybot.md.
+Conversations: a .jsonl file (or a folder of them), one {"messages": [{"role": "system"|"user"|
+"assistant", "content": "..."}, ...]} a line: system optional and first, then user and assistant
+alternating, ending with the assistant. A line that is not one is an error naming the file and the
+line; a conversation longer than --max_tokens tokens (1024 by default) is left out and counted in
+meta.json. --seed draws the val split (a tenth of the conversations). The chat template and the loss
+on the assistant's turns: tinygpt/chat.py, docs/tinybot.md.
 """
 import sys
 from dataclasses import dataclass
@@ -39,7 +39,7 @@ class PrepareConfig:
     dataset: str = ""            # shakespeare_char, shakespeare, tinytalks, *_byte, the tasks, fineweb_edu, or yours
     source: str = ""             # local file/folder/glob or URL instead of the pinned download (required for your own)
     tokenizer: str = ""          # for your own text: 'char' (default), 'byte' or 'gpt2'
-    seed: int | None = None      # for reverse/copy/mixed and conversations' val split (default 1337)
+    seed: int | None = None      # reverse/copy/mixed, conversations' val split (default 1337)
     data_dir: str = "data"       # the data set goes to data_dir/dataset
     shards: int = 0              # fineweb_edu: how many of the Hub's parquet files (0 = all 14, ~10B tokens)
     workers: int = 0             # corpora: tokenizing processes (0 = one per CPU core)

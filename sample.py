@@ -1,4 +1,5 @@
-"""Generate text from a trained checkpoint, streaming, or chat with a model trained on conversations.
+"""Generate text from a trained checkpoint, streaming, or chat with a model trained on
+conversations.
 
     python sample.py --out_dir=out-speedrun-cpu
     python sample.py --out_dir=out-speedrun-cpu --start="ROMEO:" --num_samples=3 --max_new_tokens=300
@@ -36,8 +37,8 @@ class SampleConfig:
     device: str = "auto"         # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
     dtype: str = "auto"          # weights are cast to it for inference: bf16 halves memory traffic
     stop: str = ""               # stop a sample when this text appears (not printed)
-    chat: bool = False           # read user turns from stdin, answer each in the checkpoint's chat template
-    system: str = ""             # in --chat, a system message, first in the context however long the chat grows
+    chat: bool = False           # user turns from stdin, answered in the checkpoint's chat template
+    system: str = ""             # in --chat, a system message, kept first however long the chat
     history: bool = True         # in --chat, earlier turns stay in the context (whole turns, oldest dropped first)
     sink_tokens: int = 0         # past the window keep the first N tokens + the latest (attention sinks; rope/alibi); 0 = slide
 
@@ -123,7 +124,8 @@ def generate_texts(model, tokenizer, device, prompt_ids, cfg, stop, on_text=None
 
 
 def sampled_steps(model, idx, max_new_tokens, device, cfg):
-    """The next token of every row of idx, one step at a time, drawn as cfg says from a generator seeded anew."""
+    """The next token of every row of idx, one step at a time, drawn as cfg says from a generator
+    seeded anew."""
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     return model.generate_stream(idx, max_new_tokens, cfg.temperature, cfg.top_k,
                                  cfg.top_p if cfg.top_p < 1.0 else None, generator=generator,
@@ -146,10 +148,10 @@ def run_samples(model, tokenizer, device, cfg):
 
 
 def run_chat(model, tokenizer, template, device, cfg):
-    """Answer each stdin line as a user turn in the chat template, with the system message and the earlier
-    turns in front (cfg.history; whole turns, the oldest dropped first when the window is full), streaming
-    the answer up to the end-of-turn token. An answer that never ends stops at answer_room tokens: the
-    conversation gets the rest of the window."""
+    """Answer each stdin line as a user turn in the chat template, with the system message and
+    the earlier turns in front (cfg.history; whole turns, the oldest dropped first when the
+    window is full), streaming the answer up to the end-of-turn token. An answer that never
+    ends stops at answer_room tokens: the conversation gets the rest of the window."""
     room = answer_room(model.config.block_size)
     budget = model.config.block_size - room
     try:
@@ -170,18 +172,20 @@ def run_chat(model, tokenizer, template, device, cfg):
         if not question:
             continue
         try:
-            prompt_ids = template.history_prompt(tokenizer, cfg.system, turns if cfg.history else [], question, budget)
+            earlier = turns if cfg.history else []
+            prompt_ids = template.history_prompt(tokenizer, cfg.system, earlier, question, budget)
         except ValueError as e:  # one bad line must not end the conversation
             print(f"error: {e}", file=sys.stderr)
             continue
         print_now("A: ")
-        turns.append((question, stream_reply(model, tokenizer, template, device, prompt_ids, cfg, room)))
+        answer = stream_reply(model, tokenizer, template, device, prompt_ids, cfg, room)
+        turns.append((question, answer))
         print_now("\n")
 
 
 def stream_reply(model, tokenizer, template, device, prompt_ids, cfg, room) -> str:
-    """Sample one answer after prompt_ids, printing it as it comes, up to a template token (the end of
-    the turn), the stop text, or room tokens; return its text."""
+    """Sample one answer after prompt_ids, printing it as it comes, up to a template token (the
+    end of the turn), the stop text, or room tokens; return its text."""
     stream = TextStream(tokenizer, cfg.stop)
     idx = torch.tensor([prompt_ids], device=device)
     for tokens in sampled_steps(model, idx, min(cfg.max_new_tokens, room), device, cfg):
@@ -194,11 +198,14 @@ def stream_reply(model, tokenizer, template, device, prompt_ids, cfg, room) -> s
 
 
 def sample(cfg):
-    # OpenAI's GPT-2 (downloaded once), a Hugging Face folder, or any weights train.py can start from
-    checkpoint = load_weights(cfg.init_from) if cfg.init_from else checkpoint_to_sample(cfg.out_dir, cfg.ckpt)
-    template = template_of(checkpoint.get("meta"))  # a model trained on conversations saved its chat template
+    if cfg.init_from:  # OpenAI's GPT-2 (downloaded once), a Hugging Face folder, or any weights
+        checkpoint = load_weights(cfg.init_from)
+    else:
+        checkpoint = checkpoint_to_sample(cfg.out_dir, cfg.ckpt)
+    template = template_of(checkpoint.get("meta"))  # saved by a model trained on conversations
     if cfg.chat and template is None:
-        raise SampleError(f"{cfg.init_from or cfg.out_dir} has no chat template: it was not trained on conversations "
+        raise SampleError(f"{cfg.init_from or cfg.out_dir} has no chat template: it was not "
+                          "trained on conversations "
                           "(python prepare.py NAME --source=FILE.jsonl); sample it without --chat")
     model, tokenizer, device = ready_for_inference(checkpoint, cfg.device, cfg.dtype)
     if cfg.sink_tokens and (model.config.pos not in SINK_POSITIONS or cfg.sink_tokens >= model.config.block_size):
@@ -208,7 +215,8 @@ def sample(cfg):
         if cfg.chat:
             run_chat(model, tokenizer, template, device, cfg)
         else:  # a chat model's template tokens show by name
-            run_samples(model, ShownTemplateTokens(tokenizer, template) if template else tokenizer, device, cfg)
+            shown = ShownTemplateTokens(tokenizer, template) if template else tokenizer
+            run_samples(model, shown, device, cfg)
 
 
 def main(argv) -> int:

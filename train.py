@@ -83,7 +83,7 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
     fast_exit: bool = False             # end the process at once when done: no teardown of torch's modules
     seed: int = 1337
     val_loss_bar: float = 0.0           # a published result: the final full-split val loss is judged PASS/FAIL against it
-    exact_match_bar: float = 0.0        # the exact-match share to reach: attention tasks' test, a chat model's taught replies
+    exact_match_bar: float = 0.0        # exact match to reach: task test, chat's taught replies
 
     def __post_init__(self):
         super().__post_init__()

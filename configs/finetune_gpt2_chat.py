@@ -1,7 +1,7 @@
 """OpenAI's GPT-2 (124M) fine-tuned as a chat model on your conversations: a JSONL file, one
-{"messages": [...]} a line, prepared in GPT-2 BPE. The chat template's four tokens are ids 50257-50260 of
-a vocabulary padded to 50,304, so fine-tuning adds their embedding rows; the loss is on the assistant's
-turns only (tinygpt/chat.py).
+{"messages": [...]} a line, prepared in GPT-2 BPE. The chat template's four tokens are ids
+50257-50260 of a vocabulary padded to 50,304, so fine-tuning adds their embedding rows; the loss is
+on the assistant's turns only (tinygpt/chat.py).
 
     python prepare.py mychat_gpt2 --source=docs/conversations.jsonl --tokenizer=gpt2
     python train.py configs/finetune_gpt2_chat.py

@@ -1,8 +1,8 @@
 """TinyBot, step 2 of 2: fine-tune the pretrained byte model (configs/tinytalks_pretrain.py) on
-TinyTalks' train split as a chat model: its Q/A pairs as conversations in the chat template, the loss
-on the answers only (the tinytalks_chat data set), with a fresh optimizer and schedule; judged on the
-exact match of its answers to the questions it was taught (levels 1-2), not on a val loss
-(docs/tinybot.md).
+TinyTalks' train split as a chat model: its Q/A pairs as conversations in the chat template,
+the loss on the answers only (the tinytalks_chat data set), with a fresh optimizer and
+schedule; judged on the exact match of its answers to the questions it was taught (levels
+1-2), not on a val loss (docs/tinybot.md).
 
     python train.py configs/tinytalks_finetune.py
     python sample.py --out_dir=out-tinybot --chat

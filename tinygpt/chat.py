@@ -1,20 +1,23 @@
-"""Conversations: the one chat template, reading conversations from JSONL, rendering one to token ids with the
-loss mask, the history that fits the window in chat, and the scores of a chat model.
+"""Conversations: the one chat template, reading conversations from JSONL, rendering one to token
+ids with the loss mask, the history that fits the window in chat, and the scores of a chat model.
 
-A conversation is a list of messages {"role": "system"|"user"|"assistant", "content": "..."}: a system message
-optional and first, then user and assistant turns alternating, from a user turn to an assistant turn. Each
-message is rendered as its role's token, its content's text ids, and the end-of-turn token:
+A conversation is a list of messages {"role": "system"|"user"|"assistant", "content": "..."}: a
+system message optional and first, then user and assistant turns alternating, from a user turn to
+an assistant turn. Each message is rendered as its role's token, its content's text ids, and the
+end-of-turn token:
 
     <|system|> You are kind. <|end|> <|user|> Hi! <|end|> <|assistant|> Hello! <|end|> ...
 
-The four template tokens are ids past the text's own (a byte vocabulary's 256-259, a character vocabulary's
-len(vocab)+; GPT-2 BPE's 50257-50260 in a vocabulary padded to 50,304), so no text a user types can be
-read as one. The loss falls on every assistant turn's content and its end-of-turn token; the role token is
-given in the prompt. The template is saved in the data set's meta.json, hence in every checkpoint.
+The four template tokens are ids past the text's own (a byte vocabulary's 256-259, a character
+vocabulary's len(vocab)+; GPT-2 BPE's 50257-50260 in a vocabulary padded to 50,304), so no text a
+user types can be read as one. The loss falls on every assistant turn's content and its
+end-of-turn token; the role token is given in the prompt. The template is saved in the data set's
+meta.json, hence in every checkpoint.
 
-This module imports no other part of the package but common.py: the data builders (datasets.py), the final
-report (evaluation.py) and sample.py all call it, and it never reads a tokenizer's files itself.
-"""
+This module imports no other part of the package but common.py: the data builders (datasets.py),
+the final report (evaluation.py) and sample.py all call it, and it never reads a tokenizer's
+files itself."""
+
 import json
 import re
 from pathlib import Path
@@ -26,7 +29,9 @@ from tinygpt.common import DataError
 ROLES = ("system", "user", "assistant")
 SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 TEMPLATE_FORMAT = 1
-PAD_MULTIPLE = 64  # a GPT-2 BPE chat vocabulary is padded to a multiple of 64, as nanoGPT pads it for speed
+PAD_MULTIPLE = (
+    64  # a GPT-2 BPE chat vocabulary is padded to a multiple of 64, as nanoGPT pads it for speed
+)
 
 
 class ChatTemplate:
@@ -40,7 +45,8 @@ class ChatTemplate:
 
     @classmethod
     def for_tokenizer(cls, tokenizer):
-        """(template, vocabulary size) for text of tokenizer: the four tokens right after its ids."""
+        """(template, vocabulary size) for text of tokenizer: the four tokens right after its
+        ids."""
         first = tokenizer.vocab_size
         template = cls({name: first + i for i, name in enumerate(SPECIAL_TOKENS)})
         size = first + len(SPECIAL_TOKENS)
@@ -55,8 +61,8 @@ class ChatTemplate:
         return int(token) >= self.first
 
     def render(self, tokenizer, messages) -> tuple:
-        """(ids, mask) of the messages: mask[i] is True where ids[i] is a token the loss is on, every
-        assistant turn's content and its end-of-turn token."""
+        """(ids, mask) of the messages: mask[i] is True where ids[i] is a token the loss is on,
+        every assistant turn's content and its end-of-turn token."""
         ids, mask = [], []
         for message in messages:
             body = tokenizer.encode(message["content"])
@@ -65,7 +71,8 @@ class ChatTemplate:
         return ids, mask
 
     def prompt(self, tokenizer, messages) -> list:
-        """The ids the assistant's next turn follows: the messages, then the assistant's role token."""
+        """The ids the assistant's next turn follows: the messages, then the assistant's role
+        token."""
         return self.render(tokenizer, messages)[0] + [self.role["assistant"]]
 
     def messages_of(self, tokenizer, ids) -> list:
@@ -82,7 +89,8 @@ class ChatTemplate:
         return messages
 
     def decode(self, tokenizer, ids) -> str:
-        """Text of ids with the template's tokens shown by name: for sampling a chat model as plain text."""
+        """Text of ids with the template's tokens shown by name: for sampling a chat model as plain
+        text."""
         names = {token: name for name, token in self.tokens.items()}
         pieces, text = [], []
         for token in map(int, ids):
@@ -94,14 +102,16 @@ class ChatTemplate:
         return "".join(pieces) + tokenizer.decode(text)
 
     def history_prompt(self, tokenizer, system, turns, question, budget) -> list:
-        """The ids of a chat's next prompt in at most budget tokens: the system message (kept), the most
-        recent whole (question, answer) turns that fit (the oldest dropped first), and the new question.
-        ValueError when the system message and the question alone do not fit."""
+        """The ids of a chat's next prompt in at most budget tokens: the system message (kept), the
+        most recent whole (question, answer) turns that fit (the oldest dropped first), and the new
+        question. ValueError when the system message and the question alone do not fit."""
         head = self.render(tokenizer, [{"role": "system", "content": system}])[0] if system else []
         tail = self.prompt(tokenizer, [{"role": "user", "content": question}])
         if len(head) + len(tail) > budget:
-            raise ValueError(f"the question{' and the system message' if head else ''} take "
-                             f"{len(head) + len(tail)} tokens, more than the {budget} the window leaves them")
+            raise ValueError(
+                f"the question{' and the system message' if head else ''} take "
+                f"{len(head) + len(tail)} tokens, more than the {budget} the window leaves them"
+            )
         for asked, answer in reversed(turns):
             turn = self.render(tokenizer, exchange(asked, answer))[0]
             if len(head) + len(turn) + len(tail) > budget:
@@ -111,7 +121,8 @@ class ChatTemplate:
 
 
 class ShownTemplateTokens:
-    """A tokenizer whose decode shows a chat model's template tokens by name: to sample it as plain text."""
+    """A tokenizer whose decode shows a chat model's template tokens by name: to sample it as plain
+    text."""
 
     def __init__(self, tokenizer, template):
         self.tokenizer, self.template = tokenizer, template
@@ -129,9 +140,13 @@ def template_of(meta):
     saved = (meta or {}).get("chat_template")
     if not saved:
         return None
-    if saved.get("format") != TEMPLATE_FORMAT or set(saved.get("special_tokens", {})) != set(SPECIAL_TOKENS):
-        raise DataError(f"meta.json's chat_template {saved} is not this version's (format {TEMPLATE_FORMAT}); "
-                        "prepare the data set again")
+    if saved.get("format") != TEMPLATE_FORMAT or set(saved.get("special_tokens", {})) != set(
+        SPECIAL_TOKENS
+    ):
+        raise DataError(
+            f"meta.json's chat_template {saved} is not this version's (format {TEMPLATE_FORMAT}); "
+            "prepare the data set again"
+        )
     return ChatTemplate(saved["special_tokens"])
 
 
@@ -140,18 +155,24 @@ def exchange(question, answer) -> list:
 
 
 def answer_room(block_size) -> int:
-    """Tokens an answer may take in chat: a quarter of the window; the conversation so far gets the rest."""
+    """Tokens an answer may take in chat: a quarter of the window; the conversation so far gets the
+    rest."""
     return max(1, block_size // 4)
 
 
 # ----------------------------------------------------------------------- conversations from JSONL
 
+
 def conversation_files(source) -> list:
-    """The .jsonl files of a source: the file itself, or a folder's, searched recursively and sorted."""
+    """The .jsonl files of a source: the file itself, or a folder's, searched recursively and
+    sorted."""
     path = Path(source)
     files = sorted(p for p in path.rglob("*.jsonl") if p.is_file()) if path.is_dir() else [path]
     if not files or not all(p.is_file() for p in files):
-        raise DataError(f"--source={source}: no .jsonl file there; give a conversations file or a folder of them")
+        raise DataError(
+            f"--source={source}: no .jsonl file there; "
+            "give a conversations file or a folder of them"
+        )
     return files
 
 
@@ -169,12 +190,14 @@ def looks_like_conversations(source) -> bool:
 
 
 def read_conversations(path) -> list:
-    """[(where, messages)] of a JSONL file, one conversation a line (blank lines are left out); a line
-    that is not a conversation is a one-line DataError naming the file and the line."""
+    """[(where, messages)] of a JSONL file, one conversation a line (blank lines are left out); a
+    line that is not a conversation is a one-line DataError naming the file and the line."""
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv -t utf-8") from None
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv -t utf-8"
+        ) from None
     conversations = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -183,8 +206,10 @@ def read_conversations(path) -> list:
         try:
             messages = checked_messages(json.loads(line))
         except (ValueError, TypeError) as e:
-            raise DataError(f"{where}: {e}; fix or remove that line "
-                            '(one {"messages": [{"role": ..., "content": ...}, ...]} a line)') from None
+            raise DataError(
+                f"{where}: {e}; fix or remove that line "
+                '(one {"messages": [{"role": ..., "content": ...}, ...]} a line)'
+            ) from None
         conversations.append((where, messages))
     if not conversations:
         raise DataError(f"{path} holds no conversation; give one JSON object a line")
@@ -192,7 +217,8 @@ def read_conversations(path) -> list:
 
 
 def checked_messages(record) -> list:
-    """The messages of one parsed line, as plain {"role", "content"} dicts; ValueError saying what is wrong."""
+    """The messages of one parsed line, as plain {"role", "content"} dicts; ValueError saying what
+    is wrong."""
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         raise ValueError('not an object with a "messages" list')
     messages = record["messages"]
@@ -206,8 +232,10 @@ def checked_messages(record) -> list:
     turns = roles[1:] if roles[:1] == ["system"] else roles
     expected = ["user", "assistant"] * (len(turns) // 2)
     if not turns or turns != expected:
-        raise ValueError(f"roles {', '.join(roles) or 'none'}: after an optional system message, user and "
-                         "assistant turns alternate, from a user turn to an assistant turn")
+        raise ValueError(
+            f"roles {', '.join(roles) or 'none'}: after an optional system message, user and "
+            "assistant turns alternate, from a user turn to an assistant turn"
+        )
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -217,6 +245,7 @@ def conversations_text(conversations) -> str:
 
 
 # ------------------------------------------------------------------------ TinyTalks' Q&A files
+
 
 def qa_pairs(text) -> list:
     """(question, answer) pairs of a "Q: ...\\nA: ...\\n\\n" file such as TinyTalks' splits."""
@@ -229,7 +258,8 @@ def qa_pairs(text) -> list:
 
 
 def qa_conversations(text, name) -> list:
-    """[(where, messages)] of a Q&A file: each pair a conversation of one question and its answer."""
+    """[(where, messages)] of a Q&A file: each pair a conversation of one question and its
+    answer."""
     pairs = qa_pairs(text)
     if not pairs:
         raise DataError(f"{name} holds no 'Q: ...\\nA: ...' pairs")
@@ -238,16 +268,18 @@ def qa_conversations(text, name) -> list:
 
 # ---------------------------------------------------------------------------- a chat model's scores
 
+
 @torch.no_grad()
 def answer_loss(model, examples, ctx, device) -> float:
-    """Mean cross-entropy on the reply tokens of (prompt ids, reply ids) examples, given the prompt."""
+    """Mean cross-entropy on the reply tokens of (prompt ids, reply ids) examples, given the
+    prompt."""
     model.eval()
     total, scored = 0.0, 0
     for prompt, reply in examples:
         ids = torch.tensor(prompt + reply, device=device)
         x, y = ids[:-1], ids[1:].clone()
-        y[:len(prompt) - 1] = -1  # no loss on the prompt
-        x, y = x[-model.config.block_size:], y[-model.config.block_size:]
+        y[: len(prompt) - 1] = -1  # no loss on the prompt
+        x, y = x[-model.config.block_size :], y[-model.config.block_size :]
         with ctx:
             loss = model(x[None], y[None])[1]
         n = int((y != -1).sum())
@@ -257,10 +289,13 @@ def answer_loss(model, examples, ctx, device) -> float:
 
 @torch.no_grad()
 def greedy_answer(model, template, tokenizer, question, device, turns=(), system="") -> str:
-    """The model's greedy answer to a question after the earlier (question, answer) turns, as sample.py --chat
-    asks it: up to its end-of-turn token (or any template token), at most answer_room tokens long."""
+    """The model's greedy answer to a question after the earlier (question, answer) turns, as
+    sample.py --chat asks it: up to its end-of-turn token (or any template token), at most
+    answer_room tokens long."""
     room = answer_room(model.config.block_size)
-    ids = template.history_prompt(tokenizer, system, turns, question, model.config.block_size - room)
+    ids = template.history_prompt(
+        tokenizer, system, turns, question, model.config.block_size - room
+    )
     answer = []
     for token in model.generate_stream(torch.tensor([ids], device=device), room, temperature=0):
         if template.is_special(token.item()):
@@ -271,30 +306,33 @@ def greedy_answer(model, template, tokenizer, question, device, turns=(), system
 
 @torch.no_grad()
 def greedy_matches(model, examples, device, batch_size=64) -> list:
-    """For each (prompt ids, reply ids) example, whether the greedy reply is exactly the reference (its
-    end-of-turn token included), from one forward pass per batch instead of generation: greedy decoding
-    writes the reply exactly when each of its tokens is the top choice after the ones before it."""
+    """For each (prompt ids, reply ids) example, whether the greedy reply is exactly the reference
+    (its end-of-turn token included), from one forward pass per batch instead of generation:
+    greedy decoding writes the reply exactly when each of its tokens is the top choice after the
+    ones before it."""
     model.eval()
     matches = []
     room = answer_room(model.config.block_size)
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        # a reply longer than the chat's room, or an example beyond the window, is one greedy decoding cannot write
+        chunk = examples[start : start + batch_size]
+        # a reply longer than the chat's room, or an example beyond the window, is one greedy
+        # decoding cannot write
         fits = [len(p) + len(r) <= model.config.block_size and len(r) <= room for p, r in chunk]
         width = max([len(p) + len(r) for (p, r), fit in zip(chunk, fits) if fit], default=1)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         for row, ((p, r), fit) in enumerate(zip(chunk, fits)):
             if fit:
-                ids[row, :len(p) + len(r)] = torch.tensor(p + r)
+                ids[row, : len(p) + len(r)] = torch.tensor(p + r)
         ids = ids.to(device)
         top = model(ids, ids)[0].argmax(dim=-1)  # any targets: they ask for every position's logits
         for row, ((p, r), fit) in enumerate(zip(chunk, fits)):
-            matches.append(fit and top[row, len(p) - 1:len(p) + len(r) - 1].tolist() == r)
+            matches.append(fit and top[row, len(p) - 1 : len(p) + len(r) - 1].tolist() == r)
     return matches
 
 
 def reply_examples(template, tokenizer, conversations) -> list:
-    """(prompt ids, reply ids) of every assistant turn of the conversations, after the turns before it."""
+    """(prompt ids, reply ids) of every assistant turn of the conversations, after the turns before
+    it."""
     examples = []
     for messages in conversations:
         for i, message in enumerate(messages):
@@ -304,16 +342,24 @@ def reply_examples(template, tokenizer, conversations) -> list:
     return examples
 
 
-STOP_WORDS = frozenset("the and you your are was were what how does can this that with for have has not "
-                       "but its it's".split())
-# TinyTalks records no level; these rules tell three of its five from the question (its DATASHEET: L1 greetings
-# and identity, L2 facts, L3 math, L4 reasoning, L5 multi-turn context) and leave L2 and L4 together.
-TINYTALKS_LEVELS = [("L3 math", r"\d"),
-                    ("L1 greetings, identity", r"\b(hello|hi|hey|greetings|good (morning|afternoon|evening)|bye|"
-                                               r"thanks?|tinybot|yourself|your name|who are you|how are you|"
-                                               r"were you)\b"),
-                    ("L5 statements (context)", r"[^?]$"),
-                    ("L2/L4 facts, reasoning", r"")]
+STOP_WORDS = frozenset(
+    "the and you your are was were what how does can this that with for have has not "
+    "but its it's".split()
+)
+# TinyTalks records no level; these rules tell three of its five from the question (its DATASHEET:
+# L1 greetings and identity, L2 facts, L3 math, L4 reasoning, L5 multi-turn context) and leave
+# L2 and L4 together.
+TINYTALKS_LEVELS = [
+    ("L3 math", r"\d"),
+    (
+        "L1 greetings, identity",
+        r"\b(hello|hi|hey|greetings|good (morning|afternoon|evening)|bye|"
+        r"thanks?|tinybot|yourself|your name|who are you|how are you|"
+        r"were you)\b",
+    ),
+    ("L5 statements (context)", r"[^?]$"),
+    ("L2/L4 facts, reasoning", r""),
+]
 ALL_LEVELS = [("all", r"")]
 
 
@@ -326,26 +372,36 @@ def words(text) -> list:
 
 
 def content_words(text) -> set:
-    """Words of 3+ letters outside STOP_WORDS: what an answer must share with a text to be about it."""
+    """Words of 3+ letters outside STOP_WORDS: what an answer must share with a text to be about
+    it."""
     return {w for w in words(text) if len(w) >= 3 and w not in STOP_WORDS}
 
 
 def answer_scores(answers, references, known_words, questions=None) -> dict:
-    """Shares of hand-comparable facts about answers: real_words, of the answers' words that occur in
-    known_words; overlap, of answers sharing a content word with their reference; topic, of answers sharing
-    one with their question (when questions are given)."""
+    """Shares of hand-comparable facts about answers: real_words, of the answers' words that occur
+    in known_words; overlap, of answers sharing a content word with their reference; topic, of
+    answers sharing one with their question (when questions are given)."""
     said = [w for answer in answers for w in words(answer)]
     n = max(1, len(answers))
-    scores = {"real_words": sum(w in known_words for w in said) / max(1, len(said)),
-              "overlap": sum(bool(content_words(a) & content_words(r)) for a, r in zip(answers, references)) / n}
+    scores = {
+        "real_words": sum(w in known_words for w in said) / max(1, len(said)),
+        "overlap": sum(
+            bool(content_words(a) & content_words(r)) for a, r in zip(answers, references)
+        )
+        / n,
+    }
     if questions is not None:
-        scores["topic"] = sum(bool(content_words(a) & content_words(q)) for a, q in zip(answers, questions)) / n
+        scores["topic"] = (
+            sum(bool(content_words(a) & content_words(q)) for a, q in zip(answers, questions)) / n
+        )
     return scores
 
 
 def repeated_share(chats) -> float:
     """Share of the answers, after a chat's first, that equal the answer just before them."""
-    follow_ups = [(before, after) for answers in chats for before, after in zip(answers, answers[1:])]
+    follow_ups = [
+        (before, after) for answers in chats for before, after in zip(answers, answers[1:])
+    ]
     return sum(before == after for before, after in follow_ups) / max(1, len(follow_ups))
 
 
@@ -371,11 +427,12 @@ def split_conversations(batches, template, tokenizer, split) -> list:
 
 
 def chat_report(model, batches, tokenizer, ctx, exact_match_bar=0.0) -> list:
-    """Score a chat model whose data set holds a test file of held-out conversations, print the scores and
-    every test answer beside its reference, and return the records: exact match of the greedy replies to the
-    train conversations (what it was taught; judged PASS/FAIL against exact_match_bar when given, on TinyTalks'
-    levels 1-2); for the held-out test conversations' last question real words, overlap with the reference and
-    naming the question's topic; and in 5-turn chats of test questions, the share of answers repeating the last."""
+    """Score a chat model whose data set holds a test file of held-out conversations, print the
+    scores and every test answer beside its reference, and return the records: exact match of the
+    greedy replies to the train conversations (what it was taught; judged PASS/FAIL against
+    exact_match_bar when given, on TinyTalks' levels 1-2); for the held-out test conversations'
+    last question real words, overlap with the reference and naming the question's topic; and in
+    5-turn chats of test questions, the share of answers repeating the last."""
     meta, device = batches.meta, batches.device
     template = template_of(meta)
     taught = split_conversations(batches, template, tokenizer, "train")
@@ -385,40 +442,84 @@ def chat_report(model, batches, tokenizer, ctx, exact_match_bar=0.0) -> list:
     matches = greedy_matches(model, taught_examples, device)
     questions = [messages[-2]["content"] for messages in tests]
     references = [messages[-1]["content"] for messages in tests]
-    answers = [greedy_answer(model, template, tokenizer, messages[-2]["content"], device, earlier_turns(messages),
-                             system_of(messages)) for messages in tests]
-    chats = [chat_answers(model, template, tokenizer, questions[i:i + CHAT_TURNS], device)
-             for i in range(0, len(questions) - CHAT_TURNS + 1, CHAT_TURNS)]
+    answers = [
+        greedy_answer(
+            model,
+            template,
+            tokenizer,
+            messages[-2]["content"],
+            device,
+            earlier_turns(messages),
+            system_of(messages),
+        )
+        for messages in tests
+    ]
+    chats = [
+        chat_answers(model, template, tokenizer, questions[i : i + CHAT_TURNS], device)
+        for i in range(0, len(questions) - CHAT_TURNS + 1, CHAT_TURNS)
+    ]
     known = set(words(" ".join(m["content"] for messages in taught for m in messages)))
-    scores = {"exact_match_train": sum(matches) / max(1, len(matches)),
-              **answer_scores(answers, references, known, questions), "repeated_in_chat": repeated_share(chats)}
+    scores = {
+        "exact_match_train": sum(matches) / max(1, len(matches)),
+        **answer_scores(answers, references, known, questions),
+        "repeated_in_chat": repeated_share(chats),
+    }
     rules = TINYTALKS_LEVELS if meta.get("levels") == "tinytalks" else ALL_LEVELS
-    taught_questions = [messages[i - 1]["content"] for messages in taught
-                        for i, m in enumerate(messages) if m["role"] == "assistant"]
+    taught_questions = [
+        messages[i - 1]["content"]
+        for messages in taught
+        for i, m in enumerate(messages)
+        if m["role"] == "assistant"
+    ]
     print(f"held-out test answers: loss {loss:.4f} over {len(tests)} conversations")
-    print(f"{'level (rule)':24} {'train':>5} {'exact':>6} | {'test':>4} {'real w.':>7} {'overlap':>7} {'topic':>6}")
+    print(
+        f"{'level (rule)':24} {'train':>5} {'exact':>6} | {'test':>4} {'real w.':>7} "
+        f"{'overlap':>7} {'topic':>6}"
+    )
     taught_levels = [level_of(q, rules) for q in taught_questions]
     levels = [level_of(q, rules) for q in questions]
     for name in dict.fromkeys([name for name, _ in rules] + ["all"]):
         mine = [m for m, level in zip(matches, taught_levels) if name in (level, "all")]
         picked = [i for i, level in enumerate(levels) if name in (level, "all")]
-        s = answer_scores([answers[i] for i in picked], [references[i] for i in picked], known,
-                          [questions[i] for i in picked])
-        print(f"{name:24} {len(mine):5} {percent(sum(mine) / max(1, len(mine)))} | {len(picked):4} "
-              f"{percent(s['real_words']):>7} {percent(s['overlap']):>7} {percent(s['topic']):>6}")
-    judged = [m for m, level in zip(matches, taught_levels) if level.startswith(("L1", "L2", "all"))]
+        s = answer_scores(
+            [answers[i] for i in picked],
+            [references[i] for i in picked],
+            known,
+            [questions[i] for i in picked],
+        )
+        print(
+            f"{name:24} {len(mine):5} {percent(sum(mine) / max(1, len(mine)))} | {len(picked):4} "
+            f"{percent(s['real_words']):>7} {percent(s['overlap']):>7} {percent(s['topic']):>6}"
+        )
+    judged = [
+        m for m, level in zip(matches, taught_levels) if level.startswith(("L1", "L2", "all"))
+    ]
     scores["exact_match_train_judged"] = sum(judged) / max(1, len(judged))
     which = "levels 1-2 (L1 and L2/L4 rules)" if rules is TINYTALKS_LEVELS else "all"
-    print(f"train replies, exact match of the greedy reply: {percent(scores['exact_match_train'])} of "
-          f"{len(matches)}; {which}: {percent(scores['exact_match_train_judged'])} of {len(judged)}"
-          f"{verdict(scores['exact_match_train_judged'], exact_match_bar)}")
-    print(f"5-turn chats of test questions: {percent(scores['repeated_in_chat'])} of the answers repeat the "
-          f"previous one ({len(chats)} chats)")
+    print(
+        "train replies, exact match of the greedy reply: "
+        f"{percent(scores['exact_match_train'])} of "
+        f"{len(matches)}; {which}: {percent(scores['exact_match_train_judged'])} of {len(judged)}"
+        f"{verdict(scores['exact_match_train_judged'], exact_match_bar)}"
+    )
+    print(
+        f"5-turn chats of test questions: {percent(scores['repeated_in_chat'])} of the answers "
+        "repeat the "
+        f"previous one ({len(chats)} chats)"
+    )
     for question, reference, answer, level in zip(questions, references, answers, levels):
-        print(f"  [{level.split()[0]}] Q: {question}\n     model: {answer}\n     reference: {reference}")
+        print(
+            f"  [{level.split()[0]}] Q: {question}\n     model: {answer}\n"
+            f"     reference: {reference}"
+        )
     for number, chat in enumerate(chats, 1):
-        print(f"  chat {number}: " + " | ".join(f"Q: {q} A: {a}" for q, a in
-                                             zip(questions[(number - 1) * CHAT_TURNS:], chat)), flush=True)
+        print(
+            f"  chat {number}: "
+            + " | ".join(
+                f"Q: {q} A: {a}" for q, a in zip(questions[(number - 1) * CHAT_TURNS :], chat)
+            ),
+            flush=True,
+        )
     return [{"kind": "test", "chat_answer_loss": loss, **scores}]
 
 

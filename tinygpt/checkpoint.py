@@ -207,10 +207,11 @@ def ready_for_inference(checkpoint, device="auto", dtype="auto"):
 
 
 def check_vocabulary(weights_meta, vocab_size, meta, where):
-    """Raise CheckpointError unless a model with vocab_size token embeddings, trained on tokens of
-    weights_meta's tokenizer, can be fine-tuned on the data set of meta: the same tokenizer (for
-    characters, the same list in the same order) and no text token id beyond its embeddings (a data set's
-    template tokens, ids from its text_vocab_size on, may be new: fine-tuning adds their rows)."""
+    """Raise CheckpointError unless a model with vocab_size token embeddings, trained on tokens
+    of weights_meta's tokenizer, can be fine-tuned on the data set of meta: the same tokenizer
+    (for characters, the same list in the same order) and no text token id beyond its
+    embeddings (a data set's template tokens, ids from its text_vocab_size on, may be new:
+    fine-tuning adds their rows)."""
     kind, data_kind = weights_meta.get("tokenizer"), meta.get("tokenizer")
     if kind != data_kind:
         raise CheckpointError(f"{where} reads {kind} tokens, but this data set is tokenized by {data_kind}; "
@@ -220,8 +221,9 @@ def check_vocabulary(weights_meta, vocab_size, meta, where):
         raise CheckpointError(f"{where} was trained on another character vocabulary ({len(vocab)} characters) than "
                               f"this data set's ({len(data_vocab)}); fine-tune it on data with the same vocabulary")
     if meta.get("text_vocab_size", meta["vocab_size"]) > vocab_size:
-        raise CheckpointError(f"{where} has {vocab_size} token embeddings, fewer than the "
-                              f"{meta.get('text_vocab_size', meta['vocab_size'])} of this data set's text")
+        text = meta.get("text_vocab_size", meta["vocab_size"])
+        raise CheckpointError(f"{where} has {vocab_size} token embeddings, fewer than the {text} "
+                              "of this data set's text")
 
 
 def check_resumable(checkpoint, model_args, meta, uses_muon, path):

@@ -76,9 +76,10 @@ class Batches:
     p - first[s] of the shard s whose numbers hold it), so one file is the case of one shard and the
     seeded picks mean the same for both. Task data sets (meta has "task"):
     whole examples of example_len tokens, x = ex[:-1], y = ex[1:], with the targets of the prompt
-    set to -1 so the loss falls on the answer only. Conversation data sets ("answer_loss"): rows of whole
-    conversations one after the other, the first one at the window's start, the targets outside the
-    split's loss mask set to -1 (see starts_of); whole_text=True reads them as plain text instead.
+    set to -1 so the loss falls on the answer only. Conversation data sets ("answer_loss"):
+    rows of whole conversations one after the other, the first one at the window's start, the
+    targets outside the split's loss mask set to -1 (see starts_of); whole_text=True reads
+    them as plain text instead.
     """
 
     def __init__(self, folder, meta, block_size, device, whole_text=False):
@@ -98,8 +99,9 @@ class Batches:
                 self.starts[split] = self.starts_of(split)
 
     def whole_text(self):
-        """The same data read as plain text windows: the loss on every token; None when the val split is
-        shorter than one window (a small conversations set: its rows are whole conversations, not windows)."""
+        """The same data read as plain text windows: the loss on every token; None when the val
+        split is shorter than one window (a small conversations set: its rows are whole
+        conversations, not windows)."""
         if min(n for _, n in self.files["val"]) <= self.seq_len:
             return None
         return Batches(self.folder, self.meta, self.seq_len, self.device, whole_text=True)
@@ -111,20 +113,24 @@ class Batches:
         return path
 
     def starts_of(self, split) -> np.ndarray:
-        """The token offsets where the split's conversations start, and its end: {split}_starts.bin, beside
-        {split}_mask.bin, one byte per token, 1 where the token is a target the loss is on."""
+        """The token offsets where the split's conversations start, and its end:
+        {split}_starts.bin, beside {split}_mask.bin, one byte per token, 1 where the token is
+        a target the loss is on."""
         path, n = self.answer_file(split, "starts"), len(self.tokens(split))
         starts = np.fromfile(path, dtype="<u8").astype(np.int64)
         if len(starts) < 2 or starts[0] != 0 or starts[-1] != n or (np.diff(starts) <= 0).any():
-            raise DataError(f"{path} does not index {split}.bin's conversations; prepare the data set again")
+            raise DataError(f"{path} does not index {split}.bin's conversations; "
+                            "prepare the data set again")
         if self.answer_file(split, "mask").stat().st_size != n:
-            raise DataError(f"{self.answer_file(split, 'mask')} is not one byte per token of {split}.bin; "
+            raise DataError(f"{self.answer_file(split, 'mask')} is not one byte per token of "
+                            f"{split}.bin; "
                             "prepare the data set again")
         longest = int(np.diff(starts).max())
         if longest > self.seq_len + 1:  # a cut conversation would lose its last turns' loss unseen
-            raise DataError(f"{self.folder.name}'s {split} split has a conversation of {longest} tokens, longer than "
-                            f"block_size + 1 = {self.seq_len + 1}; raise block_size, or prepare it again with "
-                            f"--max_tokens={self.seq_len + 1} to leave longer ones out")
+            raise DataError(f"{self.folder.name}'s {split} split has a conversation of {longest} "
+                            f"tokens, longer than block_size + 1 = {self.seq_len + 1}; raise "
+                            f"block_size, or prepare it again with --max_tokens={self.seq_len + 1} "
+                            "to leave longer ones out")
         return starts
 
     def files_of(self, split) -> list:
@@ -170,8 +176,9 @@ class Batches:
         return rows
 
     def conversations(self, split, picks) -> tuple:
-        """(ids, scored), both (len(picks), seq_len + 1): row i holds the conversations picks[i] (-1 = none) one
-        after the other from its start, the last one cut at the window's end, then zeros; scored is the mask."""
+        """(ids, scored), both (len(picks), seq_len + 1): row i holds the conversations picks[i]
+        (-1 = none) one after the other from its start, the last one cut at the window's end,
+        then zeros; scored is the mask."""
         data, starts = self.tokens(split), self.starts[split]
         mask = np.memmap(self.answer_file(split, "mask"), dtype=np.uint8, mode="r")
         ids = np.zeros((len(picks), self.seq_len + 1), dtype=np.int64)
@@ -208,15 +215,18 @@ class Batches:
         return -(-(self.seq_len + 1) // int(np.diff(self.starts[split]).min()))
 
     def random_picks(self, split, rng, shape):
-        """Random window offsets or examples; with answer_loss, random conversations (drawn with replacement) per
-        row, so no conversation always follows the same one and the ones before are context, not a cue."""
+        """Random window offsets or examples; with answer_loss, random conversations (drawn with
+        replacement) per row, so no conversation always follows the same one and the ones
+        before are context, not a cue."""
         if self.answer_loss:
-            return rng.integers(0, self.count(split), size=(*shape, self.conversations_per_window(split)))
+            per_row = self.conversations_per_window(split)
+            return rng.integers(0, self.count(split), size=(*shape, per_row))
         return rng.integers(0, self.count(split), size=shape)
 
     def full_split_picks(self, split) -> np.ndarray:
-        """Every example of a task split, or the starts of non-overlapping windows of text; with answer_loss the
-        conversations in order, as many whole ones per row as fit (-1 pads), so each answer is scored once."""
+        """Every example of a task split, or the starts of non-overlapping windows of text; with
+        answer_loss the conversations in order, as many whole ones per row as fit (-1 pads),
+        so each answer is scored once."""
         if self.answer_loss:
             return self.packed_conversations(split)
         if self.task:

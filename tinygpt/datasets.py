@@ -18,8 +18,8 @@ import numpy as np
 
 from tinygpt.common import DataError, atomic_write
 from tinygpt.corpus import CORPORA, SHARD_TOKENS, prepare_corpus
-from tinygpt.chat import (ChatTemplate, conversation_files, conversations_text, looks_like_conversations,
-                          qa_conversations, read_conversations)
+from tinygpt.chat import (ChatTemplate, conversation_files, conversations_text,
+                          looks_like_conversations, qa_conversations, read_conversations)
 from tinygpt.tokenizer import make_tokenizer
 
 
@@ -48,8 +48,8 @@ PINNED = {"shakespeare_char": TINYSHAKESPEARE, "shakespeare": TINYSHAKESPEARE, "
           "shakespeare_byte": TINYSHAKESPEARE, "tinytalks_byte": TINYTALKS, "tinytalks_chat": TINYTALKS}
 OWN_TOKENIZER = {"shakespeare_char": "char", "shakespeare": "gpt2", "tinytalks": "char",
                  "shakespeare_byte": "byte", "tinytalks_byte": "byte", "tinytalks_chat": "byte"}
-MAX_TOKENS = 1024             # conversations longer than this many tokens are left out (and counted)
-VAL_SHARE = 0.1               # of a conversations file's conversations, drawn with the seed, for validation
+MAX_TOKENS = 1024             # longer conversations are left out (and counted)
+VAL_SHARE = 0.1               # of a file's conversations, drawn with the seed, for validation
 
 # Attention-proof tasks: (train, test) example counts. Every example is 6 letters, '=', the answer;
 # mixed puts a task token first: lowercase 'r' ([R], reverse) or 'c' ([C], copy).
@@ -237,9 +237,9 @@ def tinytalks_texts(files, kind):
 
 
 def rendered_split(template, tok, conversations, max_tokens) -> tuple:
-    """(ids, mask, starts, where of the conversations left out) of one split: the conversations rendered one
-    after the other, the mask 1 on the tokens the loss is on, starts[i] where conversation i starts (then
-    the end); a conversation longer than max_tokens is left out."""
+    """(ids, mask, starts, where of the conversations left out) of one split: the conversations
+    rendered one after the other, the mask 1 on the tokens the loss is on, starts[i] where
+    conversation i starts (then the end); a conversation longer than max_tokens is left out."""
     ids, mask, starts, skipped = [], [], [0], []
     for where, messages in conversations:
         conversation, scored = template.render(tok, messages)
@@ -253,37 +253,44 @@ def rendered_split(template, tok, conversations, max_tokens) -> tuple:
 
 
 def conversation_splits(splits, kind, max_tokens, test=None):
-    """The builder every conversations data set goes through: {"train": [(where, messages)], "val": ...}
-    rendered with the chat template; ids for the bins, each split's mask and starts as extra files, and
-    the template, counts and left-out conversations in meta.json. test (conversations, never trained on)
-    is written as test.jsonl for the final report."""
-    tok = make_tokenizer(kind, sorted(set(conversations_text(splits["train"] + splits["val"] + (test or [])))))
+    """The builder every conversations data set goes through: {"train": [(where, messages)],
+    "val": ...} rendered with the chat template; ids for the bins, each split's mask and
+    starts as extra files, and the template, counts and left-out conversations in meta.json.
+    test (conversations, never trained on) is written as test.jsonl for the final report."""
+    text = conversations_text(splits["train"] + splits["val"] + (test or []))
+    tok = make_tokenizer(kind, sorted(set(text)))
     template, vocab_size = ChatTemplate.for_tokenizer(tok)
     ids, files, skipped, counts = {}, {}, [], {}
     for split, conversations in splits.items():
-        ids[split], mask, starts, left_out = rendered_split(template, tok, conversations, max_tokens)
+        ids[split], mask, starts, left_out = rendered_split(template, tok, conversations,
+                                                            max_tokens)
         if len(starts) < 2:
-            raise DataError(f"no {split} conversation is {max_tokens} tokens or shorter; raise --max_tokens")
+            raise DataError(f"no {split} conversation is {max_tokens} tokens or shorter; "
+                            "raise --max_tokens")
         files[f"{split}_mask.bin"] = np.array(mask, dtype=np.uint8).tobytes()
         files[f"{split}_starts.bin"] = np.array(starts, dtype="<u8").tobytes()
         skipped += left_out
         counts[split] = len(starts) - 1
     extra = {"answer_loss": True, "chat_template": template.to_meta(), "vocab_size": vocab_size,
              "text_vocab_size": tok.vocab_size, "conversations": counts,
-             "answer_files": {split: {"starts": f"{split}_starts.bin", "mask": f"{split}_mask.bin"} for split in ids},
-             "max_tokens": max_tokens, "left_out_too_long": len(skipped), "left_out_first": skipped[:5]}
+             "answer_files": {split: {"starts": f"{split}_starts.bin", "mask": f"{split}_mask.bin"}
+                              for split in ids},
+             "max_tokens": max_tokens, "left_out_too_long": len(skipped),
+             "left_out_first": skipped[:5]}
     if test:
         extra["test_file"] = "test.jsonl"
-        files["test.jsonl"] = "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for _, m in test)
+        files["test.jsonl"] = "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n"
+                                      for _, m in test)
     return tok, ids["train"], ids["val"], extra, files
 
 
 def conversations_texts(paths, kind, seed, max_tokens):
-    """A conversations file (or folder of files), split by conversation: VAL_SHARE of them, drawn with the
-    seed, for validation (at least one), the rest for training."""
+    """A conversations file (or folder of files), split by conversation: VAL_SHARE of them, drawn
+    with the seed, for validation (at least one), the rest for training."""
     conversations = [c for path in paths for c in read_conversations(path)]
     if len(conversations) < 2:
-        raise DataError(f"{paths[0]} holds {len(conversations)} conversation; give at least 2 (one is held out)")
+        raise DataError(f"{paths[0]} holds {len(conversations)} conversation; give at least 2 "
+                        "(one is held out)")
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(order) * VAL_SHARE))
@@ -293,11 +300,13 @@ def conversations_texts(paths, kind, seed, max_tokens):
 
 
 def chat_texts(files, kind, max_tokens):
-    """tinytalks_chat: TinyTalks' own splits, each Q/A pair a conversation of one question and its answer,
-    through the conversations builder; its test pairs become test.jsonl for the final report."""
-    splits = {s: qa_conversations(read_text(files[f"splits/{s}.txt"]), f"{s}.txt") for s in ("train", "val", "test")}
-    tok, train, val, extra, written = conversation_splits({s: splits[s] for s in ("train", "val")}, kind,
-                                                          max_tokens, test=splits["test"])
+    """tinytalks_chat: TinyTalks' own splits, each Q/A pair a conversation of one question and
+    its answer, through the conversations builder; its test pairs become test.jsonl for the
+    final report."""
+    splits = {s: qa_conversations(read_text(files[f"splits/{s}.txt"]), f"{s}.txt")
+              for s in ("train", "val", "test")}
+    tok, train, val, extra, written = conversation_splits(
+        {"train": splits["train"], "val": splits["val"]}, kind, max_tokens, test=splits["test"])
     return tok, train, val, {**extra, "levels": "tinytalks"}, written
 
 
@@ -342,11 +351,11 @@ def write_bytes(path, data: bytes):
 
 
 def write_dataset(out_dir, tok, train, val, meta, files) -> dict:
-    """Encode (unless they are token ids already) and write the bins and extra files, then meta.json last:
-    a run cut short leaves no
-    meta.json that claims the data set is complete."""
+    """Encode (unless they are token ids already) and write the bins and extra files, then
+    meta.json last: a run cut short leaves no meta.json that claims the data set is complete."""
     dtype = "uint16" if meta.get("vocab_size", tok.vocab_size) <= 65535 else "uint32"
-    train_ids = np.array(tok.encode(train) if isinstance(train, str) else train, dtype=f"<u{np.dtype(dtype).itemsize}")
+    train_ids = np.array(tok.encode(train) if isinstance(train, str) else train,
+                         dtype=f"<u{np.dtype(dtype).itemsize}")
     val_ids = np.array(tok.encode(val) if isinstance(val, str) else val, dtype=train_ids.dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bytes(out_dir / "train.bin", train_ids.tobytes())
@@ -381,9 +390,11 @@ def summary(out_dir, meta) -> str:
     if "chars" in meta:
         parts.insert(0, f"{meta['chars']:,} characters")
     if meta.get("answer_loss"):
-        parts.append(f"{meta['conversations']['train']:,} train / {meta['conversations']['val']:,} val conversations, "
-                     f"loss on the assistant's turns; {meta['left_out_too_long']} left out for being longer than "
-                     f"--max_tokens={meta['max_tokens']}" + "".join(f" ({w})" for w in meta["left_out_first"][:1]))
+        counts = meta["conversations"]
+        first = "".join(f" ({where})" for where in meta["left_out_first"][:1])
+        parts.append(f"{counts['train']:,} train / {counts['val']:,} val conversations, loss on "
+                     f"the assistant's turns; {meta['left_out_too_long']} left out for being "
+                     f"longer than --max_tokens={meta['max_tokens']}{first}")
     if "task" in meta:
         parts.insert(0, f"{meta['train_examples']} train / {meta['val_examples']} test examples of "
                         f"{meta['example_len']} tokens (prompt {meta['prompt_len']})")
@@ -414,19 +425,22 @@ def check_arguments(name, source, tokenizer, seed):
     if name in TASKS and (source or tokenizer):
         raise DataError(f"{name} is generated with its own character vocabulary; drop --source/--tokenizer")
     if name not in TASKS and seed is not None and not is_conversations(name, source):
-        raise DataError(f"--seed only applies to the generated tasks ({', '.join(TASKS)}) and to conversations "
-                        f"(it draws their val split), not to {name}")
+        raise DataError(f"--seed only applies to the generated tasks ({', '.join(TASKS)}) and to "
+                        f"conversations (it draws their val split), not to {name}")
 
 
 def is_conversations(name, source) -> bool:
     """tinytalks_chat, or your own name with a conversations .jsonl file or folder as its source."""
-    own = name not in DATASETS and source and not is_url(source) and looks_like_conversations(source)
-    return name == "tinytalks_chat" or bool(own)
+    if name == "tinytalks_chat":
+        return True
+    return bool(name not in DATASETS and source and not is_url(source)
+                and looks_like_conversations(source))
 
 
 def is_corpus(name, source) -> bool:
     """fineweb_edu, or your own name with a folder, a glob, or a .parquet/.jsonl file as its source."""
-    if name in CORPORA or not source or name in DATASETS or is_url(source) or is_conversations(name, source):
+    if (name in CORPORA or not source or name in DATASETS or is_url(source)
+            or is_conversations(name, source)):
         return name in CORPORA
     folder_or_glob = Path(source).is_dir() or any(c in str(source) for c in "*?[")
     return folder_or_glob or Path(source).suffix in (".parquet", ".jsonl")
@@ -434,11 +448,11 @@ def is_corpus(name, source) -> bool:
 
 def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None, shards=0, workers=0,
             shard_tokens=0, max_tokens=0) -> Path:
-    """Build data_dir/name/ and return that folder; a no-op when it is already built from the same
-    inputs (data file hashes, tokenizer, seed). A name prepare.py does not know is a text data set
-    built from the file or URL `source`, a conversations set (is_conversations: JSONL, max_tokens the longest
-    conversation kept, MAX_TOKENS by default), or a corpus (is_corpus) of shards: shards, workers and
-    shard_tokens are corpus.prepare_corpus's."""
+    """Build data_dir/name/ and return that folder; a no-op when it is already built from the
+    same inputs (data file hashes, tokenizer, seed). A name prepare.py does not know is a text
+    data set built from the file or URL `source`, a conversations set (is_conversations:
+    JSONL, max_tokens the longest conversation kept, MAX_TOKENS by default), or a corpus
+    (is_corpus) of shards: shards, workers and shard_tokens are corpus.prepare_corpus's."""
     if is_corpus(name, source):
         if tokenizer not in (None, "gpt2") or seed is not None:
             raise DataError(f"{name} is a corpus, always tokenized by gpt2; drop --tokenizer/--seed")
@@ -452,23 +466,25 @@ def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None, shard
     kind = tokenizer or OWN_TOKENIZER.get(name, "char")
     chat = is_conversations(name, source)
     if max_tokens and not chat:
-        raise DataError("--max_tokens is for conversations: tinytalks_chat, or --source=FILE.jsonl of them")
+        raise DataError("--max_tokens is for conversations: tinytalks_chat, or "
+                        "--source=FILE.jsonl of them")
     max_tokens = (max_tokens or MAX_TOKENS) if chat else None
-    seed = (DEFAULT_SEED if seed is None else seed) if name in TASKS or (chat and name not in PINNED) else None
+    seeded = name in TASKS or (chat and name not in PINNED)
+    seed = (DEFAULT_SEED if seed is None else seed) if seeded else None
     hashes = {}
     if name in PINNED:
         pinned_files(name, source, out_dir, fetch=False)  # a wrong local copy fails even when built
         hashes = {pin.path: pin.sha256 for pin in PINNED[name]}
     elif chat:
         paths = conversation_files(source)
-        hashes = {str(path.relative_to(source) if Path(source).is_dir() else path.name): sha256_of(path)
-                  for path in paths}
+        hashes = {str(path.relative_to(source) if Path(source).is_dir() else path.name):
+                  sha256_of(path) for path in paths}
     elif name not in TASKS:
         path = text_file(source, out_dir)
         hashes = {path.name: sha256_of(path)}
     dataset = name if name in DATASETS else "conversations" if chat else "text"
-    inputs = {"format": FORMAT_VERSION, "dataset": dataset, "tokenizer": kind, "seed": seed, "files": hashes,
-              **({"max_tokens": max_tokens} if chat else {})}
+    inputs = {"format": FORMAT_VERSION, "dataset": dataset, "tokenizer": kind, "seed": seed,
+              "files": hashes, **({"max_tokens": max_tokens} if chat else {})}
 
     meta = prepared_meta(out_dir, inputs)
     if meta:
@@ -478,7 +494,8 @@ def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None, shard
     if name in TASKS:
         tok, train, val, extra, files = task_texts(name, seed)
     elif name == "tinytalks_chat":
-        tok, train, val, extra, files = chat_texts(pinned_files(name, source, out_dir, fetch=True), kind, max_tokens)
+        pinned = pinned_files(name, source, out_dir, fetch=True)
+        tok, train, val, extra, files = chat_texts(pinned, kind, max_tokens)
     elif chat:
         tok, train, val, extra, files = conversations_texts(paths, kind, seed, max_tokens)
     elif PINNED.get(name) == TINYTALKS:

@@ -121,11 +121,11 @@ def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_
         loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
         print0(f"final val loss on the answers (full split, {tokens:,} answer tokens): {loss:.4f}", flush=True)
         records.append({"kind": "final", "val_loss_answers": loss, "val_answer_tokens": tokens})
-        batches = batches.whole_text() or batches  # a val split shorter than a window: the answers' loss alone
+        batches = batches.whole_text() or batches  # None: a val split shorter than a window
     if not batches.answer_loss:
         loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
-        print0(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}{verdict_text(loss, val_loss_bar)}",
-               flush=True)
+        print0(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}"
+               f"{verdict_text(loss, val_loss_bar)}", flush=True)
         records.append({"kind": "final", "val_loss_full": loss, "val_tokens": tokens})
     if not math.isfinite(loss):
         return records
@@ -133,6 +133,7 @@ def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_
         accuracy = exact_match_accuracy(model, batches.examples("val"), batches.prompt_len, device=batches.device, dist=dist)
         print0(f"test exact match: {100 * accuracy:.1f}%{verdict_text(100 * accuracy, 100 * exact_match_bar, True, '%')}")
         records.append({"kind": "test", "exact_match": accuracy})
-    if trained.answer_loss and trained.meta.get("test_file") and dist.is_master:  # a chat model's own scores
-        records += chat_report(model, trained, tokenizer_from_meta(trained.meta), ctx, exact_match_bar)
+    if trained.answer_loss and trained.meta.get("test_file") and dist.is_master:  # a chat's scores
+        tokenizer = tokenizer_from_meta(trained.meta)
+        records += chat_report(model, trained, tokenizer, ctx, exact_match_bar)
     return records

@@ -148,8 +148,9 @@ def weights_to_fine_tune(cfg, meta, resume_from=None) -> tuple:
     where = resume_from or cfg.init_from
     positions = weights["model_args"]["block_size"] if state is None or learned else block_size
     check_vocabulary(weights.get("meta") or {}, model_args["vocab_size"], meta, where)
-    if state is not None and meta["vocab_size"] > model_args["vocab_size"]:  # a chat data set's template tokens
-        state = with_new_rows(state, meta["vocab_size"], cfg.seed, model_args.get("tie_weights", True))
+    if state is not None and meta["vocab_size"] > model_args["vocab_size"]:  # template tokens
+        tied = model_args.get("tie_weights", True)
+        state = with_new_rows(state, meta["vocab_size"], cfg.seed, tied)
         model_args = {**model_args, "vocab_size": meta["vocab_size"]}
     if meta.get("task") and positions < meta["example_len"] - 1:
         raise CheckpointError(f"{where} holds {positions} positions, fewer than the {meta['example_len'] - 1} tokens "
@@ -158,9 +159,10 @@ def weights_to_fine_tune(cfg, meta, resume_from=None) -> tuple:
 
 
 def with_new_rows(state, vocab_size, seed, tied=True) -> dict:
-    """state with its token embedding (and the head) grown to vocab_size rows, for the template tokens a chat
-    data set adds past the text's ids: each new row is the mean of the old ones, so the new tokens start as
-    likely as an average one, plus a little seeded noise, so that they differ."""
+    """state with its token embedding (and the head) grown to vocab_size rows, for the template
+    tokens a chat data set adds past the text's ids: each new row is the mean of the old ones,
+    so the new tokens start as likely as an average one, plus a little seeded noise, so that
+    they differ."""
     generator = torch.Generator().manual_seed(seed)
 
     def grown(table):

@@ -1,4 +1,5 @@
-"""Text <-> token ids: a character vocabulary, UTF-8 bytes or GPT-2's BPE (tiktoken), as meta.json names it."""
+"""Text <-> token ids: a character vocabulary, UTF-8 bytes or GPT-2's BPE (tiktoken), as
+meta.json names it."""
 from tinygpt.common import DataError
 
 
