@@ -123,6 +123,16 @@ def test_answer_scores_on_hand_made_answers():
     assert answer_scores([], [], known, []) == {"real_words": 0.0, "overlap": 0.0, "topic": 0.0}
 
 
+def test_levels_are_told_from_the_question_where_the_rules_can():
+    from tinygpt.chat import level_of
+    assert level_of("What is 6 plus 3?") == level_of("Which is less, 4 or 6?") == "L3 math"
+    assert level_of("Hello TinyBot!") == level_of("When were you made?") == level_of("Thanks!") == \
+        "L1 greetings, identity"
+    assert level_of("I like pop music.") == level_of("Yes, I did!") == "L5 statements (context)"
+    assert level_of("What color is the sky?") == level_of("Can fish breathe underwater?") == \
+        "L2/L4 facts, reasoning"
+
+
 def test_repeats_count_answers_equal_to_the_one_just_before():
     chats = [["Hi!", "Hi!", "Blue.", "Hi!", "Hi!"], ["A.", "B.", "C.", "D.", "E."]]
     assert repeated_share(chats) == pytest.approx(2 / 8)  # two of the eight follow-ups repeat; 'Hi!' after 'Blue.' does not
