@@ -29,9 +29,7 @@ from tinygpt.common import DataError
 ROLES = ("system", "user", "assistant")
 SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 TEMPLATE_FORMAT = 1
-PAD_MULTIPLE = (
-    64  # a GPT-2 BPE chat vocabulary is padded to a multiple of 64, as nanoGPT pads it for speed
-)
+PAD_MULTIPLE = 64  # a GPT-2 BPE chat vocabulary is padded to a multiple of 64, as nanoGPT does
 
 
 class ChatTemplate:
@@ -45,8 +43,7 @@ class ChatTemplate:
 
     @classmethod
     def for_tokenizer(cls, tokenizer):
-        """(template, vocabulary size) for text of tokenizer: the four tokens right after its
-        ids."""
+        """(template, vocabulary size) for tokenizer's text: four tokens right after its ids."""
         first = tokenizer.vocab_size
         template = cls({name: first + i for i, name in enumerate(SPECIAL_TOKENS)})
         size = first + len(SPECIAL_TOKENS)
@@ -71,8 +68,7 @@ class ChatTemplate:
         return ids, mask
 
     def prompt(self, tokenizer, messages) -> list:
-        """The ids the assistant's next turn follows: the messages, then the assistant's role
-        token."""
+        """The ids the assistant's next turn follows: the messages, then its role token."""
         return self.render(tokenizer, messages)[0] + [self.role["assistant"]]
 
     def messages_of(self, tokenizer, ids) -> list:
@@ -89,8 +85,7 @@ class ChatTemplate:
         return messages
 
     def decode(self, tokenizer, ids) -> str:
-        """Text of ids with the template's tokens shown by name: for sampling a chat model as plain
-        text."""
+        """Text of ids with the template's tokens shown by name, to sample a chat model as text."""
         names = {token: name for name, token in self.tokens.items()}
         pieces, text = [], []
         for token in map(int, ids):
@@ -121,8 +116,7 @@ class ChatTemplate:
 
 
 class ShownTemplateTokens:
-    """A tokenizer whose decode shows a chat model's template tokens by name: to sample it as plain
-    text."""
+    """A tokenizer whose decode shows a chat model's template tokens by name (plain sampling)."""
 
     def __init__(self, tokenizer, template):
         self.tokenizer, self.template = tokenizer, template
@@ -155,8 +149,7 @@ def exchange(question, answer) -> list:
 
 
 def answer_room(block_size) -> int:
-    """Tokens an answer may take in chat: a quarter of the window; the conversation so far gets the
-    rest."""
+    """Tokens an answer may take in chat: a quarter of the window; the chat so far gets the rest."""
     return max(1, block_size // 4)
 
 
@@ -164,8 +157,7 @@ def answer_room(block_size) -> int:
 
 
 def conversation_files(source) -> list:
-    """The .jsonl files of a source: the file itself, or a folder's, searched recursively and
-    sorted."""
+    """The .jsonl files of a source: the file itself, or a folder's (recursively), sorted."""
     path = Path(source)
     files = sorted(p for p in path.rglob("*.jsonl") if p.is_file()) if path.is_dir() else [path]
     if not files or not all(p.is_file() for p in files):
@@ -217,8 +209,7 @@ def read_conversations(path) -> list:
 
 
 def checked_messages(record) -> list:
-    """The messages of one parsed line, as plain {"role", "content"} dicts; ValueError saying what
-    is wrong."""
+    """The messages of one parsed line as {"role", "content"} dicts; ValueError says what is wrong."""
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         raise ValueError('not an object with a "messages" list')
     messages = record["messages"]
@@ -258,8 +249,7 @@ def qa_pairs(text) -> list:
 
 
 def qa_conversations(text, name) -> list:
-    """[(where, messages)] of a Q&A file: each pair a conversation of one question and its
-    answer."""
+    """[(where, messages)] of a Q&A file: each pair a conversation of a question and its answer."""
     pairs = qa_pairs(text)
     if not pairs:
         raise DataError(f"{name} holds no 'Q: ...\\nA: ...' pairs")
@@ -271,8 +261,7 @@ def qa_conversations(text, name) -> list:
 
 @torch.no_grad()
 def answer_loss(model, examples, ctx, device) -> float:
-    """Mean cross-entropy on the reply tokens of (prompt ids, reply ids) examples, given the
-    prompt."""
+    """Mean cross-entropy on the reply tokens of (prompt ids, reply ids) examples, given prompts."""
     model.eval()
     total, scored = 0.0, 0
     for prompt, reply in examples:
@@ -331,8 +320,7 @@ def greedy_matches(model, examples, device, batch_size=64) -> list:
 
 
 def reply_examples(template, tokenizer, conversations) -> list:
-    """(prompt ids, reply ids) of every assistant turn of the conversations, after the turns before
-    it."""
+    """(prompt ids, reply ids) of every assistant turn of the conversations, after earlier turns."""
     examples = []
     for messages in conversations:
         for i, message in enumerate(messages):
