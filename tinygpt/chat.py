@@ -209,7 +209,7 @@ def read_conversations(path) -> list:
 
 
 def checked_messages(record) -> list:
-    """The messages of one parsed line as {"role", "content"} dicts; ValueError says what is wrong."""
+    """The messages of a parsed line as {"role", "content"} dicts; ValueError says what is wrong."""
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         raise ValueError('not an object with a "messages" list')
     messages = record["messages"]
