@@ -4,7 +4,7 @@
     options     typed --key=value options and config files
     device      device, precision, torchrun, MFU peaks, leaving the process
     tokenizer   text <-> token ids (characters, bytes, GPT-2 BPE)
-    chat        the chat template, conversations from JSONL, the history in chat, a chat model's scores
+    chat        the chat template, JSONL conversations, chat history, a chat model's scores
     data        a prepared data set on disk, and the batches drawn from it
     datasets    downloads, verification and the builders of every data set (prepare.py's work)
     checkpoint  save, load, and when a run resumes
