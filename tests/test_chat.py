@@ -405,10 +405,11 @@ def test_gpt2_fine_tunes_on_conversations_and_exports_with_its_padded_vocabulary
 
 def test_the_docs_conversations_prepare_with_every_conversation_kept(tmp_path):
     meta = load_meta(
-        prepare("mychat", source=REPO / "docs" / "conversations.jsonl", data_dir=tmp_path)
-    )
+        prepare("mychat", source=REPO / "docs" / "conversations.jsonl", data_dir=tmp_path,
+                tokenizer="byte")
+    )  # as the README prepares it
     assert meta["conversations"]["train"] + meta["conversations"]["val"] == 10
-    assert meta["left_out_too_long"] == 0 and meta["tokenizer"] == "char"
+    assert meta["left_out_too_long"] == 0 and meta["vocab_size"] == 260
 
 
 def test_a_corpus_jsonl_of_documents_is_still_a_corpus_and_not_conversations(tmp_path):
