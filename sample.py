@@ -1,22 +1,23 @@
-"""Generate text from a trained checkpoint, streaming, or answer questions in a Q&A chat.
+"""Generate text from a trained checkpoint, streaming, or chat with a model trained on
+conversations.
 
     python sample.py --out_dir=out-speedrun-cpu
     python sample.py --out_dir=out-speedrun-cpu --start="ROMEO:" --num_samples=3 --max_new_tokens=300
-    python sample.py --out_dir=out-tinytalks --chat          # one question per line on stdin
+    python sample.py --out_dir=out-tinybot --chat            # one user turn per line on stdin
+    python sample.py --out_dir=out-mychat --chat --system="You are a patient tutor."
     python sample.py --init_from=gpt2-xl --start="What is the answer to life, the universe, and everything?"
 """
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from model import SINK_POSITIONS
-from tinygpt.checkpoint import load_for_inference, load_weights, ready_for_inference
-from tinygpt.common import CheckpointError, DataError
+from tinygpt.chat import ShownTemplateTokens, answer_room, template_of
+from tinygpt.checkpoint import checkpoint_to_sample, load_weights, ready_for_inference
+from tinygpt.common import CheckpointError, DataError, must, run_cli
 from tinygpt.device import DTYPES
-from tinygpt.common import must, run_cli
-from tinygpt.tokenizer import answer_room, chat_prompt_ids, qa_prompt
 
 
 @dataclass
@@ -34,7 +35,8 @@ class SampleConfig:
     device: str = "auto"         # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
     dtype: str = "auto"          # weights are cast to it for inference: bf16 halves memory traffic
     stop: str = ""               # stop a sample when this text appears (not printed)
-    chat: bool = False           # read questions from stdin, answer each as "Q: ...\nA:" prompts
+    chat: bool = False           # user turns from stdin, answered in the checkpoint's chat template
+    system: str = ""             # in --chat, a system message, kept first however long the chat
     history: bool = True         # in --chat, earlier turns stay in the context (whole turns, oldest dropped first)
     sink_tokens: int = 0         # past the window keep the first N tokens + the latest (attention sinks; rope/alibi); 0 = slide
 
@@ -46,6 +48,7 @@ class SampleConfig:
         must(self.num_samples >= 1, f"num_samples={self.num_samples} must be at least 1")
         must(self.sink_tokens >= 0, f"sink_tokens={self.sink_tokens} must be >= 0 (0 = the sliding window)")
         must(self.dtype in DTYPES, f"dtype={self.dtype!r}: use one of {', '.join(DTYPES)}")
+        must(self.chat or not self.system, "--system is the system message of a chat; add --chat")
 
 
 class SampleError(Exception):
@@ -107,12 +110,8 @@ class TextStream:
 def generate_texts(model, tokenizer, device, prompt_ids, cfg, stop, on_text=None):
     """Sample cfg.num_samples continuations as one batch; stream sample 0 through on_text."""
     idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     streams = [TextStream(tokenizer, stop) for _ in range(cfg.num_samples)]
-    steps = model.generate_stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                                  cfg.top_p if cfg.top_p < 1.0 else None, generator=generator,
-                                  sink_tokens=cfg.sink_tokens)
-    for tokens in steps:
+    for tokens in sampled_steps(model, idx, cfg.max_new_tokens, device, cfg):
         for stream, token in zip(streams, tokens.tolist()):
             new = stream.add(token)
             if stream is streams[0] and on_text and new:
@@ -120,6 +119,15 @@ def generate_texts(model, tokenizer, device, prompt_ids, cfg, stop, on_text=None
         if all(stream.done for stream in streams):
             break
     return [stream.text for stream in streams]
+
+
+def sampled_steps(model, idx, max_new_tokens, device, cfg):
+    """The next token of every row of idx, one step at a time, drawn as cfg says from a generator
+    seeded anew."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    return model.generate_stream(idx, max_new_tokens, cfg.temperature, cfg.top_k,
+                                 cfg.top_p if cfg.top_p < 1.0 else None, generator=generator,
+                                 sink_tokens=cfg.sink_tokens)
 
 
 def print_now(text):
@@ -137,20 +145,24 @@ def run_samples(model, tokenizer, device, cfg):
     print_now("\n")
 
 
-def run_chat(model, tokenizer, device, cfg):
-    """Answer each stdin line as the training data frames it: 'Q: <line>\\nA:' up to the newline,
-    with the earlier turns in front (cfg.history). A model that never ends its answer stops at
-    answer_room tokens; the conversation gets the rest of the window."""
+def run_chat(model, tokenizer, template, device, cfg):
+    """Answer each stdin line as a user turn in the chat template, with the system message and
+    the earlier turns in front (cfg.history; whole turns, the oldest dropped first when the
+    window is full), streaming the answer up to the end-of-turn token. An answer that never
+    ends stops at answer_room tokens: the conversation gets the rest of the window."""
     room = answer_room(model.config.block_size)
     budget = model.config.block_size - room
-    cfg = replace(cfg, num_samples=1, max_new_tokens=min(cfg.max_new_tokens, room))
+    try:
+        template.history_prompt(tokenizer, cfg.system, [], "", budget)
+    except ValueError as e:
+        raise SampleError(f"--system: {e}") from None
     turns = []
     interactive = sys.stdin.isatty()
     if interactive:
-        print("Ask a question (Ctrl-D to quit).", file=sys.stderr)
+        print("Say something (Ctrl-D to quit).", file=sys.stderr)
     while True:
         if interactive:
-            print_now("Q: ")
+            print_now("> ")
         line = sys.stdin.readline()
         if not line:
             return
@@ -158,27 +170,51 @@ def run_chat(model, tokenizer, device, cfg):
         if not question:
             continue
         try:
-            encode_prompt(tokenizer, qa_prompt(question), model.config.block_size)  # checks it, notes a long one
-        except SampleError as e:  # one bad question must not end the conversation
+            earlier = turns if cfg.history else []
+            prompt_ids = template.history_prompt(tokenizer, cfg.system, earlier, question, budget)
+        except ValueError as e:  # one bad line must not end the conversation
             print(f"error: {e}", file=sys.stderr)
             continue
-        prompt_ids = chat_prompt_ids(tokenizer, turns if cfg.history else [], question, budget)
-        print_now("A:")  # the model writes the space after "A:", as in the training data
-        [answer] = generate_texts(model, tokenizer, device, prompt_ids, cfg, cfg.stop or "\n", print_now)
-        print_now("\n")
+        print_now("A: ")
+        answer = stream_reply(model, tokenizer, template, device, prompt_ids, cfg, room)
         turns.append((question, answer))
+        print_now("\n")
+
+
+def stream_reply(model, tokenizer, template, device, prompt_ids, cfg, room) -> str:
+    """Sample one answer after prompt_ids, printing it as it comes, up to a template token (the
+    end of the turn), the stop text, or room tokens; return its text."""
+    stream = TextStream(tokenizer, cfg.stop)
+    idx = torch.tensor([prompt_ids], device=device)
+    for tokens in sampled_steps(model, idx, min(cfg.max_new_tokens, room), device, cfg):
+        if template.is_special(tokens[0].item()):
+            break
+        print_now(stream.add(tokens[0].item()))
+        if stream.done:
+            break
+    return stream.text
 
 
 def sample(cfg):
-    if cfg.init_from:  # OpenAI's GPT-2 (downloaded once), a Hugging Face folder, or any weights train.py can start from
-        model, tokenizer, device = ready_for_inference(load_weights(cfg.init_from), cfg.device, cfg.dtype)
+    if cfg.init_from:  # OpenAI's GPT-2 (downloaded once), a Hugging Face folder, or any weights
+        checkpoint = load_weights(cfg.init_from)
     else:
-        model, tokenizer, device = load_for_inference(cfg.out_dir, cfg.ckpt, cfg.device, cfg.dtype)
+        checkpoint = checkpoint_to_sample(cfg.out_dir, cfg.ckpt)
+    template = template_of(checkpoint.get("meta"))  # saved by a model trained on conversations
+    if cfg.chat and template is None:
+        raise SampleError(f"{cfg.init_from or cfg.out_dir} has no chat template: it was not "
+                          "trained on conversations "
+                          "(python prepare.py NAME --source=FILE.jsonl); sample it without --chat")
+    model, tokenizer, device = ready_for_inference(checkpoint, cfg.device, cfg.dtype)
     if cfg.sink_tokens and (model.config.pos not in SINK_POSITIONS or cfg.sink_tokens >= model.config.block_size):
         raise SampleError(f"--sink_tokens={cfg.sink_tokens} needs a model with pos='rope' or 'alibi' (this one has "
                           f"{model.config.pos!r}) and fewer sinks than its block_size {model.config.block_size}")
     with torch.inference_mode():
-        (run_chat if cfg.chat else run_samples)(model, tokenizer, device, cfg)
+        if cfg.chat:
+            run_chat(model, tokenizer, template, device, cfg)
+        else:  # a chat model's template tokens show by name
+            shown = ShownTemplateTokens(tokenizer, template) if template else tokenizer
+            run_samples(model, shown, device, cfg)
 
 
 def main(argv) -> int:

@@ -340,11 +340,6 @@ def final_evaluation(cfg, run, dist):
     with parallel.whole_weights(run.model):
         records = data.final_report(run.model, run.batches, run.ctx, run.rows, cfg.val_loss_bar,
                                     cfg.exact_match_bar, dist)
-    meta = run.batches.meta
-    finite = math.isfinite(records[-1].get("val_loss_full", math.nan))
-    if meta.get("qa") and meta.get("test_file") and dist.is_master and finite:
-        from tinygpt.evaluation import qa_report  # only chat models are asked questions
-        records.append(qa_report(run.model, run.batches, run.ctx, cfg.exact_match_bar))
     for record in records:
         run.log.write("", {**record, "step": run.step})
 

@@ -4,7 +4,7 @@ levers (Muon, rotary positions, ReLU^2, QK-norm) val loss passes the milestone's
 300 steps, and every longer or wider run we measured only overfit (docs/results.md, "TinyTalks").
 
     python train.py configs/tinytalks.py
-    python sample.py --out_dir=out-tinytalks --chat
+    python sample.py --out_dir=out-tinytalks --start="Q: What do bees make?"
 """
 out_dir = 'out-tinytalks'
 eval_interval = 50

@@ -1,7 +1,8 @@
 """TinyBot, step 2 of 2: fine-tune the pretrained byte model (configs/tinytalks_pretrain.py) on
-TinyTalks' train split as a chat model: whole Q/A pairs, the loss on the answers only (the
-tinytalks_chat data set), with a fresh optimizer and schedule; judged on the exact match of its
-answers to the questions it was taught (levels 1-2), not on a val loss (docs/tinybot.md).
+TinyTalks' train split as a chat model: its Q/A pairs as conversations in the chat template,
+the loss on the answers only (the tinytalks_chat data set), with a fresh optimizer and
+schedule; judged on the exact match of its answers to the questions it was taught (levels
+1-2), not on a val loss (docs/tinybot.md).
 
     python train.py configs/tinytalks_finetune.py
     python sample.py --out_dir=out-tinybot --chat
@@ -20,7 +21,7 @@ exact_match_bar = 0.8
 
 gradient_accumulation_steps = 1
 batch_size = 8  # twice the updates of 16 sequences for the same work: the answers are learnt sooner
-block_size = 256  # three to five Q/A pairs: the earlier turns of a chat
+block_size = 256  # four or five one-question conversations: the earlier turns of a chat
 dropout = 0.0  # the taught answers are to be learnt word for word
 
 max_iters = 160

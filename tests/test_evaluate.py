@@ -76,16 +76,6 @@ def test_evaluate_refuses_a_missing_checkpoint_in_one_line(tmp_path):
     assert_one_line_error(result, "no checkpoint at", "nothing.pt")
 
 
-def test_levels_are_told_from_the_question_where_the_rules_can():
-    from tinygpt.evaluation import level_of
-    assert level_of("What is 6 plus 3?") == level_of("Which is less, 4 or 6?") == "L3 math"
-    assert level_of("Hello TinyBot!") == level_of("When were you made?") == level_of("Thanks!") == \
-        "L1 greetings, identity"
-    assert level_of("I like pop music.") == level_of("Yes, I did!") == "L5 statements (context)"
-    assert level_of("What color is the sky?") == level_of("Can fish breathe underwater?") == \
-        "L2/L4 facts, reasoning"
-
-
 @pytest.mark.parametrize("use_cache, sink_tokens", [(True, 0), (True, 2), (False, 0)])
 def test_streaming_losses_inside_the_window_are_the_full_forward_pass_losses(use_cache, sink_tokens):
     model = tiny_model(pos="alibi", vocab_size=20, block_size=16)

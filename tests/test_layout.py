@@ -36,9 +36,9 @@ def python_files(folder="."):
 FLOORS = {
     1: ["model", "tinygpt.common", "tinygpt.muon"],
     2: ["tinygpt.device", "tinygpt.tokenizer", "tinygpt.download", "tinygpt.plot", "tinygpt.gpt2",
-        "tinygpt.parallel"],
+        "tinygpt.parallel", "tinygpt.chat"],
     3: ["tinygpt.data", "tinygpt.checkpoint", "tinygpt.evaluation", "tinygpt.optim",
-        "tinygpt.datasets", "tinygpt.corpus", "tinygpt.chat", "tinygpt.hellaswag"],
+        "tinygpt.datasets", "tinygpt.corpus", "tinygpt.hellaswag"],
     4: ["train", "sample", "prepare", "tools"],
 }
 FLOOR_OF = {name: floor for floor, names in FLOORS.items() for name in names}

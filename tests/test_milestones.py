@@ -1,4 +1,4 @@
-"""The milestone scorers: PASS/FAIL against a published loss bar, and the held-out Q&A report."""
+"""The milestone scorers: PASS/FAIL against a published loss bar, and a chat model's loss on its answers."""
 
 import pytest
 import torch
@@ -7,13 +7,20 @@ from conftest import REPO, SHARED_DATA, train_here
 from model import GPT, GPTConfig
 from tinygpt.optim import make_optimizers
 from tinygpt.datasets import prepare
+from tinygpt.chat import ChatTemplate, answer_loss, exchange, qa_pairs, reply_examples
 from tinygpt.common import verdict_text
-from tinygpt.evaluation import qa_answer_loss
-from tinygpt.tokenizer import CharTokenizer, qa_pairs, qa_prompt
+from tinygpt.tokenizer import CharTokenizer
 
 TINYTALKS = SHARED_DATA / "tinytalks"
 PAIRS = [("what is 1 plus 1?", "it is 2."), ("what is 2 plus 3?", "it is 5."), ("hi?", "hello.")]
 QA_TEXT = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in PAIRS)
+
+
+def chat_of(tok):
+    """(template, rendered conversations, (prompt, reply) examples) of PAIRS, one conversation each."""
+    template = ChatTemplate.for_tokenizer(tok)[0]
+    conversations = [exchange(q, a) for q, a in PAIRS]
+    return template, [template.render(tok, c)[0] for c in conversations], reply_examples(template, tok, conversations)
 
 
 def test_verdict_passes_at_or_below_the_bar_and_fails_above():
@@ -25,15 +32,15 @@ def test_verdict_passes_at_or_below_the_bar_and_fails_above():
 
 def test_qa_pairs_read_the_tinytalks_format():
     assert qa_pairs(QA_TEXT) == PAIRS
-    assert qa_prompt("hi?") == "Q: hi?\nA:"
 
 
 def test_answer_loss_is_low_for_a_model_that_learned_the_answers_and_high_otherwise():
     torch.manual_seed(0)
     tok = CharTokenizer(sorted(set(QA_TEXT)))
-    model = GPT(GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=48))
-    untrained = qa_answer_loss(model, tok, PAIRS, torch.no_grad(), "cpu")
-    data = torch.tensor(tok.encode(QA_TEXT * 4))
+    template, rendered, examples = chat_of(tok)
+    model = GPT(GPTConfig(block_size=32, vocab_size=tok.vocab_size + 4, n_layer=2, n_head=2, n_embd=48))
+    untrained = answer_loss(model, examples, torch.no_grad(), "cpu")
+    data = torch.tensor([token for ids in rendered * 8 for token in ids])
     [optimizer] = make_optimizers(model, 0.0, 3e-3, (0.9, 0.99), "cpu")
     model.train()
     for step in range(200):
@@ -44,39 +51,39 @@ def test_answer_loss_is_low_for_a_model_that_learned_the_answers_and_high_otherw
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    trained = qa_answer_loss(model, tok, PAIRS, torch.no_grad(), "cpu")
+    trained = answer_loss(model, examples, torch.no_grad(), "cpu")
     assert trained < 0.3 < untrained
 
 
 @pytest.mark.skipif(not TINYTALKS.is_dir(), reason="needs ../shared/data/tinytalks")
-def test_tinytalks_run_reports_held_out_answers_next_to_references(tmp_path, capsys):
+def test_tinytalks_run_is_judged_against_the_milestone_bar(tmp_path, capsys):
     prepare("tinytalks", source=str(TINYTALKS), data_dir=str(tmp_path / "data"))
     train_here([REPO / "configs" / "tinytalks.py", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
                 "--max_iters=20", "--eval_interval=20", "--eval_iters=2", "--n_layer=1", "--n_embd=32",
                 "--block_size=64", "--device=cpu", "--dtype=float32", "--plot=False"], tmp_path)
     printed = capsys.readouterr().out
     assert "(bar 1.5): FAIL" in printed  # 20 steps cannot reach the bar
-    assert "held-out test answers: loss" in printed
-    first_question, first_answer = qa_pairs((tmp_path / "data" / "tinytalks" / "test.txt").read_text())[0]
-    assert f"Q: {first_question}" in printed and f"reference: {first_answer}" in printed
 
 
 def test_answer_loss_is_the_mean_over_the_answer_tokens_given_the_question():
-    """Worked out by hand on a random model: each pair read whole, " answer\\n" scored token by token after the
-    question's "Q: ...\\nA:", every answer token weighing the same whatever its pair's length."""
+    """Worked out by hand on a random model: each conversation read whole, the answer and its end-of-turn token
+    scored token by token after the question's turn and the assistant's role token, every answer token weighing
+    the same whatever its conversation's length."""
     import torch.nn.functional as F
     torch.manual_seed(0)
     tok = CharTokenizer(sorted(set(QA_TEXT)))
-    model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
+    template, _, examples = chat_of(tok)
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size + 4, n_layer=1, n_head=2, n_embd=16)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(5)  # far from uniform: which tokens are scored shows in the loss
     losses = []
     for question, answer in PAIRS:
-        prompt, reply = tok.encode(f"Q: {question}\nA:"), tok.encode(f" {answer}\n")
+        prompt = [template.role["user"], *tok.encode(question), template.end, template.role["assistant"]]
+        reply = [*tok.encode(answer), template.end]
         ids = torch.tensor([prompt + reply])
         logits = model(ids, ids)[0][0]
         for i, token in enumerate(reply):  # the reply's i-th token is predicted at position len(prompt) + i - 1
             losses.append(F.cross_entropy(logits[len(prompt) + i - 1], torch.tensor(token)).item())
     expected = sum(losses) / len(losses)
-    assert qa_answer_loss(model, tok, PAIRS, torch.no_grad(), "cpu") == pytest.approx(expected, rel=1e-5)
+    assert answer_loss(model, examples, torch.no_grad(), "cpu") == pytest.approx(expected, rel=1e-5)

@@ -195,7 +195,7 @@ def test_byte_data_sets_share_one_vocabulary_so_one_fine_tunes_on_the_other(tmp_
         assert (meta["tokenizer"], meta["vocab_size"]) == ("byte", 256)
         train = np.fromfile(tmp_path / meta["inputs"]["dataset"] / "train.bin", dtype="<u2")
         assert tokenizer_from_meta(meta).decode(train) == text[:len(train)]
-    assert tinytalks["qa"] and (tmp_path / "tinytalks_byte" / "test.txt").is_file()
+    assert (tmp_path / "tinytalks_byte" / tinytalks["test_file"]).is_file()
     check_vocabulary(shakespeare, 256, tinytalks, "out-pretrain")  # no error: the same 256 bytes
     char_shakespeare = load_meta(prepare("shakespeare_char", source=SHAKESPEARE, data_dir=tmp_path))
     char_tinytalks = load_meta(prepare("tinytalks", source=TINYTALKS, data_dir=tmp_path))
@@ -259,7 +259,7 @@ def test_tinytalks_keeps_its_splits_and_holds_out_test(server, tmp_path):
     out = prepare("tinytalks", source=f"{server.url}/tinytalks", data_dir=tmp_path)
     meta, tok = load_meta(out), tokenizer_from_meta(load_meta(out))
     splits = TINYTALKS / "splits"
-    assert meta["qa"] is True and meta["vocab_size"] == len(set((splits / "train.txt").read_text()
+    assert meta["vocab_size"] == len(set((splits / "train.txt").read_text()
                                                                 + (splits / "val.txt").read_text()))
     for split, bin_name in (("train", "train.bin"), ("val", "val.bin")):
         assert tok.decode(np.fromfile(out / bin_name, dtype="<u2")) == (splits / f"{split}.txt").read_text()

@@ -1,6 +1,7 @@
 """sample.py end to end: a tiny model is trained once by train.py's main(), then sampled by real processes where the
 process matters (stdin, streaming, files) and through sample.py's main() where only the text does."""
 import io
+import json
 import random
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from dataclasses import asdict
 from conftest import ENV, REPO, greedy_by_hand, tiny_model, train_here
 from sample import TextStream
 from sample import main as sample_main
+from tinygpt.chat import answer_room, template_of
 from tinygpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from tinygpt.datasets import prepare
 from tinygpt.tokenizer import GPT2Tokenizer, tokenizer_from_meta
@@ -111,24 +113,6 @@ def test_stop_sequence_ends_each_sample_before_it(trained):
     samples = result.stdout.removesuffix("\n").split("\n---------------\n")
     assert len(samples) == 2
     assert all(s.count("\n") == 1 for s in samples)  # only the newline inside the prompt
-
-
-def test_chat_over_a_pipe_answers_every_line_up_to_the_answer_boundary(trained):
-    out_dir, _ = trained
-    questions = ["what is 2 plus 2?", "what is 7 plus 1?", "", "what is 3 plus 3?"]
-    result = sample(out_dir, "--chat", "--max_new_tokens=100", stdin="\n".join(questions) + "\n")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert len(lines) == 3  # one answer per non-empty question, each on its own line
-    assert all(line.startswith("A:") and len(line) > 2 for line in lines)
-
-
-def test_chat_reports_a_bad_question_and_goes_on(trained):
-    out_dir, _ = trained
-    result = sample(out_dir, "--chat", "--max_new_tokens=30", stdin="what is é?\nwhat is 1 plus 1?\n")
-    assert result.returncode == 0
-    assert "'é'" in result.stderr
-    assert len(result.stdout.splitlines()) == 1
 
 
 def test_first_sample_streams_before_generation_ends(trained):
@@ -236,50 +220,100 @@ def test_gpt2_bpe_checkpoint_samples_what_greedy_generation_gives(tmp_path):
     assert result.stdout == tok.decode(expected) + "\n"
 
 
-def test_chat_history_keeps_whole_recent_turns_that_fit():
-    from sample import chat_prompt_ids
-    from tinygpt.tokenizer import CharTokenizer
-    turns = [(f"question {i}?", f" answer number {i}.") for i in range(6)]  # answers as the model writes them
-    framed = [f"Q: {q}\nA:{a}\n\n" for q, a in turns]
-    tok = CharTokenizer(sorted(set("".join(framed) + "Q: last?\nA:")))
-    for budget in (12, 60, 100, 400):
-        text = tok.decode(chat_prompt_ids(tok, turns, "last?", budget))
-        assert text.endswith("Q: last?\nA:")
-        kept = 0  # the most recent whole turns whose characters fit beside the question
-        while kept < len(framed) and sum(map(len, framed[len(framed) - kept - 1:])) + len("Q: last?\nA:") <= budget:
-            kept += 1
-        assert text == "".join(framed[len(framed) - kept:]) + "Q: last?\nA:"
+# ------------------------------------------------------------------------------------------------ chat
+
+@pytest.fixture(scope="module")
+def chat_trained(tmp_path_factory):
+    """out_dir of a tiny char model trained for a few seconds on conversations of sums, in the chat template."""
+    root = tmp_path_factory.mktemp("chat")
+    rng = random.Random(0)
+    lines = []
+    for _ in range(200):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        lines.append(json.dumps({"messages": [{"role": "user", "content": f"{a} plus {b}?"},
+                                              {"role": "assistant", "content": f"it is {a + b}."}]}))
+    (root / "sums.jsonl").write_text("\n".join(lines) + "\n")
+    prepare("sums", source=str(root / "sums.jsonl"), data_dir=str(root / "data"))
+    out_dir = root / "out"
+    train_here(["--dataset=sums", f"--data_dir={root / 'data'}", f"--out_dir={out_dir}",
+                "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=16",
+                "--max_iters=150", "--eval_interval=150", "--eval_iters=2", "--learning_rate=3e-3",
+                "--warmup_iters=10", "--lr_decay_iters=150", "--device=cpu", "--dtype=float32", "--plot=False"], root)
+    return out_dir
 
 
-def test_chat_answers_with_the_conversation_so_far_in_the_context(tmp_path, sampled, monkeypatch):
-    vocab = sorted(set(qa_text()))
-    model = tiny_model(vocab_size=len(vocab), block_size=128, n_embd=32)
-    with torch.no_grad():  # a random model whose next token depends strongly on the context
-        for p in model.parameters():
-            p.mul_(6)
-    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_args": asdict(model.config),
-                                           "config": {}, "step": 0, "meta": {"tokenizer": "char", "vocab": vocab}})
-    questions = ["what is 2?", "what is 7?"]  # short: both turns fit in half the 128-token window
-
-    def chat(*options, asked=questions):  # in this process: the pipe's own test runs the command
-        monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(asked) + "\n"))
-        return sampled(tmp_path, "--chat", "--temperature=0", "--max_new_tokens=10", *options).out.splitlines()
-
-    with_history, without, alone = chat(), chat("--history=False"), chat(asked=questions[1:])
-    assert without[1] == alone[0]  # no history: the second answer is the one the question gets alone
-    context = f"Q: {questions[0]}\n{with_history[0]}\n\nQ: {questions[1]}\nA:"  # the first turn, then the second
-    tok = tokenizer_from_meta({"tokenizer": "char", "vocab": vocab})
-    out = tok.decode(model.generate(torch.tensor([tok.encode(context)]), 10, temperature=0)[0].tolist())
-    assert with_history[1] == "A:" + out[len(context):].split("\n")[0]
-    assert with_history[1] != without[1]  # and the first turn changed the answer
-    endless = chat("--max_new_tokens=500", asked=questions[:1])  # this model never writes a newline...
-    assert len(endless[0]) == len("A:") + 64  # ...so its answer stops at 64 tokens, half this window
+def greedy_reply(model, tokenizer, template, prompt_ids, room):
+    """The greedy answer after prompt_ids, worked out by full forward passes, up to a template token."""
+    out = greedy_by_hand(model, torch.tensor([prompt_ids]), room)[0, len(prompt_ids):].tolist()
+    ends = [i for i, token in enumerate(out) if template.is_special(token)]
+    return tokenizer.decode(out[:ends[0] if ends else room])
 
 
-def test_chat_answers_get_a_quarter_of_the_window_and_at_least_64_tokens_while_half_allows():
-    from sample import answer_room
+def test_chat_answers_each_line_in_the_template_up_to_the_end_of_turn_token(chat_trained):
+    """Over a pipe: one 'A: ...' line per non-empty line; each the greedy answer to the user turn rendered in
+    the checkpoint's template after the earlier turns, stopped at the end-of-turn token."""
+    questions = ["3 plus 4?", "", "7 plus 1?"]
+    result = sample(chat_trained, "--chat", "--temperature=0", stdin="\n".join(questions) + "\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("A: ") for line in lines)
+    model, tokenizer = trained_model(chat_trained)
+    template = template_of(load_checkpoint(chat_trained / "ckpt.pt")["meta"])
+    room = answer_room(model.config.block_size)
+    first = greedy_reply(model, tokenizer, template, template.history_prompt(tokenizer, "", [], "3 plus 4?", 48), room)
+    second_prompt = template.history_prompt(tokenizer, "", [("3 plus 4?", first)], "7 plus 1?", 48)
+    assert lines == [f"A: {first}", f"A: {greedy_reply(model, tokenizer, template, second_prompt, room)}"]
+    assert first.startswith("it is ") and len(first) < room  # it stopped at the end-of-turn token, not the room
 
-    assert [answer_room(b) for b in (32, 128, 256, 1024)] == [16, 64, 64, 256]
+
+def test_chat_keeps_the_system_message_and_drops_the_oldest_turns(chat_trained, sampled, monkeypatch):
+    model, tokenizer = trained_model(chat_trained)
+    template = template_of(load_checkpoint(chat_trained / "ckpt.pt")["meta"])
+    asked = [f"{i} plus {i}?" for i in range(6)]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(asked) + "\n"))
+    answers = [line[3:] for line in sampled(chat_trained, "--chat", "--temperature=0", "--system=split").out
+               .splitlines()]
+    turns = list(zip(asked, answers))
+    last = template.history_prompt(tokenizer, "split", turns[:-1], asked[-1], 48)  # 64 - a quarter for the answer
+    assert last[:7] == template.render(tokenizer, [{"role": "system", "content": "split"}])[0]
+    assert len(template.messages_of(tokenizer, last)) < 1 + 2 * 5  # not every earlier turn fits
+    assert answers[-1] == greedy_reply(model, tokenizer, template, last, 16)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(asked) + "\n"))
+    alone = sampled(chat_trained, "--chat", "--temperature=0", "--history=False").out.splitlines()
+    plain = template.history_prompt(tokenizer, "", [], asked[-1], 48)
+    assert alone[-1] == "A: " + greedy_reply(model, tokenizer, template, plain, 16)
+
+
+def test_chat_reports_a_line_it_cannot_encode_and_goes_on(chat_trained):
+    result = sample(chat_trained, "--chat", "--max_new_tokens=30", stdin="1 plus é?\n1 plus 1?\n")
+    assert result.returncode == 0
+    assert "'é'" in result.stderr and len(result.stdout.splitlines()) == 1
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--chat"], "has no chat template: it was not trained on conversations"),
+    (["--system=Be kind."], "--system is the system message of a chat; add --chat"),
+])
+def test_chat_refuses_a_checkpoint_without_a_template_and_a_system_message_without_chat(trained, options, expected,
+                                                                                         capsys):
+    out_dir, _ = trained
+    assert sample_main([f"--out_dir={out_dir}", "--device=cpu", *options]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0]
+
+
+def test_chat_refuses_a_system_message_that_leaves_no_room(chat_trained, capsys):
+    assert sample_main([f"--out_dir={chat_trained}", "--device=cpu", "--chat", "--system=" + "1 plus 1 " * 10]) == 1
+    assert "--system: the question and the system message take" in capsys.readouterr().err
+
+
+def test_a_chat_model_sampled_as_text_shows_its_template_tokens_by_name(chat_trained, sampled):
+    text = sampled(chat_trained, "--start=1 plus 2?", "--max_new_tokens=40", "--temperature=0").out
+    assert "<|end|>" in text  # the model ends a turn after a question, as it was trained
+
+
+def test_answers_get_a_quarter_of_the_window():
+    assert [answer_room(b) for b in (32, 128, 256, 1024)] == [8, 32, 64, 256]
 
 
 def test_a_bpe_of_the_datas_own_trains_samples_evaluates_and_exports_from_the_checkpoint_alone(

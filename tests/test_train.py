@@ -636,6 +636,7 @@ def test_every_shipped_config_runs_under_torchrun_with_two_processes_as_written(
     """Each config's own batch settings and data set, a tiny model, two optimizer steps, 2 gloo processes."""
     from conftest import SHARED_DATA, tiny_hf_gpt2
     from tinygpt.checkpoint import GPT2_NAMES
+    from tinygpt.datasets import prepare
     data = tmp_path / "data"
     sources = {"shakespeare_char": SHARED_DATA / "tinyshakespeare" / "input.txt",
                "shakespeare": SHARED_DATA / "tinyshakespeare" / "input.txt", "tinytalks": SHARED_DATA / "tinytalks",
@@ -649,9 +650,11 @@ def test_every_shipped_config_runs_under_torchrun_with_two_processes_as_written(
     if cfg.dataset == "fineweb_edu":  # the Hub's files, and 3 GB of logits a micro-step with its batch on a CPU
         pytest.skip("gpt2_124m.py runs shrunk on local shards, under torchrun too, in test_corpus.py")
     source += [f"--data_source={sources[cfg.dataset]}"] if cfg.dataset in sources else []
-    if cfg.init_from in GPT2_NAMES:  # no network here: a tiny random GPT-2 in its place
+    if cfg.dataset == "mychat_gpt2":  # the README's conversations in GPT-2 BPE, as its command prepares them
+        prepare("mychat_gpt2", source=REPO / "docs" / "conversations.jsonl", data_dir=data, tokenizer="gpt2")
+    if cfg.init_from in GPT2_NAMES:  # no network here: a tiny random GPT-2 in its place, long enough for a chat
         source.append(f"--init_from={tmp_path / 'gpt2'}")
-        tiny_hf_gpt2(tmp_path / "gpt2", vocab_size=50257, n_positions=64)
+        tiny_hf_gpt2(tmp_path / "gpt2", vocab_size=50257, n_positions=128 if cfg.dataset == "mychat_gpt2" else 64)
     result = run_script("train.py", [REPO / "configs" / config, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
                                      *source, "--n_layer=1", "--n_head=2", "--n_embd=32", "--max_iters=2",
                                      "--eval_iters=1", "--device=cpu", "--dtype=float32",

@@ -163,12 +163,16 @@ def clean_state_dict(state_dict) -> dict:
 def load_for_inference(out_dir, name="", device="auto", dtype="auto"):
     """(model in eval mode with weights cast to dtype, its tokenizer, device) from out_dir's
     checkpoint (best.pt by default): what sample.py and tools/interpret.py start from."""
+    return ready_for_inference(checkpoint_to_sample(out_dir, name), device, dtype)
+
+
+def checkpoint_to_sample(out_dir, name=""):
+    """out_dir's checkpoint (best.pt by default), mapped: the optimizer state stays on disk."""
     path = checkpoint_path(out_dir, name)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}; train one first, e.g. "
                               f"python train.py configs/speedrun_cpu.py --out_dir={out_dir}")
-    # Mapped, not read: the optimizer state stays on disk.
-    return ready_for_inference(load_checkpoint(path, mmap=True), device, dtype)
+    return load_checkpoint(path, mmap=True)
 
 
 def ready_for_inference(checkpoint, device="auto", dtype="auto"):
@@ -369,11 +373,32 @@ def weights_to_fine_tune(cfg, meta, resume_from=None) -> tuple:
         positions = block_size
     where = resume_from or cfg.init_from
     check_vocabulary(weights.get("meta") or {}, model_args["vocab_size"], meta, where)
+    if state is not None and meta["vocab_size"] > model_args["vocab_size"]:  # template tokens
+        tied = model_args.get("tie_weights", True)
+        state = with_new_rows(state, meta["vocab_size"], cfg.seed, tied)
+        model_args = {**model_args, "vocab_size": meta["vocab_size"]}
     if meta.get("task") and positions < meta["example_len"] - 1:
         raise CheckpointError(f"{where} holds {positions} positions, fewer than the "
                               f"{meta['example_len'] - 1} tokens of a {meta['task']} example; "
                               "fine-tune a model with a longer block_size")
     return model_args, state
+
+
+def with_new_rows(state, vocab_size, seed, tied=True) -> dict:
+    """state with its token embedding (and the head) grown to vocab_size rows, for the template
+    tokens a chat data set adds past the text's ids: each new row is the mean of the old ones,
+    so the new tokens start as likely as an average one, plus a little seeded noise, so that
+    they differ."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def grown(table):
+        noise = 0.02 * torch.randn(vocab_size - len(table), table.shape[1], generator=generator)
+        return torch.cat([table, (table.float().mean(0) + noise).to(table.dtype)])
+
+    new = {"wte.weight": grown(state["wte.weight"])}
+    if "lm_head.weight" in state:
+        new["lm_head.weight"] = new["wte.weight"] if tied else grown(state["lm_head.weight"])
+    return {**state, **new}
 
 
 def check_shapes(state, model_args, where):
@@ -408,9 +433,10 @@ def check_vocabulary(weights_meta, vocab_size, meta, where):
     if weights_meta.get("bpe") != meta.get("bpe"):
         raise CheckpointError(f"{where} was trained on another BPE than this data set's; fine-tune "
                               "it on data prepared with its tokenizer (or train from scratch)")
-    if meta["vocab_size"] > vocab_size:
-        raise CheckpointError(f"{where} has {vocab_size} token embeddings, fewer than the "
-                              f"{meta['vocab_size']} of this data set's vocabulary")
+    text = meta.get("text_vocab_size", meta["vocab_size"])  # a chat set's template tokens are new
+    if text > vocab_size:
+        raise CheckpointError(f"{where} has {vocab_size} token embeddings, fewer than the {text} "
+                              "of this data set's text")
 
 
 # ---------------------------------------------------------------------------------- the log

@@ -86,9 +86,10 @@ class Batches:
     p - first[s] of the shard s whose numbers hold it), so one file is the case of one shard and the
     seeded picks mean the same for both. Task data sets (meta has "task"):
     whole examples of example_len tokens, x = ex[:-1], y = ex[1:], with the targets of the prompt
-    set to -1 so the loss falls on the answer only. Q&A data sets with "answer_loss" (tinytalks_chat):
-    conversations of whole Q/A pairs, the first one at the window's start, the targets of everything
-    but the answers set to -1 (see pairs_of); whole_text=True reads them as plain text instead.
+    set to -1 so the loss falls on the answer only. Conversation data sets ("answer_loss"):
+    rows of whole conversations one after the other, the first one at the window's start, the
+    targets outside the split's loss mask set to -1 (see starts_of); whole_text=True reads
+    them as plain text instead.
     """
 
     def __init__(self, folder, meta, block_size, device, whole_text=False):
@@ -98,30 +99,49 @@ class Batches:
         self.example_len = meta.get("example_len", 0)
         self.prompt_len = meta.get("prompt_len", 0)
         self.seq_len = self.example_len - 1 if self.task else block_size
-        self.pairs, self.files, self.first = {}, {}, {}
+        self.starts, self.files, self.first = {}, {}, {}
         for split in ("train", "val"):
             self.files[split] = self.files_of(split)
             windows = [max(0, n - self.seq_len) for _, n in self.files[split]]
             self.first[split] = np.cumsum([0, *windows])  # the number of each shard's first window, then the total
             self.check_size(split, block_size)
             if self.answer_loss:
-                self.pairs[split] = self.pairs_of(split)
+                self.starts[split] = self.starts_of(split)
 
     def whole_text(self):
-        """The same data read as plain text windows: the loss on every token."""
+        """The same data read as plain text windows: the loss on every token; None when the val
+        split is shorter than one window (a small conversations set: its rows are whole
+        conversations, not windows)."""
+        if min(n for _, n in self.files["val"]) <= self.seq_len:
+            return None
         return Batches(self.folder, self.meta, self.seq_len, self.device, whole_text=True)
 
-    def pairs_of(self, split) -> np.ndarray:
-        """(n, 4) token offsets of the split's Q/A pairs: question start, answer start, answer end (the
-        answer is " <answer>\\n"), and the end of the pair with its blank line (the next pair's start)."""
-        path = self.folder / self.meta["pairs_files"][split]
+    def answer_file(self, split, kind):
+        path = self.folder / self.meta["answer_files"][split][kind]
         if not path.is_file():
             raise DataError(f"{path} not found; prepare the data set again: python prepare.py {self.folder.name}")
-        rows = np.fromfile(path, dtype="<u4").reshape(-1, 3).astype(np.int64)
-        ends = np.append(rows[1:, 0], len(self.tokens(split)))
-        if not len(rows) or (np.diff(rows, axis=1) < 0).any() or (ends < rows[:, 2]).any():
-            raise DataError(f"{path} does not index {split}.bin's pairs; prepare the data set again")
-        return np.column_stack([rows, ends])
+        return path
+
+    def starts_of(self, split) -> np.ndarray:
+        """The token offsets where the split's conversations start, and its end:
+        {split}_starts.bin, beside {split}_mask.bin, one byte per token, 1 where the token is
+        a target the loss is on."""
+        path, n = self.answer_file(split, "starts"), len(self.tokens(split))
+        starts = np.fromfile(path, dtype="<u8").astype(np.int64)
+        if len(starts) < 2 or starts[0] != 0 or starts[-1] != n or (np.diff(starts) <= 0).any():
+            raise DataError(f"{path} does not index {split}.bin's conversations; "
+                            "prepare the data set again")
+        if self.answer_file(split, "mask").stat().st_size != n:
+            raise DataError(f"{self.answer_file(split, 'mask')} is not one byte per token of "
+                            f"{split}.bin; "
+                            "prepare the data set again")
+        longest = int(np.diff(starts).max())
+        if longest > self.seq_len + 1:  # a cut conversation would lose its last turns' loss unseen
+            raise DataError(f"{self.folder.name}'s {split} split has a conversation of {longest} "
+                            f"tokens, longer than block_size + 1 = {self.seq_len + 1}; raise "
+                            f"block_size, or prepare it again with --max_tokens={self.seq_len + 1} "
+                            "to leave longer ones out")
+        return starts
 
     def files_of(self, split) -> list:
         """[(path, tokens)] of the split: its shards, or the one {split}.bin."""
@@ -139,9 +159,9 @@ class Batches:
         return np.memmap(self.files[split][shard][0], dtype=np.dtype(self.meta["dtype"]).newbyteorder("<"), mode="r")
 
     def count(self, split) -> int:
-        """How many different rows the split offers: windows, examples, or first pairs of a conversation."""
+        """How many different rows the split offers: windows, examples, or conversations."""
         if self.answer_loss:
-            return len(self.pairs[split])
+            return len(self.starts[split]) - 1
         if self.task:
             return len(self.tokens(split)) // self.example_len
         return int(self.first[split][-1])
@@ -169,19 +189,21 @@ class Batches:
         return rows
 
     def conversations(self, split, picks) -> tuple:
-        """(ids, scored), both (len(picks), seq_len + 1): row i holds the pairs picks[i] (-1 = none) one after
-        the other from its start, the last one cut at the window's end, then zeros; scored marks answer tokens."""
-        data, pairs = np.asarray(self.tokens(split), dtype=np.int64), self.pairs[split]
+        """(ids, scored), both (len(picks), seq_len + 1): row i holds the conversations picks[i]
+        (-1 = none) one after the other from its start, the last one cut at the window's end,
+        then zeros; scored is the mask."""
+        data, starts = self.tokens(split), self.starts[split]
+        mask = np.memmap(self.answer_file(split, "mask"), dtype=np.uint8, mode="r")
         ids = np.zeros((len(picks), self.seq_len + 1), dtype=np.int64)
         scored = np.zeros(ids.shape, dtype=bool)
         for row, chosen in enumerate(picks):
             at = 0
-            for question, answer, answer_end, end in pairs[chosen[chosen >= 0]]:
-                n = min(end - question, ids.shape[1] - at)
+            for start, end in zip(starts[chosen[chosen >= 0]], starts[chosen[chosen >= 0] + 1]):
+                n = min(end - start, ids.shape[1] - at)
                 if n <= 0:
                     break
-                ids[row, at:at + n] = data[question:question + n]
-                scored[row, at + answer - question:min(at + answer_end - question, at + n)] = True
+                ids[row, at:at + n] = data[start:start + n]
+                scored[row, at:at + n] = mask[start:start + n]
                 at += n
         return ids, scored
 
@@ -194,43 +216,45 @@ class Batches:
             rows = torch.from_numpy(self.rows(split, np.asarray(picks)))
         x, y = rows[:, :-1].contiguous(), rows[:, 1:].clone()  # contiguous: else a pinned copy is not asynchronous
         if self.answer_loss:
-            y[~torch.from_numpy(scored[:, 1:])] = -1  # the loss falls on the answers only
+            y[~torch.from_numpy(scored[:, 1:])] = -1  # the loss falls on the masked tokens only
         if self.task:
             y[:, :self.prompt_len - 1] = -1  # no loss on predicting the prompt
         if self.device.startswith("cuda"):  # pinned host memory lets the copy overlap with compute
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
-    def pairs_per_window(self, split) -> int:
-        """Enough pairs to fill a window even with the split's shortest ones."""
-        shortest = int((self.pairs[split][:, 3] - self.pairs[split][:, 0]).min())
-        return -(-(self.seq_len + 1) // shortest)
+    def conversations_per_window(self, split) -> int:
+        """Enough conversations to fill a window even with the split's shortest ones."""
+        return -(-(self.seq_len + 1) // int(np.diff(self.starts[split]).min()))
 
     def random_picks(self, split, rng, shape):
-        """Random window offsets or examples; with answer_loss, a random conversation (pairs drawn with
-        replacement) per row, so no pair always follows the same one and earlier turns are context, not a cue."""
+        """Random window offsets or examples; with answer_loss, random conversations (drawn with
+        replacement) per row, so no conversation always follows the same one and the ones
+        before are context, not a cue."""
         if self.answer_loss:
-            return rng.integers(0, self.count(split), size=(*shape, self.pairs_per_window(split)))
+            per_row = self.conversations_per_window(split)
+            return rng.integers(0, self.count(split), size=(*shape, per_row))
         return rng.integers(0, self.count(split), size=shape)
 
     def full_split_picks(self, split) -> np.ndarray:
-        """Every example of a task split, or the starts of non-overlapping windows of text; with answer_loss the
-        pairs in order, as many whole pairs per row as fit (-1 pads), so each answer is scored once."""
+        """Every example of a task split, or the starts of non-overlapping windows of text; with
+        answer_loss the conversations in order, as many whole ones per row as fit (-1 pads),
+        so each answer is scored once."""
         if self.answer_loss:
-            return self.packed_pairs(split)
+            return self.packed_conversations(split)
         if self.task:
             return np.arange(self.count(split))
         return np.concatenate([first + np.arange(0, n - self.seq_len, self.seq_len)
                                for first, (_, n) in zip(self.first[split], self.files[split])])
 
-    def packed_pairs(self, split) -> np.ndarray:
-        pairs, rows, row, used = self.pairs[split], [], [], 0
-        for i, (question, _, answer_end, end) in enumerate(pairs):
-            if row and used + answer_end - question > self.seq_len + 1:
+    def packed_conversations(self, split) -> np.ndarray:
+        rows, row, used = [], [], 0
+        for i, length in enumerate(np.diff(self.starts[split])):
+            if row and used + length > self.seq_len + 1:
                 rows.append(row)
                 row, used = [], 0
             row.append(i)
-            used += end - question
+            used += length
         rows.append(row)
         picks = np.full((len(rows), max(map(len, rows))), -1, dtype=np.int64)
         for r, chosen in enumerate(rows):
@@ -322,25 +346,35 @@ def exact_match_accuracy(model, examples, prompt_len, batch_size=512, device="cp
 
 def final_report(model, batches, ctx, batch_size, val_loss_bar=0.0, exact_match_bar=0.0,
                  dist=Dist()) -> list:
-    """Print the final scores of a run: the full val split's loss, and a task's exact match
-    (rank 0 prints; every process computes its share). Returns the records for the log."""
-    records = []
+    """Print the final scores of a run: the full val split's loss, a task's exact match, and a
+    chat model's own scores (rank 0 prints; every process computes its share). Returns the
+    records for the log."""
+    records, trained = [], batches
     if batches.answer_loss:  # what it trains on first; the bar judges the whole text
         loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
         print0(f"final val loss on the answers (full split, {tokens:,} answer tokens): "
                f"{loss:.4f}", flush=True)
         records.append({"kind": "final", "val_loss_answers": loss, "val_answer_tokens": tokens})
-        batches = batches.whole_text()
-    loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
-    bpb = bits_per_byte(loss, batches.meta, "val")
-    print0(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}{bpb_text(bpb)}"
-           f"{verdict_text(loss, val_loss_bar)}", flush=True)
-    records.append({"kind": "final", "val_loss_full": loss, "val_tokens": tokens, "val_bpb": bpb})
-    if batches.task and np.isfinite(loss):
+        batches = batches.whole_text() or batches  # None: a val split shorter than a window
+    if not batches.answer_loss:
+        loss, tokens = full_split_loss(model, batches, "val", batch_size, ctx, dist)
+        bpb = bits_per_byte(loss, batches.meta, "val")
+        print0(f"final val loss (full split, {tokens:,} tokens): {loss:.4f}{bpb_text(bpb)}"
+               f"{verdict_text(loss, val_loss_bar)}", flush=True)
+        records.append({"kind": "final", "val_loss_full": loss, "val_tokens": tokens,
+                        "val_bpb": bpb})
+    if not math.isfinite(loss):
+        return records
+    if batches.task:
         examples = batches.examples("val")
         accuracy = exact_match_accuracy(model, examples, batches.prompt_len,
                                         device=batches.device, dist=dist)
         verdict = verdict_text(100 * accuracy, 100 * exact_match_bar, True, "%")
         print0(f"test exact match: {100 * accuracy:.1f}%{verdict}")
         records.append({"kind": "test", "exact_match": accuracy})
+    if trained.answer_loss and trained.meta.get("test_file") and dist.is_master:
+        from tinygpt.chat import chat_report  # only a chat model is asked questions
+        from tinygpt.tokenizer import tokenizer_from_meta
+        tokenizer = tokenizer_from_meta(trained.meta)
+        records += chat_report(model, trained, tokenizer, ctx, exact_match_bar)
     return records

@@ -18,8 +18,10 @@ from typing import NamedTuple
 import numpy as np
 
 from tinygpt.common import DataError, atomic_write
+from tinygpt.chat import (ChatTemplate, conversation_files, conversations_text,
+                          looks_like_conversations, qa_conversations, read_conversations)
 from tinygpt.download import download, is_url, sha256_of
-from tinygpt.tokenizer import bpe_size, make_tokenizer, qa_pairs, qa_prompt, train_bpe
+from tinygpt.tokenizer import bpe_size, make_tokenizer, train_bpe
 
 
 class Pin(NamedTuple):
@@ -50,8 +52,8 @@ PINNED = {"shakespeare_char": TINYSHAKESPEARE, "shakespeare": TINYSHAKESPEARE,
 OWN_TOKENIZER = {"shakespeare_char": "char", "shakespeare": "gpt2", "tinytalks": "char",
                  "shakespeare_byte": "byte", "shakespeare_bpe": "bpe:2048",
                  "tinytalks_byte": "byte", "tinytalks_chat": "byte"}
-# Q&A data sets trained on their answers only: whole pairs, loss on the answer tokens (data.Batches)
-ANSWER_LOSS = {"tinytalks_chat"}
+MAX_TOKENS = 1024             # longer conversations are left out (and counted)
+VAL_SHARE = 0.1               # of a file's conversations, drawn with the seed, for validation
 
 # Attention-proof tasks: (train, test) example counts. Every example is 6 letters, '=', the answer;
 # mixed puts a task token first: lowercase 'r' ([R], reverse) or 'c' ([C], copy).
@@ -162,38 +164,82 @@ def tinytalks_texts(files, kind):
         tok.encode(test)
     except ValueError as e:
         raise DataError(f"tinytalks test.txt: {e} (built from train+val)") from None
-    extra = {"qa": True, "test_file": "test.txt", "chars": len(train) + len(val),
-             "test_chars": len(test)}
+    extra = {"test_file": "test.txt", "chars": len(train) + len(val), "test_chars": len(test)}
     return tok, train, val, extra, {"test.txt": test}
 
 
-def pair_index(tok, text) -> tuple:
-    """(text rebuilt from its pairs, (n, 3) uint32 token offsets of each pair: question start,
-    answer start, answer end). The answer is " <answer>\n", what follows "A:" up to and with the
-    newline that ends it, so a model trained on it learns where to stop; the pair's blank line
-    after it is not scored."""
-    rows, pieces, at = [], [], 0
-    for question, answer in qa_pairs(text):
-        prompt, reply = tok.encode(qa_prompt(question)), tok.encode(f" {answer}\n")
-        rows.append((at, at + len(prompt), at + len(prompt) + len(reply)))
-        pieces.append(f"{qa_prompt(question)} {answer}\n\n")
-        at = rows[-1][2] + len(tok.encode("\n"))
-    rebuilt = "".join(pieces)
-    if not rows or len(tok.encode(rebuilt)) != at:  # a tokenizer that merges across pieces (BPE)
-        raise DataError("no Q/A pairs found, or the tokenizer does not split them at their edges")
-    return rebuilt, np.array(rows, dtype="<u4")
+def rendered_split(template, tok, conversations, max_tokens) -> tuple:
+    """(ids, mask, starts, where of the conversations left out) of one split: the conversations
+    rendered one after the other, the mask 1 on the tokens the loss is on, starts[i] where
+    conversation i starts (then the end); a conversation longer than max_tokens is left out."""
+    ids, mask, starts, skipped = [], [], [0], []
+    for where, messages in conversations:
+        conversation, scored = template.render(tok, messages)
+        if len(conversation) > max_tokens:
+            skipped.append(where)
+            continue
+        ids += conversation
+        mask += scored
+        starts.append(len(ids))
+    return ids, mask, starts, skipped
 
 
-def chat_texts(files, kind):
-    """tinytalks_chat: TinyTalks' splits rebuilt pair by pair, with pair_index's offsets in
-    {train,val}_pairs.bin, so batches are whole pairs with the loss on their answers."""
-    tok, train, val, extra, texts = tinytalks_texts(files, kind)
-    (train, train_pairs), (val, val_pairs) = pair_index(tok, train), pair_index(tok, val)
-    extra = {**extra, "answer_loss": True, "train_pairs": len(train_pairs),
-             "val_pairs": len(val_pairs),
-             "pairs_files": {"train": "train_pairs.bin", "val": "val_pairs.bin"}}
-    pairs = {"train_pairs.bin": train_pairs.tobytes(), "val_pairs.bin": val_pairs.tobytes()}
-    return tok, train, val, extra, {**texts, **pairs}
+def conversation_splits(splits, kind, max_tokens, test=None):
+    """The builder every conversations data set goes through: {"train": [(where, messages)],
+    "val": ...} rendered with the chat template; ids for the bins, each split's mask and
+    starts as extra files, and the template, counts and left-out conversations in meta.json.
+    test (conversations, never trained on) is written as test.jsonl for the final report."""
+    text = conversations_text(splits["train"] + splits["val"] + (test or []))
+    tok = make_tokenizer(kind, sorted(set(text)))
+    template, vocab_size = ChatTemplate.for_tokenizer(tok)
+    ids, files, skipped, counts = {}, {}, [], {}
+    for split, conversations in splits.items():
+        ids[split], mask, starts, left_out = rendered_split(template, tok, conversations,
+                                                            max_tokens)
+        if len(starts) < 2:
+            raise DataError(f"no {split} conversation is {max_tokens} tokens or shorter; "
+                            "raise --max_tokens")
+        files[f"{split}_mask.bin"] = np.array(mask, dtype=np.uint8).tobytes()
+        files[f"{split}_starts.bin"] = np.array(starts, dtype="<u8").tobytes()
+        skipped += left_out
+        counts[split] = len(starts) - 1
+    extra = {"answer_loss": True, "chat_template": template.to_meta(), "vocab_size": vocab_size,
+             "text_vocab_size": tok.vocab_size, "conversations": counts,
+             "answer_files": {split: {"starts": f"{split}_starts.bin", "mask": f"{split}_mask.bin"}
+                              for split in ids},
+             "max_tokens": max_tokens, "left_out_too_long": len(skipped),
+             "left_out_first": skipped[:5]}
+    if test:
+        extra["test_file"] = "test.jsonl"
+        files["test.jsonl"] = "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n"
+                                      for _, m in test)
+    return tok, ids["train"], ids["val"], extra, files
+
+
+def conversations_texts(paths, kind, seed, max_tokens):
+    """A conversations file (or folder of files), split by conversation: VAL_SHARE of them, drawn
+    with the seed, for validation (at least one), the rest for training."""
+    conversations = [c for path in paths for c in read_conversations(path)]
+    if len(conversations) < 2:
+        raise DataError(f"{paths[0]} holds {len(conversations)} conversation; give at least 2 "
+                        "(one is held out)")
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(order) * VAL_SHARE))
+    val = [conversations[i] for i in sorted(order[:n_val])]
+    train = [conversations[i] for i in sorted(order[n_val:])]
+    return conversation_splits({"train": train, "val": val}, kind, max_tokens)
+
+
+def chat_texts(files, kind, max_tokens):
+    """tinytalks_chat: TinyTalks' own splits, each Q/A pair a conversation of one question and
+    its answer, through the conversations builder; its test pairs become test.jsonl for the
+    final report."""
+    splits = {s: qa_conversations(read_text(files[f"splits/{s}.txt"]), f"{s}.txt")
+              for s in ("train", "val", "test")}
+    tok, train, val, extra, written = conversation_splits(
+        {"train": splits["train"], "val": splits["val"]}, kind, max_tokens, test=splits["test"])
+    return tok, train, val, {**extra, "levels": "tinytalks"}, written
 
 
 def distinct_words(count, rng) -> list:
@@ -238,11 +284,12 @@ def write_bytes(path, data: bytes):
 
 
 def write_dataset(out_dir, tok, train, val, meta, files) -> dict:
-    """Encode and write the bins and extra files, then meta.json last: a run cut short leaves no
-    meta.json that claims the data set is complete."""
-    dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
-    train_ids = np.array(tok.encode(train), dtype=f"<u{np.dtype(dtype).itemsize}")
-    val_ids = np.array(tok.encode(val), dtype=train_ids.dtype)
+    """Encode (unless they are token ids already) and write the bins and extra files, then
+    meta.json last: a run cut short leaves no meta.json that claims the data set is complete."""
+    dtype = "uint16" if meta.get("vocab_size", tok.vocab_size) <= 65535 else "uint32"
+    train_ids = np.array(tok.encode(train) if isinstance(train, str) else train,
+                         dtype=f"<u{np.dtype(dtype).itemsize}")
+    val_ids = np.array(tok.encode(val) if isinstance(val, str) else val, dtype=train_ids.dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bytes(out_dir / "train.bin", train_ids.tobytes())
     write_bytes(out_dir / "val.bin", val_ids.tobytes())
@@ -251,13 +298,19 @@ def write_dataset(out_dir, tok, train, val, meta, files) -> dict:
     meta = {"tokenizer": tok.kind, **({"vocab": tok.vocab} if tok.kind == "char" else {}),
             "vocab_size": tok.vocab_size, "dtype": dtype,
             "train_tokens": len(train_ids), "val_tokens": len(val_ids),
-            # the UTF-8 bytes the tokens decode to: a loss per token becomes bits per byte (data.py)
-            "train_bytes": len(train.encode("utf-8")), "val_bytes": len(val.encode("utf-8")),
-            **meta,
+            **text_bytes(train, val), **meta,
             # the BPE's whole definition: a checkpoint (it stores meta) decodes without this folder
             **({"bpe": tok.json, "tokenizer_file": "tokenizer.json"} if tok.kind == "bpe" else {})}
     write_bytes(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
     return meta
+
+
+def text_bytes(train, val) -> dict:
+    """The UTF-8 bytes of each split's text, which turn a loss per token into bits per byte
+    (data.py); none for conversations, whose template tokens are no text."""
+    if not isinstance(train, str):
+        return {}
+    return {"train_bytes": len(train.encode("utf-8")), "val_bytes": len(val.encode("utf-8"))}
 
 
 def prepared_meta(out_dir, inputs):
@@ -268,7 +321,8 @@ def prepared_meta(out_dir, inputs):
         complete = all((out_dir / f).stat().st_size == meta[k] * itemsize
                        for f, k in (("train.bin", "train_tokens"), ("val.bin", "val_tokens")))
         extra_files = [meta.get("test_file"), meta.get("tokenizer_file"),
-                       *meta.get("pairs_files", {}).values()]
+                       *(f for files in meta.get("answer_files", {}).values()
+                         for f in files.values())]
         complete = complete and all((out_dir / f).is_file() for f in extra_files if f)
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -284,8 +338,11 @@ def summary(out_dir, meta) -> str:
         train, val = (meta[f"{s}_bytes"] / max(1, meta[f"{s}_tokens"]) for s in ("train", "val"))
         parts.append(f"{train:.2f} / {val:.2f} bytes per token (train / val)")
     if meta.get("answer_loss"):
-        parts.append(f"{meta['train_pairs']} train / {meta['val_pairs']} val Q/A pairs, loss on "
-                     "the answers")
+        counts = meta["conversations"]
+        first = "".join(f" ({where})" for where in meta["left_out_first"][:1])
+        parts.append(f"{counts['train']:,} train / {counts['val']:,} val conversations, loss on "
+                     f"the assistant's turns; {meta['left_out_too_long']} left out for being "
+                     f"longer than --max_tokens={meta['max_tokens']}{first}")
     if "task" in meta:
         parts.insert(0, f"{meta['train_examples']} train / {meta['val_examples']} test examples of "
                         f"{meta['example_len']} tokens (prompt {meta['prompt_len']})")
@@ -322,52 +379,70 @@ def check_arguments(name, source, tokenizer, seed):
     if name in TASKS and (source or tokenizer):
         raise DataError(f"{name} is generated with its own character vocabulary; drop "
                         "--source/--tokenizer")
-    if name not in TASKS and seed is not None:
-        raise DataError(f"--seed only applies to the generated tasks ({', '.join(TASKS)}), not to "
-                        f"{name}")
+    if name not in TASKS and seed is not None and not is_conversations(name, source):
+        raise DataError(f"--seed only applies to the generated tasks ({', '.join(TASKS)}) and to "
+                        f"conversations (it draws their val split), not to {name}")
+
+
+def is_conversations(name, source) -> bool:
+    """tinytalks_chat, or your own name with a conversations .jsonl file or folder as its
+    source."""
+    if name == "tinytalks_chat":
+        return True
+    return bool(name not in DATASETS and source and not is_url(source)
+                and looks_like_conversations(source))
 
 
 def is_corpus(name, source) -> bool:
     """fineweb_edu, or your own name with a folder, a glob, or a .parquet/.jsonl file as its
     source."""
-    if name in CORPORA or not source or name in DATASETS or is_url(source):
+    if (name in CORPORA or not source or name in DATASETS or is_url(source)
+            or is_conversations(name, source)):
         return name in CORPORA
     folder_or_glob = Path(source).is_dir() or any(c in str(source) for c in "*?[")
     return folder_or_glob or Path(source).suffix in CORPUS_SUFFIXES
 
 
-def input_hashes(name, source, out_dir, text_path) -> dict:
+def input_hashes(name, source, out_dir, text_path, chat) -> dict:
     """{file: sha256} of the data set's inputs: none for a generated task, the pins for a pinned
     data set (a wrong local copy fails here, even when the data set is built already), else the
-    user's text file."""
+    user's text or conversations files."""
     if name in TASKS:
         return {}
     if name in PINNED:
         pinned_files(name, source, out_dir, fetch=False)
         return {pin.path: pin.sha256 for pin in PINNED[name]}
+    if chat:
+        folder = Path(source).is_dir()
+        return {str(path.relative_to(source) if folder else path.name): sha256_of(path)
+                for path in conversation_files(source)}
     return {text_path.name: sha256_of(text_path)}
 
 
-def built_texts(name, source, out_dir, kind, seed, text_path) -> tuple:
-    """(tokenizer, train text, val text, extra meta, extra files) of the data set, its pinned files
-    downloaded first where needed."""
+def built_texts(name, source, out_dir, kind, seed, text_path, max_tokens) -> tuple:
+    """(tokenizer, train text or ids, val, extra meta, extra files) of the data set, its pinned
+    files downloaded first where needed; max_tokens is set for conversations."""
     if name in TASKS:
         return task_texts(name, seed)
+    if max_tokens and name not in PINNED:
+        return conversations_texts(conversation_files(source), kind, seed, max_tokens)
     if name not in PINNED:
         return split_90_10(read_text(text_path), kind, text_path)
     files = pinned_files(name, source, out_dir, fetch=True)
-    if name in ANSWER_LOSS:
-        return chat_texts(files, kind)
+    if name == "tinytalks_chat":
+        return chat_texts(files, kind, max_tokens)
     if PINNED[name] == TINYTALKS:
         return tinytalks_texts(files, kind)
     return split_90_10(read_text(files["input.txt"]), kind, files["input.txt"])
 
 
-def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None) -> Path:
-    """Build data_dir/name/ and return that folder; a no-op when it is already built from the same
-    inputs (data file hashes, tokenizer, seed). A name prepare.py does not know is a text data set
-    built from the file or URL `source`. A corpus (is_corpus) is refused: it takes hours and many
-    processes, so only `python prepare.py NAME` builds it (corpus.prepare_corpus)."""
+def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None, max_tokens=0) -> Path:
+    """Build data_dir/name/ and return that folder; a no-op when it is already built from the
+    same inputs (data file hashes, tokenizer, seed). A name prepare.py does not know is a text
+    data set built from the file or URL `source`, or a conversations set (is_conversations:
+    JSONL, max_tokens the longest conversation kept, MAX_TOKENS by default). A corpus
+    (is_corpus) is refused: it takes hours and many processes, so only `python prepare.py NAME`
+    builds it (corpus.prepare_corpus)."""
     if is_corpus(name, source):
         again = f" --source={source}" if source else ""
         raise DataError(f"{name} is a web corpus of token shards; build it first with its own "
@@ -376,17 +451,26 @@ def prepare(name, source=None, data_dir="data", tokenizer=None, seed=None) -> Pa
     source = None if source is None else str(source)
     out_dir = Path(data_dir) / name
     kind = tokenizer or OWN_TOKENIZER.get(name, "char")
-    seed = (DEFAULT_SEED if seed is None else seed) if name in TASKS else None
+    chat = is_conversations(name, source)
+    if max_tokens and not chat:
+        raise DataError("--max_tokens is for conversations: tinytalks_chat, or "
+                        "--source=FILE.jsonl of them")
+    max_tokens = (max_tokens or MAX_TOKENS) if chat else None
+    seeded = name in TASKS or (chat and name not in PINNED)
+    seed = (DEFAULT_SEED if seed is None else seed) if seeded else None
     # the user's text: a URL is fetched once here (nothing pins its content)
-    text_path = None if name in PINNED or name in TASKS else text_file(source, out_dir)
-    hashes = input_hashes(name, source, out_dir, text_path)
-    inputs = {"format": FORMAT_VERSION, "dataset": name if name in DATASETS else "text",
-              "tokenizer": kind, "seed": seed, "files": hashes}
+    plain = not (name in PINNED or name in TASKS or chat)
+    text_path = text_file(source, out_dir) if plain else None
+    hashes = input_hashes(name, source, out_dir, text_path, chat)
+    dataset = name if name in DATASETS else "conversations" if chat else "text"
+    inputs = {"format": FORMAT_VERSION, "dataset": dataset, "tokenizer": kind, "seed": seed,
+              "files": hashes, **({"max_tokens": max_tokens} if chat else {})}
     meta = prepared_meta(out_dir, inputs)
     if meta:
         print(f"{summary(out_dir, meta)} (already prepared from the same inputs; nothing to do)")
         return out_dir
-    tok, train, val, extra, files = built_texts(name, source, out_dir, kind, seed, text_path)
+    tok, train, val, extra, files = built_texts(name, source, out_dir, kind, seed, text_path,
+                                                max_tokens)
     meta = {**source_meta(name, source, hashes, train + val), **extra, "inputs": inputs}
     print(summary(out_dir, write_dataset(out_dir, tok, train, val, meta, files)))
     return out_dir

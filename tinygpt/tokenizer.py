@@ -1,6 +1,5 @@
 """Text <-> token ids: a character vocabulary, UTF-8 bytes, GPT-2's BPE (tiktoken) or a byte-level
-BPE trained on the data set (Hugging Face tokenizers), as meta.json names it,
-and the "Q: ...\\nA: ..." framing of the TinyTalks Q&A data that evaluation and chat share (with earlier turns)."""
+BPE trained on the data set (Hugging Face tokenizers), as meta.json names it."""
 from tinygpt.common import DataError
 
 
@@ -148,37 +147,3 @@ def same_tokenizer(meta, other) -> bool:
     """Whether two metas (a data set's, a checkpoint's) of one kind of tokenizer read text into the
     same ids: the same character list, the same BPE."""
     return all(meta.get(k) == other.get(k) for k in ("vocab", "bpe"))
-
-
-def qa_prompt(question) -> str:
-    """The text a Q&A model is asked with, framed as in the training data; its answer follows."""
-    return f"Q: {question}\nA:"
-
-
-def qa_pairs(text) -> list:
-    """(question, answer) pairs of a "Q: ...\\nA: ...\\n\\n" file such as TinyTalks' test.txt."""
-    pairs = []
-    for block in text.strip("\n").split("\n\n"):
-        q_line, _, a_line = block.partition("\n")
-        if q_line.startswith("Q: ") and a_line.startswith("A: "):
-            pairs.append((q_line[3:], a_line[3:]))
-    return pairs
-
-
-def chat_prompt_ids(tokenizer, turns, question, budget) -> list:
-    """Token ids of the earlier (question, answer) turns and the new question, framed as the Q&A data
-    is (an answer is the text the model wrote after "A:"); the oldest whole turns are dropped until it
-    fits in budget tokens, never part of a turn."""
-    ids = tokenizer.encode(qa_prompt(question))
-    for q, a in reversed(turns):
-        turn = tokenizer.encode(f"{qa_prompt(q)}{a}\n\n")
-        if len(turn) + len(ids) > budget:
-            break
-        ids = turn + ids
-    return ids
-
-
-def answer_room(block_size) -> int:
-    """Tokens an answer may take in chat: a quarter of the window, but 64 (TinyTalks' longest answer is 63
-    characters) when half the window allows; the conversation so far gets the rest."""
-    return max(block_size // 4, min(64, block_size // 2))

@@ -421,11 +421,13 @@ def bench_prepare_rss(cfg):
 
 # The vocabulary of each data set a shipped config trains on (what prepare.py writes to meta.json),
 # and the shape of the weights a config fine-tunes (the model takes the weights' shape).
-VOCAB_SIZES = {"shakespeare_char": 65, "shakespeare": 50257, "fineweb_edu": 50257, "reverse": 29,
+VOCAB_SIZES = {"mychat_gpt2": 50304, "shakespeare_char": 65, "shakespeare": 50257, "fineweb_edu": 50257, "reverse": 29,
                "copy": 29, "mixed": 29, "tinytalks": 68, "tinytalks_chat": 256,
                "shakespeare_byte": 256}
 GPT2_XL = {"n_layer": 48, "n_head": 25, "n_embd": 1600, "block_size": 1024, "bias": True,
            "mlp": "gelu_tanh", "pos": "learned", "tie_weights": True}
+GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "bias": True,
+              "mlp": "gelu_tanh", "pos": "learned", "tie_weights": True}
 TRAIN_DEFAULTS = {"gradient_accumulation_steps": 1, "batch_size": 64, "muon_lr": 0.0,
                   "dtype": "auto"}
 # Free memory when a run starts (the card's memory less about 0.4 GB of CUDA context), and what the
@@ -449,8 +451,11 @@ def config_model_args(path) -> dict:
     """GPTConfig's fields of the model a config trains: a fine-tune's from the weights it starts
     from (GPT-2 XL, or another shipped config's run, at this config's block_size)."""
     values = config_values(path)
-    if values.get("init_from") == "gpt2-xl":
-        values = {**values, **GPT2_XL}
+    if values.get("init_from") in ("gpt2", "gpt2-xl"):
+        shape = GPT2_XL if values["init_from"] == "gpt2-xl" else GPT2_SMALL
+        # the weights' shape, their 1024 positions cropped to the config's block_size (train.py)
+        block = min(values.get("block_size", GPTConfig.block_size), 1024)
+        values = {**values, **shape, "block_size": block}
     elif str(values.get("init_from", "")).startswith("out-"):
         [source] = [c for c in Path(path).parent.glob("*.py")
                     if config_values(c).get("out_dir") == values["init_from"]]

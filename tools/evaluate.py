@@ -25,7 +25,7 @@ from tinygpt.common import CheckpointError, ConfigError, DataError, must, run_cl
 from tinygpt.data import Batches, bits_per_byte, bpb_text, final_report, load_meta
 from tinygpt.device import (DTYPES, autocast_context, logits_budget, model_dtype, resolve_device,
                             rows_within)
-from tinygpt.evaluation import qa_report, streaming_losses
+from tinygpt.evaluation import streaming_losses
 from tinygpt.hellaswag import (GIT_BLOB, git_blob_id, hellaswag_examples, hellaswag_file,
                                hellaswag_score)
 from tinygpt.tokenizer import same_tokenizer
@@ -124,8 +124,6 @@ def evaluate(cfg):
     ctx = autocast_context(device, model_dtype(cfg.dtype, device, checkpoint["model_args"]))
     final_report(model, batches, ctx, rows, trained.get("val_loss_bar", 0.0),
                  trained.get("exact_match_bar", 0.0))
-    if meta.get("qa") and meta.get("test_file"):
-        qa_report(model, batches, ctx, trained.get("exact_match_bar", 0.0))
 
 
 def main(argv) -> int:
