@@ -67,6 +67,8 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
     fast_exit: bool = False             # end the process at once when done, with no teardown
     fsdp: bool = False                  # under torchrun: shard weights, gradients, optimizer state
     checkpoint_activations: bool = False  # keep each block's input only; recompute it in backward
+    sample_interval: int = 0            # > 0: print a greedy and a sampled continuation so often
+    hellaswag_interval: int = 0         # > 0: score HellaSwag's validation set so often
     seed: int = 1337
     val_loss_bar: float = 0.0           # a published result: the final val loss is judged by it
     exact_match_bar: float = 0.0        # the exact-match share a task or a chat model must reach
@@ -80,7 +82,8 @@ class TrainConfig(GPTConfig):  # the model's fields and defaults come from GPTCo
         for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
                      "batch_size", "block_size", "n_layer", "n_head", "n_embd"):
             must(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("max_iters", "warmup_iters", "seed", "grad_clip", "muon_lr", "min_lr"):
+        for name in ("max_iters", "warmup_iters", "seed", "grad_clip", "muon_lr", "min_lr",
+                     "sample_interval", "hellaswag_interval"):
             must(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must not be negative")
         must(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be positive")
         must(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
@@ -297,9 +300,18 @@ def evaluate_and_save(cfg, run, dist, pending_losses):
                                         f"{run.step}; {kept}")
     improved = losses["val"] < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, losses["val"])
+    bpb = {f"{split}_bpb": data.bits_per_byte(loss, run.batches.meta, split)
+           for split, loss in losses.items()}
     run.log.write(f"eval step {run.step} | train loss {losses['train']:.4f} | val loss "
-                  f"{losses['val']:.4f} | best val {run.best_val_loss:.4f}",
-                  {"kind": "eval", "step": run.step, **losses})
+                  f"{losses['val']:.4f}{data.bpb_text(bpb['val_bpb'])} | best val "
+                  f"{run.best_val_loss:.4f}", {"kind": "eval", "step": run.step, **losses, **bpb})
+    if cfg.sample_interval and run.step and run.step % cfg.sample_interval == 0:
+        from tinygpt.evaluation import continuations  # only runs that print samples need it
+        run.log.write(*continuations(run.model, run.batches, run.step, dist))
+    if cfg.hellaswag_interval and run.step % cfg.hellaswag_interval == 0:
+        from tinygpt.hellaswag import score_while_training  # only runs that score it need it
+        run.log.write(*score_while_training(run.model, run.batches.meta, cfg.data_dir, run.ctx,
+                                            run.step, dist))
     if run.step == 0 or run.step == run.saved_step:
         return
     read_losses(pending_losses, run, dist, cfg.out_dir)

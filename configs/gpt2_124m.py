@@ -39,5 +39,6 @@ beta2 = 0.95
 grad_clip = 1.0
 
 eval_interval = 1000
+hellaswag_interval = 0  # > 0: HellaSwag every N steps, as build-nanogpt (docs/evaluation.md)
 eval_iters = 200
 log_interval = 10

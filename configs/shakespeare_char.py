@@ -5,6 +5,7 @@ nanoGPT reports val 1.4697 after about 3 minutes on one A100 (with --compile=Tru
 """
 out_dir = 'out-shakespeare-char'
 eval_interval = 250  # the set is small, so evaluate often
+sample_interval = 250  # print what it writes at each evaluation
 eval_iters = 200
 log_interval = 10
 

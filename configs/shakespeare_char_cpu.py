@@ -6,6 +6,7 @@ split (docs/results.md). For a run that clearly beats it, see speedrun_cpu.py.
 """
 out_dir = 'out-shakespeare-char-cpu'
 eval_interval = 250
+sample_interval = 250  # print what it writes at each evaluation
 eval_iters = 20
 log_interval = 10
 

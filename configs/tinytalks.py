@@ -8,6 +8,7 @@ levers (Muon, rotary positions, ReLU^2, QK-norm) val loss passes the milestone's
 """
 out_dir = 'out-tinytalks'
 eval_interval = 50
+sample_interval = 50  # print what it writes at each evaluation
 eval_iters = 20
 log_interval = 25
 val_loss_bar = 1.5  # the TinyTorch milestone's bar; judged on best.pt, the best val of the run

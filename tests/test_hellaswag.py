@@ -294,3 +294,25 @@ def test_a_source_url_is_held_to_the_real_pin_by_the_command(server, tmp_path):
     )
     assert_one_line_error(result, "is not the pinned HellaSwag validation file", H.GIT_BLOB)
     assert not (tmp_path / "hellaswag" / "hellaswag_val.jsonl").exists()
+
+
+def test_a_run_with_hellaswag_interval_logs_the_score_of_its_weights(tmp_path, data_dir,
+                                                                     monkeypatch):
+    """--hellaswag_interval=N scores the validation set at evaluations every N steps and logs it;
+    the logged score is the one the scorer gives the saved weights. The download is tested
+    above: here the file the test writes stands in for it."""
+    from conftest import records, tiny_args, tiny_text, train_here
+    from tinygpt.checkpoint import load_checkpoint, model_from_checkpoint
+    from tinygpt.datasets import prepare
+    (tmp_path / "text.txt").write_text(tiny_text())
+    prepare("tinybytes", source=tmp_path / "text.txt", data_dir=tmp_path, tokenizer="byte")
+    examples = write_examples(tmp_path / "hs.jsonl", n=12)
+    monkeypatch.setattr(H, "hellaswag_file", lambda source, data_dir: examples)
+    out = tmp_path / "out"
+    args = tiny_args(data_dir, out, "--max_iters=6", "--eval_interval=3", "--hellaswag_interval=6")
+    train_here([*args, f"--data_dir={tmp_path}", "--dataset=tinybytes"], tmp_path)
+    first, logged = records(out, "hellaswag")  # the untrained model's, then step 6's
+    assert (first["step"], logged["step"], logged["examples"]) == (0, 6, 12)
+    model = model_from_checkpoint(load_checkpoint(out / "ckpt.pt"))
+    expected = H.hellaswag_score(model, ByteTokenizer(), H.hellaswag_examples(examples), "cpu")
+    assert (logged["acc"], logged["acc_norm"]) == (expected["acc"], expected["acc_norm"])

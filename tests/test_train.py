@@ -692,3 +692,19 @@ def test_fast_exit_ends_the_run_with_its_log_checkpoint_and_exit_code(tmp_path, 
     assert load_checkpoint(out / "ckpt.pt")["step"] == 4
     failed = run_train(tiny_args(data_dir, tmp_path / "bad", "--fast_exit=True", "--n_head=3"), cwd=tmp_path, check=False)
     assert_one_line_error(failed, "divisible")  # a bad option still fails with its one-line error
+
+
+def test_samples_while_training_leave_every_loss_and_weight_bitwise_unchanged(tmp_path, data_dir):
+    """--sample_interval prints a greedy and a sampled continuation at evaluations (not at step
+    0) and logs them; drawn in eval mode from a generator of their own, they change nothing of
+    the training: the same losses at every step and the same final weights, dropout included."""
+    args = ["--max_iters=12", "--eval_interval=4", "--dropout=0.1", "--lr_decay_iters=12"]
+    plain, sampled = tmp_path / "plain", tmp_path / "sampled"
+    train_here(tiny_args(data_dir, plain, *args), tmp_path)
+    train_here(tiny_args(data_dir, sampled, *args, "--sample_interval=4"), tmp_path)
+    assert train_losses(sampled) == train_losses(plain)
+    assert records(sampled, "eval") == records(plain, "eval")
+    assert_same_weights(weights(sampled), weights(plain))
+    logged = records(sampled, "samples")
+    assert [r["step"] for r in logged] == [4, 8, 12]
+    assert all(r["greedy"] and r["sampled"] and r["prompt"] for r in logged)

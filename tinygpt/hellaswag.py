@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from tinygpt.common import DataError
 from tinygpt.device import Dist, logits_budget, print0, rows_within
 from tinygpt.download import download, is_url
+from tinygpt.parallel import whole_weights
+from tinygpt.tokenizer import tokenizer_from_meta
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 # The file's git blob id in upstream's tree (git hash-object): its sha256 was not at hand when this
@@ -163,3 +165,20 @@ def hellaswag_score(
     right, right_norm, scored = dist.sum(counts).tolist()
     model.train(was_training)
     return {"acc": right / scored, "acc_norm": right_norm / scored, "examples": scored}
+
+
+EXAMPLES = {}  # path: examples, read once a process
+
+
+def score_while_training(model, meta, data_dir, ctx, step, dist) -> tuple:
+    """(line, record) of HellaSwag's validation set for the training log: the file is downloaded
+    once per node, and every process scores its share with the whole weights (FSDP)."""
+    path = dist.from_master(dist.on_each_node(hellaswag_file, "", data_dir))
+    if path not in EXAMPLES:
+        EXAMPLES[path] = hellaswag_examples(path)
+    tokenizer = tokenizer_from_meta(meta)
+    with whole_weights(model):
+        score = hellaswag_score(model, tokenizer, EXAMPLES[path], dist.device, ctx, dist,
+                                progress=False)
+    line = f"hellaswag step {step} | acc {score['acc']:.4f} | acc_norm {score['acc_norm']:.4f}"
+    return line, {"kind": "hellaswag", "step": step, **score}
