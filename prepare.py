@@ -31,8 +31,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinygpt.common import DataError
-from tinygpt.common import must, run_cli
+from tinygpt.common import DataError, must, run_cli
 from tinygpt.corpus import SHARD_TOKENS, prepare_corpus
 from tinygpt.datasets import DATASETS, is_corpus, prepare
 

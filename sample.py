@@ -2,10 +2,10 @@
 conversations.
 
     python sample.py --out_dir=out-speedrun-cpu
-    python sample.py --out_dir=out-speedrun-cpu --start="ROMEO:" --num_samples=3 --max_new_tokens=300
+    python sample.py --out_dir=out-speedrun-cpu --start="ROMEO:" --num_samples=3
     python sample.py --out_dir=out-tinybot --chat            # one user turn per line on stdin
     python sample.py --out_dir=out-mychat --chat --system="You are a patient tutor."
-    python sample.py --init_from=gpt2-xl --start="What is the answer to life, the universe, and everything?"
+    python sample.py --init_from=gpt2-xl --start="What is the answer to life?"
 """
 import sys
 from dataclasses import dataclass
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from model import SINK_POSITIONS
 from tinygpt.chat import ShownTemplateTokens, answer_room, template_of
 from tinygpt.checkpoint import checkpoint_to_sample, load_weights, ready_for_inference
 from tinygpt.common import CheckpointError, DataError, must, run_cli
@@ -24,29 +23,31 @@ from tinygpt.device import DTYPES
 class SampleConfig:
     out_dir: str = "out"         # the training run's folder
     ckpt: str = ""               # file in out_dir; '' = best.pt if the run has one, else ckpt.pt
-    init_from: str = ""          # instead of out_dir: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder
+    init_from: str = ""          # instead of out_dir: gpt2(-medium, -large, -xl), or an HF folder
     start: str = "\n"            # prompt text, or FILE:path to read it from a file
     num_samples: int = 1         # generated together as one batch; the first one streams
     max_new_tokens: int = 500    # tokens to generate per sample
     temperature: float = 0.8     # 0 = greedy; below 1 trades variety for fewer odd characters
     top_k: int | None = None     # keep only the k likeliest tokens; None = off
-    top_p: float = 0.95          # keep the smallest set of likeliest tokens that holds this much probability; 1 = off
+    top_p: float = 0.95          # the fewest likeliest tokens holding this probability; 1 = off
     seed: int = 1337
     device: str = "auto"         # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
     dtype: str = "auto"          # weights are cast to it for inference: bf16 halves memory traffic
     stop: str = ""               # stop a sample when this text appears (not printed)
     chat: bool = False           # user turns from stdin, answered in the checkpoint's chat template
     system: str = ""             # in --chat, a system message, kept first however long the chat
-    history: bool = True         # in --chat, earlier turns stay in the context (whole turns, oldest dropped first)
-    sink_tokens: int = 0         # past the window keep the first N tokens + the latest (attention sinks; rope/alibi); 0 = slide
+    history: bool = True         # in --chat, earlier whole turns stay (the oldest dropped first)
+    sink_tokens: int = 0         # past the window keep the first N (sinks: rope, alibi); 0 = slide
 
     def __post_init__(self):
         must(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 is greedy)")
         must(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]; 1 turns it off")
-        must(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be at least 1, or None for off")
+        must(self.top_k is None or self.top_k >= 1,
+             f"top_k={self.top_k} must be at least 1, or None for off")
         must(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be at least 1")
         must(self.num_samples >= 1, f"num_samples={self.num_samples} must be at least 1")
-        must(self.sink_tokens >= 0, f"sink_tokens={self.sink_tokens} must be >= 0 (0 = the sliding window)")
+        must(self.sink_tokens >= 0,
+             f"sink_tokens={self.sink_tokens} must be >= 0 (0 = the sliding window)")
         must(self.dtype in DTYPES, f"dtype={self.dtype!r}: use one of {', '.join(DTYPES)}")
         must(self.chat or not self.system, "--system is the system message of a chat; add --chat")
 
@@ -126,7 +127,7 @@ def sampled_steps(model, idx, max_new_tokens, device, cfg):
     seeded anew."""
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     return model.generate_stream(idx, max_new_tokens, cfg.temperature, cfg.top_k,
-                                 cfg.top_p if cfg.top_p < 1.0 else None, generator=generator,
+                                 cfg.top_p, generator=generator,
                                  sink_tokens=cfg.sink_tokens)
 
 
@@ -206,19 +207,20 @@ def sample(cfg):
                           "trained on conversations "
                           "(python prepare.py NAME --source=FILE.jsonl); sample it without --chat")
     model, tokenizer, device = ready_for_inference(checkpoint, cfg.device, cfg.dtype)
-    if cfg.sink_tokens and (model.config.pos not in SINK_POSITIONS or cfg.sink_tokens >= model.config.block_size):
-        raise SampleError(f"--sink_tokens={cfg.sink_tokens} needs a model with pos='rope' or 'alibi' (this one has "
-                          f"{model.config.pos!r}) and fewer sinks than its block_size {model.config.block_size}")
-    with torch.inference_mode():
-        if cfg.chat:
-            run_chat(model, tokenizer, template, device, cfg)
-        else:  # a chat model's template tokens show by name
-            shown = ShownTemplateTokens(tokenizer, template) if template else tokenizer
-            run_samples(model, shown, device, cfg)
+    try:
+        with torch.inference_mode():
+            if cfg.chat:
+                run_chat(model, tokenizer, template, device, cfg)
+            else:  # a chat model's template tokens show by name
+                shown = ShownTemplateTokens(tokenizer, template) if template else tokenizer
+                run_samples(model, shown, device, cfg)
+    except ValueError as e:  # the model's own checks of its options (sink_tokens): one line
+        raise SampleError(str(e)) from None
 
 
 def main(argv) -> int:
-    return run_cli(SampleConfig, argv, "usage: python sample.py [--key=value ...]", __doc__.split("\n\n")[0],
+    usage = "usage: python sample.py [--key=value ...]"
+    return run_cli(SampleConfig, argv, usage, __doc__.split("\n\n")[0],
                    sample, (CheckpointError, DataError, SampleError))
 
 

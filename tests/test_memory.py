@@ -9,13 +9,18 @@ import torch
 
 from conftest import REPO, tiny_args, train_refusing
 from model import GPT, GPTConfig
-from tinygpt.common import ConfigError
-from tinygpt.data import split_global_batch
-from tinygpt.parallel import (HEADROOM, check_fits, fits, memory_plan, parameter_counts,
-                            parameter_total)
-from tinygpt.common import parse_options
-from tools.bench import CPU_SHAPES, TRAIN_DEFAULTS, bench_memory, config_model_args, measured_peak
 from tinygpt.checkpoint import model_to_train
+from tinygpt.common import ConfigError, parse_options
+from tinygpt.data import split_global_batch
+from tinygpt.parallel import (
+    HEADROOM,
+    check_fits,
+    fits,
+    memory_plan,
+    parameter_counts,
+    parameter_total,
+)
+from tools.bench import CPU_SHAPES, TRAIN_DEFAULTS, bench_memory, config_model_args, measured_peak
 from train import TrainConfig
 
 

@@ -183,7 +183,7 @@ def ready_for_inference(checkpoint, device="auto", dtype="auto"):
     dtype = model_dtype(dtype, device, checkpoint["model_args"])
     model = model_from_checkpoint(checkpoint, device).to(getattr(torch, dtype))
     tokenizer = tokenizer_from_meta(checkpoint["meta"])
-    if tokenizer.vocab_size > model.config.vocab_size:  # e.g. a small random model in GPT-2's format
+    if tokenizer.vocab_size > model.config.vocab_size:  # a small random model in GPT-2's format
         raise CheckpointError(f"the model has {model.config.vocab_size} token embeddings, fewer "
                               f"than its {tokenizer.kind} tokenizer's {tokenizer.vocab_size}, so "
                               "it cannot read its prompts")

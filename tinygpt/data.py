@@ -51,9 +51,9 @@ TRAIN_STREAM, EVAL_STREAM = 0, 1
 
 
 def batch_rng(seed, stream, step, part=0):
-    """The random generator of one step's batches, derived from (seed, stream, step) alone: a resumed
-    run draws the same batches as an uninterrupted one, and evaluations (their own stream) never
-    shift the training batches."""
+    """The random generator of one step's batches, derived from (seed, stream, step) alone: a
+    resumed run draws the same batches as an uninterrupted one, and evaluations (their own stream)
+    never shift the training batches."""
     return np.random.default_rng((seed, stream, step, part))
 
 
@@ -71,7 +71,7 @@ def split_global_batch(accumulation_steps, batch_size, world_size) -> tuple:
 
 
 def picks_of_rank(global_picks, rank, world_size) -> np.ndarray:
-    """This process's (micro-steps, sequences) share of the global (micro-steps, sequences) picks."""
+    """This process's (micro-steps, sequences) share of the global (micro-steps, sequences)."""
     steps, rows = split_global_batch(*global_picks.shape[:2], world_size)
     if steps < global_picks.shape[0]:
         return global_picks[rank * steps:(rank + 1) * steps]
@@ -81,10 +81,10 @@ def picks_of_rank(global_picks, rank, world_size) -> np.ndarray:
 class Batches:
     """Batches of token ids from data/<name>/{train,val}.bin, as (x, y) on the device.
 
-    Text: windows of block_size tokens, targets shifted by one. A window lies within one file: a split in
-    shards offers each shard's windows one after the other, numbered as one stream's (a pick p is window
-    p - first[s] of the shard s whose numbers hold it), so one file is the case of one shard and the
-    seeded picks mean the same for both. Task data sets (meta has "task"):
+    Text: windows of block_size tokens, targets shifted by one. A window lies within one file: a
+    split in shards offers each shard's windows one after the other, numbered as one stream's (a
+    pick p is window p - first[s] of the shard s whose numbers hold it), so one file is the case of
+    one shard and the seeded picks mean the same for both. Task data sets (meta has "task"):
     whole examples of example_len tokens, x = ex[:-1], y = ex[1:], with the targets of the prompt
     set to -1 so the loss falls on the answer only. Conversation data sets ("answer_loss"):
     rows of whole conversations one after the other, the first one at the window's start, the
@@ -103,7 +103,8 @@ class Batches:
         for split in ("train", "val"):
             self.files[split] = self.files_of(split)
             windows = [max(0, n - self.seq_len) for _, n in self.files[split]]
-            self.first[split] = np.cumsum([0, *windows])  # the number of each shard's first window, then the total
+            # the number of each shard's first window, then the total
+            self.first[split] = np.cumsum([0, *windows])
             self.check_size(split, block_size)
             if self.answer_loss:
                 self.starts[split] = self.starts_of(split)
@@ -119,7 +120,8 @@ class Batches:
     def answer_file(self, split, kind):
         path = self.folder / self.meta["answer_files"][split][kind]
         if not path.is_file():
-            raise DataError(f"{path} not found; prepare the data set again: python prepare.py {self.folder.name}")
+            raise DataError(f"{path} not found; prepare the data set again: "
+                            f"python prepare.py {self.folder.name}")
         return path
 
     def starts_of(self, split) -> np.ndarray:
@@ -145,7 +147,9 @@ class Batches:
 
     def files_of(self, split) -> list:
         """[(path, tokens)] of the split: its shards, or the one {split}.bin."""
-        names = [name for name, _ in self.meta["shards"][split]] if "shards" in self.meta else [f"{split}.bin"]
+        names = [f"{split}.bin"]
+        if "shards" in self.meta:
+            names = [name for name, _ in self.meta["shards"][split]]
         itemsize = np.dtype(self.meta["dtype"]).itemsize
         files = [(self.folder / name, (self.folder / name).stat().st_size // itemsize)
                  for name in names if (self.folder / name).is_file()]
@@ -156,7 +160,8 @@ class Batches:
 
     def tokens(self, split, shard=0):
         # a fresh memmap per batch: a long-lived one keeps every page it touched in memory
-        return np.memmap(self.files[split][shard][0], dtype=np.dtype(self.meta["dtype"]).newbyteorder("<"), mode="r")
+        dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        return np.memmap(self.files[split][shard][0], dtype=dtype, mode="r")
 
     def count(self, split) -> int:
         """How many different rows the split offers: windows, examples, or conversations."""
@@ -169,15 +174,18 @@ class Batches:
     def check_size(self, split, block_size):
         if self.task and block_size < self.seq_len:
             raise ConfigError(f"block_size={block_size} is shorter than the {self.seq_len} tokens "
-                              f"a {self.task} example feeds the model; set block_size={self.seq_len}")
+                              f"a {self.task} example feeds the model; "
+                              f"set block_size={self.seq_len}")
         path, n = self.files[split][0][0], sum(n for _, n in self.files[split])
         if self.task and n % self.example_len:
-            raise DataError(f"{path} holds {n} tokens, not whole {self.example_len}-token examples; prepare it again")
+            raise DataError(f"{path} holds {n} tokens, not whole {self.example_len}-token "
+                            "examples; prepare it again")
         if not self.answer_loss and self.count(split) < 1:
-            raise DataError(f"{path} has {n} tokens, too few for block_size={self.seq_len}; lower block_size")
+            raise DataError(f"{path} has {n} tokens, too few for block_size={self.seq_len}; "
+                            "lower block_size")
 
     def rows(self, split, picks) -> np.ndarray:
-        """(len(picks), seq_len + 1) token ids: the windows starting at picks, or the examples picks."""
+        """(len(picks), seq_len + 1) token ids: the windows starting at picks, or examples picks."""
         if self.task:
             return self.tokens(split).reshape(-1, self.example_len)[picks].astype(np.int64)
         rows = np.empty((len(picks), self.seq_len + 1), dtype=np.int64)
@@ -208,19 +216,21 @@ class Batches:
         return ids, scored
 
     def batch(self, split, picks):
-        """(x, y) on the device for the given window offsets / example indices / conversations' pairs."""
+        """(x, y) on the device for the window offsets, example indices or conversations picks."""
         if self.answer_loss:
             ids, scored = self.conversations(split, np.asarray(picks))
             rows = torch.from_numpy(ids)
         else:
             rows = torch.from_numpy(self.rows(split, np.asarray(picks)))
-        x, y = rows[:, :-1].contiguous(), rows[:, 1:].clone()  # contiguous: else a pinned copy is not asynchronous
+        # contiguous: else a pinned copy is not asynchronous
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].clone()
         if self.answer_loss:
             y[~torch.from_numpy(scored[:, 1:])] = -1  # the loss falls on the masked tokens only
         if self.task:
             y[:, :self.prompt_len - 1] = -1  # no loss on predicting the prompt
         if self.device.startswith("cuda"):  # pinned host memory lets the copy overlap with compute
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+            x, y = x.pin_memory(), y.pin_memory()
+            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
     def conversations_per_window(self, split) -> int:

@@ -17,9 +17,15 @@ from typing import NamedTuple
 
 import numpy as np
 
+from tinygpt.chat import (
+    ChatTemplate,
+    conversation_files,
+    conversations_text,
+    looks_like_conversations,
+    qa_conversations,
+    read_conversations,
+)
 from tinygpt.common import DataError, atomic_write
-from tinygpt.chat import (ChatTemplate, conversation_files, conversations_text,
-                          looks_like_conversations, qa_conversations, read_conversations)
 from tinygpt.download import download, is_url, sha256_of
 from tinygpt.tokenizer import bpe_size, make_tokenizer, train_bpe
 
@@ -301,7 +307,8 @@ def write_dataset(out_dir, tok, train, val, meta, files) -> dict:
             **text_bytes(train, val), **meta,
             # the BPE's whole definition: a checkpoint (it stores meta) decodes without this folder
             **({"bpe": tok.json, "tokenizer_file": "tokenizer.json"} if tok.kind == "bpe" else {})}
-    write_bytes(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
+    text = json.dumps(meta, indent=1, ensure_ascii=False)
+    write_bytes(out_dir / "meta.json", text.encode("utf-8"))
     return meta
 
 

@@ -46,9 +46,9 @@ def sample_texts(model, batches, seed) -> dict:
 
 @torch.no_grad()
 def streaming_losses(model, tokens, use_cache=True, sink_tokens=0):
-    """(loss of predicting each of tokens[1:] (1-D), tokens per second) when the tokens arrive one at
-    a time through generation's own steps (model.next_logits): past the window the losses show what
-    the sliding window, the attention sinks or a full recomputation of the window keep."""
+    """(loss of predicting each of tokens[1:] (1-D), tokens per second) when the tokens arrive one
+    at a time through generation's own steps (model.next_logits): past the window the losses show
+    what the sliding window, the attention sinks or a full recomputation of the window keep."""
     model.eval()
     cache, losses = None, []
     began = time.perf_counter()

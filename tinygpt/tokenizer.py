@@ -23,14 +23,15 @@ class CharTokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary "
+                             f"(0..{self.vocab_size - 1})")
         return "".join(self.vocab[i] for i in ids)
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens (ids 0-255). Every text shares this vocabulary, so a model pretrained on one
-    text fine-tunes on any other and no prompt is out of vocabulary; for ASCII text a byte is a character,
-    so losses compare with a character model's."""
+    """UTF-8 bytes as tokens (ids 0-255). Every text shares this vocabulary, so a model pretrained
+    on one text fine-tunes on any other and no prompt is out of vocabulary; for ASCII text a byte is
+    a character, so losses compare with a character model's."""
     kind = "byte"
     vocab_size = 256
 
@@ -42,7 +43,8 @@ class ByteTokenizer:
         bad = [i for i in ids if not 0 <= i < 256]
         if bad:
             raise ValueError(f"token id {bad[0]} is not a byte (0..255)")
-        return bytes(ids).decode("utf-8", errors="replace")  # a cut multi-byte character shows as U+FFFD
+        # a multi-byte character cut short shows as U+FFFD
+        return bytes(ids).decode("utf-8", errors="replace")
 
 
 class GPT2Tokenizer:
@@ -53,8 +55,9 @@ class GPT2Tokenizer:
         try:
             self.encoding = tiktoken.get_encoding("gpt2")
         except Exception as e:  # tiktoken downloads its files on first use: offline this fails
-            raise DataError(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); connect to the "
-                            "internet once, or set TIKTOKEN_CACHE_DIR to a folder with its cached files") from None
+            raise DataError(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); connect "
+                            "to the internet once, or set TIKTOKEN_CACHE_DIR to a folder with its "
+                            "cached files") from None
         self.vocab_size = self.encoding.n_vocab
 
     def encode(self, text):
@@ -127,14 +130,17 @@ TOKENIZERS = ("char", "byte", "gpt2", "bpe")
 
 
 def make_tokenizer(kind, vocab=None):
-    return CharTokenizer(vocab) if kind == "char" else ByteTokenizer() if kind == "byte" else GPT2Tokenizer()
+    if kind == "char":
+        return CharTokenizer(vocab)
+    return ByteTokenizer() if kind == "byte" else GPT2Tokenizer()
 
 
 def tokenizer_from_meta(meta: dict):
     """The tokenizer of a data set's meta.json, or of a checkpoint's copy of it."""
     kind = meta.get("tokenizer")
     if kind not in TOKENIZERS:
-        raise DataError(f"meta.json names an unknown tokenizer {kind!r}; prepare the data set again")
+        raise DataError(f"meta.json names an unknown tokenizer {kind!r}; prepare the data set "
+                        "again")
     if kind == "bpe":
         if not isinstance(meta.get("bpe"), str):
             raise DataError("meta.json names a bpe tokenizer but holds no \"bpe\" definition; "

@@ -44,8 +44,14 @@ import torch
 from model import GPT, GPTConfig
 from tinygpt.common import ConfigError, must, run_cli
 from tinygpt.data import split_global_batch
-from tinygpt.device import (DTYPES, Capabilities, Dist, autocast_context, measured_matmul_flops,
-                            model_dtype)
+from tinygpt.device import (
+    DTYPES,
+    Capabilities,
+    Dist,
+    autocast_context,
+    measured_matmul_flops,
+    model_dtype,
+)
 from tinygpt.optim import clip_and_step, make_optimizers
 from tinygpt.parallel import fits, grad_scaler, memory_plan, parameter_total, size_text, spread
 
@@ -421,8 +427,9 @@ def bench_prepare_rss(cfg):
 
 # The vocabulary of each data set a shipped config trains on (what prepare.py writes to meta.json),
 # and the shape of the weights a config fine-tunes (the model takes the weights' shape).
-VOCAB_SIZES = {"mychat_gpt2": 50304, "shakespeare_char": 65, "shakespeare": 50257, "fineweb_edu": 50257, "reverse": 29,
-               "copy": 29, "mixed": 29, "tinytalks": 68, "tinytalks_chat": 256,
+VOCAB_SIZES = {"mychat_gpt2": 50304, "shakespeare_char": 65, "shakespeare": 50257,
+               "fineweb_edu": 50257, "reverse": 29, "copy": 29, "mixed": 29, "tinytalks": 68,
+               "tinytalks_chat": 260,
                "shakespeare_byte": 256}
 GPT2_XL = {"n_layer": 48, "n_head": 25, "n_embd": 1600, "block_size": 1024, "bias": True,
            "mlp": "gelu_tanh", "pos": "learned", "tie_weights": True}

@@ -1,10 +1,11 @@
-"""Evaluate a checkpoint without training: the loss over the whole val split, and for the attention tasks and
-Q&A data their own scores, as train.py reports them at the end of a run. Run from the repo's root:
+"""Evaluate a checkpoint without training: the loss over the whole val split, and for the attention
+tasks and chat data their own scores, as train.py reports them at the end of a run. Run from the
+repo's root:
 
     python -m tools.evaluate --out_dir=out-reverse            # best.pt, else ckpt.pt
     python -m tools.evaluate --out_dir=out-tinytalks --ckpt=ckpt.pt
-    python -m tools.evaluate --out_dir=out-pos-alibi --block_size=256   # length extrapolation: 4x a 64-token run
-    python -m tools.evaluate --out_dir=out-pos-alibi --stream=2048      # sliding window vs attention sinks
+    python -m tools.evaluate --out_dir=out-pos-alibi --block_size=256   # 4x a 64-token run
+    python -m tools.evaluate --out_dir=out-pos-alibi --stream=2048      # window vs sinks
     python -m tools.evaluate --task=hellaswag --out_dir=out-gpt2-124m   # 10,042 HellaSwag examples
     python -m tools.evaluate --task=hellaswag --init_from=gpt2 --limit=1000   # OpenAI's GPT-2
 
@@ -19,15 +20,31 @@ from pathlib import Path
 import torch
 
 from model import SINK_POSITIONS
-from tinygpt.checkpoint import (checkpoint_path, load_checkpoint, load_weights,
-                                model_from_checkpoint, ready_for_inference)
+from tinygpt.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    load_weights,
+    model_from_checkpoint,
+    ready_for_inference,
+)
 from tinygpt.common import CheckpointError, ConfigError, DataError, must, run_cli
 from tinygpt.data import Batches, bits_per_byte, bpb_text, final_report, load_meta
-from tinygpt.device import (DTYPES, autocast_context, logits_budget, model_dtype, resolve_device,
-                            rows_within)
+from tinygpt.device import (
+    DTYPES,
+    autocast_context,
+    logits_budget,
+    model_dtype,
+    resolve_device,
+    rows_within,
+)
 from tinygpt.evaluation import streaming_losses
-from tinygpt.hellaswag import (GIT_BLOB, git_blob_id, hellaswag_examples, hellaswag_file,
-                               hellaswag_score)
+from tinygpt.hellaswag import (
+    GIT_BLOB,
+    git_blob_id,
+    hellaswag_examples,
+    hellaswag_file,
+    hellaswag_score,
+)
 from tinygpt.tokenizer import same_tokenizer
 
 
@@ -36,13 +53,16 @@ def stream_report(model, tokens, sink_tokens, meta):
     tokens per byte) and tokens/s of each way generation keeps context."""
     block = model.config.block_size
     if len(tokens) <= block + 1:
-        raise ConfigError(f"stream={len(tokens)} must be longer than the window, {block} tokens, to go past it")
-    ways = {"sliding window (cache)": (True, 0), f"{sink_tokens} sinks + rolling (cache)": (True, sink_tokens),
+        raise ConfigError(f"stream={len(tokens)} must be longer than the window, {block} tokens, "
+                          "to go past it")
+    ways = {"sliding window (cache)": (True, 0),
+            f"{sink_tokens} sinks + rolling (cache)": (True, sink_tokens),
             "full recompute (no cache)": (False, 0)}
-    print(f"streaming the first {len(tokens)} val tokens; loss on the {len(tokens) - 1 - block} past the window")
+    print(f"streaming the first {len(tokens)} val tokens; loss on the {len(tokens) - 1 - block} "
+          "past the window")
     for name, (use_cache, sinks) in ways.items():
         if sinks and model.config.pos not in SINK_POSITIONS:
-            print(f"  {name:28s} n/a: pos={model.config.pos!r} bakes positions into the cached keys")
+            print(f"  {name:28s} n/a: pos={model.config.pos!r} bakes positions into the keys")
             continue
         losses, speed = streaming_losses(model, tokens, use_cache, sinks)
         loss = losses[block:].mean().item()
@@ -58,9 +78,9 @@ class EvaluateConfig:
     batch_size: int = 0          # sequences per forward pass; 0 = as many as fit in memory (<= 64)
     device: str = "auto"         # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
     dtype: str = "float32"       # 'float32', 'bfloat16', 'float16' or 'auto'
-    block_size: int = 0          # windows of this many tokens (0 = the trained block_size); longer tests length extrapolation
-    stream: int = 0              # > 0: instead, feed this many val tokens one at a time through generation's cache
-    sink_tokens: int = 4         # with --stream: the attention sinks compared with the sliding window
+    block_size: int = 0          # windows of this many tokens (0 = as trained); longer: extrapolate
+    stream: int = 0              # > 0: instead, feed this many val tokens one at a time (the cache)
+    sink_tokens: int = 4         # with --stream: the attention sinks beside the sliding window
     task: str = ""               # '' = the run's final scores; 'hellaswag': its validation set
     init_from: str = ""          # with --task: GPT-2 weights (gpt2, ..., a folder), not out_dir
     source: str = ""             # with --task: a copy of hellaswag_val.jsonl, or another URL
@@ -112,12 +132,13 @@ def evaluate(cfg):
     print(f"{path}: step {checkpoint['step']}, data {folder}")
     trained_block, block = model.config.block_size, cfg.block_size or model.config.block_size
     if model.config.pos == "learned" and block > trained_block:
-        raise ConfigError(f"pos='learned' has positions for {trained_block} tokens only, so it cannot read "
-                          f"{block}; sinusoidal, rope and alibi models can be evaluated past their window")
+        raise ConfigError(f"pos='learned' has positions for {trained_block} tokens only, so it "
+                          f"cannot read {block}; sinusoidal, rope and alibi models can be "
+                          "evaluated past their window")
     batches = Batches(folder, meta, block, device)
     if cfg.stream:
-        return stream_report(model, torch.from_numpy(batches.tokens("val")[:cfg.stream].astype("int64")).to(device),
-                             cfg.sink_tokens, meta)
+        tokens = torch.from_numpy(batches.tokens("val")[:cfg.stream].astype("int64"))
+        return stream_report(model, tokens.to(device), cfg.sink_tokens, meta)
     rows = cfg.batch_size or rows_within(logits_budget(device), block, model.config.vocab_size, 64)
     print(f"windows of {block} tokens ({block / trained_block:g}x the trained {trained_block}), "
           f"{rows} per pass")
@@ -127,7 +148,8 @@ def evaluate(cfg):
 
 
 def main(argv) -> int:
-    return run_cli(EvaluateConfig, argv, "usage: python -m tools.evaluate [--key=value ...]", __doc__.split("\n\n")[0],
+    usage = "usage: python -m tools.evaluate [--key=value ...]"
+    return run_cli(EvaluateConfig, argv, usage, __doc__.split("\n\n")[0],
                    evaluate, (CheckpointError, DataError))
 
 
