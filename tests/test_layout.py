@@ -12,7 +12,8 @@ import pytest
 from conftest import REPO
 
 SCRIPTS = ["train.py", "sample.py", "prepare.py"]
-TOOLS = ["tools/evaluate.py", "tools/interpret.py", "tools/bench.py", "tools/export.py", "tools/plot.py"]
+TOOLS = ["tools/evaluate.py", "tools/interpret.py", "tools/bench.py", "tools/export.py",
+         "tools/plot.py"]
 
 
 def imported_modules(path) -> set:
@@ -95,7 +96,8 @@ def test_the_root_holds_the_model_and_the_three_scripts_only():
 def test_model_py_imports_nothing_of_the_repo():
     ours = {p.stem for p in REPO.glob("*.py")} | {"tinygpt", "tools", "configs", "tests"}
     assert imported_modules(REPO / "model.py") & ours == set()
-    assert "scaled_dot_product_attention" in (REPO / "model.py").read_text()  # called there, where a reader looks
+    # Called there, where a reader looks.
+    assert "scaled_dot_product_attention" in (REPO / "model.py").read_text()
 
 
 @pytest.mark.parametrize("path", python_files("tinygpt"), ids=lambda p: p.name)
@@ -105,7 +107,8 @@ def test_the_package_imports_no_script_and_no_tool(path):
 
 @pytest.mark.parametrize("script", SCRIPTS + TOOLS)
 def test_every_script_and_tool_explains_itself_with_help(script, capsys):
-    """In-process, for speed: the tests of each tool also run it as the README does (python -m tools.X)."""
+    """In-process, for speed: the tests of each tool also run it as the README does
+    (python -m tools.X)."""
     module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
     assert module.main(["--help"]) == 0
     out, err = capsys.readouterr()
@@ -123,9 +126,13 @@ def requirement_names(file) -> set:
     return names
 
 
-@pytest.mark.parametrize("files, requirements", [(lambda: python_files("tests"), "requirements-test.txt"),
-                                                 (lambda: [p for p in python_files() if "tests" not in p.parts],
-                                                  "requirements.txt")], ids=["tests", "code"])
+def code_files():
+    return [p for p in python_files() if "tests" not in p.parts]
+
+
+@pytest.mark.parametrize("files, requirements",
+                         [(lambda: python_files("tests"), "requirements-test.txt"),
+                          (code_files, "requirements.txt")], ids=["tests", "code"])
 def test_the_requirement_files_install_every_third_party_import(files, requirements):
     local = {p.stem for p in python_files()} | {"tinygpt", "tools"}
     distributions = importlib.metadata.packages_distributions()

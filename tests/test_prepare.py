@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED_DATA as SHARED, needs_gpt2_bpe  # noqa: E402
+from conftest import REPO, needs_gpt2_bpe  # noqa: E402
+from conftest import SHARED_DATA as SHARED
 
 SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
 TINYTALKS = SHARED / "tinytalks"
@@ -26,14 +27,15 @@ from tinygpt.data import load_meta  # noqa: E402
 from tinygpt.datasets import prepare  # noqa: E402
 from tinygpt.tokenizer import ByteTokenizer, CharTokenizer, tokenizer_from_meta  # noqa: E402
 
-needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"no local copy at {SHAKESPEARE}")
+needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(),
+                                       reason=f"no local copy at {SHAKESPEARE}")
 needs_tinytalks = pytest.mark.skipif(not TINYTALKS.is_dir(), reason=f"no local copy at {TINYTALKS}")
 
 SMALL = b"To be, or not to be, that is the question.\n" * 50
 SMALL_SHA = hashlib.sha256(SMALL).hexdigest()
 
 
-# ------------------------------------------------------------------- a real HTTP server on 127.0.0.1
+# ------------------------------------------------------------------ a real HTTP server on 127.0.0.1
 
 class Handler(http.server.BaseHTTPRequestHandler):
     """/small.txt, /input.txt (TinyShakespeare), /tinytalks/splits/*.txt, and broken answers:
@@ -65,7 +67,8 @@ def server():
     files = {"/small.txt": SMALL, "/blank": b"", "/input.txt": SHAKESPEARE.read_bytes}
     for split in ("train", "val", "test"):
         files[f"/tinytalks/splits/{split}.txt"] = (TINYTALKS / "splits" / f"{split}.txt").read_bytes
-        files[f"/tampered/tinytalks/splits/{split}.txt"] = lambda split=split: tampered(TINYTALKS / "splits" / f"{split}.txt")
+        original = TINYTALKS / "splits" / f"{split}.txt"
+        files[f"/tampered/tinytalks/splits/{split}.txt"] = lambda path=original: tampered(path)
     files["/tampered/input.txt"] = lambda: tampered(SHAKESPEARE)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.files, httpd.hits = files, []
@@ -93,7 +96,7 @@ def closed_port():
         return s.getsockname()[1]
 
 
-# ----------------------------------------------------------------------------------------- downloads
+# ---------------------------------------------------------------------------------------- downloads
 
 def test_download_writes_the_verified_file_and_does_not_fetch_it_again(server, tmp_path):
     dest = tmp_path / "d" / "small.txt"
@@ -111,7 +114,8 @@ def test_shakespeare_char_downloads_into_its_data_folder(server, tmp_path):
     assert files_under(out) == ["input.txt", "meta.json", "train.bin", "val.bin"]
     assert D.sha256_of(out / "input.txt") == P.TINYSHAKESPEARE[0].sha256
     meta = load_meta(out)
-    assert (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) == (65, 1_003_854, 111_540)
+    sizes = (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"])
+    assert sizes == (65, 1_003_854, 111_540)
     assert meta["source_url"] == f"{server.url}/input.txt"
 
 
@@ -138,8 +142,10 @@ def test_server_errors_are_retried_but_a_bad_checksum_is_not(server, tmp_path):
 
 @needs_shakespeare
 @needs_tinytalks
-@pytest.mark.parametrize("name, path", [("shakespeare_char", "/tampered/input.txt"), ("tinytalks", "/tampered/tinytalks")])
-def test_a_tampered_copy_of_a_pinned_file_is_refused_in_one_line_with_nothing_saved(server, tmp_path, capsys, name, path):
+@pytest.mark.parametrize("name, path", [("shakespeare_char", "/tampered/input.txt"),
+                                        ("tinytalks", "/tampered/tinytalks")])
+def test_a_tampered_copy_of_a_pinned_file_is_refused_in_one_line_with_nothing_saved(
+        server, tmp_path, capsys, name, path):
     code = cli.main([name, f"--source={server.url}{path}", f"--data_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and err.startswith("error: sha256 mismatch"), err
@@ -186,8 +192,9 @@ def test_byte_tokenizer_round_trips_any_text_and_holds_back_a_cut_character():
 @needs_shakespeare
 @needs_tinytalks
 def test_byte_data_sets_share_one_vocabulary_so_one_fine_tunes_on_the_other(tmp_path):
-    """The joint vocabulary: a model pretrained on shakespeare_byte can be fine-tuned on tinytalks_byte,
-    while the character data sets (65 and 68 characters, each its own order) refuse each other."""
+    """The joint vocabulary: a model pretrained on shakespeare_byte can be fine-tuned on
+    tinytalks_byte, while the character data sets (65 and 68 characters, each its own order) refuse
+    each other."""
     shakespeare = load_meta(prepare("shakespeare_byte", source=SHAKESPEARE, data_dir=tmp_path))
     tinytalks = load_meta(prepare("tinytalks_byte", source=TINYTALKS, data_dir=tmp_path))
     for meta, text in ((shakespeare, SHAKESPEARE.read_text()),
@@ -251,7 +258,8 @@ def test_shakespeare_gpt2_bins_decode_to_the_90_10_split(tmp_path):
     n = int(len(text) * 0.9)
     assert tok.decode(np.fromfile(out / "train.bin", dtype="<u2")) == text[:n]
     assert tok.decode(np.fromfile(out / "val.bin", dtype="<u2")) == text[n:]
-    assert tok.decode(tok.encode("O Romeo, Romeo! <|endoftext|>")) == "O Romeo, Romeo! <|endoftext|>"
+    line = "O Romeo, Romeo! <|endoftext|>"
+    assert tok.decode(tok.encode(line)) == line
 
 
 @needs_tinytalks
@@ -262,7 +270,8 @@ def test_tinytalks_keeps_its_splits_and_holds_out_test(server, tmp_path):
     assert meta["vocab_size"] == len(set((splits / "train.txt").read_text()
                                                                 + (splits / "val.txt").read_text()))
     for split, bin_name in (("train", "train.bin"), ("val", "val.bin")):
-        assert tok.decode(np.fromfile(out / bin_name, dtype="<u2")) == (splits / f"{split}.txt").read_text()
+        ids = np.fromfile(out / bin_name, dtype="<u2")
+        assert tok.decode(ids) == (splits / f"{split}.txt").read_text()
     assert (out / meta["test_file"]).read_bytes() == (splits / "test.txt").read_bytes()
     local = prepare("tinytalks", source=TINYTALKS, data_dir=tmp_path / "local")
     assert (local / "train.bin").read_bytes() == (out / "train.bin").read_bytes()
@@ -302,7 +311,8 @@ def task_examples(out, split):
 
 @pytest.mark.parametrize("task, n_train, n_test, prompt_len", [
     ("reverse", 600, 200, 7), ("copy", 600, 200, 7), ("mixed", 800, 300, 8)])
-def test_task_answers_are_right_and_test_prompts_are_unseen(tmp_path, task, n_train, n_test, prompt_len):
+def test_task_answers_are_right_and_test_prompts_are_unseen(tmp_path, task, n_train, n_test,
+                                                            prompt_len):
     out = prepare(task, data_dir=tmp_path)
     meta = load_meta(out)
     assert (meta["train_examples"], meta["val_examples"]) == (n_train, n_test)
@@ -337,8 +347,9 @@ def test_same_seed_same_data_and_another_seed_other_data(tmp_path):
 
 def test_cli_prints_a_one_line_error_and_exits_1(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO / "prepare.py"), "shakespeare_char", f"--source={tmp_path / 'nope.txt'}",
-         f"--data_dir={tmp_path}"], capture_output=True, text=True, timeout=60)
+        [sys.executable, str(REPO / "prepare.py"), "shakespeare_char",
+         f"--source={tmp_path / 'nope.txt'}", f"--data_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "nope.txt" in result.stderr and "Traceback" not in result.stderr
