@@ -209,6 +209,10 @@ def sample(cfg):
     model, tokenizer, device = ready_for_inference(checkpoint, cfg.device, cfg.dtype)
     try:
         with torch.inference_mode():
+            # One token through the model first: it checks its own options (sink_tokens) before
+            # anything is printed.
+            probe = torch.zeros((1, 1), dtype=torch.long, device=device)
+            model.next_logits(probe, sink_tokens=cfg.sink_tokens)
             if cfg.chat:
                 run_chat(model, tokenizer, template, device, cfg)
             else:  # a chat model's template tokens show by name

@@ -176,8 +176,8 @@ MUTATIONS = [
     ("full_split_windows_overlap", "tinygpt/data.py",
      "np.arange(0, n - self.seq_len, self.seq_len)",
      "np.arange(0, n - self.seq_len, self.seq_len // 2)", [TL]),
-    ("sample_ignores_top_p", "sample.py", "cfg.top_p if cfg.top_p < 1.0 else None", "None",
-     [SAMPLING]),
+    ("sample_ignores_top_p", "sample.py", "cfg.top_p, generator=generator",
+     "None, generator=generator", [SAMPLING]),
 ]
 
 
