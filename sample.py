@@ -126,9 +126,8 @@ def sampled_steps(model, idx, max_new_tokens, device, cfg):
     """The next token of every row of idx, one step at a time, drawn as cfg says from a generator
     seeded anew."""
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    return model.generate_stream(idx, max_new_tokens, cfg.temperature, cfg.top_k,
-                                 cfg.top_p, generator=generator,
-                                 sink_tokens=cfg.sink_tokens)
+    return model.generate_stream(idx, max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                 generator=generator, sink_tokens=cfg.sink_tokens)
 
 
 def print_now(text):

@@ -48,7 +48,8 @@ MUTATIONS = [
      '{**{k: saved.get(k, progress[k]) for k in progress}, "best_val_loss": math.inf}', [TL]),
     ("temperature_multiplies", "model.py", "logits = logits.float() / temperature",
      "logits = logits.float() * temperature", [SAMPLING]),
-    ("sample_ignores_sink_tokens", "sample.py", "sink_tokens=cfg.sink_tokens)", "sink_tokens=0)",
+    ("sample_ignores_sink_tokens", "sample.py", "generator=generator, sink_tokens=cfg.sink_tokens)",
+     "generator=generator, sink_tokens=0)",
      [SAMPLING]),
     ("sample_ignores_top_k", "sample.py", "cfg.temperature, cfg.top_k,", "cfg.temperature, None,",
      [SAMPLING]),
@@ -176,8 +177,8 @@ MUTATIONS = [
     ("full_split_windows_overlap", "tinygpt/data.py",
      "np.arange(0, n - self.seq_len, self.seq_len)",
      "np.arange(0, n - self.seq_len, self.seq_len // 2)", [TL]),
-    ("sample_ignores_top_p", "sample.py", "cfg.top_p, generator=generator",
-     "None, generator=generator", [SAMPLING]),
+    ("sample_ignores_top_p", "sample.py", "cfg.top_k, cfg.top_p,", "cfg.top_k, None,",
+     [SAMPLING]),
 ]
 
 
