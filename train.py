@@ -356,6 +356,17 @@ def final_evaluation(cfg, run, dist):
         run.log.write("", {**record, "step": run.step})
 
 
+def set_up_train_and_evaluate(cfg, dist, argv):
+    """The whole run. Its objects are freed when this returns, inside the process group: a DDP
+    model freed after the group has ended deadlocks in gloo's teardown."""
+    run = set_up(cfg, dist)
+    try:
+        if train(cfg, run, dist, argv):
+            final_evaluation(cfg, run, dist)
+    finally:
+        run.log.close()
+
+
 USAGE = """usage: python train.py [CONFIG_FILE ...] [--key=value ...]
        torchrun --standalone --nproc_per_node=N train.py [CONFIG_FILE ...] [--key=value ...]"""
 
@@ -368,12 +379,7 @@ def main(argv) -> int:
     try:
         cfg = common.parse_options(TrainConfig, argv, config_files=True)
         with device.torchrun_group(cfg.device) as dist:  # a plain `python` run is rank 0 of 1
-            run = set_up(cfg, dist)
-            try:
-                if train(cfg, run, dist, argv):
-                    final_evaluation(cfg, run, dist)
-            finally:
-                run.log.close()
+            set_up_train_and_evaluate(cfg, dist, argv)
         if cfg.fast_exit:  # the log and checkpoints are closed: skip the slow teardown
             device.exit_process(0, at_once=True)
         return 0
