@@ -124,47 +124,47 @@ def ending_losses(model, rows, device, ctx=nullcontext()) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hellaswag_score(
-    model, tokenizer, examples, device, ctx=nullcontext(), dist=Dist(), progress=True
-) -> dict:
+def hellaswag_score(model, tokenizer, examples, device, ctx=nullcontext(), dist=Dist(),
+                    progress=True) -> dict:
     """{'acc', 'acc_norm', 'examples'} of the model on examples (hellaswag_examples); under torchrun
     every process scores every world_size-th example. Prints a progress line every PROGRESS_S."""
     was_training = model.training
     model.eval()
-    block, vocab, budget = model.config.block_size, model.config.vocab_size, logits_budget(device)
     mine = examples[dist.rank :: dist.world_size]
     counts = torch.zeros(3, dtype=torch.long, device=device)  # right by sum, right by mean, scored
     began = shown = time.perf_counter()
     at = 0
     while at < len(mine):
-        group = [example_rows(tokenizer, mine[at], block)]
-        width = max(len(ids) for ids, _ in group[0])
-        while at + len(group) < len(mine) and 4 * (len(group) + 1) <= rows_within(
-            budget, width, vocab, 256
-        ):
-            group.append(example_rows(tokenizer, mine[at + len(group)], block))
-            width = max(width, *(len(ids) for ids, _ in group[-1]))
-        losses = ending_losses(model, [row for rows in group for row in rows], device, ctx).view(
-            len(group), 4, 2
-        )
-        labels = torch.tensor([example[2] for example in mine[at : at + len(group)]], device=device)
-        picks = losses.argmin(
-            dim=1
-        )  # (examples, 2): the ending of least summed, of least mean loss
-        counts += torch.stack(
-            [*(picks == labels[:, None]).sum(dim=0), torch.tensor(len(group), device=device)]
-        )
+        group = next_group(model, tokenizer, mine, at, device)
+        rows = [row for four in group for row in four]  # each example's four endings
+        losses = ending_losses(model, rows, device, ctx).view(len(group), 4, 2)
+        labels = torch.tensor([example[2] for example in mine[at:at + len(group)]], device=device)
+        picks = losses.argmin(dim=1)  # (examples, 2): the ending of least summed, least mean loss
+        right = (picks == labels[:, None]).sum(dim=0)
+        counts += torch.stack([*right, torch.tensor(len(group), device=device)])
         at += len(group)
         if progress and time.perf_counter() - shown > PROGRESS_S and at < len(mine):
             shown = time.perf_counter()
-            print0(
-                f"hellaswag {at * dist.world_size:,}/{len(examples):,} examples, "
-                f"acc_norm so far {counts[1].item() / at:.4f} ({shown - began:.0f} s)",
-                flush=True,
-            )
+            print0(f"hellaswag {at * dist.world_size:,}/{len(examples):,} examples, acc_norm so "
+                   f"far {counts[1].item() / at:.4f} ({shown - began:.0f} s)", flush=True)
     right, right_norm, scored = dist.sum(counts).tolist()
     model.train(was_training)
     return {"acc": right / scored, "acc_norm": right_norm / scored, "examples": scored}
+
+
+def next_group(model, tokenizer, examples, at, device) -> list:
+    """The rows (example_rows) of examples[at], and of as many next examples as one forward pass
+    holds within the logits budget."""
+    block, vocab = model.config.block_size, model.config.vocab_size
+    budget = logits_budget(device)
+    group = [example_rows(tokenizer, examples[at], block)]
+    width = max(len(ids) for ids, _ in group[0])
+    while at + len(group) < len(examples):
+        if 4 * (len(group) + 1) > rows_within(budget, width, vocab, 256):
+            break
+        group.append(example_rows(tokenizer, examples[at + len(group)], block))
+        width = max(width, *(len(ids) for ids, _ in group[-1]))
+    return group
 
 
 EXAMPLES = {}  # path: examples, read once a process
